@@ -1,0 +1,34 @@
+//! Compiles `proto/warrant/v1/*.proto` with protox (pure Rust), so building needs no system
+//! `protoc`, and writes the descriptor set that gRPC reflection serves.
+
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &[
+    "warrant/v1/tasks.proto",
+    "warrant/v1/tokens.proto",
+    "warrant/v1/admin.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    // Tests that need PostgreSQL are compiled as `#[ignore]`d unless this is set, so that
+    // `cargo test` without a database reports them as skipped rather than passing silently.
+    println!("cargo:rerun-if-env-changed=WARRANT_TEST_DATABASE_URL");
+    println!("cargo::rustc-check-cfg=cfg(warrant_postgres_tests)");
+    if std::env::var_os("WARRANT_TEST_DATABASE_URL").is_some_and(|url| !url.is_empty()) {
+        println!("cargo::rustc-cfg=warrant_postgres_tests");
+    }
+
+    let mut compiler = protox::Compiler::new(["proto"])?;
+    compiler.include_imports(true).include_source_info(true);
+    for proto in PROTOS {
+        compiler.open_file(proto)?;
+    }
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("warrant_descriptor.bin"),
+        compiler.encode_file_descriptor_set(),
+    )?;
+    tonic_prost_build::configure().compile_fds(compiler.file_descriptor_set())?;
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! Builds the whole broker from a [`Config`]: binds the listeners first (so tests can ask for
+//! port 0 and read the real address), opens the store, loads keys and catalog, then serves gRPC
+//! and HTTP until a shutdown future resolves, and drains.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::bootstrap::{self, CatalogLoadError};
+use crate::broker::{Broker, BrokerSettings};
+use crate::config::{Config, TlsIdentity};
+use crate::feed::Feed;
+use crate::issuer::master_key::MasterKeyError;
+use crate::issuer::{BearerCredential, Keyring};
+use crate::store::{Store, StoreError};
+use crate::{grpc, http, reaper};
+
+/// Why the broker could not start. [`StartError::exit_code`] maps each to a process exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogLoadError),
+    #[error(transparent)]
+    MasterKey(#[from] MasterKeyError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("start-up failed: {0}")]
+    Broker(#[from] crate::error::Error),
+    #[error("server failed: {0}")]
+    Serve(String),
+}
+
+impl StartError {
+    /// 64 for configuration the operator must fix (as sysexits' EX_USAGE), 69 when a needed
+    /// service is unavailable, 70 for anything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Config(_)
+            | StartError::Catalog(_)
+            | StartError::MasterKey(_)
+            | StartError::Tls(_) => 64,
+            StartError::Bind { .. } | StartError::Store(_) => 69,
+            StartError::Broker(_) | StartError::Serve(_) => 70,
+        }
+    }
+}
+
+/// A broker that is bound and ready to run.
+pub struct App {
+    broker: Arc<Broker>,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    tls: Option<TlsIdentity>,
+    first_admin_credential: Option<BearerCredential>,
+    reaper_interval: Duration,
+    drain_timeout: Duration,
+}
+
+impl App {
+    pub async fn build(config: Config) -> Result<App, StartError> {
+        let master_key = bootstrap::master_key(&config.master_key)?;
+        let catalog = bootstrap::catalog(&config.catalog_file, config.create_demo_catalog)?;
+        if let Some(tls) = &config.tls {
+            server_tls_config(tls)?;
+        }
+        let grpc_listener = bind(config.grpc_addr).await?;
+        let http_listener = bind(config.http_addr).await?;
+        let http_addr = local_addr(&http_listener, config.http_addr)?;
+        let issuer = config
+            .issuer
+            .clone()
+            .unwrap_or_else(|| format!("http://{http_addr}"));
+
+        let store = Store::connect(&config.database_url).await?;
+        let keyring = Keyring::load(&store, master_key, config.signing_algorithm).await?;
+        let feed = Feed::new(store.feed_head().await?);
+        let settings = BrokerSettings {
+            issuer,
+            trust_domain: config.trust_domain.clone(),
+            max_task_ttl: config.max_task_ttl,
+        };
+        let broker = Arc::new(Broker::new(store, keyring, catalog, feed, settings));
+        let first_admin_credential = bootstrap::first_admin(&broker).await?;
+        // Whatever expired while the broker was down is reported before the first request.
+        broker.expire_due().await?;
+        Ok(App {
+            broker,
+            grpc_listener,
+            http_listener,
+            tls: config.tls,
+            first_admin_credential,
+            reaper_interval: config.reaper_interval,
+            drain_timeout: config.drain_timeout,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        // A bound TCP listener always has a local address.
+        self.grpc_listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// The token issuer (`iss`).
+    pub fn issuer(&self) -> &str {
+        &self.broker.settings().issuer
+    }
+
+    /// The admin credential created on this start, if the store was fresh. Shown once.
+    pub fn take_first_admin_credential(&mut self) -> Option<BearerCredential> {
+        self.first_admin_credential.take()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls finish
+    /// (streams are ended), stops the reaper and closes the store.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), StartError> {
+        let (stop_sender, stop) = watch::channel(false);
+        let (routes, health) = grpc::routes(self.broker.clone(), stop.clone())
+            .await
+            .map_err(|error| StartError::Serve(error.to_string()))?;
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+            server = server
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(|error| StartError::Tls(error.to_string()))?;
+        }
+        let mut grpc_stop = stop.clone();
+        let grpc = tokio::spawn(server.add_routes(routes).serve_with_incoming_shutdown(
+            TcpListenerStream::new(self.grpc_listener),
+            async move {
+                let _ = grpc_stop.wait_for(|stopping| *stopping).await;
+            },
+        ));
+        let acceptor = match &self.tls {
+            Some(tls) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                server_tls_config(tls)?,
+            ))),
+            None => None,
+        };
+        let http = tokio::spawn(http::serve(
+            self.http_listener,
+            http::router(self.broker.clone()),
+            acceptor,
+            stop.clone(),
+            self.drain_timeout,
+        ));
+        let reaper = tokio::spawn(reaper::run(self.broker.clone(), self.reaper_interval, stop));
+
+        shutdown.await;
+        tracing::info!("shutting down: draining in-flight calls");
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let _ = stop_sender.send(true);
+        let drained = tokio::time::timeout(self.drain_timeout, async {
+            let grpc_result = grpc.await;
+            let _ = http.await;
+            let _ = reaper.await;
+            grpc_result
+        })
+        .await;
+        self.broker.store().close().await;
+        match drained {
+            Ok(Ok(Ok(()))) => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+            Ok(Ok(Err(error))) => Err(StartError::Serve(error.to_string())),
+            Ok(Err(join_error)) => Err(StartError::Serve(join_error.to_string())),
+            Err(_) => {
+                tracing::warn!("calls still running after the drain timeout were cut off");
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// The rustls server configuration for HTTP (tonic builds its own from the same PEM).
+fn server_tls_config(tls: &TlsIdentity) -> Result<rustls::ServerConfig, StartError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(&tls.cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| StartError::Tls(format!("tls.cert_file: {error}")))?;
+    if certs.is_empty() {
+        return Err(StartError::Tls(
+            "tls.cert_file: no certificate in the file".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem)
+        .map_err(|error| StartError::Tls(format!("tls.key_file: {error}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| StartError::Tls(error.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|error| StartError::Tls(format!("tls.key_file: {error}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}

@@ -1,0 +1,74 @@
+//! First start of a broker: the master key, the scope catalog and the first admin credential.
+//! A restart finds them and reuses them.
+
+use std::path::Path;
+
+use crate::broker::Broker;
+use crate::config::MasterKeySource;
+use crate::domain::scope::CatalogError;
+use crate::domain::{Catalog, Role, WorkloadName};
+use crate::error::Result;
+use crate::issuer::master_key::{MasterKeyError, write_private_file};
+use crate::issuer::{BearerCredential, MasterKey};
+
+/// The demo catalog `serve --dev` starts with (also the annotated example in `deploy/`).
+pub const DEMO_CATALOG: &str = include_str!("../deploy/scopes.toml");
+
+/// The name of the admin workload created on first start.
+pub const FIRST_ADMIN: &str = "admin";
+
+/// Loads the master key from its source.
+pub fn master_key(source: &MasterKeySource) -> Result<MasterKey, MasterKeyError> {
+    match source {
+        MasterKeySource::File { path, create } => MasterKey::load_or_create(path, *create),
+        MasterKeySource::Inline(text) => {
+            MasterKey::from_base64(crate::config::ENV_MASTER_KEY, text)
+        }
+    }
+}
+
+/// A catalog that could not be loaded; names the file and, when parsing failed, the field.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogLoadError {
+    #[error("catalog file {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("catalog file {path}: {source}")]
+    Invalid { path: String, source: CatalogError },
+}
+
+/// Reads the catalog at `path`, first writing the demo catalog there if `create_demo` is set
+/// and the file does not exist.
+pub fn catalog(path: &Path, create_demo: bool) -> Result<Catalog, CatalogLoadError> {
+    let display = path.display().to_string();
+    if create_demo && !path.exists() {
+        write_private_file(path, DEMO_CATALOG.as_bytes()).map_err(|source| {
+            CatalogLoadError::Io {
+                path: display.clone(),
+                source,
+            }
+        })?;
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| CatalogLoadError::Io {
+        path: display.clone(),
+        source,
+    })?;
+    Catalog::from_toml(&text).map_err(|source| CatalogLoadError::Invalid {
+        path: display,
+        source,
+    })
+}
+
+/// On a store with no workloads, registers the `admin` workload and returns its credential,
+/// which the caller shows once; the store keeps only its hash.
+pub async fn first_admin(broker: &Broker) -> Result<Option<BearerCredential>> {
+    if broker.store().has_workloads().await? {
+        return Ok(None);
+    }
+    // A constant that satisfies the workload name rules.
+    let name = WorkloadName::parse("name", FIRST_ADMIN).expect("valid built-in name");
+    let (_, credential) = broker.create_workload(name, vec![Role::Admin]).await?;
+    Ok(Some(credential))
+}

@@ -1,0 +1,514 @@
+//! The broker's decisions: who gets which lease for how long, and what ends when. The gRPC layer
+//! hands it validated domain values; it decides, persists in one transaction, and only then
+//! returns credentials.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::domain::task::{LeaseWindow, NewTask, parse_ttl_seconds};
+use crate::domain::{
+    Caller, Catalog, LeaseId, LeaseState, Role, ScopeDefinition, ScopeName, SpiffeId, TaskId,
+    TaskState, TrustDomain, UnixMillis, WorkloadName,
+};
+use crate::error::{Error, Result};
+use crate::feed::Feed;
+use crate::issuer::jwt::{self, AccessTokenClaims, Expectations};
+use crate::issuer::keyring::Rotation;
+use crate::issuer::{BearerCredential, Keyring, SigningKey};
+use crate::store::{
+    CompletionOutcome, LeaseRecord, NewLeaseOutcome, RenewalOutcome, Store, TaskRecord,
+    WorkloadRecord,
+};
+
+/// Fixed settings the broker decides with.
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    /// The `iss` of every token.
+    pub issuer: String,
+    pub trust_domain: TrustDomain,
+    /// The longest task lifetime a request may ask for.
+    pub max_task_ttl: Duration,
+}
+
+/// The broker: catalog, keys and store, shared by every request.
+pub struct Broker {
+    store: Store,
+    keyring: Keyring,
+    catalog: Catalog,
+    feed: Feed,
+    settings: BrokerSettings,
+}
+
+/// A secret credential in clear, on its way to its workload. `Debug` never shows it.
+pub struct Credential(String);
+
+impl Credential {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Credential([redacted])")
+    }
+}
+
+/// A lease and, while it is issued, its credential.
+#[derive(Debug)]
+pub struct IssuedLease {
+    pub record: LeaseRecord,
+    pub credential: Option<Credential>,
+}
+
+/// The answer to `BeginTask`.
+#[derive(Debug)]
+pub struct OpenedTask {
+    pub task: TaskRecord,
+    pub leases: Vec<IssuedLease>,
+    /// Whether this replays an earlier request with the same idempotency key.
+    pub replayed: bool,
+}
+
+/// The answer to `CompleteTask`.
+#[derive(Debug)]
+pub struct CompletedTask {
+    pub task_id: TaskId,
+    pub state: TaskState,
+    pub revoked: Vec<LeaseId>,
+    pub ended_at: UnixMillis,
+    pub already_completed: bool,
+}
+
+/// What an admin revokes.
+#[derive(Debug, Clone)]
+pub enum RevocationTarget {
+    Lease(LeaseId),
+    Task(TaskId),
+}
+
+impl Broker {
+    pub fn new(
+        store: Store,
+        keyring: Keyring,
+        catalog: Catalog,
+        feed: Feed,
+        settings: BrokerSettings,
+    ) -> Self {
+        Broker {
+            store,
+            keyring,
+            catalog,
+            feed,
+            settings,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn feed(&self) -> &Feed {
+        &self.feed
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    pub fn settings(&self) -> &BrokerSettings {
+        &self.settings
+    }
+
+    /// Opens a task and issues a lease for each requested scope; all scopes must be allowed.
+    pub async fn begin_task(&self, caller: &Caller, request: NewTask) -> Result<OpenedTask> {
+        if let Some(key) = &request.idempotency_key
+            && let Some(existing) = self
+                .store
+                .find_task_by_idempotency_key(&caller.workload_id, key)
+                .await?
+        {
+            return self.replay(caller, existing, &request).await;
+        }
+        let definitions = request
+            .scopes
+            .iter()
+            .enumerate()
+            .map(|(index, scope)| {
+                self.catalog
+                    .authorize(caller, &format!("scopes[{index}]"), scope)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let now = UnixMillis::now();
+        let task = TaskRecord {
+            id: TaskId::generate(now),
+            workload_id: caller.workload_id.clone(),
+            purpose: request.purpose.clone(),
+            context: request.context.clone(),
+            state: TaskState::Active,
+            created_at: now,
+            deadline: now.plus(request.ttl).floor_to_second(),
+            ended_at: None,
+            idempotency_key: request.idempotency_key.clone(),
+            request_digest: request
+                .idempotency_key
+                .as_ref()
+                .map(|_| request.request_digest()),
+        };
+        let key = self.keyring.current();
+        let leases: Vec<IssuedLease> = definitions
+            .into_iter()
+            .map(|definition| self.issue(caller, &task, definition, None, now, &key))
+            .collect();
+        let records: Vec<LeaseRecord> = leases.iter().map(|lease| lease.record.clone()).collect();
+        if !self.store.insert_task(&task, &records).await? {
+            // A concurrent call with the same idempotency key committed first: answer as a retry.
+            let key = task.idempotency_key.as_deref().unwrap_or_default();
+            let existing = self
+                .store
+                .find_task_by_idempotency_key(&caller.workload_id, key)
+                .await?
+                .ok_or_else(|| {
+                    Error::internal("task insert conflicted but no task holds its idempotency key")
+                })?;
+            return self.replay(caller, existing, &request).await;
+        }
+        tracing::info!(task_id = %task.id, workload = %caller.name, leases = leases.len(), "task opened");
+        Ok(OpenedTask {
+            task,
+            leases,
+            replayed: false,
+        })
+    }
+
+    /// Adds a lease for `scope` to an active task of the caller.
+    pub async fn request_grant(
+        &self,
+        caller: &Caller,
+        task_id: &TaskId,
+        scope: &ScopeName,
+        ttl_seconds: u32,
+    ) -> Result<IssuedLease> {
+        let definition = self.catalog.authorize(caller, "scope", scope)?;
+        let ttl = parse_ttl_seconds("ttl_seconds", ttl_seconds, definition.max_ttl)?;
+        let task = self
+            .store
+            .find_task(task_id, &caller.workload_id)
+            .await?
+            .ok_or_else(|| task_id.not_found())?;
+        let now = UnixMillis::now();
+        ensure_task_active(&task, now)?;
+        let lease = self.issue(caller, &task, definition, ttl, now, &self.keyring.current());
+        match self
+            .store
+            .add_lease(&caller.workload_id, &lease.record, now)
+            .await?
+        {
+            NewLeaseOutcome::Added => {
+                tracing::info!(task_id = %task.id, lease_id = %lease.record.id, %scope, "lease issued");
+                Ok(lease)
+            }
+            NewLeaseOutcome::TaskNotActive => Err(task_not_active(task_id)),
+        }
+    }
+
+    /// Extends an issued lease of the caller and returns a fresh credential for it.
+    pub async fn renew_lease(
+        &self,
+        caller: &Caller,
+        lease_id: &LeaseId,
+        ttl_seconds: u32,
+    ) -> Result<IssuedLease> {
+        let lease = self
+            .store
+            .find_lease(lease_id, &caller.workload_id)
+            .await?
+            .ok_or_else(|| lease_id.not_found())?;
+        let definition = self.catalog.authorize(caller, "lease_id", &lease.scope)?;
+        let ttl = parse_ttl_seconds("ttl_seconds", ttl_seconds, definition.max_ttl)?
+            .unwrap_or(definition.default_ttl);
+        let now = UnixMillis::now();
+        if lease.state != LeaseState::Issued || lease.window.expires_at <= now {
+            return Err(Error::FailedPrecondition(format!(
+                "lease_id: lease {lease_id} is {}; only an issued, unexpired lease can be renewed",
+                if lease.state == LeaseState::Issued {
+                    "expired"
+                } else {
+                    lease.state.as_str()
+                }
+            )));
+        }
+        let window = lease.window.renewed(now, ttl).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "lease_id: lease {lease_id} cannot be extended: it has reached its scope's maximum TTL or its \
+                 task's deadline"
+            ))
+        })?;
+        let key = self.keyring.current();
+        let record = LeaseRecord {
+            window,
+            kid: Some(key.kid().to_owned()),
+            ..lease
+        };
+        let credential = self.mint(caller, &record, &key);
+        match self
+            .store
+            .renew_lease(lease_id, window, key.kid(), now)
+            .await?
+        {
+            RenewalOutcome::Renewed => Ok(IssuedLease {
+                record,
+                credential: Some(credential),
+            }),
+            RenewalOutcome::NotRenewable => Err(Error::FailedPrecondition(format!(
+                "lease_id: lease {lease_id} ended while being renewed"
+            ))),
+        }
+    }
+
+    /// Completes the caller's task, revoking every lease it holds. Completing a completed task
+    /// again is answered as a success that revoked nothing.
+    pub async fn complete_task(&self, caller: &Caller, task_id: &TaskId) -> Result<CompletedTask> {
+        let now = UnixMillis::now();
+        match self
+            .store
+            .complete_task(task_id, &caller.workload_id, now)
+            .await?
+        {
+            CompletionOutcome::Completed {
+                revoked,
+                ended_at,
+                feed_seq,
+            } => {
+                self.feed.announce(feed_seq);
+                tracing::info!(%task_id, revoked = revoked.len(), "task completed");
+                Ok(CompletedTask {
+                    task_id: task_id.clone(),
+                    state: TaskState::Completed,
+                    revoked,
+                    ended_at,
+                    already_completed: false,
+                })
+            }
+            CompletionOutcome::AlreadyEnded(task) if task.state == TaskState::Completed => {
+                Ok(CompletedTask {
+                    task_id: task.id,
+                    state: task.state,
+                    revoked: Vec::new(),
+                    ended_at: task.ended_at.unwrap_or(now),
+                    already_completed: true,
+                })
+            }
+            CompletionOutcome::AlreadyEnded(task) => Err(Error::FailedPrecondition(format!(
+                "task_id: task {task_id} has already ended ({}); its leases were revoked then",
+                task.state.as_str()
+            ))),
+            CompletionOutcome::NotFound => Err(task_id.not_found()),
+        }
+    }
+
+    /// The claims of `token` if it is active for `audience` right now: well signed by a
+    /// published key, unexpired, and its lease issued and its task active. `None` otherwise.
+    pub async fn introspect(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<Option<AccessTokenClaims>> {
+        let now = UnixMillis::now();
+        let decoded = match jwt::decode(token) {
+            Ok(decoded) => decoded,
+            Err(reason) => return Ok(inactive(&reason)),
+        };
+        let Some(key) = self.keyring.verifying_key(decoded.kid(), now) else {
+            return Ok(inactive(&"unknown or unpublished key"));
+        };
+        let expected = Expectations {
+            issuer: &self.settings.issuer,
+            audience,
+            now,
+            leeway_seconds: 0,
+        };
+        let claims = match jwt::check(token, decoded, &key, expected) {
+            Ok(claims) => claims,
+            Err(reason) => return Ok(inactive(&reason)),
+        };
+        let Ok(lease_id) = LeaseId::parse("jti", &claims.jti) else {
+            return Ok(inactive(&"jti is not a lease id"));
+        };
+        if !self.store.lease_is_live(&lease_id, now).await? {
+            return Ok(inactive(&"lease revoked, expired or unknown"));
+        }
+        Ok(Some(claims))
+    }
+
+    /// Registers a workload and makes its first bearer credential.
+    pub async fn create_workload(
+        &self,
+        name: WorkloadName,
+        roles: Vec<Role>,
+    ) -> Result<(WorkloadRecord, BearerCredential)> {
+        let now = UnixMillis::now();
+        let workload = WorkloadRecord {
+            id: format!(
+                "wl_{}",
+                crate::domain::ids::hex(&crate::issuer::random::bytes::<16>())
+            ),
+            spiffe_id: SpiffeId::for_workload(&self.settings.trust_domain, &name),
+            name,
+            roles,
+            created_at: now,
+        };
+        let (credential, stored) = BearerCredential::generate();
+        self.store.create_workload(&workload, &stored).await?;
+        tracing::info!(workload = %workload.name, "workload registered");
+        Ok((workload, credential))
+    }
+
+    /// Revokes a lease, or a task with all its leases, whoever owns it.
+    pub async fn revoke(&self, target: &RevocationTarget) -> Result<Vec<LeaseId>> {
+        let now = UnixMillis::now();
+        let (revoked, feed_seq) = match target {
+            RevocationTarget::Lease(id) => {
+                let seq = self.store.revoke_lease(id, now).await?.ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "lease_id: no issued lease {id} (unknown, expired or revoked)"
+                    ))
+                })?;
+                (vec![id.clone()], seq)
+            }
+            RevocationTarget::Task(id) => {
+                self.store.revoke_task(id, now).await?.ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "task_id: no active task {id} (unknown or already ended)"
+                    ))
+                })?
+            }
+        };
+        self.feed.announce(feed_seq);
+        tracing::info!(?target, revoked = revoked.len(), "revoked by admin");
+        Ok(revoked)
+    }
+
+    /// Switches signing to a new key; the old one stays published until its tokens expire.
+    pub async fn rotate_signing_key(&self) -> Result<Rotation> {
+        self.keyring
+            .rotate(&self.store, self.catalog.longest_max_ttl())
+            .await
+    }
+
+    /// Expires every lease and task whose time has passed, announcing them on the feed.
+    pub async fn expire_due(&self) -> Result<(usize, usize)> {
+        const BATCH: i64 = 500;
+        let (mut leases, mut tasks) = (0, 0);
+        loop {
+            let report = self.store.expire_due(UnixMillis::now(), BATCH).await?;
+            leases += report.leases;
+            tasks += report.tasks;
+            if let Some(seq) = report.feed_seq {
+                self.feed.announce(seq);
+            }
+            if report.leases < BATCH as usize && report.tasks < BATCH as usize {
+                return Ok((leases, tasks));
+            }
+        }
+    }
+
+    /// Answers a retried `BeginTask`: same task, its current leases with fresh credentials.
+    async fn replay(
+        &self,
+        caller: &Caller,
+        task: TaskRecord,
+        request: &NewTask,
+    ) -> Result<OpenedTask> {
+        if task.request_digest.as_deref() != Some(request.request_digest().as_str()) {
+            return Err(Error::FailedPrecondition(format!(
+                "idempotency_key: already used for a different request (task {})",
+                task.id
+            )));
+        }
+        let now = UnixMillis::now();
+        ensure_task_active(&task, now)?;
+        let key = self.keyring.current();
+        let leases = self
+            .store
+            .leases_of_task(&task.id)
+            .await?
+            .into_iter()
+            .map(|record| {
+                let is_live = record.state == LeaseState::Issued && record.window.expires_at > now;
+                let credential = is_live.then(|| self.mint(caller, &record, &key));
+                IssuedLease { record, credential }
+            })
+            .collect();
+        Ok(OpenedTask {
+            task,
+            leases,
+            replayed: true,
+        })
+    }
+
+    /// A new issued lease of `task` for `scope` (not yet stored) with its credential.
+    fn issue(
+        &self,
+        caller: &Caller,
+        task: &TaskRecord,
+        scope: &ScopeDefinition,
+        ttl: Option<Duration>,
+        now: UnixMillis,
+        key: &SigningKey,
+    ) -> IssuedLease {
+        let record = LeaseRecord {
+            id: LeaseId::generate(now),
+            task_id: task.id.clone(),
+            scope: scope.name.clone(),
+            kind: scope.kind,
+            audience: scope.audience.clone(),
+            state: LeaseState::Issued,
+            kid: Some(key.kid().to_owned()),
+            window: LeaseWindow::new(now, scope, ttl, task.deadline),
+            ended_at: None,
+        };
+        let credential = self.mint(caller, &record, key);
+        IssuedLease {
+            record,
+            credential: Some(credential),
+        }
+    }
+
+    /// Signs the access token of `lease` for its owner `caller`.
+    fn mint(&self, caller: &Caller, lease: &LeaseRecord, key: &SigningKey) -> Credential {
+        let claims = AccessTokenClaims {
+            iss: self.settings.issuer.clone(),
+            sub: caller.spiffe_id.as_str().to_owned(),
+            aud: lease.audience.clone(),
+            exp: lease.window.expires_at.as_seconds(),
+            iat: lease.window.issued_at.as_seconds(),
+            nbf: lease.window.issued_at.as_seconds(),
+            jti: lease.id.as_str().to_owned(),
+            scope: lease.scope.as_str().to_owned(),
+            client_id: caller.name.as_str().to_owned(),
+            task_id: lease.task_id.as_str().to_owned(),
+        };
+        Credential(jwt::sign(key, &claims))
+    }
+}
+
+fn ensure_task_active(task: &TaskRecord, now: UnixMillis) -> Result<()> {
+    if task.state == TaskState::Active && task.deadline > now {
+        Ok(())
+    } else {
+        Err(task_not_active(&task.id))
+    }
+}
+
+fn task_not_active(task_id: &TaskId) -> Error {
+    Error::FailedPrecondition(format!(
+        "task_id: task {task_id} is no longer active (completed, revoked or expired)"
+    ))
+}
+
+/// Logs why a token is inactive (for operators; the caller only learns `active: false`).
+fn inactive(reason: &dyn fmt::Display) -> Option<AccessTokenClaims> {
+    tracing::debug!(%reason, "introspection: token inactive");
+    None
+}

@@ -1,0 +1,157 @@
+//! `warrant admin ...`: registering workloads, revoking, rotating keys.
+
+use std::process::ExitCode;
+
+use clap::{Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use super::output::{Format, text, time};
+use super::{Cli, CommandError};
+use crate::proto;
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// Register and list workloads.
+    #[command(subcommand)]
+    Workload(WorkloadCommand),
+    /// Revoke a lease, or a task with all its leases.
+    Revoke {
+        #[arg(long, conflicts_with = "lease", required_unless_present = "lease")]
+        task: Option<String>,
+        #[arg(long)]
+        lease: Option<String>,
+    },
+    /// Start signing with a new key; the old one stays published until its tokens expire.
+    RotateKey,
+}
+
+#[derive(Subcommand)]
+pub enum WorkloadCommand {
+    /// Register a workload and print its credential (shown only once).
+    Create {
+        name: String,
+        /// Role (repeatable).
+        #[arg(long = "role", value_enum, default_values_t = [RoleArg::Agent])]
+        roles: Vec<RoleArg>,
+    },
+    /// List registered workloads.
+    List,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    Agent,
+    Admin,
+}
+
+pub async fn run(
+    cli: &Cli,
+    command: &AdminCommand,
+    format: &Format,
+) -> Result<ExitCode, CommandError> {
+    cli.require_token()?;
+    let mut admin = cli.connect().await?.admin();
+    match command {
+        AdminCommand::Workload(WorkloadCommand::Create { name, roles }) => {
+            let roles = roles
+                .iter()
+                .map(|role| match role {
+                    RoleArg::Agent => proto::Role::Agent as i32,
+                    RoleArg::Admin => proto::Role::Admin as i32,
+                })
+                .collect();
+            let response = admin
+                .create_workload(proto::CreateWorkloadRequest {
+                    name: name.clone(),
+                    roles,
+                })
+                .await?
+                .into_inner();
+            let mut value = workload_json(&response.workload.unwrap_or_default());
+            value["credential"] = json!(response.credential);
+            format.print(&value, |value| {
+                format!(
+                    "workload   {}\nspiffe id  {}\ncredential {}\n(shown only now; Warrant keeps only its hash)\n",
+                    text(value, "name"),
+                    text(value, "spiffe_id"),
+                    text(value, "credential")
+                )
+            })?;
+        }
+        AdminCommand::Workload(WorkloadCommand::List) => {
+            let workloads = admin
+                .list_workloads(proto::ListWorkloadsRequest {})
+                .await?
+                .into_inner()
+                .workloads;
+            let value =
+                json!({ "workloads": workloads.iter().map(workload_json).collect::<Vec<_>>() });
+            format.print(&value, |value| {
+                value["workloads"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|workload| {
+                        format!(
+                            "{:<24} {:<48} {}\n",
+                            text(workload, "name"),
+                            text(workload, "spiffe_id"),
+                            workload["roles"]
+                        )
+                    })
+                    .collect()
+            })?;
+        }
+        AdminCommand::Revoke { task, lease } => {
+            let target = match (task, lease) {
+                (Some(task), _) => proto::revoke_request::Target::TaskId(task.clone()),
+                (None, Some(lease)) => proto::revoke_request::Target::LeaseId(lease.clone()),
+                (None, None) => return Err(CommandError::Usage("give --task or --lease".into())),
+            };
+            let response = admin
+                .revoke(proto::RevokeRequest {
+                    target: Some(target),
+                })
+                .await?
+                .into_inner();
+            let value = json!({ "revoked_lease_ids": response.revoked_lease_ids });
+            format.print(&value, |value| {
+                value["revoked_lease_ids"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|id| format!("revoked {}\n", id.as_str().unwrap_or_default()))
+                    .collect()
+            })?;
+        }
+        AdminCommand::RotateKey => {
+            let response = admin
+                .rotate_signing_key(proto::RotateSigningKeyRequest {})
+                .await?
+                .into_inner();
+            let value = json!({
+                "new_kid": response.new_kid,
+                "retired_kid": response.retired_kid,
+                "retired_key_published_until": time(response.retired_key_published_until.as_ref()),
+            });
+            format.print(&value, |value| {
+                format!(
+                    "signing with {}\nretired {} (published until {})\n",
+                    text(value, "new_kid"),
+                    text(value, "retired_kid"),
+                    text(value, "retired_key_published_until")
+                )
+            })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn workload_json(workload: &proto::Workload) -> Value {
+    json!({
+        "name": workload.name,
+        "spiffe_id": workload.spiffe_id,
+        "roles": workload.roles().map(|role| role.as_str_name()).collect::<Vec<_>>(),
+        "created_at": time(workload.created_at.as_ref()),
+    })
+}

@@ -1,0 +1,146 @@
+//! The `warrant` command line: `serve` runs a broker; the other commands are gRPC clients of one.
+
+mod admin;
+mod output;
+mod serve;
+mod task;
+mod token;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::Connection;
+
+/// Exit code for a refused or failed call to the broker.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code for bad configuration or usage (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "warrant",
+    version,
+    about = "Short-lived, task-scoped credentials for AI agents"
+)]
+pub struct Cli {
+    /// gRPC address of the broker.
+    #[arg(
+        long,
+        global = true,
+        env = "WARRANT_ADDR",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    addr: String,
+    /// Workload credential to call the broker with.
+    #[arg(long, global = true, env = "WARRANT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) that signed an https:// broker's certificate.
+    #[arg(long, global = true, env = "WARRANT_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Print results as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Print only this field of the result (dotted path into the JSON form, e.g. `task_id`).
+    #[arg(long, global = true)]
+    field: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(serve::ServeArgs),
+    /// Open, extend and complete tasks (as an agent).
+    #[command(subcommand)]
+    Task(task::TaskCommand),
+    /// Check access tokens (as a downstream API).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Manage the broker (as an admin).
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
+}
+
+/// Parses the command line and runs the command.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(async move {
+        let format = output::Format::new(cli.json, cli.field.clone());
+        let result = match &cli.command {
+            Command::Serve(args) => return serve::run(args).await,
+            Command::Task(command) => task::run(&cli, command, &format).await,
+            Command::Token(command) => token::run(&cli, command, &format).await,
+            Command::Admin(command) => admin::run(&cli, command, &format).await,
+        };
+        match result {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::from(error.exit_code())
+            }
+        }
+    })
+}
+
+/// A client command's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Connect(#[from] crate::client::ClientError),
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Rpc(#[from] tonic::Status),
+    #[error(transparent)]
+    Verifier(#[from] crate::verifier::VerifierError),
+}
+
+impl CommandError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CommandError::Usage(_) => EXIT_USAGE,
+            _ => EXIT_FAILURE,
+        }
+    }
+}
+
+impl Cli {
+    /// Connects to the broker with the configured credential.
+    async fn connect(&self) -> Result<Connection, CommandError> {
+        let ca = self
+            .ca_cert
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path).map_err(|error| {
+                    CommandError::Usage(format!("--ca-cert {}: {error}", path.display()))
+                })
+            })
+            .transpose()?;
+        Ok(Connection::open(&self.addr, self.token.as_deref(), ca.as_deref()).await?)
+    }
+
+    fn require_token(&self) -> Result<&str, CommandError> {
+        self.token.as_deref().ok_or_else(|| {
+            CommandError::Usage(
+                "this command needs a workload credential: --token or WARRANT_TOKEN".into(),
+            )
+        })
+    }
+}
+
+/// Parses a duration such as `10m` into whole seconds for a request field.
+fn ttl_seconds(flag: &str, text: &str) -> Result<u32, CommandError> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|error| CommandError::Usage(format!("{flag}: {error}")))?;
+    u32::try_from(duration.as_secs()).map_err(|_| CommandError::Usage(format!("{flag}: too long")))
+}

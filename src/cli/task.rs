@@ -1,0 +1,208 @@
+//! `warrant task ...`: what an agent does.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use super::output::{Format, text, time};
+use super::{Cli, CommandError, ttl_seconds};
+use crate::proto;
+
+#[derive(Subcommand)]
+pub enum TaskCommand {
+    /// Open a task and receive a credential for each scope.
+    Begin {
+        /// Why the task exists.
+        #[arg(long)]
+        purpose: String,
+        /// A scope to receive a credential for (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// The task's lifetime, e.g. 10m.
+        #[arg(long, default_value = "15m")]
+        ttl: String,
+        /// sha256:<hex> digest of the prompt behind the task.
+        #[arg(long, default_value = "")]
+        prompt_digest: String,
+        /// A tool the agent plans to call (repeatable).
+        #[arg(long = "tool")]
+        tools: Vec<String>,
+        /// A label KEY=VALUE (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Makes a retried command return the same task instead of opening another.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+    },
+    /// Add a credential for one more scope to an active task.
+    Grant {
+        task_id: String,
+        #[arg(long)]
+        scope: String,
+        /// Lifetime, e.g. 5m (default: the scope's).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// Extend a lease and receive a fresh credential for it.
+    Renew {
+        lease_id: String,
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// Complete a task: every credential it holds is revoked.
+    Complete { task_id: String },
+}
+
+pub async fn run(
+    cli: &Cli,
+    command: &TaskCommand,
+    format: &Format,
+) -> Result<ExitCode, CommandError> {
+    cli.require_token()?;
+    let mut tasks = cli.connect().await?.tasks();
+    match command {
+        TaskCommand::Begin {
+            purpose,
+            scopes,
+            ttl,
+            prompt_digest,
+            tools,
+            labels,
+            idempotency_key,
+        } => {
+            let labels = labels
+                .iter()
+                .map(|label| {
+                    label
+                        .split_once('=')
+                        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                        .ok_or_else(|| {
+                            CommandError::Usage(format!("--label {label}: expected KEY=VALUE"))
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+            let request = proto::BeginTaskRequest {
+                purpose: purpose.clone(),
+                scopes: scopes.clone(),
+                ttl_seconds: ttl_seconds("--ttl", ttl)?,
+                context: Some(proto::TaskContext {
+                    prompt_digest: prompt_digest.clone(),
+                    planned_tools: tools.clone(),
+                    labels,
+                }),
+                idempotency_key: idempotency_key.clone(),
+            };
+            let response = tasks.begin_task(request).await?.into_inner();
+            let value = json!({
+                "task_id": response.task_id,
+                "deadline": time(response.deadline.as_ref()),
+                "replayed": response.replayed,
+                "leases": response.leases.iter().map(lease_json).collect::<Vec<_>>(),
+            });
+            format.print(&value, |value| {
+                let mut out = format!(
+                    "task      {}\ndeadline  {}\n",
+                    text(value, "task_id"),
+                    text(value, "deadline")
+                );
+                for lease in value["leases"].as_array().into_iter().flatten() {
+                    out.push_str(&lease_text(lease));
+                }
+                out
+            })?;
+        }
+        TaskCommand::Grant {
+            task_id,
+            scope,
+            ttl,
+        } => {
+            let ttl_seconds = ttl
+                .as_deref()
+                .map(|ttl| ttl_seconds("--ttl", ttl))
+                .transpose()?
+                .unwrap_or(0);
+            let request = proto::RequestGrantRequest {
+                task_id: task_id.clone(),
+                scope: scope.clone(),
+                ttl_seconds,
+            };
+            let lease = tasks
+                .request_grant(request)
+                .await?
+                .into_inner()
+                .lease
+                .unwrap_or_default();
+            format.print(&lease_json(&lease), lease_text)?;
+        }
+        TaskCommand::Renew { lease_id, ttl } => {
+            let ttl_seconds = ttl
+                .as_deref()
+                .map(|ttl| ttl_seconds("--ttl", ttl))
+                .transpose()?
+                .unwrap_or(0);
+            let request = proto::RenewLeaseRequest {
+                lease_id: lease_id.clone(),
+                ttl_seconds,
+            };
+            let lease = tasks
+                .renew_lease(request)
+                .await?
+                .into_inner()
+                .lease
+                .unwrap_or_default();
+            format.print(&lease_json(&lease), lease_text)?;
+        }
+        TaskCommand::Complete { task_id } => {
+            let response = tasks
+                .complete_task(proto::CompleteTaskRequest {
+                    task_id: task_id.clone(),
+                })
+                .await?
+                .into_inner();
+            let value = json!({
+                "task_id": response.task_id,
+                "state": response.state().as_str_name(),
+                "revoked_lease_ids": response.revoked_lease_ids,
+                "ended_at": time(response.ended_at.as_ref()),
+                "already_completed": response.already_completed,
+            });
+            format.print(&value, |value| {
+                let revoked = value["revoked_lease_ids"].as_array().map_or(0, Vec::len);
+                let mut out = format!(
+                    "task {} completed; revoked {revoked} lease(s)\n",
+                    text(value, "task_id")
+                );
+                for id in value["revoked_lease_ids"].as_array().into_iter().flatten() {
+                    out.push_str(&format!("  revoked {}\n", id.as_str().unwrap_or_default()));
+                }
+                out
+            })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn lease_json(lease: &proto::Lease) -> Value {
+    json!({
+        "lease_id": lease.lease_id,
+        "scope": lease.scope,
+        "kind": lease.kind().as_str_name(),
+        "state": lease.state().as_str_name(),
+        "audience": lease.audience,
+        "issued_at": time(lease.issued_at.as_ref()),
+        "expires_at": time(lease.expires_at.as_ref()),
+        "credential": lease.credential,
+    })
+}
+
+fn lease_text(lease: &Value) -> String {
+    format!(
+        "lease     {}\n  scope      {}\n  audience   {}\n  expires    {}\n  credential {}\n",
+        text(lease, "lease_id"),
+        text(lease, "scope"),
+        text(lease, "audience"),
+        text(lease, "expires_at"),
+        text(lease, "credential"),
+    )
+}

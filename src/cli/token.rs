@@ -1,0 +1,157 @@
+//! `warrant token ...`: what a downstream API does with a token it receives.
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Subcommand;
+use serde_json::json;
+
+use super::output::{Format, text};
+use super::{Cli, CommandError};
+use crate::proto;
+use crate::verifier::{Verifier, VerifierConfig};
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Ask the broker whether a token is active for an audience (RFC 7662).
+    Introspect {
+        /// The token, or - to read it from standard input.
+        #[arg(value_name = "TOKEN")]
+        access_token: String,
+        /// The audience your API serves.
+        #[arg(long)]
+        audience: String,
+    },
+    /// Verify a token offline against the broker's JWKS and revocation feed, as the verifier
+    /// library does. Exits 0 when valid, 1 when not.
+    Verify {
+        /// The token, or - to read it from standard input.
+        #[arg(value_name = "TOKEN")]
+        access_token: String,
+        #[arg(long)]
+        audience: String,
+        /// Tolerated clock difference.
+        #[arg(long, default_value = "5s")]
+        leeway: String,
+    },
+}
+
+pub async fn run(
+    cli: &Cli,
+    command: &TokenCommand,
+    format: &Format,
+) -> Result<ExitCode, CommandError> {
+    match command {
+        TokenCommand::Introspect {
+            access_token,
+            audience,
+        } => {
+            cli.require_token()?;
+            let request = proto::IntrospectRequest {
+                token: read_token(access_token)?,
+                audience: audience.clone(),
+            };
+            let response = cli
+                .connect()
+                .await?
+                .tokens()
+                .introspect(request)
+                .await?
+                .into_inner();
+            let value = if response.active {
+                json!({
+                    "active": true, "scope": response.scope, "client_id": response.client_id, "sub": response.sub,
+                    "aud": response.aud, "iss": response.iss, "exp": response.exp, "iat": response.iat,
+                    "nbf": response.nbf, "jti": response.jti, "task_id": response.task_id,
+                    "token_type": response.token_type,
+                })
+            } else {
+                json!({ "active": false })
+            };
+            format.print(&value, |value| {
+                if value["active"] == true {
+                    format!(
+                        "active: true\n  scope  {}\n  sub    {}\n  task   {}\n  jti    {}\n",
+                        text(value, "scope"),
+                        text(value, "sub"),
+                        text(value, "task_id"),
+                        text(value, "jti")
+                    )
+                } else {
+                    "active: false\n".into()
+                }
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TokenCommand::Verify {
+            access_token,
+            audience,
+            leeway,
+        } => {
+            let credential = cli.require_token()?.to_owned();
+            let leeway = humantime::parse_duration(leeway)
+                .map_err(|error| CommandError::Usage(format!("--leeway: {error}")))?;
+            let ca_pem = cli
+                .ca_cert
+                .as_ref()
+                .map(|path| {
+                    std::fs::read(path)
+                        .map_err(|error| CommandError::Usage(format!("--ca-cert: {error}")))
+                })
+                .transpose()?;
+            let config = VerifierConfig {
+                leeway,
+                ca_pem,
+                ..VerifierConfig::new(&cli.addr, audience, credential)
+            };
+            let verifier = Verifier::connect(config).await?;
+            let (value, code) = match verifier.verify(&read_token(access_token)?).await {
+                Ok(claims) => (
+                    json!({ "valid": true, "claims": claims }),
+                    ExitCode::SUCCESS,
+                ),
+                Err(error) => (
+                    json!({ "valid": false, "reason": error.to_string() }),
+                    ExitCode::from(super::EXIT_FAILURE),
+                ),
+            };
+            format.print(&value, |value| {
+                if value["valid"] == true {
+                    let claims = &value["claims"];
+                    format!(
+                        "valid\n  scope  {}\n  sub    {}\n  task   {}\n  expires in {}\n",
+                        text(claims, "scope"),
+                        text(claims, "sub"),
+                        text(claims, "task_id"),
+                        remaining(claims["exp"].as_i64().unwrap_or_default()),
+                    )
+                } else {
+                    format!("invalid: {}\n", text(value, "reason"))
+                }
+            })?;
+            Ok(code)
+        }
+    }
+}
+
+/// The token argument, or standard input for `-`, trimmed.
+fn read_token(argument: &str) -> Result<String, CommandError> {
+    if argument != "-" {
+        return Ok(argument.trim().to_owned());
+    }
+    let mut token = String::new();
+    std::io::stdin()
+        .take(16 * 1024)
+        .read_to_string(&mut token)
+        .map_err(|error| {
+            CommandError::Usage(format!("reading the token from standard input: {error}"))
+        })?;
+    Ok(token.trim().to_owned())
+}
+
+fn remaining(exp: i64) -> String {
+    let now = crate::domain::UnixMillis::now().as_seconds();
+    let seconds = u64::try_from(exp - now).unwrap_or(0);
+    humantime::format_duration(Duration::from_secs(seconds)).to_string()
+}

@@ -1,0 +1,113 @@
+//! Connecting to a broker: a channel (TLS when the address is `https://`) and clients that send
+//! the workload credential on every call. Used by the CLI, the verifier and the tests.
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::proto::admin_client::AdminClient;
+use crate::proto::tasks_client::TasksClient;
+use crate::proto::tokens_client::TokensClient;
+
+/// A failure to reach a broker.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid broker address {0:?}")]
+    Address(String),
+    #[error("the credential is not valid header text")]
+    Credential,
+    #[error("cannot connect to the broker at {address}: {source}")]
+    Connect {
+        address: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// Adds `authorization: Bearer <credential>` to each call (nothing when there is none).
+#[derive(Clone)]
+pub struct BearerAuth(Option<MetadataValue<Ascii>>);
+
+impl BearerAuth {
+    pub fn new(credential: Option<&str>) -> Result<Self, ClientError> {
+        credential
+            .map(|credential| {
+                format!("Bearer {credential}")
+                    .parse()
+                    .map_err(|_| ClientError::Credential)
+            })
+            .transpose()
+            .map(BearerAuth)
+    }
+}
+
+impl Interceptor for BearerAuth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel with credentials, from which service clients are made.
+#[derive(Clone)]
+pub struct Connection {
+    channel: Channel,
+    auth: BearerAuth,
+}
+
+pub type Authenticated = InterceptedService<Channel, BearerAuth>;
+
+impl Connection {
+    /// Connects to `address` (`http://host:port` or `https://host:port`); `ca_pem` is the CA
+    /// that signed the broker's certificate, for `https://`.
+    pub async fn open(
+        address: &str,
+        credential: Option<&str>,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, ClientError> {
+        let mut endpoint = Endpoint::from_shared(address.to_owned())
+            .map_err(|_| ClientError::Address(address.into()))?;
+        if address.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = ca_pem {
+                tls = tls.ca_certificate(Certificate::from_pem(ca));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|source| ClientError::Connect {
+                    address: address.into(),
+                    source,
+                })?;
+        }
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                address: address.into(),
+                source,
+            })?;
+        Ok(Connection {
+            channel,
+            auth: BearerAuth::new(credential)?,
+        })
+    }
+
+    pub fn tasks(&self) -> TasksClient<Authenticated> {
+        TasksClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    pub fn tokens(&self) -> TokensClient<Authenticated> {
+        TokensClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    pub fn admin(&self) -> AdminClient<Authenticated> {
+        AdminClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+}

@@ -1,0 +1,455 @@
+//! Configuration: zero-configuration dev defaults (`serve --dev`) or a TOML file
+//! (`serve --config FILE`), then environment overrides. Every error names the field, and the
+//! binary exits 64 on it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::domain::TrustDomain;
+use crate::issuer::KeyAlgorithm;
+
+/// Data directory for `--dev` (files created on first start).
+pub const ENV_DATA_DIR: &str = "WARRANT_DATA_DIR";
+/// gRPC listen address.
+pub const ENV_GRPC_ADDR: &str = "WARRANT_GRPC_ADDR";
+/// HTTP listen address (JWKS, discovery, health).
+pub const ENV_HTTP_ADDR: &str = "WARRANT_HTTP_ADDR";
+/// Database URL (`sqlite://...` or `postgres://...`).
+pub const ENV_DATABASE_URL: &str = "WARRANT_DATABASE_URL";
+/// The master key itself, base64 (takes precedence over a master key file).
+pub const ENV_MASTER_KEY: &str = "WARRANT_MASTER_KEY";
+
+const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:7400";
+const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7401";
+const DEFAULT_DATA_DIR: &str = "./warrant-data";
+const DEV_TRUST_DOMAIN: &str = "warrant.local";
+const DEFAULT_MAX_TASK_TTL: Duration = Duration::from_secs(8 * 3600);
+const DEFAULT_REAPER_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where the master key comes from.
+#[derive(Clone, Debug)]
+pub enum MasterKeySource {
+    /// A file holding the base64 key; created on first start when `create` is set (dev).
+    File { path: PathBuf, create: bool },
+    /// The base64 key itself, from the environment.
+    Inline(String),
+}
+
+/// The server's TLS identity, read at start.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsIdentity { key: [redacted] }")
+    }
+}
+
+/// Everything the broker needs to start.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub database_url: String,
+    pub master_key: MasterKeySource,
+    pub catalog_file: PathBuf,
+    /// Write the demo catalog to `catalog_file` if it does not exist (dev only).
+    pub create_demo_catalog: bool,
+    /// The `iss` of tokens; `None` derives `http://<bound HTTP address>` (dev only).
+    pub issuer: Option<String>,
+    pub trust_domain: TrustDomain,
+    pub signing_algorithm: KeyAlgorithm,
+    pub tls: Option<TlsIdentity>,
+    pub max_task_ttl: Duration,
+    pub reaper_interval: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// A configuration error naming its field, such as `tls.cert_file`.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+fn error(field: &str, message: impl std::fmt::Display) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.to_string(),
+    }
+}
+
+/// Reads environment variables; a function so tests can supply their own.
+pub type Environment<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment, with empty values treated as unset.
+pub fn process_environment(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty())
+}
+
+impl Config {
+    /// The zero-configuration local broker: SQLite, master key and catalog in the data
+    /// directory, plaintext on loopback.
+    pub fn dev(env: Environment<'_>) -> Result<Self, ConfigError> {
+        let data_dir = PathBuf::from(env(ENV_DATA_DIR).unwrap_or_else(|| DEFAULT_DATA_DIR.into()));
+        std::fs::create_dir_all(&data_dir).map_err(|e| {
+            error(
+                ENV_DATA_DIR,
+                format!("cannot create {}: {e}", data_dir.display()),
+            )
+        })?;
+        let database_file = data_dir.join("warrant.db");
+        let mut config = Config {
+            grpc_addr: parse_addr("grpc_addr", DEFAULT_GRPC_ADDR)?,
+            http_addr: parse_addr("http_addr", DEFAULT_HTTP_ADDR)?,
+            database_url: format!("sqlite://{}?mode=rwc", database_file.display()),
+            master_key: MasterKeySource::File {
+                path: data_dir.join("master.key"),
+                create: true,
+            },
+            catalog_file: data_dir.join("scopes.toml"),
+            create_demo_catalog: true,
+            issuer: None,
+            trust_domain: TrustDomain::parse("trust_domain", DEV_TRUST_DOMAIN)
+                .map_err(|e| error("trust_domain", e))?,
+            signing_algorithm: KeyAlgorithm::EdDsa,
+            tls: None,
+            max_task_ttl: DEFAULT_MAX_TASK_TTL,
+            reaper_interval: DEFAULT_REAPER_INTERVAL,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        };
+        config.apply_environment(env)?;
+        Ok(config)
+    }
+
+    /// A deployment configuration from a TOML file (see `deploy/warrant.toml`). TLS is required.
+    pub fn from_file(path: &Path, env: Environment<'_>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| error("--config", format!("cannot read {}: {e}", path.display())))?;
+        let file: ConfigFile = toml::from_str(&text).map_err(|e| toml_error(&e))?;
+        // Relative paths in the file are relative to the file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |relative: &Path| base.join(relative);
+        let tls = file.tls.ok_or_else(|| {
+            error(
+                "tls",
+                "is required outside --dev: set tls.cert_file and tls.key_file",
+            )
+        })?;
+        let read = |field: &str, file: &Path| {
+            std::fs::read(resolve(file)).map_err(|e| {
+                error(
+                    field,
+                    format!("cannot read {}: {e}", resolve(file).display()),
+                )
+            })
+        };
+        let issuer = file.issuer.url;
+        if !issuer.starts_with("https://") {
+            return Err(error(
+                "issuer.url",
+                "must be an https:// URL (the token issuer that clients discover)",
+            ));
+        }
+        let mut config = Config {
+            grpc_addr: parse_addr("server.grpc_addr", &file.server.grpc_addr)?,
+            http_addr: parse_addr("server.http_addr", &file.server.http_addr)?,
+            database_url: file.storage.database_url,
+            master_key: MasterKeySource::File {
+                path: resolve(
+                    &file
+                        .keys
+                        .master_key_file
+                        .unwrap_or_else(|| "master.key".into()),
+                ),
+                create: false,
+            },
+            catalog_file: resolve(&file.catalog.scopes_file),
+            create_demo_catalog: false,
+            issuer: Some(issuer.trim_end_matches('/').to_owned()),
+            trust_domain: TrustDomain::parse("issuer.trust_domain", &file.issuer.trust_domain)
+                .map_err(|e| error("issuer.trust_domain", e))?,
+            signing_algorithm: KeyAlgorithm::from_jws_name(&file.keys.signing_algorithm)
+                .ok_or_else(|| error("keys.signing_algorithm", "must be \"EdDSA\" or \"ES256\""))?,
+            tls: Some(TlsIdentity {
+                cert_pem: read("tls.cert_file", &tls.cert_file)?,
+                key_pem: read("tls.key_file", &tls.key_file)?,
+            }),
+            max_task_ttl: parse_duration(
+                "limits.max_task_ttl",
+                file.limits.max_task_ttl.as_deref(),
+                DEFAULT_MAX_TASK_TTL,
+            )?,
+            reaper_interval: parse_duration(
+                "limits.reaper_interval",
+                file.limits.reaper_interval.as_deref(),
+                DEFAULT_REAPER_INTERVAL,
+            )?,
+            drain_timeout: parse_duration(
+                "limits.drain_timeout",
+                file.limits.drain_timeout.as_deref(),
+                DEFAULT_DRAIN_TIMEOUT,
+            )?,
+        };
+        config.apply_environment(env)?;
+        Ok(config)
+    }
+
+    fn apply_environment(&mut self, env: Environment<'_>) -> Result<(), ConfigError> {
+        if let Some(addr) = env(ENV_GRPC_ADDR) {
+            self.grpc_addr = parse_addr(ENV_GRPC_ADDR, &addr)?;
+        }
+        if let Some(addr) = env(ENV_HTTP_ADDR) {
+            self.http_addr = parse_addr(ENV_HTTP_ADDR, &addr)?;
+        }
+        if let Some(url) = env(ENV_DATABASE_URL) {
+            self.database_url = url;
+        }
+        if let Some(key) = env(ENV_MASTER_KEY) {
+            self.master_key = MasterKeySource::Inline(key);
+        }
+        if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres"))
+        {
+            return Err(error(
+                "storage.database_url",
+                "must start with sqlite:// or postgres://",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    server: ServerSection,
+    tls: Option<TlsSection>,
+    storage: StorageSection,
+    keys: KeysSection,
+    issuer: IssuerSection,
+    catalog: CatalogSection,
+    #[serde(default)]
+    limits: LimitsSection,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    grpc_addr: String,
+    http_addr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StorageSection {
+    database_url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysSection {
+    master_key_file: Option<PathBuf>,
+    #[serde(default = "default_algorithm")]
+    signing_algorithm: String,
+}
+
+fn default_algorithm() -> String {
+    "EdDSA".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssuerSection {
+    url: String,
+    trust_domain: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogSection {
+    scopes_file: PathBuf,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    max_task_ttl: Option<String>,
+    reaper_interval: Option<String>,
+    drain_timeout: Option<String>,
+}
+
+fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        error(
+            field,
+            format!("'{text}' is not an address such as 127.0.0.1:7400"),
+        )
+    })
+}
+
+fn parse_duration(
+    field: &str,
+    text: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match text {
+        None => Ok(default),
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(duration) if !duration.is_zero() => Ok(duration),
+            _ => Err(error(
+                field,
+                format!("'{text}' is not a positive duration such as \"30s\""),
+            )),
+        },
+    }
+}
+
+/// Turns a TOML error into a field error: the key path when the parser knows it.
+fn toml_error(parse_error: &toml::de::Error) -> ConfigError {
+    let message = parse_error.message().to_owned();
+    // serde reports missing and unknown keys in the message; name the field from there.
+    let field = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|marker| {
+            message
+                .split_once(marker)
+                .and_then(|(_, rest)| rest.split('`').next())
+        })
+        .unwrap_or("config")
+        .to_owned();
+    ConfigError { field, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const VALID: &str = r#"
+        [server]
+        grpc_addr = "0.0.0.0:7400"
+        http_addr = "0.0.0.0:7401"
+        [tls]
+        cert_file = "server.crt"
+        key_file = "server.key"
+        [storage]
+        database_url = "postgres://warrant@db/warrant"
+        [keys]
+        master_key_file = "master.key"
+        [issuer]
+        url = "https://warrant.example.com"
+        trust_domain = "example.com"
+        [catalog]
+        scopes_file = "scopes.toml"
+    "#;
+
+    #[test]
+    fn file_config_resolves_paths_next_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "server.crt", "cert");
+        write(dir.path(), "server.key", "key");
+        let config = Config::from_file(&write(dir.path(), "warrant.toml", VALID), &no_env).unwrap();
+        assert_eq!(config.catalog_file, dir.path().join("scopes.toml"));
+        assert_eq!(
+            config.issuer.as_deref(),
+            Some("https://warrant.example.com")
+        );
+    }
+
+    #[test]
+    fn file_config_errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "server.crt", "cert");
+        write(dir.path(), "server.key", "key");
+        let cases = [
+            (
+                VALID.replace(
+                    "[tls]\n        cert_file = \"server.crt\"\n        key_file = \"server.key\"",
+                    "",
+                ),
+                "tls",
+            ),
+            (
+                VALID.replace("server.key\"", "missing.key\""),
+                "tls.key_file",
+            ),
+            (VALID.replace("0.0.0.0:7400", "nowhere"), "server.grpc_addr"),
+            (
+                VALID.replace("https://warrant", "http://warrant"),
+                "issuer.url",
+            ),
+            (
+                VALID.replace("[keys]", "[keys]\n        signing_algorithm = \"HS256\""),
+                "keys.signing_algorithm",
+            ),
+            (
+                VALID.replace(
+                    "trust_domain = \"example.com\"",
+                    "trust_domain = \"Example.com\"",
+                ),
+                "issuer.trust_domain",
+            ),
+            (
+                VALID.replace("url = ", "colour = \"red\"\n        url = "),
+                "colour",
+            ),
+            (
+                VALID.replace(
+                    "        database_url = \"postgres://warrant@db/warrant\"\n",
+                    "",
+                ),
+                "database_url",
+            ),
+        ];
+        for (text, field) in cases {
+            let error =
+                Config::from_file(&write(dir.path(), "bad.toml", &text), &no_env).unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_dev_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_str().unwrap().to_owned();
+        let env = move |name: &str| match name {
+            ENV_DATA_DIR => Some(data_dir.clone()),
+            ENV_GRPC_ADDR => Some("127.0.0.1:0".into()),
+            _ => None,
+        };
+        let config = Config::dev(&env).unwrap();
+        assert_eq!(config.grpc_addr.port(), 0);
+        assert!(config.database_url.contains(dir.path().to_str().unwrap()));
+        let data_dir = dir.path().to_str().unwrap().to_owned();
+        let bad = move |name: &str| match name {
+            ENV_DATA_DIR => Some(data_dir.clone()),
+            ENV_HTTP_ADDR => Some("localhost".into()),
+            _ => None,
+        };
+        assert_eq!(Config::dev(&bad).unwrap_err().field, ENV_HTTP_ADDR);
+    }
+}

@@ -1,0 +1,329 @@
+//! The scope catalog: which scopes exist, which audience and lifetime each has, and which
+//! workloads may ask for it. Anything not in the catalog is refused.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::workload::{Caller, WorkloadName};
+use crate::error::Error;
+
+/// The longest lifetime any scope may declare: tokens are meant to be short-lived.
+pub const LONGEST_SCOPE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// A scope name such as `crm.contacts:read`: 1 to 128 bytes of letters, digits and `._:-/`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScopeName(String);
+
+impl ScopeName {
+    pub fn parse(field: &str, text: &str) -> Result<Self, Error> {
+        let is_allowed = |b: u8| b.is_ascii_alphanumeric() || b"._:-/".contains(&b);
+        if text.is_empty() {
+            Err(Error::invalid(field, "is required"))
+        } else if text.len() > 128 {
+            Err(Error::invalid(field, "is longer than 128 bytes"))
+        } else if !text.bytes().all(is_allowed) {
+            Err(Error::invalid(
+                field,
+                "may hold only letters, digits and '.', '_', ':', '-', '/'",
+            ))
+        } else {
+            Ok(ScopeName(text.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ScopeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What kind of secret a scope's lease carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// An RFC 9068 access token signed by the broker.
+    Jwt,
+}
+
+impl CredentialKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::Jwt => "jwt",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "jwt" => Some(CredentialKind::Jwt),
+            _ => None,
+        }
+    }
+}
+
+/// Which workloads may request a scope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllowedWorkloads {
+    /// Any workload with the agent role (`workloads = ["*"]`).
+    Any,
+    /// Only the named workloads.
+    Named(BTreeSet<WorkloadName>),
+}
+
+/// One scope of the catalog.
+#[derive(Clone, Debug)]
+pub struct ScopeDefinition {
+    pub name: ScopeName,
+    pub description: String,
+    /// The downstream API the credential is for: the token's `aud`.
+    pub audience: String,
+    pub kind: CredentialKind,
+    /// Lifetime of a lease when the request names none.
+    pub default_ttl: Duration,
+    /// Longest lifetime of a lease, counted from its first issuance, renewals included.
+    pub max_ttl: Duration,
+    pub allowed_workloads: AllowedWorkloads,
+}
+
+/// The parsed scope catalog, built once at start and shared.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    scopes: HashMap<ScopeName, ScopeDefinition>,
+}
+
+/// An invalid catalog file: `field` names the entry and key, such as `scope[2].max_ttl`.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct CatalogError {
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogFile {
+    #[serde(default)]
+    scope: Vec<ScopeEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopeEntry {
+    name: String,
+    #[serde(default)]
+    description: String,
+    audience: String,
+    kind: String,
+    default_ttl: String,
+    max_ttl: String,
+    workloads: Vec<String>,
+}
+
+impl Catalog {
+    /// Parses a catalog in TOML (see `deploy/scopes.toml` for an annotated example).
+    pub fn from_toml(text: &str) -> Result<Self, CatalogError> {
+        let file: CatalogFile = toml::from_str(text).map_err(|error| CatalogError {
+            field: "catalog".into(),
+            message: error.to_string(),
+        })?;
+        let mut scopes = HashMap::new();
+        for (index, entry) in file.scope.into_iter().enumerate() {
+            let definition = entry.into_definition(index)?;
+            if let Some(previous) = scopes.insert(definition.name.clone(), definition) {
+                return Err(CatalogError {
+                    field: format!("scope[{index}].name"),
+                    message: format!("scope '{}' is defined twice", previous.name),
+                });
+            }
+        }
+        Ok(Catalog { scopes })
+    }
+
+    /// Looks `scope` up and checks that `caller` may request it. `field` names the request field
+    /// that carried the scope, for the error message.
+    pub fn authorize(
+        &self,
+        caller: &Caller,
+        field: &str,
+        scope: &ScopeName,
+    ) -> Result<&ScopeDefinition, Error> {
+        let definition = self
+            .scopes
+            .get(scope)
+            .ok_or_else(|| Error::invalid(field, format!("unknown scope '{scope}'")))?;
+        match &definition.allowed_workloads {
+            AllowedWorkloads::Any => Ok(definition),
+            AllowedWorkloads::Named(names) if names.contains(&caller.name) => Ok(definition),
+            AllowedWorkloads::Named(_) => Err(Error::PermissionDenied(format!(
+                "{field}: workload '{}' may not request scope '{scope}': the catalog does not \
+                 list it among the scope's workloads",
+                caller.name
+            ))),
+        }
+    }
+
+    /// The longest `max_ttl` of any scope: how long a token signed now may remain valid.
+    pub fn longest_max_ttl(&self) -> Duration {
+        self.scopes
+            .values()
+            .map(|scope| scope.max_ttl)
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
+    pub fn len(&self) -> usize {
+        self.scopes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.scopes.is_empty()
+    }
+}
+
+impl ScopeEntry {
+    fn into_definition(self, index: usize) -> Result<ScopeDefinition, CatalogError> {
+        let field = |key: &str| format!("scope[{index}].{key}");
+        let fail = |key: &str, message: String| CatalogError {
+            field: field(key),
+            message,
+        };
+        let name = ScopeName::parse(&field("name"), &self.name)
+            .map_err(|error| fail("name", error_message(error)))?;
+        if self.audience.is_empty() || self.audience.len() > 512 {
+            return Err(fail("audience", "must be 1 to 512 bytes".into()));
+        }
+        let kind = CredentialKind::parse(&self.kind).ok_or_else(|| {
+            fail(
+                "kind",
+                format!("'{}' is not a credential kind (supported: jwt)", self.kind),
+            )
+        })?;
+        let default_ttl =
+            parse_ttl(&self.default_ttl).map_err(|message| fail("default_ttl", message))?;
+        let max_ttl = parse_ttl(&self.max_ttl).map_err(|message| fail("max_ttl", message))?;
+        if default_ttl > max_ttl {
+            return Err(fail("default_ttl", "is longer than max_ttl".into()));
+        }
+        let allowed_workloads = if self.workloads == ["*"] {
+            AllowedWorkloads::Any
+        } else if self.workloads.is_empty() {
+            return Err(fail(
+                "workloads",
+                "must list workload names or be [\"*\"]".into(),
+            ));
+        } else {
+            let mut names = BTreeSet::new();
+            for (position, text) in self.workloads.iter().enumerate() {
+                let key = format!("workloads[{position}]");
+                let name = WorkloadName::parse(&field(&key), text)
+                    .map_err(|error| fail(&key, error_message(error)))?;
+                names.insert(name);
+            }
+            AllowedWorkloads::Named(names)
+        };
+        Ok(ScopeDefinition {
+            name,
+            description: self.description,
+            audience: self.audience,
+            kind,
+            default_ttl,
+            max_ttl,
+            allowed_workloads,
+        })
+    }
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text)
+        .map_err(|error| format!("'{text}' is not a duration such as \"5m\" ({error})"))?;
+    if ttl < Duration::from_secs(1) || ttl > LONGEST_SCOPE_TTL {
+        return Err(format!("'{text}' must be between 1s and 24h"));
+    }
+    Ok(ttl)
+}
+
+/// The message of a field error, without the field name (the catalog adds its own).
+fn error_message(error: Error) -> String {
+    match error {
+        Error::InvalidArgument { message, .. } => message,
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Role, SpiffeId};
+
+    fn caller(name: &str) -> Caller {
+        Caller {
+            workload_id: "w".into(),
+            name: WorkloadName::parse("name", name).unwrap(),
+            spiffe_id: SpiffeId::from_stored(format!("spiffe://test/workload/{name}")),
+            roles: vec![Role::Agent],
+        }
+    }
+
+    const CATALOG: &str = r#"
+        [[scope]]
+        name = "crm.contacts:read"
+        audience = "https://crm.example"
+        kind = "jwt"
+        default_ttl = "5m"
+        max_ttl = "15m"
+        workloads = ["*"]
+
+        [[scope]]
+        name = "payments:transfer"
+        audience = "https://payments.example"
+        kind = "jwt"
+        default_ttl = "1m"
+        max_ttl = "2m"
+        workloads = ["billing-agent"]
+    "#;
+
+    #[test]
+    fn authorizes_listed_workloads_and_refuses_others_with_the_reason() {
+        let catalog = Catalog::from_toml(CATALOG).unwrap();
+        let transfer = ScopeName::parse("scope", "payments:transfer").unwrap();
+        assert!(
+            catalog
+                .authorize(&caller("billing-agent"), "scope", &transfer)
+                .is_ok()
+        );
+        let refusal = catalog
+            .authorize(&caller("crm-agent"), "scopes[0]", &transfer)
+            .unwrap_err();
+        assert!(matches!(refusal, Error::PermissionDenied(ref m) if m.contains("crm-agent")));
+    }
+
+    #[test]
+    fn unknown_scope_is_an_invalid_argument_naming_the_field() {
+        let catalog = Catalog::from_toml(CATALOG).unwrap();
+        let unknown = ScopeName::parse("scope", "nope:write").unwrap();
+        let error = catalog
+            .authorize(&caller("a"), "scopes[1]", &unknown)
+            .unwrap_err();
+        assert_eq!(error.to_string(), "scopes[1]: unknown scope 'nope:write'");
+    }
+
+    #[test]
+    fn catalog_errors_name_the_entry_and_key() {
+        let bad = CATALOG.replace("max_ttl = \"2m\"", "max_ttl = \"30s\"");
+        let error = Catalog::from_toml(&bad).unwrap_err();
+        assert_eq!(error.field, "scope[1].default_ttl");
+        let bad = CATALOG.replace("kind = \"jwt\"", "kind = \"magic\"");
+        assert_eq!(Catalog::from_toml(&bad).unwrap_err().field, "scope[0].kind");
+        let bad = CATALOG.replace("max_ttl = \"15m\"", "max_ttl = \"48h\"");
+        assert_eq!(
+            Catalog::from_toml(&bad).unwrap_err().field,
+            "scope[0].max_ttl"
+        );
+    }
+}

@@ -1,0 +1,161 @@
+//! Who is calling: workload names, roles, SPIFFE IDs, and the authenticated caller.
+
+use std::fmt;
+
+use crate::error::Error;
+
+/// A workload's registered name: 1 to 64 bytes of `a-z`, `0-9`, `-`, `_`, `.`, starting with a
+/// letter or digit. It is the last segment of the workload's SPIFFE ID.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadName(String);
+
+impl WorkloadName {
+    pub fn parse(field: &str, text: &str) -> Result<Self, Error> {
+        let is_allowed =
+            |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b);
+        match text.as_bytes().first() {
+            None => Err(Error::invalid(field, "is required")),
+            Some(_) if text.len() > 64 => Err(Error::invalid(field, "is longer than 64 bytes")),
+            Some(first) if !first.is_ascii_lowercase() && !first.is_ascii_digit() => Err(
+                Error::invalid(field, "must start with a lowercase letter or a digit"),
+            ),
+            Some(_) if !text.bytes().all(is_allowed) => Err(Error::invalid(
+                field,
+                "may hold only lowercase letters, digits, '-', '_' and '.'",
+            )),
+            Some(_) => Ok(WorkloadName(text.to_owned())),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for WorkloadName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A SPIFFE trust domain name (the host part of a SPIFFE ID).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustDomain(String);
+
+impl TrustDomain {
+    /// Accepts what the SPIFFE ID specification allows: lowercase letters, digits, `.`, `-`
+    /// and `_`, at most 255 bytes.
+    pub fn parse(field: &str, text: &str) -> Result<Self, Error> {
+        let is_allowed =
+            |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b);
+        if text.is_empty() || text.len() > 255 || !text.bytes().all(is_allowed) {
+            return Err(Error::invalid(
+                field,
+                "must be 1 to 255 bytes of lowercase letters, digits, '.', '-' and '_'",
+            ));
+        }
+        Ok(TrustDomain(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A SPIFFE ID (`spiffe://<trust domain>/<path>`), the `sub` of every token a workload receives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpiffeId(String);
+
+impl SpiffeId {
+    /// The identity Warrant gives a workload registered under `name`.
+    pub fn for_workload(trust_domain: &TrustDomain, name: &WorkloadName) -> Self {
+        SpiffeId(format!(
+            "spiffe://{}/workload/{}",
+            trust_domain.as_str(),
+            name
+        ))
+    }
+
+    pub fn from_stored(text: String) -> Self {
+        SpiffeId(text)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What a workload may do at the broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Opens tasks and receives credentials.
+    Agent,
+    /// Registers workloads, revokes, rotates keys.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "agent" => Some(Role::Agent),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// An authenticated caller, as established by the gRPC authentication layer.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The workload's row id in the store.
+    pub workload_id: String,
+    pub name: WorkloadName,
+    pub spiffe_id: SpiffeId,
+    pub roles: Vec<Role>,
+}
+
+impl Caller {
+    /// Refuses the call unless the caller holds `role`.
+    pub fn require(&self, role: Role) -> Result<(), Error> {
+        if self.roles.contains(&role) {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied(format!(
+                "workload '{}' lacks the '{}' role this call needs",
+                self.name,
+                role.as_str()
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_names_are_restricted_to_spiffe_path_safe_characters() {
+        assert!(WorkloadName::parse("name", "crm-agent.v2_1").is_ok());
+        for bad in ["", "-lead", "Upper", "has space", "slash/", &"a".repeat(65)] {
+            let error = WorkloadName::parse("name", bad).unwrap_err();
+            assert!(error.to_string().starts_with("name: "), "{error}");
+        }
+    }
+
+    #[test]
+    fn workload_spiffe_id_uses_trust_domain_and_name() {
+        let domain = TrustDomain::parse("trust_domain", "example.org").unwrap();
+        let name = WorkloadName::parse("name", "crm-agent").unwrap();
+        assert_eq!(
+            SpiffeId::for_workload(&domain, &name).as_str(),
+            "spiffe://example.org/workload/crm-agent"
+        );
+    }
+}

@@ -1,0 +1,43 @@
+//! Caller authentication: `authorization: Bearer <workload credential>` on every call that needs
+//! an identity. Attestation will add certificate-based identities beside this.
+
+use tonic::Request;
+
+use crate::domain::Caller;
+use crate::error::{Error, Result};
+use crate::issuer::BearerCredential;
+use crate::issuer::credential::digests_match;
+use crate::store::Store;
+
+/// The workload behind the request's bearer credential.
+pub async fn authenticate<T>(store: &Store, request: &Request<T>) -> Result<Caller> {
+    let header = request.metadata().get("authorization").ok_or_else(|| {
+        Error::Unauthenticated(
+            "missing 'authorization' metadata: send 'Bearer <workload credential>'".into(),
+        )
+    })?;
+    let presented = header
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .and_then(|credential| BearerCredential::parse(credential.trim()))
+        .ok_or_else(|| {
+            Error::Unauthenticated(
+                "authorization: not a 'Bearer wrt_...' workload credential".into(),
+            )
+        })?;
+    let unknown = || Error::Unauthenticated("authorization: unknown or revoked credential".into());
+    let (stored_hash, workload) = store
+        .find_credential(&presented.id)
+        .await?
+        .ok_or_else(unknown)?;
+    if !digests_match(&presented.secret_sha256, &stored_hash) {
+        return Err(unknown());
+    }
+    Ok(Caller {
+        workload_id: workload.id,
+        name: workload.name,
+        spiffe_id: workload.spiffe_id,
+        roles: workload.roles,
+    })
+}

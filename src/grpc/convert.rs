@@ -1,0 +1,90 @@
+//! Conversions between domain values and protobuf messages.
+
+use prost_types::Timestamp;
+
+use crate::broker::IssuedLease;
+use crate::domain::{CredentialKind, LeaseState, RevocationReason, Role, TaskState, UnixMillis};
+use crate::proto;
+use crate::store::WorkloadRecord;
+
+pub fn timestamp(at: UnixMillis) -> Timestamp {
+    Timestamp {
+        seconds: at.0.div_euclid(1000),
+        nanos: (at.0.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+pub fn task_state(state: TaskState) -> proto::TaskState {
+    match state {
+        TaskState::Active => proto::TaskState::Active,
+        TaskState::Completed => proto::TaskState::Completed,
+        TaskState::Expired => proto::TaskState::Expired,
+        TaskState::Revoked => proto::TaskState::Revoked,
+    }
+}
+
+fn lease_state(state: LeaseState) -> proto::LeaseState {
+    match state {
+        LeaseState::PendingApproval => proto::LeaseState::PendingApproval,
+        LeaseState::Issued => proto::LeaseState::Issued,
+        LeaseState::Denied => proto::LeaseState::Denied,
+        LeaseState::Expired => proto::LeaseState::Expired,
+        LeaseState::Revoked => proto::LeaseState::Revoked,
+    }
+}
+
+fn credential_kind(kind: CredentialKind) -> proto::CredentialKind {
+    match kind {
+        CredentialKind::Jwt => proto::CredentialKind::Jwt,
+    }
+}
+
+pub fn revocation_reason(reason: RevocationReason) -> proto::RevocationReason {
+    match reason {
+        RevocationReason::TaskCompleted => proto::RevocationReason::TaskCompleted,
+        RevocationReason::Revoked => proto::RevocationReason::Revoked,
+        RevocationReason::LeaseExpired => proto::RevocationReason::LeaseExpired,
+        RevocationReason::TaskExpired => proto::RevocationReason::TaskExpired,
+    }
+}
+
+pub fn role(role: Role) -> proto::Role {
+    match role {
+        Role::Agent => proto::Role::Agent,
+        Role::Admin => proto::Role::Admin,
+    }
+}
+
+pub fn role_from_proto(role: proto::Role) -> Option<Role> {
+    match role {
+        proto::Role::Agent => Some(Role::Agent),
+        proto::Role::Admin => Some(Role::Admin),
+        proto::Role::Unspecified => None,
+    }
+}
+
+pub fn lease(lease: IssuedLease) -> proto::Lease {
+    let record = lease.record;
+    proto::Lease {
+        lease_id: record.id.as_str().to_owned(),
+        scope: record.scope.as_str().to_owned(),
+        kind: credential_kind(record.kind).into(),
+        state: lease_state(record.state).into(),
+        audience: record.audience,
+        issued_at: Some(timestamp(record.window.issued_at)),
+        expires_at: Some(timestamp(record.window.expires_at)),
+        credential: lease
+            .credential
+            .map(|credential| credential.expose().to_owned())
+            .unwrap_or_default(),
+    }
+}
+
+pub fn workload(workload: WorkloadRecord) -> proto::Workload {
+    proto::Workload {
+        name: workload.name.as_str().to_owned(),
+        spiffe_id: workload.spiffe_id.as_str().to_owned(),
+        roles: workload.roles.into_iter().map(|r| role(r).into()).collect(),
+        created_at: Some(timestamp(workload.created_at)),
+    }
+}

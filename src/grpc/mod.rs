@@ -1,0 +1,59 @@
+//! gRPC: one file per service, plus caller authentication and proto conversions. Each handler
+//! authenticates, parses the request into domain values (errors name the field), calls the
+//! broker, and converts the answer.
+
+mod admin;
+mod auth;
+mod convert;
+mod tasks;
+mod tokens;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tonic::service::Routes;
+
+use crate::broker::Broker;
+use crate::proto::admin_server::AdminServer;
+use crate::proto::tasks_server::TasksServer;
+use crate::proto::tokens_server::TokensServer;
+
+/// Largest request message accepted, in bytes: tokens and requests are small.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// The Warrant services, standard health and reflection, ready to serve.
+/// Streams end when `shutdown` turns true, so a graceful stop does not wait on them.
+pub async fn routes(
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(Routes, tonic_health::server::HealthReporter), tonic_reflection::server::Error> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<TasksServer<tasks::TasksService>>()
+        .await;
+    health_reporter
+        .set_serving::<TokensServer<tokens::TokensService>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServer<admin::AdminService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let routes = Routes::new(health_service)
+        .add_service(reflection)
+        .add_service(
+            TasksServer::new(tasks::TasksService::new(broker.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            TokensServer::new(tokens::TokensService::new(broker.clone(), shutdown))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            AdminServer::new(admin::AdminService::new(broker))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        );
+    Ok((routes, health_reporter))
+}

@@ -1,0 +1,113 @@
+//! The `Tasks` service: what agents call.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::auth::authenticate;
+use super::convert;
+use crate::broker::Broker;
+use crate::domain::task::NewTask;
+use crate::domain::{LeaseId, Role, ScopeName, TaskContext, TaskId};
+use crate::proto;
+
+pub struct TasksService {
+    broker: Arc<Broker>,
+}
+
+impl TasksService {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        TasksService { broker }
+    }
+
+    async fn agent<T>(&self, request: &Request<T>) -> Result<crate::domain::Caller, Status> {
+        let caller = authenticate(self.broker.store(), request).await?;
+        caller.require(Role::Agent)?;
+        Ok(caller)
+    }
+}
+
+#[tonic::async_trait]
+impl proto::tasks_server::Tasks for TasksService {
+    async fn begin_task(
+        &self,
+        request: Request<proto::BeginTaskRequest>,
+    ) -> Result<Response<proto::BeginTaskResponse>, Status> {
+        let caller = self.agent(&request).await?;
+        let message = request.into_inner();
+        let context = message.context.unwrap_or_default();
+        let context = TaskContext::parse(
+            &context.prompt_digest,
+            context.planned_tools,
+            context.labels,
+        )?;
+        let new_task = NewTask::parse(
+            message.purpose,
+            &message.scopes,
+            message.ttl_seconds,
+            context,
+            message.idempotency_key,
+            self.broker.settings().max_task_ttl,
+        )?;
+        let opened = self.broker.begin_task(&caller, new_task).await?;
+        Ok(Response::new(proto::BeginTaskResponse {
+            task_id: opened.task.id.as_str().to_owned(),
+            deadline: Some(convert::timestamp(opened.task.deadline)),
+            leases: opened.leases.into_iter().map(convert::lease).collect(),
+            replayed: opened.replayed,
+        }))
+    }
+
+    async fn request_grant(
+        &self,
+        request: Request<proto::RequestGrantRequest>,
+    ) -> Result<Response<proto::RequestGrantResponse>, Status> {
+        let caller = self.agent(&request).await?;
+        let message = request.into_inner();
+        let task_id = TaskId::parse("task_id", &message.task_id)?;
+        let scope = ScopeName::parse("scope", &message.scope)?;
+        let lease = self
+            .broker
+            .request_grant(&caller, &task_id, &scope, message.ttl_seconds)
+            .await?;
+        Ok(Response::new(proto::RequestGrantResponse {
+            lease: Some(convert::lease(lease)),
+        }))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<proto::RenewLeaseRequest>,
+    ) -> Result<Response<proto::RenewLeaseResponse>, Status> {
+        let caller = self.agent(&request).await?;
+        let message = request.into_inner();
+        let lease_id = LeaseId::parse("lease_id", &message.lease_id)?;
+        let lease = self
+            .broker
+            .renew_lease(&caller, &lease_id, message.ttl_seconds)
+            .await?;
+        Ok(Response::new(proto::RenewLeaseResponse {
+            lease: Some(convert::lease(lease)),
+        }))
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<proto::CompleteTaskRequest>,
+    ) -> Result<Response<proto::CompleteTaskResponse>, Status> {
+        let caller = self.agent(&request).await?;
+        let task_id = TaskId::parse("task_id", &request.get_ref().task_id)?;
+        let completed = self.broker.complete_task(&caller, &task_id).await?;
+        Ok(Response::new(proto::CompleteTaskResponse {
+            task_id: completed.task_id.as_str().to_owned(),
+            state: convert::task_state(completed.state).into(),
+            revoked_lease_ids: completed
+                .revoked
+                .iter()
+                .map(|id| id.as_str().to_owned())
+                .collect(),
+            ended_at: Some(convert::timestamp(completed.ended_at)),
+            already_completed: completed.already_completed,
+        }))
+    }
+}

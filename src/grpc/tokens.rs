@@ -1,0 +1,133 @@
+//! The `Tokens` service: what downstream APIs call to validate credentials.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::auth::authenticate;
+use super::convert;
+use crate::broker::Broker;
+use crate::domain::UnixMillis;
+use crate::error::Error;
+use crate::proto;
+
+pub struct TokensService {
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl TokensService {
+    pub fn new(broker: Arc<Broker>, shutdown: watch::Receiver<bool>) -> Self {
+        TokensService { broker, shutdown }
+    }
+}
+
+type RevocationStream =
+    Pin<Box<dyn Stream<Item = Result<proto::WatchRevocationsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::tokens_server::Tokens for TokensService {
+    async fn introspect(
+        &self,
+        request: Request<proto::IntrospectRequest>,
+    ) -> Result<Response<proto::IntrospectResponse>, Status> {
+        authenticate(self.broker.store(), &request).await?;
+        let message = request.into_inner();
+        if message.audience.is_empty() {
+            return Err(
+                Error::invalid("audience", "is required: the audience your API serves").into(),
+            );
+        }
+        let response = match self
+            .broker
+            .introspect(&message.token, &message.audience)
+            .await?
+        {
+            None => proto::IntrospectResponse::default(),
+            Some(claims) => proto::IntrospectResponse {
+                active: true,
+                scope: claims.scope,
+                client_id: claims.client_id,
+                sub: claims.sub,
+                aud: claims.aud,
+                iss: claims.iss,
+                exp: claims.exp,
+                iat: claims.iat,
+                nbf: claims.nbf,
+                jti: claims.jti,
+                task_id: claims.task_id,
+                token_type: "Bearer".into(),
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn get_jwks(
+        &self,
+        _request: Request<proto::GetJwksRequest>,
+    ) -> Result<Response<proto::GetJwksResponse>, Status> {
+        let keys = self
+            .broker
+            .keyring()
+            .jwks(UnixMillis::now())
+            .into_iter()
+            .map(|jwk| proto::Jwk {
+                kty: jwk.kty,
+                crv: jwk.crv,
+                x: jwk.x,
+                y: jwk.y.unwrap_or_default(),
+                kid: jwk.kid,
+                alg: jwk.alg,
+                r#use: jwk.key_use,
+            })
+            .collect();
+        Ok(Response::new(proto::GetJwksResponse {
+            keys,
+            issuer: self.broker.settings().issuer.clone(),
+        }))
+    }
+
+    type WatchRevocationsStream = RevocationStream;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<proto::WatchRevocationsRequest>,
+    ) -> Result<Response<RevocationStream>, Status> {
+        authenticate(self.broker.store(), &request).await?;
+        let cursor = i64::try_from(request.get_ref().cursor)
+            .map_err(|_| Error::invalid("cursor", "is beyond the feed's range"))?;
+        let batches = self.broker.feed().subscribe(
+            self.broker.store().clone(),
+            cursor,
+            self.shutdown.clone(),
+        );
+        let stream = ReceiverStream::new(batches).map(|batch| {
+            let batch = batch.map_err(Status::from)?;
+            Ok(proto::WatchRevocationsResponse {
+                events: batch.records.into_iter().map(revocation_event).collect(),
+                cursor: u64::try_from(batch.cursor).unwrap_or_default(),
+                caught_up: batch.caught_up,
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn revocation_event(record: crate::store::FeedRecord) -> proto::RevocationEvent {
+    let event = record.event;
+    proto::RevocationEvent {
+        cursor: u64::try_from(record.seq).unwrap_or_default(),
+        lease_id: event.lease_id.unwrap_or_default(),
+        task_id: event.task_id,
+        scope: event.scope.unwrap_or_default(),
+        audience: event.audience.unwrap_or_default(),
+        reason: convert::revocation_reason(event.reason).into(),
+        not_after: Some(convert::timestamp(event.not_after)),
+        occurred_at: Some(convert::timestamp(event.occurred_at)),
+    }
+}

@@ -1,0 +1,129 @@
+//! HTTP endpoints beside gRPC: JWKS and OpenID discovery, so ordinary JWT libraries can validate
+//! Warrant tokens, and health probes. Served over TLS when the broker has a TLS identity.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::broker::Broker;
+use crate::domain::UnixMillis;
+
+/// How long a client may cache the JWKS; a verifier meeting an unknown kid refetches anyway.
+const JWKS_MAX_AGE_SECONDS: u32 = 60;
+/// A TLS handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/.well-known/openid-configuration", get(discovery))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readiness))
+        .with_state(broker)
+}
+
+async fn jwks(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
+    let keys = broker.keyring().jwks(UnixMillis::now());
+    (
+        [(
+            header::CACHE_CONTROL,
+            format!("public, max-age={JWKS_MAX_AGE_SECONDS}"),
+        )],
+        Json(serde_json::json!({ "keys": keys })),
+    )
+}
+
+async fn discovery(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
+    let issuer = &broker.settings().issuer;
+    Json(serde_json::json!({
+        "issuer": issuer,
+        "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
+        "response_types_supported": ["token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["EdDSA", "ES256"],
+        "token_endpoint_auth_methods_supported": ["none"],
+    }))
+}
+
+async fn readiness(State(broker): State<Arc<Broker>>) -> (StatusCode, &'static str) {
+    if broker.store().ping().await {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n")
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` turns true, then lets open connections finish
+/// their requests (bounded by `drain_timeout`).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+    drain_timeout: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "HTTP accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|stopping| *stopping) => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let result = match tls {
+                None => {
+                    watcher
+                        .watch(
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .into_owned(),
+                        )
+                        .await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            watcher
+                                .watch(
+                                    builder
+                                        .serve_connection(TokioIo::new(stream), service)
+                                        .into_owned(),
+                                )
+                                .await
+                        }
+                        _ => return,
+                    }
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "HTTP connection ended with an error");
+            }
+        });
+    }
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP connections still open after the drain timeout; closing them");
+    }
+}

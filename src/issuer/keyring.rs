@@ -1,0 +1,197 @@
+//! The broker's signing keys in memory: the current key (parsed once, shared by every request)
+//! and the public keys still published. Rotation stores the new key first, then swaps it in.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use super::keys::{Jwk, KeyAlgorithm, SigningKey, VerifyingKey};
+use super::master_key::MasterKey;
+use crate::domain::UnixMillis;
+use crate::error::{Error, Result};
+use crate::store::{Store, StoredSigningKey};
+
+/// The keys as of the last load or rotation.
+struct KeySet {
+    current: Arc<SigningKey>,
+    /// Every published key by kid, with the instant it stops being published (`None`: current).
+    published: HashMap<String, (VerifyingKey, Option<UnixMillis>)>,
+}
+
+/// Shared access to the signing keys.
+pub struct Keyring {
+    keys: RwLock<Arc<KeySet>>,
+    master_key: MasterKey,
+    algorithm: KeyAlgorithm,
+}
+
+/// What a rotation did.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub new_kid: String,
+    pub retired_kid: String,
+    pub retired_key_published_until: UnixMillis,
+}
+
+impl Keyring {
+    /// Loads the published keys, generating and storing a first key (of `algorithm`) on a fresh
+    /// store. New keys made by rotation also use `algorithm`.
+    pub async fn load(
+        store: &Store,
+        master_key: MasterKey,
+        algorithm: KeyAlgorithm,
+    ) -> Result<Self> {
+        let now = UnixMillis::now();
+        let mut stored = store.published_signing_keys(now).await?;
+        if !stored.iter().any(|key| key.retired_at.is_none()) {
+            let (key, record) = new_key(&master_key, algorithm, now);
+            store.insert_signing_key(&record).await?;
+            tracing::info!(
+                kid = key.kid(),
+                algorithm = algorithm.jws_name(),
+                "generated signing key"
+            );
+            stored.insert(0, record);
+        }
+        let keys = key_set(&master_key, &stored)?;
+        Ok(Keyring {
+            keys: RwLock::new(Arc::new(keys)),
+            master_key,
+            algorithm,
+        })
+    }
+
+    /// The key that signs new tokens.
+    pub fn current(&self) -> Arc<SigningKey> {
+        self.snapshot().current.clone()
+    }
+
+    /// The published key with id `kid`, if it is still published at `now`.
+    pub fn verifying_key(&self, kid: &str, now: UnixMillis) -> Option<VerifyingKey> {
+        let keys = self.snapshot();
+        let (key, until) = keys.published.get(kid)?;
+        until.is_none_or(|until| now < until).then(|| key.clone())
+    }
+
+    /// The JWKS at `now`: the current key first, then retired keys still published.
+    pub fn jwks(&self, now: UnixMillis) -> Vec<Jwk> {
+        let keys = self.snapshot();
+        let mut jwks = vec![keys.current.verifying_key().to_jwk()];
+        jwks.extend(
+            keys.published
+                .values()
+                .filter(|(key, until)| {
+                    key.kid != keys.current.kid() && until.is_some_and(|until| now < until)
+                })
+                .map(|(key, _)| key.to_jwk()),
+        );
+        jwks
+    }
+
+    /// Makes a new current key. The retired key stays published until every token it may have
+    /// signed has expired: the later of the latest lease it signed and `longest_token_ttl` from
+    /// now (which covers tokens being signed while the rotation runs).
+    pub async fn rotate(&self, store: &Store, longest_token_ttl: Duration) -> Result<Rotation> {
+        let now = UnixMillis::now();
+        let retired = self.current();
+        let latest_signed = store
+            .latest_expiry_signed_by(retired.kid())
+            .await?
+            .unwrap_or(now);
+        let publish_until = latest_signed.max(now.plus(longest_token_ttl));
+        let (key, record) = new_key(&self.master_key, self.algorithm, now);
+        store
+            .rotate_signing_key(&record, retired.kid(), publish_until)
+            .await?;
+        let mut published = self.snapshot().published.clone();
+        published.insert(
+            retired.kid().to_owned(),
+            (retired.verifying_key().clone(), Some(publish_until)),
+        );
+        published.insert(key.kid().to_owned(), (key.verifying_key().clone(), None));
+        let rotation = Rotation {
+            new_kid: key.kid().to_owned(),
+            retired_kid: retired.kid().to_owned(),
+            retired_key_published_until: publish_until,
+        };
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(KeySet {
+            current: Arc::new(key),
+            published,
+        });
+        tracing::info!(new_kid = %rotation.new_kid, retired_kid = %rotation.retired_kid, "rotated signing key");
+        Ok(rotation)
+    }
+
+    fn snapshot(&self) -> Arc<KeySet> {
+        // A poisoned lock only means a writer panicked after the swap was built; the Arc inside
+        // is always a complete key set.
+        self.keys
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+fn new_key(
+    master_key: &MasterKey,
+    algorithm: KeyAlgorithm,
+    now: UnixMillis,
+) -> (SigningKey, StoredSigningKey) {
+    let (key, pkcs8) = SigningKey::generate(algorithm);
+    let record = StoredSigningKey {
+        kid: key.kid().to_owned(),
+        algorithm,
+        public_key: key.verifying_key().public_key.clone(),
+        sealed_private_key: master_key.seal(key.kid().as_bytes(), &pkcs8),
+        created_at: now,
+        retired_at: None,
+        publish_until: None,
+    };
+    (key, record)
+}
+
+/// Builds the in-memory key set from stored keys (newest first): unseals the current key and
+/// checks that each stored public key matches its kid.
+fn key_set(master_key: &MasterKey, stored: &[StoredSigningKey]) -> Result<KeySet> {
+    let current_record = stored
+        .iter()
+        .find(|key| key.retired_at.is_none())
+        .ok_or_else(|| Error::internal("no current signing key in the store"))?;
+    let pkcs8 = master_key
+        .open(
+            current_record.kid.as_bytes(),
+            &current_record.sealed_private_key,
+        )
+        .map_err(Error::internal)?;
+    let current =
+        SigningKey::from_pkcs8(current_record.algorithm, &pkcs8).map_err(Error::internal)?;
+    if current.kid() != current_record.kid {
+        return Err(Error::internal(format!(
+            "signing key {} does not match its kid",
+            current_record.kid
+        )));
+    }
+    let mut published = HashMap::new();
+    for record in stored {
+        let key = VerifyingKey::new(record.algorithm, record.public_key.clone());
+        if key.kid != record.kid {
+            return Err(Error::internal(format!(
+                "public key {} does not match its kid",
+                record.kid
+            )));
+        }
+        let until = if record.retired_at.is_none() {
+            None
+        } else {
+            record.publish_until
+        };
+        published.insert(record.kid.clone(), (key, until));
+    }
+    Ok(KeySet {
+        current: Arc::new(current),
+        published,
+    })
+}

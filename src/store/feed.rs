@@ -1,0 +1,104 @@
+//! The revocation feed table: events appended in the transaction that ends the leases, read back
+//! by cursor.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::Store;
+use super::records::corrupt;
+use crate::domain::{RevocationReason, UnixMillis};
+use crate::error::{Error, Result};
+
+/// One revocation: a lease (`lease_id` set) or a whole task (`lease_id` empty) ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedEvent {
+    pub lease_id: Option<String>,
+    pub task_id: String,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    pub reason: RevocationReason,
+    /// When the concerned tokens expire anyway.
+    pub not_after: UnixMillis,
+    pub occurred_at: UnixMillis,
+}
+
+/// An event with its position in the feed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedRecord {
+    pub seq: i64,
+    pub event: FeedEvent,
+}
+
+impl Store {
+    /// Up to `limit` events after `cursor`, in order.
+    pub async fn feed_after(&self, cursor: i64, limit: i64) -> Result<Vec<FeedRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, lease_id, task_id, scope, audience, reason, not_after, occurred_at \
+             FROM revocation_feed WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(cursor)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(feed_record).collect()
+    }
+
+    /// The sequence number of the latest event.
+    pub async fn feed_head(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT last_seq FROM feed_head WHERE id = 1")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(row.try_get("last_seq")?)
+    }
+}
+
+/// Appends `events` inside the caller's transaction and returns the last sequence number.
+/// Numbers are taken from `feed_head`, whose row lock is held until commit, so events become
+/// visible in sequence order and a reader that has seen `n` never later finds an event below `n`.
+pub(super) async fn append(
+    connection: &mut sqlx::AnyConnection,
+    events: &[FeedEvent],
+) -> Result<i64> {
+    let count = i64::try_from(events.len()).map_err(Error::internal)?;
+    let row = sqlx::query(
+        "UPDATE feed_head SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq",
+    )
+    .bind(count)
+    .fetch_one(&mut *connection)
+    .await?;
+    let last_seq: i64 = row.try_get("last_seq")?;
+    for (seq, event) in (last_seq - count + 1..).zip(events) {
+        sqlx::query(
+            "INSERT INTO revocation_feed (seq, lease_id, task_id, scope, audience, reason, not_after, occurred_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(seq)
+        .bind(event.lease_id.as_deref())
+        .bind(&event.task_id)
+        .bind(event.scope.as_deref())
+        .bind(event.audience.as_deref())
+        .bind(event.reason.as_str())
+        .bind(event.not_after.0)
+        .bind(event.occurred_at.0)
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(last_seq)
+}
+
+fn feed_record(row: &AnyRow) -> Result<FeedRecord> {
+    let reason: String = row.try_get("reason")?;
+    Ok(FeedRecord {
+        seq: row.try_get("seq")?,
+        event: FeedEvent {
+            lease_id: row.try_get("lease_id")?,
+            task_id: row.try_get("task_id")?,
+            scope: row.try_get("scope")?,
+            audience: row.try_get("audience")?,
+            reason: RevocationReason::from_stored(&reason)
+                .ok_or_else(|| corrupt("revocation_feed.reason", &reason))?,
+            not_after: UnixMillis(row.try_get("not_after")?),
+            occurred_at: UnixMillis(row.try_get("occurred_at")?),
+        },
+    })
+}

@@ -1,0 +1,147 @@
+//! Persistence on SQLite (embedded, one file) or PostgreSQL (shared by several replicas),
+//! chosen by the database URL.
+//!
+//! Both backends run the same SQL through sqlx's `Any` driver: the schema keeps to types both
+//! share (64-bit integers for instants, text, bytes) and `$n` placeholders, which SQLite accepts
+//! too. That keeps one implementation of every query instead of two that drift apart; what
+//! differs (schema types, connection set-up) lives in `migrations/{sqlite,postgres}` and
+//! [`Store::connect`].
+//!
+//! SQLite gets a single writer connection: SQLite serializes writers anyway, and one
+//! connection avoids `SQLITE_BUSY` on lock upgrades. Readers use their own pool (WAL mode lets
+//! them run beside the writer). Commits are durable: `synchronous=FULL` on SQLite, and the
+//! PostgreSQL server's default `synchronous_commit=on`.
+
+mod feed;
+mod keys;
+mod records;
+mod tasks;
+mod workloads;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+
+pub use feed::{FeedEvent, FeedRecord};
+pub use records::{LeaseRecord, StoredSigningKey, TaskRecord, WorkloadRecord};
+pub use tasks::{CompletionOutcome, NewLeaseOutcome, RenewalOutcome};
+
+/// Which database a store runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The broker's database.
+#[derive(Clone, Debug)]
+pub struct Store {
+    backend: Backend,
+    writer: AnyPool,
+    reader: AnyPool,
+}
+
+/// A store that could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database_url: unsupported scheme (expected sqlite:// or postgres://)")]
+    UnsupportedUrl,
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("cannot apply database migrations: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+/// How long a caller waits for a pooled connection before the call fails.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Store {
+    /// Opens the database at `url` (creating a SQLite file if needed) and applies migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::UnsupportedUrl);
+        };
+        let options = AnyConnectOptions::from_str(url).map_err(StoreError::Connect)?;
+        let store = match backend {
+            Backend::Sqlite => {
+                let writer = sqlite_pool(1)
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(StoreError::Connect)?;
+                sqlx::migrate!("migrations/sqlite")
+                    .run(&writer)
+                    .await
+                    .map_err(StoreError::Migrate)?;
+                let reader = sqlite_pool(4)
+                    .connect_with(options)
+                    .await
+                    .map_err(StoreError::Connect)?;
+                Store {
+                    backend,
+                    writer,
+                    reader,
+                }
+            }
+            Backend::Postgres => {
+                let pool = AnyPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .connect_with(options)
+                    .await
+                    .map_err(StoreError::Connect)?;
+                sqlx::migrate!("migrations/postgres")
+                    .run(&pool)
+                    .await
+                    .map_err(StoreError::Migrate)?;
+                Store {
+                    backend,
+                    writer: pool.clone(),
+                    reader: pool,
+                }
+            }
+        };
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Whether the database answers; `/readyz` reports this.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.reader).await.is_ok()
+    }
+
+    /// Waits for connections in use to be returned, then closes every connection.
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+}
+
+/// A pool of SQLite connections, each set to WAL mode with full durability.
+fn sqlite_pool(connections: u32) -> AnyPoolOptions {
+    AnyPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                for pragma in [
+                    "PRAGMA journal_mode = WAL",
+                    "PRAGMA synchronous = FULL",
+                    "PRAGMA busy_timeout = 5000",
+                    "PRAGMA foreign_keys = ON",
+                ] {
+                    connection.execute(pragma).await?;
+                }
+                Ok(())
+            })
+        })
+}
