@@ -15,7 +15,7 @@ pub struct MasterKey(LessSafeKey);
 /// Why a master key could not be loaded or a sealed value not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum MasterKeyError {
-    #[error("master key file {path}: {source}")]
+    #[error("keys.master_key_file: cannot read {path}: {source}")]
     Io {
         path: String,
         source: std::io::Error,

@@ -1,0 +1,464 @@
+//! The real `warrant` binary: dev start and restart, graceful stop, configuration errors, TLS,
+//! health and reflection, and the README walk-through word for word.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use warrant::client::Connection;
+use warrant::proto;
+
+use crate::support::*;
+
+/// A `warrant serve` child process with its output captured.
+struct BrokerProcess {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl BrokerProcess {
+    fn start(args: &[&str], data_dir: &Path) -> BrokerProcess {
+        let mut child = Command::new(warrant_binary())
+            .args(args)
+            .current_dir(data_dir)
+            .env("WARRANT_DATA_DIR", data_dir.join("warrant-data"))
+            .env("WARRANT_GRPC_ADDR", "127.0.0.1:0")
+            .env("WARRANT_HTTP_ADDR", "127.0.0.1:0")
+            .env("WARRANT_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .env_remove("WARRANT_DATABASE_URL")
+            .env_remove("WARRANT_MASTER_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start warrant");
+        let capture = |pipe: Box<dyn std::io::Read + Send>| {
+            let buffer = Arc::new(Mutex::new(String::new()));
+            let sink = buffer.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut sink = sink.lock().unwrap();
+                    sink.push_str(&line);
+                    sink.push('\n');
+                }
+            });
+            buffer
+        };
+        let stdout = capture(Box::new(child.stdout.take().unwrap()));
+        let stderr = capture(Box::new(child.stderr.take().unwrap()));
+        BrokerProcess {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for the "serving" log line and returns (gRPC, HTTP) addresses.
+    fn wait_until_serving(&mut self) -> (SocketAddr, SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(line) = self
+                .stderr()
+                .lines()
+                .find(|line| line.contains("Warrant is serving"))
+            {
+                let log: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+                let address = |key: &str| log["fields"][key].as_str().unwrap().parse().unwrap();
+                return (address("grpc"), address("http"));
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("broker exited with {status}: {}", self.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker did not start: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn admin_credential(&self) -> Option<String> {
+        let stdout = self.stdout();
+        let start = stdout.find("export WARRANT_TOKEN=")? + "export WARRANT_TOKEN=".len();
+        Some(stdout[start..].split_whitespace().next()?.to_owned())
+    }
+
+    /// Sends SIGTERM and returns the exit code.
+    fn terminate(mut self) -> (i32, String) {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                return (status.code().unwrap_or(-1), self.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary to completion with `args` in `dir`; returns (exit code, stdout, stderr).
+fn run_warrant(args: &[&str], dir: &Path) -> (i32, String, String) {
+    let output = Command::new(warrant_binary())
+        .args(args)
+        .current_dir(dir)
+        .env("WARRANT_DATA_DIR", dir.join("warrant-data"))
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into(),
+        String::from_utf8_lossy(&output.stderr).into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_start_shows_the_admin_credential_once_and_a_restart_reuses_all_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = BrokerProcess::start(&["serve", "--dev"], dir.path());
+    let (grpc, http) = first.wait_until_serving();
+    let admin = first
+        .admin_credential()
+        .expect("first start prints the admin credential");
+    assert_eq!(http_get(http, "/readyz").0, 200);
+    let connection = Connection::open(&format!("http://{grpc}"), Some(&admin), None)
+        .await
+        .unwrap();
+    let workloads = connection
+        .admin()
+        .list_workloads(proto::ListWorkloadsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workloads;
+    assert_eq!(workloads.len(), 1);
+    let kid = http_get_json(http, "/.well-known/jwks.json")["keys"][0]["kid"].clone();
+    let (code, stderr) = first.terminate();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        !stderr.contains(&admin),
+        "the credential never reaches the logs"
+    );
+    for file in ["master.key", "warrant.db", "scopes.toml"] {
+        assert!(
+            dir.path().join("warrant-data").join(file).exists(),
+            "{file}"
+        );
+    }
+
+    let mut second = BrokerProcess::start(&["serve", "--dev"], dir.path());
+    let (grpc, http) = second.wait_until_serving();
+    assert_eq!(
+        second.admin_credential(),
+        None,
+        "no new admin credential on restart"
+    );
+    assert!(!second.stdout().contains("wrt_"));
+    let connection = Connection::open(&format!("http://{grpc}"), Some(&admin), None)
+        .await
+        .unwrap();
+    connection
+        .admin()
+        .list_workloads(proto::ListWorkloadsRequest {})
+        .await
+        .expect("the first credential still works");
+    assert_eq!(
+        http_get_json(http, "/.well-known/jwks.json")["keys"][0]["kid"],
+        kid,
+        "the signing key is reused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_open_streams_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(&["serve", "--dev"], dir.path());
+    let (grpc, _) = broker.wait_until_serving();
+    let admin = broker.admin_credential().unwrap();
+    let connection = Connection::open(&format!("http://{grpc}"), Some(&admin), None)
+        .await
+        .unwrap();
+    let mut stream = connection
+        .tokens()
+        .watch_revocations(proto::WatchRevocationsRequest { cursor: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("caught-up message");
+
+    let started = Instant::now();
+    let (code, stderr) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .unwrap();
+
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the open stream did not hold up the stop"
+    );
+    assert!(
+        stderr.contains("draining") && stderr.contains("stopped"),
+        "{stderr}"
+    );
+    assert!(
+        matches!(stream.message().await, Ok(None) | Err(_)),
+        "the stream ended"
+    );
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("warrant.toml");
+    std::fs::write(dir.path().join("server.crt"), "certificate").unwrap();
+    std::fs::write(dir.path().join("server.key"), "key").unwrap();
+    std::fs::write(
+        dir.path().join("master.key"),
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("scopes.toml"), TEST_CATALOG).unwrap();
+    let tls = "[tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n";
+    let base = format!(
+        "[server]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n{tls}[storage]\ndatabase_url = \"sqlite://w.db?mode=rwc\"\n\
+         [keys]\n[issuer]\nurl = \"https://warrant.test\"\ntrust_domain = \"test.local\"\n[catalog]\nscopes_file = \"scopes.toml\"\n"
+    );
+    let cases = [
+        (base.replace(tls, ""), "tls:"),
+        (
+            base.replace("[keys]", "[keys]\nsigning_algorithm = \"RS256\""),
+            "keys.signing_algorithm:",
+        ),
+        (base.replace("[server]", "[server]\nport = 1"), "port:"),
+        (base.replace("server.crt", "absent.pem"), "tls.cert_file:"),
+        (
+            base.replace("https://warrant.test", "http://warrant.test"),
+            "issuer.url:",
+        ),
+        (base.clone(), "tls.cert_file:"),
+        (
+            base.replace("[keys]", "[keys]\nmaster_key_file = \"lost.key\""),
+            "keys.master_key_file:",
+        ),
+    ];
+    for (text, field) in cases {
+        std::fs::write(&config, text).unwrap();
+        let (code, _, stderr) =
+            run_warrant(&["serve", "--config", config.to_str().unwrap()], dir.path());
+        assert_eq!(code, 64, "{stderr}");
+        assert!(stderr.contains(field), "expected {field} in: {stderr}");
+    }
+    let (code, _, stderr) = run_warrant(&["serve"], dir.path());
+    assert_eq!(code, 64, "{stderr}");
+
+    std::fs::create_dir_all(dir.path().join("warrant-data")).unwrap();
+    std::fs::write(
+        dir.path().join("warrant-data/scopes.toml"),
+        TEST_CATALOG.replace("max_ttl = \"10m\"", "max_ttl = \"2d\""),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_warrant(&["serve", "--dev"], dir.path());
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("scope[0].max_ttl"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_mode_serves_grpc_and_http_over_tls_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.path().join("server.crt"), certified.cert.pem()).unwrap();
+    std::fs::write(
+        dir.path().join("server.key"),
+        certified.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("scopes.toml"), TEST_CATALOG).unwrap();
+    std::fs::write(
+        dir.path().join("master.key"),
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    )
+    .unwrap();
+    let config = "[server]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n[tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n\
+                  [storage]\ndatabase_url = \"sqlite://warrant.db?mode=rwc\"\n[keys]\nmaster_key_file = \"master.key\"\nsigning_algorithm = \"ES256\"\n\
+                  [issuer]\nurl = \"https://warrant.test\"\ntrust_domain = \"test.local\"\n[catalog]\nscopes_file = \"scopes.toml\"\n";
+    std::fs::write(dir.path().join("warrant.toml"), config).unwrap();
+    let mut broker = BrokerProcess::start(&["serve", "--config", "warrant.toml"], dir.path());
+    let (grpc, http) = broker.wait_until_serving();
+    let admin = broker
+        .admin_credential()
+        .expect("first start prints the admin credential");
+
+    let tls_address = format!("https://localhost:{}", grpc.port());
+    let connection = Connection::open(
+        &tls_address,
+        Some(&admin),
+        Some(certified.cert.pem().as_bytes()),
+    )
+    .await
+    .unwrap();
+    let jwks = connection
+        .tokens()
+        .get_jwks(proto::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(jwks.keys[0].alg, "ES256");
+    assert_eq!(jwks.issuer, "https://warrant.test");
+
+    let plaintext = Connection::open(&format!("http://{grpc}"), Some(&admin), None).await;
+    let refused = match plaintext {
+        Err(_) => true,
+        Ok(connection) => connection
+            .tokens()
+            .get_jwks(proto::GetJwksRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "plaintext gRPC is not served");
+    let (status, _) = tokio::task::spawn_blocking(move || http_get(http, "/healthz"))
+        .await
+        .unwrap();
+    assert_ne!(status, 200, "plaintext HTTP is not served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_and_reflection_are_served() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let app = TestApp::spawn(&data).await;
+    let channel = tonic::transport::Endpoint::from_shared(app.address())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "warrant.v1.Tasks".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in [
+        "warrant.v1.Tasks",
+        "warrant.v1.Tokens",
+        "warrant.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|name| name == service),
+            "{service} missing from {names:?}"
+        );
+    }
+}
+
+/// The shell blocks of README.md between `<!-- walkthrough:start -->` and
+/// `<!-- walkthrough:end -->`, joined.
+fn readme_walkthrough() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("<!-- walkthrough:start -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- walkthrough:end -->").next())
+        .expect("walk-through markers in README.md");
+    section
+        .split("```sh")
+        .skip(1)
+        .filter_map(|block| block.split("```").next())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_walkthrough_works_verbatim() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(&["serve", "--dev"], dir.path());
+    let (grpc, _) = broker.wait_until_serving();
+    let admin = broker.admin_credential().unwrap();
+    let script = readme_walkthrough();
+    let binary_dir = warrant_binary().parent().unwrap().to_owned();
+    let path = format!(
+        "{}:{}",
+        binary_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("bash")
+            .args(["-euo", "pipefail", "-c", &script])
+            .current_dir(dir.path())
+            .env("PATH", path)
+            .env("WARRANT_TOKEN", admin)
+            .env("WARRANT_ADDR", format!("http://{grpc}"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "walk-through failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let valid = stdout.find("valid\n").expect("token verify printed valid");
+    let revoked = stdout
+        .find("active: false")
+        .expect("introspection after completion printed active: false");
+    assert!(valid < revoked);
+    assert!(stdout.contains("invalid: token revoked"), "{stdout}");
+}

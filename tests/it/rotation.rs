@@ -1,0 +1,92 @@
+//! Signing key rotation with overlap.
+
+use warrant::proto;
+
+use crate::support::*;
+
+backend_tests!(rotation_signs_with_a_new_key_and_keeps_old_tokens_valid_until_they_expire);
+
+async fn rotation_signs_with_a_new_key_and_keeps_old_tokens_valid_until_they_expire(
+    backend: Backend,
+) {
+    let data = TestData::new(backend).await;
+    let app = TestApp::spawn(&data).await;
+    let mut agent = app.agent("crm-agent").await.tasks();
+    let before = agent
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let old_token = before.leases[0].credential.clone();
+    let old_kid = header_of(&old_token)["kid"].as_str().unwrap().to_owned();
+
+    let rotation = app
+        .admin()
+        .await
+        .admin()
+        .rotate_signing_key(proto::RotateSigningKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(rotation.retired_kid, old_kid);
+    assert_ne!(rotation.new_kid, old_kid);
+    let published_until = rotation.retired_key_published_until.unwrap().seconds;
+    assert!(
+        published_until >= claims_of(&old_token)["exp"].as_i64().unwrap(),
+        "published at least as long as its tokens live"
+    );
+
+    let after = agent
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let new_token = &after.leases[0].credential;
+    assert_eq!(header_of(new_token)["kid"], rotation.new_kid);
+
+    let jwks = app.http("/.well-known/jwks.json");
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kids,
+        vec![rotation.new_kid.as_str(), old_kid.as_str()],
+        "current key first, retired key kept"
+    );
+
+    let mut tokens = app.admin().await.tokens();
+    for token in [&old_token, new_token] {
+        let answer = tokens
+            .introspect(proto::IntrospectRequest {
+                token: token.clone(),
+                audience: CRM.into(),
+            })
+            .await
+            .unwrap();
+        assert!(answer.into_inner().active);
+    }
+
+    // Renewing an old lease re-signs it with the current key.
+    let renewed = agent
+        .renew_lease(proto::RenewLeaseRequest {
+            lease_id: before.leases[0].lease_id.clone(),
+            ttl_seconds: 360,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    assert_eq!(header_of(&renewed.credential)["kid"], rotation.new_kid);
+
+    // A restart loads both keys back from the store.
+    app.stop().await;
+    let restarted = TestApp::spawn(&data).await;
+    let jwks = restarted.http("/.well-known/jwks.json");
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
+    assert_eq!(jwks["keys"][0]["kid"], rotation.new_kid);
+}

@@ -1,0 +1,331 @@
+//! Starting real brokers for tests: in-process on random ports (`TestApp`), or as the real
+//! binary (`BrokerProcess`), on SQLite or on a fresh PostgreSQL database.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sqlx::Connection as _;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use warrant::app::App;
+use warrant::client::Connection;
+use warrant::config::{Config, MasterKeySource};
+use warrant::domain::TrustDomain;
+use warrant::issuer::KeyAlgorithm;
+use warrant::proto;
+
+/// The scopes every test broker knows.
+pub const TEST_CATALOG: &str = r#"
+[[scope]]
+name = "crm.contacts:read"
+audience = "https://crm.test"
+kind = "jwt"
+default_ttl = "5m"
+max_ttl = "10m"
+workloads = ["*"]
+
+[[scope]]
+name = "tickets:write"
+audience = "https://tickets.test"
+kind = "jwt"
+default_ttl = "5m"
+max_ttl = "10m"
+workloads = ["*"]
+
+[[scope]]
+name = "payments:refund"
+audience = "https://payments.test"
+kind = "jwt"
+default_ttl = "1m"
+max_ttl = "2m"
+workloads = ["billing-agent"]
+
+[[scope]]
+name = "flash:read"
+audience = "https://flash.test"
+kind = "jwt"
+default_ttl = "1s"
+max_ttl = "3s"
+workloads = ["*"]
+"#;
+
+pub const CRM: &str = "https://crm.test";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Where a test broker keeps its state; survives restarts of the broker within one test.
+pub struct TestData {
+    pub dir: tempfile::TempDir,
+    pub database_url: String,
+}
+
+impl TestData {
+    pub async fn new(backend: Backend) -> TestData {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::write(dir.path().join("scopes.toml"), TEST_CATALOG).expect("write catalog");
+        let database_url = match backend {
+            Backend::Sqlite => format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("warrant.db").display()
+            ),
+            Backend::Postgres => fresh_postgres_database().await,
+        };
+        TestData { dir, database_url }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config(&self) -> Config {
+        Config {
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            database_url: self.database_url.clone(),
+            master_key: MasterKeySource::File {
+                path: self.path().join("master.key"),
+                create: true,
+            },
+            catalog_file: self.path().join("scopes.toml"),
+            create_demo_catalog: false,
+            issuer: None,
+            trust_domain: TrustDomain::parse("trust_domain", "test.local").unwrap(),
+            signing_algorithm: KeyAlgorithm::EdDsa,
+            tls: None,
+            max_task_ttl: Duration::from_secs(3600),
+            reaper_interval: Duration::from_millis(200),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Creates an empty database on the test PostgreSQL server and returns its URL.
+async fn fresh_postgres_database() -> String {
+    let base = std::env::var("WARRANT_TEST_DATABASE_URL")
+        .expect("WARRANT_TEST_DATABASE_URL must be set for PostgreSQL tests");
+    let mut admin = sqlx::PgConnection::connect(&base)
+        .await
+        .expect("PostgreSQL at WARRANT_TEST_DATABASE_URL is unreachable");
+    let name = format!(
+        "warrant_it_{}",
+        warrant::domain::ids::hex(&warrant::issuer::random::bytes::<8>())
+    );
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+    let (prefix, query) = match base.split_once('?') {
+        Some((prefix, query)) => (prefix, format!("?{query}")),
+        None => (base.as_str(), String::new()),
+    };
+    let server = prefix.rsplit_once('/').map_or(prefix, |(server, _)| server);
+    format!("{server}/{name}{query}")
+}
+
+/// A broker running inside the test process.
+pub struct TestApp {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub issuer: String,
+    /// The admin credential created on first start (empty after a restart).
+    pub admin_token: String,
+    stop: Option<oneshot::Sender<()>>,
+    running: Option<JoinHandle<Result<(), warrant::app::StartError>>>,
+}
+
+impl TestApp {
+    pub async fn spawn(data: &TestData) -> TestApp {
+        Self::spawn_with(data.config()).await
+    }
+
+    pub async fn spawn_with(config: Config) -> TestApp {
+        let mut app = App::build(config).await.expect("broker starts");
+        let admin_token = app
+            .take_first_admin_credential()
+            .map(|c| c.expose().to_owned())
+            .unwrap_or_default();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (grpc_addr, http_addr, issuer) =
+            (app.grpc_addr(), app.http_addr(), app.issuer().to_owned());
+        let running = tokio::spawn(app.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        TestApp {
+            grpc_addr,
+            http_addr,
+            issuer,
+            admin_token,
+            stop: Some(stop),
+            running: Some(running),
+        }
+    }
+
+    pub fn address(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    pub async fn connect(&self, credential: Option<&str>) -> Connection {
+        Connection::open(&self.address(), credential, None)
+            .await
+            .expect("connect to the test broker")
+    }
+
+    pub async fn admin(&self) -> Connection {
+        self.connect(Some(&self.admin_token)).await
+    }
+
+    /// Registers a workload with the given roles and returns its credential.
+    pub async fn workload(&self, name: &str, roles: &[proto::Role]) -> String {
+        let request = proto::CreateWorkloadRequest {
+            name: name.into(),
+            roles: roles.iter().map(|r| *r as i32).collect(),
+        };
+        self.admin()
+            .await
+            .admin()
+            .create_workload(request)
+            .await
+            .expect("create workload")
+            .into_inner()
+            .credential
+    }
+
+    /// Registers an agent and returns a connection that acts as it.
+    pub async fn agent(&self, name: &str) -> Connection {
+        let credential = self.workload(name, &[proto::Role::Agent]).await;
+        self.connect(Some(&credential)).await
+    }
+
+    /// Stops the broker gracefully and waits until it has closed its store.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(running) = self.running.take() {
+            running
+                .await
+                .expect("broker task")
+                .expect("broker stops cleanly");
+        }
+    }
+
+    pub fn http(&self, path: &str) -> serde_json::Value {
+        http_get_json(self.http_addr, path)
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET returning (status, body); enough for the broker's JSON endpoints.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect HTTP");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn http_get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let (status, body) = http_get(addr, path);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body)
+        .unwrap_or_else(|error| panic!("GET {path}: not JSON ({error}): {body}"))
+}
+
+/// A begin-task request for `scopes` with a one-hour task.
+pub fn begin(scopes: &[&str]) -> proto::BeginTaskRequest {
+    proto::BeginTaskRequest {
+        purpose: "summarise open tickets".into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ttl_seconds: 3600,
+        context: Some(proto::TaskContext {
+            prompt_digest: format!("sha256:{}", "ab".repeat(32)),
+            planned_tools: vec!["crm.search".into()],
+            labels: [("ticket".to_string(), "T-1".to_string())].into(),
+        }),
+        idempotency_key: String::new(),
+    }
+}
+
+/// Decodes a JWT's payload without checking anything (to read claims in assertions).
+pub fn claims_of(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("JWT payload");
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+pub fn header_of(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let header = token.split('.').next().expect("JWT header");
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Counts rows in the broker's database directly, to check that refused calls stored nothing.
+pub async fn count_rows(data: &TestData, table: &str) -> i64 {
+    sqlx::any::install_default_drivers();
+    let mut connection = sqlx::AnyConnection::connect(&data.database_url)
+        .await
+        .expect("open test database");
+    let row = sqlx::query(&format!("SELECT COUNT(*) AS n FROM {table}"))
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    sqlx::Row::get::<i64, _>(&row, "n")
+}
+
+/// The path of the `warrant` binary built for these tests.
+pub fn warrant_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_warrant"))
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+pub async fn eventually<F: std::future::Future<Output = bool>>(
+    timeout: Duration,
+    mut condition: impl FnMut() -> F,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
