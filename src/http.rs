@@ -89,34 +89,14 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let result = match tls {
-                None => {
-                    watcher
-                        .watch(
-                            builder
-                                .serve_connection(TokioIo::new(stream), service)
-                                .into_owned(),
-                        )
-                        .await
-                }
+            match tls {
+                None => serve_connection(stream, service, watcher).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            watcher
-                                .watch(
-                                    builder
-                                        .serve_connection(TokioIo::new(stream), service)
-                                        .into_owned(),
-                                )
-                                .await
-                        }
-                        _ => return,
+                        Ok(Ok(stream)) => serve_connection(stream, service, watcher).await,
+                        _ => tracing::debug!("TLS handshake failed or timed out"),
                     }
                 }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%error, "HTTP connection ended with an error");
             }
         });
     }
@@ -125,5 +105,22 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("HTTP connections still open after the drain timeout; closing them");
+    }
+}
+
+/// Serves HTTP/1 or HTTP/2 on one accepted connection, under the graceful-shutdown `watcher`.
+async fn serve_connection<Io>(
+    io: Io,
+    service: TowerToHyperService<Router>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection = builder
+        .serve_connection(TokioIo::new(io), service)
+        .into_owned();
+    if let Err(error) = watcher.watch(connection).await {
+        tracing::debug!(%error, "HTTP connection ended with an error");
     }
 }

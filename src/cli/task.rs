@@ -117,11 +117,7 @@ pub async fn run(
             scope,
             ttl,
         } => {
-            let ttl_seconds = ttl
-                .as_deref()
-                .map(|ttl| ttl_seconds("--ttl", ttl))
-                .transpose()?
-                .unwrap_or(0);
+            let ttl_seconds = optional_ttl_seconds(ttl.as_deref())?;
             let request = proto::RequestGrantRequest {
                 task_id: task_id.clone(),
                 scope: scope.clone(),
@@ -136,11 +132,7 @@ pub async fn run(
             format.print(&lease_json(&lease), lease_text)?;
         }
         TaskCommand::Renew { lease_id, ttl } => {
-            let ttl_seconds = ttl
-                .as_deref()
-                .map(|ttl| ttl_seconds("--ttl", ttl))
-                .transpose()?
-                .unwrap_or(0);
+            let ttl_seconds = optional_ttl_seconds(ttl.as_deref())?;
             let request = proto::RenewLeaseRequest {
                 lease_id: lease_id.clone(),
                 ttl_seconds,
@@ -181,6 +173,11 @@ pub async fn run(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--ttl` when given, else 0 (the scope's default).
+fn optional_ttl_seconds(ttl: Option<&str>) -> Result<u32, CommandError> {
+    ttl.map_or(Ok(0), |ttl| ttl_seconds("--ttl", ttl))
 }
 
 fn lease_json(lease: &proto::Lease) -> Value {

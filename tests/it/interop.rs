@@ -97,14 +97,7 @@ async fn independent_library_validates_tokens_against_served_jwks(algorithm: Key
     let mut config = data.config();
     config.signing_algorithm = algorithm;
     let app = TestApp::spawn_with(config).await;
-    let task = app
-        .agent("crm-agent")
-        .await
-        .tasks()
-        .begin_task(begin(&["crm.contacts:read"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = app.begin_as("crm-agent", &["crm.contacts:read"]).await;
     let token = task.leases[0].credential.clone();
     let (issuer, python_for_task) = (app.issuer.clone(), python.clone());
 

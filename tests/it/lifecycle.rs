@@ -35,14 +35,7 @@ async fn collect_events(app: &TestApp, cursor: u64, wanted: usize) -> Vec<proto:
 async fn reaper_reports_expired_leases_on_the_feed(backend: Backend) {
     let data = TestData::new(backend).await;
     let app = TestApp::spawn(&data).await;
-    let task = app
-        .agent("crm-agent")
-        .await
-        .tasks()
-        .begin_task(begin(&["flash:read"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = app.begin_as("crm-agent", &["flash:read"]).await;
 
     let events = collect_events(&app, 0, 1).await;
 
@@ -109,11 +102,7 @@ async fn restart_reports_leases_and_tasks_that_expired_while_down_and_keeps_keys
     assert!(still_valid.active, "the signing key survived the restart");
     let mut agent = restarted.connect(Some(&agent_credential)).await.tasks();
     let grant = agent
-        .request_grant(proto::RequestGrantRequest {
-            task_id: short.task_id.clone(),
-            scope: "crm.contacts:read".into(),
-            ttl_seconds: 0,
-        })
+        .request_grant(grant_request(&short.task_id, "crm.contacts:read", 0))
         .await
         .unwrap_err();
     assert_eq!(

@@ -72,10 +72,7 @@ async fn rotation_signs_with_a_new_key_and_keeps_old_tokens_valid_until_they_exp
 
     // Renewing an old lease re-signs it with the current key.
     let renewed = agent
-        .renew_lease(proto::RenewLeaseRequest {
-            lease_id: before.leases[0].lease_id.clone(),
-            ttl_seconds: 360,
-        })
+        .renew_lease(renew_request(&before.leases[0].lease_id, 360))
         .await
         .unwrap()
         .into_inner()

@@ -201,6 +201,32 @@ impl TestApp {
         self.connect(Some(&credential)).await
     }
 
+    /// Registers agent `name` and opens a task for `scopes` as it.
+    pub async fn begin_as(&self, name: &str, scopes: &[&str]) -> proto::BeginTaskResponse {
+        self.agent(name)
+            .await
+            .tasks()
+            .begin_task(begin(scopes))
+            .await
+            .expect("begin task")
+            .into_inner()
+    }
+
+    /// Whether the broker's introspection says `token` is active for `audience`.
+    pub async fn is_active(&self, token: &str, audience: &str) -> bool {
+        self.admin()
+            .await
+            .tokens()
+            .introspect(proto::IntrospectRequest {
+                token: token.into(),
+                audience: audience.into(),
+            })
+            .await
+            .expect("introspect")
+            .into_inner()
+            .active
+    }
+
     /// Stops the broker gracefully and waits until it has closed its store.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -269,6 +295,27 @@ pub fn begin(scopes: &[&str]) -> proto::BeginTaskRequest {
             labels: [("ticket".to_string(), "T-1".to_string())].into(),
         }),
         idempotency_key: String::new(),
+    }
+}
+
+pub fn grant_request(task_id: &str, scope: &str, ttl_seconds: u32) -> proto::RequestGrantRequest {
+    proto::RequestGrantRequest {
+        task_id: task_id.into(),
+        scope: scope.into(),
+        ttl_seconds,
+    }
+}
+
+pub fn renew_request(lease_id: &str, ttl_seconds: u32) -> proto::RenewLeaseRequest {
+    proto::RenewLeaseRequest {
+        lease_id: lease_id.into(),
+        ttl_seconds,
+    }
+}
+
+pub fn complete_request(task_id: &str) -> proto::CompleteTaskRequest {
+    proto::CompleteTaskRequest {
+        task_id: task_id.into(),
     }
 }
 

@@ -71,11 +71,7 @@ async fn request_grant_adds_a_lease_to_an_active_task(backend: Backend) {
     let task = agent.begin_task(begin(&[])).await.unwrap().into_inner();
     assert!(task.leases.is_empty());
 
-    let request = proto::RequestGrantRequest {
-        task_id: task.task_id.clone(),
-        scope: "tickets:write".into(),
-        ttl_seconds: 120,
-    };
+    let request = grant_request(&task.task_id, "tickets:write", 120);
     let lease = agent
         .request_grant(request)
         .await
@@ -114,10 +110,7 @@ async fn renewal_extends_but_never_past_scope_maximum_or_task_deadline(backend: 
     let deadline = task.deadline.unwrap().seconds;
 
     let renewed = agent
-        .renew_lease(proto::RenewLeaseRequest {
-            lease_id: lease.lease_id.clone(),
-            ttl_seconds: 600,
-        })
+        .renew_lease(renew_request(&lease.lease_id, 600))
         .await
         .unwrap()
         .into_inner()
@@ -135,12 +128,7 @@ async fn renewal_extends_but_never_past_scope_maximum_or_task_deadline(backend: 
         "capped at the task deadline"
     );
 
-    let again = agent
-        .renew_lease(proto::RenewLeaseRequest {
-            lease_id: lease.lease_id.clone(),
-            ttl_seconds: 0,
-        })
-        .await;
+    let again = agent.renew_lease(renew_request(&lease.lease_id, 0)).await;
     let status = again.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(
@@ -149,12 +137,7 @@ async fn renewal_extends_but_never_past_scope_maximum_or_task_deadline(backend: 
         status.message()
     );
 
-    let too_long = agent
-        .renew_lease(proto::RenewLeaseRequest {
-            lease_id: lease.lease_id.clone(),
-            ttl_seconds: 601,
-        })
-        .await;
+    let too_long = agent.renew_lease(renew_request(&lease.lease_id, 601)).await;
     assert_eq!(
         too_long.unwrap_err().code(),
         Code::InvalidArgument,
@@ -172,11 +155,7 @@ async fn completing_a_task_revokes_every_lease_it_holds(backend: Backend) {
         .unwrap()
         .into_inner();
     let extra = agent
-        .request_grant(proto::RequestGrantRequest {
-            task_id: task.task_id.clone(),
-            scope: "crm.contacts:read".into(),
-            ttl_seconds: 0,
-        })
+        .request_grant(grant_request(&task.task_id, "crm.contacts:read", 0))
         .await
         .unwrap()
         .into_inner()
@@ -184,9 +163,7 @@ async fn completing_a_task_revokes_every_lease_it_holds(backend: Backend) {
         .unwrap();
 
     let completed = agent
-        .complete_task(proto::CompleteTaskRequest {
-            task_id: task.task_id.clone(),
-        })
+        .complete_task(complete_request(&task.task_id))
         .await
         .unwrap()
         .into_inner();
@@ -220,9 +197,7 @@ async fn completing_a_task_revokes_every_lease_it_holds(backend: Backend) {
     }
 
     let retry = agent
-        .complete_task(proto::CompleteTaskRequest {
-            task_id: task.task_id.clone(),
-        })
+        .complete_task(complete_request(&task.task_id))
         .await
         .unwrap()
         .into_inner();
@@ -319,11 +294,7 @@ async fn forbidden_scope_refuses_the_whole_task_and_stores_nothing(backend: Back
 
     let task = agent.begin_task(begin(&[])).await.unwrap().into_inner();
     let grant = agent
-        .request_grant(proto::RequestGrantRequest {
-            task_id: task.task_id,
-            scope: "payments:refund".into(),
-            ttl_seconds: 0,
-        })
+        .request_grant(grant_request(&task.task_id, "payments:refund", 0))
         .await
         .unwrap_err();
     assert_eq!(grant.code(), Code::PermissionDenied);
@@ -403,11 +374,7 @@ async fn unknown_scope_and_malformed_fields_are_invalid_arguments_naming_the_fie
         "task_../../etc",
     ] {
         let status = agent
-            .request_grant(proto::RequestGrantRequest {
-                task_id: bad_id.into(),
-                scope: "crm.contacts:read".into(),
-                ttl_seconds: 0,
-            })
+            .request_grant(grant_request(bad_id, "crm.contacts:read", 0))
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
@@ -418,10 +385,7 @@ async fn unknown_scope_and_malformed_fields_are_invalid_arguments_naming_the_fie
         );
     }
     let status = agent
-        .renew_lease(proto::RenewLeaseRequest {
-            lease_id: "task_0".into(),
-            ttl_seconds: 0,
-        })
+        .renew_lease(renew_request("task_0", 0))
         .await
         .unwrap_err();
     assert!(
@@ -439,11 +403,7 @@ async fn over_scoped_ttl_is_refused(backend: Backend) {
     let task = agent.begin_task(begin(&[])).await.unwrap().into_inner();
 
     let status = agent
-        .request_grant(proto::RequestGrantRequest {
-            task_id: task.task_id,
-            scope: "crm.contacts:read".into(),
-            ttl_seconds: 601,
-        })
+        .request_grant(grant_request(&task.task_id, "crm.contacts:read", 601))
         .await
         .unwrap_err();
 
@@ -467,30 +427,19 @@ async fn another_workloads_task_is_not_found(backend: Backend) {
         .into_inner();
 
     let grant = intruder
-        .request_grant(proto::RequestGrantRequest {
-            task_id: task.task_id.clone(),
-            scope: "crm.contacts:read".into(),
-            ttl_seconds: 0,
-        })
+        .request_grant(grant_request(&task.task_id, "crm.contacts:read", 0))
         .await
         .unwrap_err();
     let renew = intruder
-        .renew_lease(proto::RenewLeaseRequest {
-            lease_id: task.leases[0].lease_id.clone(),
-            ttl_seconds: 0,
-        })
+        .renew_lease(renew_request(&task.leases[0].lease_id, 0))
         .await
         .unwrap_err();
     let complete = intruder
-        .complete_task(proto::CompleteTaskRequest {
-            task_id: task.task_id.clone(),
-        })
+        .complete_task(complete_request(&task.task_id))
         .await
         .unwrap_err();
     let unknown = owner
-        .complete_task(proto::CompleteTaskRequest {
-            task_id: format!("task_{}", "0".repeat(32)),
-        })
+        .complete_task(complete_request(&format!("task_{}", "0".repeat(32))))
         .await
         .unwrap_err();
 
@@ -521,25 +470,16 @@ async fn ended_task_refuses_grants_and_renewals(backend: Backend) {
         .unwrap()
         .into_inner();
     agent
-        .complete_task(proto::CompleteTaskRequest {
-            task_id: task.task_id.clone(),
-        })
+        .complete_task(complete_request(&task.task_id))
         .await
         .unwrap();
 
     let grant = agent
-        .request_grant(proto::RequestGrantRequest {
-            task_id: task.task_id.clone(),
-            scope: "crm.contacts:read".into(),
-            ttl_seconds: 0,
-        })
+        .request_grant(grant_request(&task.task_id, "crm.contacts:read", 0))
         .await
         .unwrap_err();
     let renew = agent
-        .renew_lease(proto::RenewLeaseRequest {
-            lease_id: task.leases[0].lease_id.clone(),
-            ttl_seconds: 0,
-        })
+        .renew_lease(renew_request(&task.leases[0].lease_id, 0))
         .await
         .unwrap_err();
 

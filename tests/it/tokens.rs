@@ -20,33 +20,23 @@ backend_tests!(
     jwks_over_http_and_grpc_publish_the_signing_key,
 );
 
-async fn introspect(app: &TestApp, token: &str, audience: &str) -> proto::IntrospectResponse {
-    app.admin()
-        .await
-        .tokens()
-        .introspect(proto::IntrospectRequest {
-            token: token.into(),
-            audience: audience.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 async fn introspection_reports_claims_of_an_active_token(backend: Backend) {
     let data = TestData::new(backend).await;
     let app = TestApp::spawn(&data).await;
-    let task = app
-        .agent("crm-agent")
+    let task = app.begin_as("crm-agent", &["crm.contacts:read"]).await;
+    let lease = &task.leases[0];
+
+    let answer = app
+        .admin()
         .await
-        .tasks()
-        .begin_task(begin(&["crm.contacts:read"]))
+        .tokens()
+        .introspect(proto::IntrospectRequest {
+            token: lease.credential.clone(),
+            audience: CRM.into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    let lease = &task.leases[0];
-
-    let answer = introspect(&app, &lease.credential, CRM).await;
 
     assert!(answer.active);
     assert_eq!(answer.jti, lease.lease_id);
@@ -86,14 +76,7 @@ async fn introspection_is_inactive_for_wrong_audience_forged_unknown_key_and_gar
 ) {
     let data = TestData::new(backend).await;
     let app = TestApp::spawn(&data).await;
-    let task = app
-        .agent("crm-agent")
-        .await
-        .tasks()
-        .begin_task(begin(&["crm.contacts:read"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = app.begin_as("crm-agent", &["crm.contacts:read"]).await;
     let real = task.leases[0].credential.clone();
     let (attacker, _) = SigningKey::generate(KeyAlgorithm::EdDsa);
     let mut widened = claims_of(&real);
@@ -146,12 +129,12 @@ async fn introspection_is_inactive_for_wrong_audience_forged_unknown_key_and_gar
     ];
     for (case, token, audience) in cases {
         assert!(
-            !introspect(&app, &token, audience).await.active,
+            !app.is_active(&token, audience).await,
             "{case} must be inactive"
         );
     }
     assert!(
-        introspect(&app, &real, CRM).await.active,
+        app.is_active(&real, CRM).await,
         "the real token is still active"
     );
 }
@@ -159,19 +142,12 @@ async fn introspection_is_inactive_for_wrong_audience_forged_unknown_key_and_gar
 async fn introspection_is_inactive_once_the_token_expires(backend: Backend) {
     let data = TestData::new(backend).await;
     let app = TestApp::spawn(&data).await;
-    let task = app
-        .agent("crm-agent")
-        .await
-        .tasks()
-        .begin_task(begin(&["flash:read"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = app.begin_as("crm-agent", &["flash:read"]).await;
     let token = task.leases[0].credential.clone();
     let exp = claims_of(&token)["exp"].as_i64().unwrap();
 
     let expired = eventually(Duration::from_secs(5), || async {
-        !introspect(&app, &token, "https://flash.test").await.active
+        !app.is_active(&token, "https://flash.test").await
     })
     .await;
 
@@ -187,13 +163,8 @@ async fn admin_revocation_makes_a_token_inactive(backend: Backend) {
     let data = TestData::new(backend).await;
     let app = TestApp::spawn(&data).await;
     let task = app
-        .agent("crm-agent")
-        .await
-        .tasks()
-        .begin_task(begin(&["crm.contacts:read", "tickets:write"]))
-        .await
-        .unwrap()
-        .into_inner();
+        .begin_as("crm-agent", &["crm.contacts:read", "tickets:write"])
+        .await;
     let mut admin = app.admin().await.admin();
 
     let revoked = admin
@@ -210,15 +181,10 @@ async fn admin_revocation_makes_a_token_inactive(backend: Backend) {
         revoked.revoked_lease_ids,
         vec![task.leases[0].lease_id.clone()]
     );
+    assert!(!app.is_active(&task.leases[0].credential, CRM).await);
     assert!(
-        !introspect(&app, &task.leases[0].credential, CRM)
+        app.is_active(&task.leases[1].credential, "https://tickets.test")
             .await
-            .active
-    );
-    assert!(
-        introspect(&app, &task.leases[1].credential, "https://tickets.test")
-            .await
-            .active
     );
     let again = admin
         .revoke(proto::RevokeRequest {
@@ -237,9 +203,8 @@ async fn admin_revocation_makes_a_token_inactive(backend: Backend) {
         .await
         .unwrap();
     assert!(
-        !introspect(&app, &task.leases[1].credential, "https://tickets.test")
+        !app.is_active(&task.leases[1].credential, "https://tickets.test")
             .await
-            .active
     );
 }
 
@@ -273,9 +238,7 @@ async fn revocations_stream_from_a_cursor_and_resume_after_reconnect(backend: Ba
         .unwrap()
         .into_inner();
     agent
-        .complete_task(proto::CompleteTaskRequest {
-            task_id: task.task_id.clone(),
-        })
+        .complete_task(complete_request(&task.task_id))
         .await
         .unwrap();
     let mut events = Vec::new();
@@ -314,9 +277,7 @@ async fn revocations_stream_from_a_cursor_and_resume_after_reconnect(backend: Ba
         .unwrap()
         .into_inner();
     agent
-        .complete_task(proto::CompleteTaskRequest {
-            task_id: second.task_id.clone(),
-        })
+        .complete_task(complete_request(&second.task_id))
         .await
         .unwrap();
     let mut resumed = watcher
@@ -339,14 +300,7 @@ async fn revocations_stream_from_a_cursor_and_resume_after_reconnect(backend: Ba
 async fn jwks_over_http_and_grpc_publish_the_signing_key(backend: Backend) {
     let data = TestData::new(backend).await;
     let app = TestApp::spawn(&data).await;
-    let task = app
-        .agent("crm-agent")
-        .await
-        .tasks()
-        .begin_task(begin(&["crm.contacts:read"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = app.begin_as("crm-agent", &["crm.contacts:read"]).await;
     let kid = header_of(&task.leases[0].credential)["kid"]
         .as_str()
         .unwrap()

@@ -37,9 +37,7 @@ async fn verifier_validates_offline_and_learns_revocations_and_rotations_from_th
     );
 
     agent
-        .complete_task(proto::CompleteTaskRequest {
-            task_id: task.task_id.clone(),
-        })
+        .complete_task(complete_request(&task.task_id))
         .await
         .unwrap();
     let revoked = eventually(Duration::from_secs(3), || async {
