@@ -100,7 +100,7 @@ impl Config {
     /// directory, plaintext on loopback.
     pub fn dev(env: Environment<'_>) -> Result<Self, ConfigError> {
         let data_dir = PathBuf::from(env(ENV_DATA_DIR).unwrap_or_else(|| DEFAULT_DATA_DIR.into()));
-        std::fs::create_dir_all(&data_dir).map_err(|e| {
+        create_private_dir(&data_dir).map_err(|e| {
             error(
                 ENV_DATA_DIR,
                 format!("cannot create {}: {e}", data_dir.display()),
@@ -291,6 +291,19 @@ struct LimitsSection {
     max_task_ttl: Option<String>,
     reaper_interval: Option<String>,
     drain_timeout: Option<String>,
+}
+
+/// Creates `dir` (and parents) if missing; the directory itself is readable only by its owner,
+/// since it holds the master key and the database.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
 }
 
 fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
