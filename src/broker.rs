@@ -319,7 +319,11 @@ impl Broker {
             Ok(decoded) => decoded,
             Err(reason) => return Ok(inactive(&reason)),
         };
-        let Some(key) = self.keyring.verifying_key(decoded.kid(), now) else {
+        let Some(key) = self
+            .keyring
+            .find_verifying_key(&self.store, decoded.kid(), now)
+            .await?
+        else {
             return Ok(inactive(&"unknown or unpublished key"));
         };
         let expected = Expectations {

@@ -2,8 +2,8 @@
 //! and the public keys still published. Rotation stores the new key first, then swaps it in.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use super::keys::{Jwk, KeyAlgorithm, SigningKey, VerifyingKey};
 use super::master_key::MasterKey;
@@ -23,7 +23,13 @@ pub struct Keyring {
     keys: RwLock<Arc<KeySet>>,
     master_key: MasterKey,
     algorithm: KeyAlgorithm,
+    /// When a miss last caused a reload.
+    last_reload: Mutex<Option<Instant>>,
 }
+
+/// The shortest interval between two reloads caused by unknown key ids, so that tokens with
+/// made-up kids cannot turn introspection into a stream of database reads.
+const RELOAD_ON_MISS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What a rotation did.
 #[derive(Debug, Clone)]
@@ -58,7 +64,57 @@ impl Keyring {
             keys: RwLock::new(Arc::new(keys)),
             master_key,
             algorithm,
+            last_reload: Mutex::new(None),
         })
+    }
+
+    /// Re-reads the published keys from the store, adopting a key another replica rotated to.
+    pub async fn reload(&self, store: &Store) -> Result<()> {
+        let stored = store.published_signing_keys(UnixMillis::now()).await?;
+        let current_kid = stored
+            .iter()
+            .find(|key| key.retired_at.is_none())
+            .map(|key| key.kid.as_str());
+        let snapshot = self.snapshot();
+        if current_kid == Some(snapshot.current.kid()) && stored.len() == snapshot.published.len() {
+            return Ok(());
+        }
+        let keys = key_set(&self.master_key, &stored)?;
+        tracing::info!(current_kid = keys.current.kid(), "reloaded signing keys");
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(keys);
+        Ok(())
+    }
+
+    /// Like [`Keyring::verifying_key`], but on a miss first reloads the keys from the store (at
+    /// most once per second), for tokens signed by a key another replica has just made.
+    pub async fn find_verifying_key(
+        &self,
+        store: &Store,
+        kid: &str,
+        now: UnixMillis,
+    ) -> Result<Option<VerifyingKey>> {
+        if let Some(key) = self.verifying_key(kid, now) {
+            return Ok(Some(key));
+        }
+        let is_reload_due = {
+            let mut last = self
+                .last_reload
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let is_due = last.is_none_or(|at| at.elapsed() >= RELOAD_ON_MISS_INTERVAL);
+            if is_due {
+                *last = Some(Instant::now());
+            }
+            is_due
+        };
+        if !is_reload_due {
+            return Ok(None);
+        }
+        self.reload(store).await?;
+        Ok(self.verifying_key(kid, now))
     }
 
     /// The key that signs new tokens.

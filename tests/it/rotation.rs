@@ -87,3 +87,50 @@ async fn rotation_signs_with_a_new_key_and_keeps_old_tokens_valid_until_they_exp
     assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
     assert_eq!(jwks["keys"][0]["kid"], rotation.new_kid);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(warrant_postgres_tests),
+    ignore = "set WARRANT_TEST_DATABASE_URL to run the PostgreSQL tests"
+)]
+async fn replicas_sharing_postgres_follow_each_others_rotation() {
+    let data = TestData::new(Backend::Postgres).await;
+    let mut config = data.config();
+    config.issuer = Some("https://warrant.test".into());
+    let first = TestApp::spawn_with(config.clone()).await;
+    let mut second = TestApp::spawn_with(config).await;
+    second.admin_token = first.admin_token.clone();
+    let credential = first.workload("crm-agent", &[proto::Role::Agent]).await;
+
+    first
+        .admin()
+        .await
+        .admin()
+        .rotate_signing_key(proto::RotateSigningKeyRequest {})
+        .await
+        .unwrap();
+    let task = first
+        .connect(Some(&credential))
+        .await
+        .tasks()
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert!(
+        second.is_active(&task.leases[0].credential, CRM).await,
+        "the other replica loads the new key on first sight"
+    );
+    second
+        .connect(Some(&credential))
+        .await
+        .tasks()
+        .complete_task(complete_request(&task.task_id))
+        .await
+        .unwrap();
+    assert!(
+        !first.is_active(&task.leases[0].credential, CRM).await,
+        "a completion on one replica is seen by the other"
+    );
+}
