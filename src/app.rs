@@ -18,7 +18,10 @@ use crate::feed::Feed;
 use crate::issuer::master_key::MasterKeyError;
 use crate::issuer::{BearerCredential, Keyring};
 use crate::store::{Store, StoreError};
-use crate::{grpc, http, reaper};
+use crate::{audit, grpc, http, reaper};
+
+/// How soon after commit an audit event is chained.
+const AUDIT_SEAL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Why the broker could not start. [`StartError::exit_code`] maps each to a process exit code.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,7 @@ pub struct App {
     tls: Option<TlsIdentity>,
     first_admin_credential: Option<BearerCredential>,
     reaper_interval: Duration,
+    audit_checkpoint_interval: Duration,
     drain_timeout: Duration,
 }
 
@@ -86,6 +90,7 @@ impl App {
             .unwrap_or_else(|| format!("http://{http_addr}"));
 
         let store = Store::connect(&config.database_url).await?;
+        let audit_key = master_key.audit_key();
         let keyring = Keyring::load(&store, master_key, config.signing_algorithm).await?;
         let feed = Feed::new(store.feed_head().await?);
         let settings = BrokerSettings {
@@ -93,7 +98,9 @@ impl App {
             trust_domain: config.trust_domain.clone(),
             max_task_ttl: config.max_task_ttl,
         };
-        let broker = Arc::new(Broker::new(store, keyring, catalog, feed, settings));
+        let broker = Arc::new(Broker::new(
+            store, audit_key, keyring, catalog, feed, settings,
+        ));
         let first_admin_credential = bootstrap::first_admin(&broker).await?;
         // Whatever expired while the broker was down is reported before the first request.
         broker.expire_due().await?;
@@ -104,6 +111,7 @@ impl App {
             tls: config.tls,
             first_admin_credential,
             reaper_interval: config.reaper_interval,
+            audit_checkpoint_interval: config.audit_checkpoint_interval,
             drain_timeout: config.drain_timeout,
         })
     }
@@ -168,6 +176,12 @@ impl App {
             stop.clone(),
             self.drain_timeout,
         ));
+        let sealer = tokio::spawn(audit::sealer::run(
+            self.broker.clone(),
+            AUDIT_SEAL_INTERVAL,
+            self.audit_checkpoint_interval,
+            stop.clone(),
+        ));
         let reaper = tokio::spawn(reaper::run(self.broker.clone(), self.reaper_interval, stop));
 
         shutdown.await;
@@ -180,6 +194,7 @@ impl App {
             let grpc_result = grpc.await;
             let _ = http.await;
             let _ = reaper.await;
+            let _ = sealer.await;
             grpc_result
         })
         .await;

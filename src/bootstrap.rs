@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::broker::Broker;
 use crate::config::MasterKeySource;
 use crate::domain::scope::CatalogError;
-use crate::domain::{Catalog, Role, WorkloadName};
+use crate::domain::{Catalog, WorkloadName};
 use crate::error::Result;
 use crate::issuer::master_key::{MasterKeyError, write_private_file};
 use crate::issuer::{BearerCredential, MasterKey};
@@ -69,6 +69,5 @@ pub async fn first_admin(broker: &Broker) -> Result<Option<BearerCredential>> {
     }
     // A constant that satisfies the workload name rules.
     let name = WorkloadName::parse("name", FIRST_ADMIN).expect("valid built-in name");
-    let (_, credential) = broker.create_workload(name, vec![Role::Admin]).await?;
-    Ok(Some(credential))
+    broker.create_first_admin(name).await.map(Some)
 }

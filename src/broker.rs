@@ -1,10 +1,11 @@
 //! The broker's decisions: who gets which lease for how long, and what ends when. The gRPC layer
-//! hands it validated domain values; it decides, persists in one transaction, and only then
-//! returns credentials.
+//! hands it validated domain values; it decides, persists the change together with its audit
+//! events in one transaction, and only then returns credentials. Refusals are recorded too.
 
 use std::fmt;
 use std::time::Duration;
 
+use crate::audit::{AuditEvent, AuditKey, BOOTSTRAP};
 use crate::domain::task::{LeaseWindow, NewTask, parse_ttl_seconds};
 use crate::domain::{
     Caller, Catalog, LeaseId, LeaseState, Role, ScopeDefinition, ScopeName, SpiffeId, TaskId,
@@ -20,6 +21,9 @@ use crate::store::{
     WorkloadRecord,
 };
 
+/// The policy that decides today: the scope catalog (policy-as-code will join it).
+const CATALOG_POLICY: &str = "scope-catalog";
+
 /// Fixed settings the broker decides with.
 #[derive(Clone, Debug)]
 pub struct BrokerSettings {
@@ -33,6 +37,7 @@ pub struct BrokerSettings {
 /// The broker: catalog, keys and store, shared by every request.
 pub struct Broker {
     store: Store,
+    audit_key: AuditKey,
     keyring: Keyring,
     catalog: Catalog,
     feed: Feed,
@@ -90,6 +95,7 @@ pub enum RevocationTarget {
 impl Broker {
     pub fn new(
         store: Store,
+        audit_key: AuditKey,
         keyring: Keyring,
         catalog: Catalog,
         feed: Feed,
@@ -97,6 +103,7 @@ impl Broker {
     ) -> Self {
         Broker {
             store,
+            audit_key,
             keyring,
             catalog,
             feed,
@@ -120,6 +127,11 @@ impl Broker {
         &self.settings
     }
 
+    /// The value the audit trail holds for `secret`.
+    pub fn audit_hash(&self, secret: &str) -> String {
+        self.audit_key.hash(secret)
+    }
+
     /// Opens a task and issues a lease for each requested scope; all scopes must be allowed.
     pub async fn begin_task(&self, caller: &Caller, request: NewTask) -> Result<OpenedTask> {
         if let Some(key) = &request.idempotency_key
@@ -130,18 +142,35 @@ impl Broker {
         {
             return self.replay(caller, existing, &request).await;
         }
-        let definitions = request
-            .scopes
-            .iter()
-            .enumerate()
-            .map(|(index, scope)| {
-                self.catalog
-                    .authorize(caller, &format!("scopes[{index}]"), scope)
-            })
-            .collect::<Result<Vec<_>>>()?;
         let now = UnixMillis::now();
+        let task_id = TaskId::generate(now);
+        let mut events = Vec::new();
+        let mut definitions = Vec::new();
+        for (index, scope) in request.scopes.iter().enumerate() {
+            let decision = self
+                .catalog
+                .authorize(caller, &format!("scopes[{index}]"), scope);
+            let event = self
+                .decision_event(caller, &task_id, scope, &decision)
+                .context(&request.context);
+            events.push(event);
+            match decision {
+                Ok(definition) => definitions.push(definition),
+                Err(refusal) => {
+                    let refused = AuditEvent::new("task.refused", "denied", caller.name.as_str())
+                        .workload(&caller.name)
+                        .task(&task_id)
+                        .context(&request.context)
+                        .with("purpose", request.purpose.as_str())
+                        .with("reason", refusal.to_string());
+                    events.push(refused);
+                    self.store.record_events(&events).await?;
+                    return Err(refusal);
+                }
+            }
+        }
         let task = TaskRecord {
-            id: TaskId::generate(now),
+            id: task_id,
             workload_id: caller.workload_id.clone(),
             purpose: request.purpose.clone(),
             context: request.context.clone(),
@@ -155,13 +184,33 @@ impl Broker {
                 .as_ref()
                 .map(|_| request.request_digest()),
         };
+        events.push(
+            AuditEvent::new("task.begun", "ok", caller.name.as_str())
+                .task(&task.id)
+                .context(&task.context)
+                .with("purpose", task.purpose.as_str())
+                .with("deadline", task.deadline.0)
+                .with(
+                    "scopes",
+                    request
+                        .scopes
+                        .iter()
+                        .map(ScopeName::as_str)
+                        .collect::<Vec<_>>(),
+                ),
+        );
         let key = self.keyring.current();
         let leases: Vec<IssuedLease> = definitions
             .into_iter()
             .map(|definition| self.issue(caller, &task, definition, None, now, &key))
             .collect();
+        events.extend(
+            leases
+                .iter()
+                .map(|lease| self.issuance_event(caller, "lease.issued", lease)),
+        );
         let records: Vec<LeaseRecord> = leases.iter().map(|lease| lease.record.clone()).collect();
-        if !self.store.insert_task(&task, &records).await? {
+        if !self.store.insert_task(&task, &records, &events).await? {
             // A concurrent call with the same idempotency key committed first: answer as a retry.
             let key = task.idempotency_key.as_deref().unwrap_or_default();
             let existing = self
@@ -189,7 +238,15 @@ impl Broker {
         scope: &ScopeName,
         ttl_seconds: u32,
     ) -> Result<IssuedLease> {
-        let definition = self.catalog.authorize(caller, "scope", scope)?;
+        let decision = self.catalog.authorize(caller, "scope", scope);
+        let decision_event = self.decision_event(caller, task_id, scope, &decision);
+        let definition = match decision {
+            Ok(definition) => definition,
+            Err(refusal) => {
+                self.store.record_events(&[decision_event]).await?;
+                return Err(refusal);
+            }
+        };
         let ttl = parse_ttl_seconds("ttl_seconds", ttl_seconds, definition.max_ttl)?;
         let task = self
             .store
@@ -199,9 +256,13 @@ impl Broker {
         let now = UnixMillis::now();
         ensure_task_active(&task, now)?;
         let lease = self.issue(caller, &task, definition, ttl, now, &self.keyring.current());
+        let events = [
+            decision_event,
+            self.issuance_event(caller, "lease.issued", &lease),
+        ];
         match self
             .store
-            .add_lease(&caller.workload_id, &lease.record, now)
+            .add_lease(&caller.workload_id, &lease.record, now, &events)
             .await?
         {
             NewLeaseOutcome::Added => {
@@ -250,16 +311,17 @@ impl Broker {
             kid: Some(key.kid().to_owned()),
             ..lease
         };
-        let credential = self.mint(caller, &record, &key);
+        let renewed = IssuedLease {
+            credential: Some(self.mint(caller, &record, &key)),
+            record,
+        };
+        let event = self.issuance_event(caller, "lease.renewed", &renewed);
         match self
             .store
-            .renew_lease(lease_id, window, key.kid(), now)
+            .renew_lease(lease_id, window, key.kid(), now, &[event])
             .await?
         {
-            RenewalOutcome::Renewed => Ok(IssuedLease {
-                record,
-                credential: Some(credential),
-            }),
+            RenewalOutcome::Renewed => Ok(renewed),
             RenewalOutcome::NotRenewable => Err(Error::FailedPrecondition(format!(
                 "lease_id: lease {lease_id} ended while being renewed"
             ))),
@@ -272,7 +334,7 @@ impl Broker {
         let now = UnixMillis::now();
         match self
             .store
-            .complete_task(task_id, &caller.workload_id, now)
+            .complete_task(task_id, &caller.workload_id, now, caller.name.as_str())
             .await?
         {
             CompletionOutcome::Completed {
@@ -309,45 +371,38 @@ impl Broker {
 
     /// The claims of `token` if it is active for `audience` right now: well signed by a
     /// published key, unexpired, and its lease issued and its task active. `None` otherwise.
+    /// Every check is recorded as a use check in the audit trail.
     pub async fn introspect(
         &self,
+        caller: &Caller,
         token: &str,
         audience: &str,
     ) -> Result<Option<AccessTokenClaims>> {
-        let now = UnixMillis::now();
-        let decoded = match jwt::decode(token) {
-            Ok(decoded) => decoded,
-            Err(reason) => return Ok(inactive(&reason)),
-        };
-        let Some(key) = self
-            .keyring
-            .find_verifying_key(&self.store, decoded.kid(), now)
-            .await?
-        else {
-            return Ok(inactive(&"unknown or unpublished key"));
-        };
-        let expected = Expectations {
-            issuer: &self.settings.issuer,
-            audience,
-            now,
-            leeway_seconds: 0,
-        };
-        let claims = match jwt::check(token, decoded, &key, expected) {
-            Ok(claims) => claims,
-            Err(reason) => return Ok(inactive(&reason)),
-        };
-        let Ok(lease_id) = LeaseId::parse("jti", &claims.jti) else {
-            return Ok(inactive(&"jti is not a lease id"));
-        };
-        if !self.store.lease_is_live(&lease_id, now).await? {
-            return Ok(inactive(&"lease revoked, expired or unknown"));
+        let outcome = self.check_token(token, audience).await?;
+        let mut event = AuditEvent::new("token.introspected", "inactive", caller.name.as_str())
+            .with("audience", audience)
+            .with("token_hmac", self.audit_key.hash(token));
+        match &outcome {
+            Ok(claims) => {
+                event.outcome = "active";
+                event = event
+                    .task(&claims.task_id)
+                    .lease(&claims.jti)
+                    .scope(&claims.scope);
+            }
+            Err(reason) => {
+                tracing::debug!(%reason, "introspection: token inactive");
+                event = event.with("reason", *reason);
+            }
         }
-        Ok(Some(claims))
+        self.store.record_events(&[event]).await?;
+        Ok(outcome.ok())
     }
 
-    /// Registers a workload and makes its first bearer credential.
+    /// Registers a workload and makes its first bearer credential; `actor` is the admin asking.
     pub async fn create_workload(
         &self,
+        actor: &str,
         name: WorkloadName,
         roles: Vec<Role>,
     ) -> Result<(WorkloadRecord, BearerCredential)> {
@@ -363,30 +418,60 @@ impl Broker {
             created_at: now,
         };
         let (credential, stored) = BearerCredential::generate();
-        self.store.create_workload(&workload, &stored).await?;
+        let event = AuditEvent::new("workload.created", "ok", actor)
+            .workload(&workload.name)
+            .with("spiffe_id", workload.spiffe_id.as_str())
+            .with(
+                "roles",
+                workload
+                    .roles
+                    .iter()
+                    .map(|role| role.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .with("credential_id", stored.id.as_str())
+            .with("credential_hmac", self.audit_key.hash(credential.expose()));
+        self.store
+            .create_workload(&workload, &stored, &[event])
+            .await?;
         tracing::info!(workload = %workload.name, "workload registered");
         Ok((workload, credential))
     }
 
+    /// On a store with no workloads, registers the `admin` workload; see [`crate::bootstrap`].
+    pub async fn create_first_admin(&self, name: WorkloadName) -> Result<BearerCredential> {
+        self.create_workload(BOOTSTRAP, name, vec![Role::Admin])
+            .await
+            .map(|(_, credential)| credential)
+    }
+
     /// Revokes a lease, or a task with all its leases, whoever owns it.
-    pub async fn revoke(&self, target: &RevocationTarget) -> Result<Vec<LeaseId>> {
+    pub async fn revoke(&self, caller: &Caller, target: &RevocationTarget) -> Result<Vec<LeaseId>> {
         let now = UnixMillis::now();
+        let actor = caller.name.as_str();
+        let requested = AuditEvent::new("revocation.requested", "ok", actor);
         let (revoked, feed_seq) = match target {
             RevocationTarget::Lease(id) => {
-                let seq = self.store.revoke_lease(id, now).await?.ok_or_else(|| {
-                    Error::FailedPrecondition(format!(
-                        "lease_id: no issued lease {id} (unknown, expired or revoked)"
-                    ))
-                })?;
+                let seq = self
+                    .store
+                    .revoke_lease(id, now, actor, &[requested.lease(id)])
+                    .await?
+                    .ok_or_else(|| {
+                        Error::FailedPrecondition(format!(
+                            "lease_id: no issued lease {id} (unknown, expired or revoked)"
+                        ))
+                    })?;
                 (vec![id.clone()], seq)
             }
-            RevocationTarget::Task(id) => {
-                self.store.revoke_task(id, now).await?.ok_or_else(|| {
+            RevocationTarget::Task(id) => self
+                .store
+                .revoke_task(id, now, actor, &[requested.task(id)])
+                .await?
+                .ok_or_else(|| {
                     Error::FailedPrecondition(format!(
                         "task_id: no active task {id} (unknown or already ended)"
                     ))
-                })?
-            }
+                })?,
         };
         self.feed.announce(feed_seq);
         tracing::info!(?target, revoked = revoked.len(), "revoked by admin");
@@ -394,9 +479,13 @@ impl Broker {
     }
 
     /// Switches signing to a new key; the old one stays published until its tokens expire.
-    pub async fn rotate_signing_key(&self) -> Result<Rotation> {
+    pub async fn rotate_signing_key(&self, caller: &Caller) -> Result<Rotation> {
         self.keyring
-            .rotate(&self.store, self.catalog.longest_max_ttl())
+            .rotate(
+                &self.store,
+                self.catalog.longest_max_ttl(),
+                caller.name.as_str(),
+            )
             .await
     }
 
@@ -433,7 +522,7 @@ impl Broker {
         let now = UnixMillis::now();
         ensure_task_active(&task, now)?;
         let key = self.keyring.current();
-        let leases = self
+        let leases: Vec<IssuedLease> = self
             .store
             .leases_of_task(&task.id)
             .await?
@@ -444,11 +533,98 @@ impl Broker {
                 IssuedLease { record, credential }
             })
             .collect();
+        let events: Vec<AuditEvent> = leases
+            .iter()
+            .filter(|lease| lease.credential.is_some())
+            .map(|lease| self.issuance_event(caller, "lease.reissued", lease))
+            .collect();
+        self.store.record_events(&events).await?;
         Ok(OpenedTask {
             task,
             leases,
             replayed: true,
         })
+    }
+
+    /// The audit event of a policy decision on `scope` for `caller`.
+    fn decision_event(
+        &self,
+        caller: &Caller,
+        task_id: &TaskId,
+        scope: &ScopeName,
+        decision: &Result<&ScopeDefinition>,
+    ) -> AuditEvent {
+        let event = AuditEvent::new("grant.decided", "allowed", caller.name.as_str())
+            .workload(&caller.name)
+            .task(task_id)
+            .scope(scope)
+            .with("policies", vec![CATALOG_POLICY]);
+        match decision {
+            Ok(_) => event.with("reason", "the catalog lists this workload for the scope"),
+            Err(refusal) => AuditEvent {
+                outcome: "denied",
+                ..event.with("reason", refusal.to_string())
+            },
+        }
+    }
+
+    /// The audit event of a credential handed out: its HMAC, never the credential.
+    fn issuance_event(
+        &self,
+        caller: &Caller,
+        event_type: &'static str,
+        lease: &IssuedLease,
+    ) -> AuditEvent {
+        let record = &lease.record;
+        let mut event = AuditEvent::new(event_type, "ok", caller.name.as_str())
+            .task(&record.task_id)
+            .lease(&record.id)
+            .scope(&record.scope)
+            .with("kind", record.kind.as_str())
+            .with("audience", record.audience.as_str())
+            .with("expires_at", record.window.expires_at.0);
+        if let Some(credential) = &lease.credential {
+            event = event.with("credential_hmac", self.audit_key.hash(credential.expose()));
+        }
+        event
+    }
+
+    /// Checks `token` for `audience`: `Err` carries why it is inactive.
+    async fn check_token(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<Result<AccessTokenClaims, &'static str>> {
+        let now = UnixMillis::now();
+        let Ok(decoded) = jwt::decode(token) else {
+            return Ok(Err("malformed"));
+        };
+        let Some(key) = self
+            .keyring
+            .find_verifying_key(&self.store, decoded.kid(), now)
+            .await?
+        else {
+            return Ok(Err("unknown or unpublished key"));
+        };
+        let expected = Expectations {
+            issuer: &self.settings.issuer,
+            audience,
+            now,
+            leeway_seconds: 0,
+        };
+        let claims = match jwt::check(token, decoded, &key, expected) {
+            Ok(claims) => claims,
+            Err(jwt::TokenError::WrongAudience(_)) => return Ok(Err("wrong audience")),
+            Err(jwt::TokenError::Expired) => return Ok(Err("expired")),
+            Err(_) => return Ok(Err("invalid signature or claims")),
+        };
+        let Ok(lease_id) = LeaseId::parse("jti", &claims.jti) else {
+            return Ok(Err("jti is not a lease id"));
+        };
+        if !self.store.lease_is_live(&lease_id, now).await? {
+            return Ok(Err("lease revoked, expired or unknown"));
+        }
+        Ok(Ok(claims))
     }
 
     /// A new issued lease of `task` for `scope` (not yet stored) with its credential.
@@ -509,10 +685,4 @@ fn task_not_active(task_id: &TaskId) -> Error {
     Error::FailedPrecondition(format!(
         "task_id: task {task_id} is no longer active (completed, revoked or expired)"
     ))
-}
-
-/// Logs why a token is inactive (for operators; the caller only learns `active: false`).
-fn inactive(reason: &dyn fmt::Display) -> Option<AccessTokenClaims> {
-    tracing::debug!(%reason, "introspection: token inactive");
-    None
 }

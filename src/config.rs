@@ -29,6 +29,7 @@ const DEV_TRUST_DOMAIN: &str = "warrant.local";
 const DEFAULT_MAX_TASK_TTL: Duration = Duration::from_secs(8 * 3600);
 const DEFAULT_REAPER_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+const DEFAULT_AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Where the master key comes from.
 #[derive(Clone, Debug)]
@@ -69,6 +70,8 @@ pub struct Config {
     pub tls: Option<TlsIdentity>,
     pub max_task_ttl: Duration,
     pub reaper_interval: Duration,
+    /// How often the audit chain head is signed.
+    pub audit_checkpoint_interval: Duration,
     pub drain_timeout: Duration,
 }
 
@@ -124,6 +127,7 @@ impl Config {
             tls: None,
             max_task_ttl: DEFAULT_MAX_TASK_TTL,
             reaper_interval: DEFAULT_REAPER_INTERVAL,
+            audit_checkpoint_interval: DEFAULT_AUDIT_CHECKPOINT_INTERVAL,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         };
         config.apply_environment(env)?;
@@ -192,6 +196,11 @@ impl Config {
                 "limits.reaper_interval",
                 file.limits.reaper_interval.as_deref(),
                 DEFAULT_REAPER_INTERVAL,
+            )?,
+            audit_checkpoint_interval: parse_duration(
+                "limits.audit_checkpoint_interval",
+                file.limits.audit_checkpoint_interval.as_deref(),
+                DEFAULT_AUDIT_CHECKPOINT_INTERVAL,
             )?,
             drain_timeout: parse_duration(
                 "limits.drain_timeout",
@@ -290,6 +299,7 @@ struct CatalogSection {
 struct LimitsSection {
     max_task_ttl: Option<String>,
     reaper_interval: Option<String>,
+    audit_checkpoint_interval: Option<String>,
     drain_timeout: Option<String>,
 }
 

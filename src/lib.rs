@@ -7,6 +7,8 @@
 
 /// Assembles the broker from a [`config::Config`], binds its listeners and runs it.
 pub mod app;
+/// The tamper-evident audit trail: events, sealing into a hash chain, checkpoints, verification.
+pub mod audit;
 /// First start: master key, signing key, admin workload and demo scope catalog.
 pub mod bootstrap;
 /// The broker's decisions: begin/complete tasks, grant, renew and revoke leases.

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use super::auth::authenticate;
 use super::convert;
 use crate::broker::{Broker, RevocationTarget};
-use crate::domain::{LeaseId, Role, TaskId, WorkloadName};
+use crate::domain::{Caller, LeaseId, Role, TaskId, WorkloadName};
 use crate::error::Error;
 use crate::proto;
 use crate::proto::revoke_request::Target;
@@ -21,11 +21,11 @@ impl AdminService {
         AdminService { broker }
     }
 
-    async fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        authenticate(self.broker.store(), request)
-            .await?
-            .require(Role::Admin)?;
-        Ok(())
+    /// The caller, if it holds the admin role.
+    async fn admin<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let caller = authenticate(self.broker.store(), request).await?;
+        caller.require(Role::Admin)?;
+        Ok(caller)
     }
 }
 
@@ -35,7 +35,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::CreateWorkloadRequest>,
     ) -> Result<Response<proto::CreateWorkloadResponse>, Status> {
-        self.admin(&request).await?;
+        let caller = self.admin(&request).await?;
         let message = request.into_inner();
         let name = WorkloadName::parse("name", &message.name)?;
         let mut roles = Vec::new();
@@ -53,7 +53,10 @@ impl proto::admin_server::Admin for AdminService {
         if roles.is_empty() {
             return Err(Error::invalid("roles", "at least one role is required").into());
         }
-        let (workload, credential) = self.broker.create_workload(name, roles).await?;
+        let (workload, credential) = self
+            .broker
+            .create_workload(caller.name.as_str(), name, roles)
+            .await?;
         Ok(Response::new(proto::CreateWorkloadResponse {
             workload: Some(convert::workload(workload)),
             credential: credential.expose().to_owned(),
@@ -75,13 +78,13 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::RevokeRequest>,
     ) -> Result<Response<proto::RevokeResponse>, Status> {
-        self.admin(&request).await?;
+        let caller = self.admin(&request).await?;
         let target = match &request.get_ref().target {
             Some(Target::LeaseId(id)) => RevocationTarget::Lease(LeaseId::parse("lease_id", id)?),
             Some(Target::TaskId(id)) => RevocationTarget::Task(TaskId::parse("task_id", id)?),
             None => return Err(Error::invalid("target", "set lease_id or task_id").into()),
         };
-        let revoked = self.broker.revoke(&target).await?;
+        let revoked = self.broker.revoke(&caller, &target).await?;
         Ok(Response::new(proto::RevokeResponse {
             revoked_lease_ids: revoked.iter().map(|id| id.as_str().to_owned()).collect(),
         }))
@@ -91,8 +94,8 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::RotateSigningKeyRequest>,
     ) -> Result<Response<proto::RotateSigningKeyResponse>, Status> {
-        self.admin(&request).await?;
-        let rotation = self.broker.rotate_signing_key().await?;
+        let caller = self.admin(&request).await?;
+        let rotation = self.broker.rotate_signing_key(&caller).await?;
         Ok(Response::new(proto::RotateSigningKeyResponse {
             new_kid: rotation.new_kid,
             retired_kid: rotation.retired_kid,

@@ -36,7 +36,7 @@ impl proto::tokens_server::Tokens for TokensService {
         &self,
         request: Request<proto::IntrospectRequest>,
     ) -> Result<Response<proto::IntrospectResponse>, Status> {
-        authenticate(self.broker.store(), &request).await?;
+        let caller = authenticate(self.broker.store(), &request).await?;
         let message = request.into_inner();
         if message.audience.is_empty() {
             return Err(
@@ -45,7 +45,7 @@ impl proto::tokens_server::Tokens for TokensService {
         }
         let response = match self
             .broker
-            .introspect(&message.token, &message.audience)
+            .introspect(&caller, &message.token, &message.audience)
             .await?
         {
             None => proto::IntrospectResponse::default(),

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::keys::{Jwk, KeyAlgorithm, SigningKey, VerifyingKey};
 use super::master_key::MasterKey;
+use crate::audit::{AuditEvent, BOOTSTRAP};
 use crate::domain::UnixMillis;
 use crate::error::{Error, Result};
 use crate::store::{Store, StoredSigningKey};
@@ -51,7 +52,10 @@ impl Keyring {
         let mut stored = store.published_signing_keys(now).await?;
         if !stored.iter().any(|key| key.retired_at.is_none()) {
             let (key, record) = new_key(&master_key, algorithm, now);
-            store.insert_signing_key(&record).await?;
+            let event = AuditEvent::new("signing_key.generated", "ok", BOOTSTRAP)
+                .with("kid", key.kid())
+                .with("algorithm", algorithm.jws_name());
+            store.insert_signing_key(&record, &[event]).await?;
             tracing::info!(
                 kid = key.kid(),
                 algorithm = algorithm.jws_name(),
@@ -147,7 +151,13 @@ impl Keyring {
     /// Makes a new current key. The retired key stays published until every token it may have
     /// signed has expired: the later of the latest lease it signed and `longest_token_ttl` from
     /// now (which covers tokens being signed while the rotation runs).
-    pub async fn rotate(&self, store: &Store, longest_token_ttl: Duration) -> Result<Rotation> {
+    /// `actor` (an admin) is recorded as the cause.
+    pub async fn rotate(
+        &self,
+        store: &Store,
+        longest_token_ttl: Duration,
+        actor: &str,
+    ) -> Result<Rotation> {
         let now = UnixMillis::now();
         let retired = self.current();
         let latest_signed = store
@@ -156,8 +166,12 @@ impl Keyring {
             .unwrap_or(now);
         let publish_until = latest_signed.max(now.plus(longest_token_ttl));
         let (key, record) = new_key(&self.master_key, self.algorithm, now);
+        let event = AuditEvent::new("signing_key.rotated", "ok", actor)
+            .with("new_kid", key.kid())
+            .with("retired_kid", retired.kid())
+            .with("retired_key_published_until", publish_until.0);
         store
-            .rotate_signing_key(&record, retired.kid(), publish_until)
+            .rotate_signing_key(&record, retired.kid(), publish_until, &[event])
             .await?;
         let mut published = self.snapshot().published.clone();
         published.insert(

@@ -9,8 +9,12 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 
-/// The key that seals private keys stored in the database.
-pub struct MasterKey(LessSafeKey);
+/// The key that seals private keys stored in the database, and from which the audit trail's
+/// HMAC key is derived (so the two uses never share key material).
+pub struct MasterKey {
+    sealing: LessSafeKey,
+    audit: ring::hmac::Key,
+}
 
 /// Why a master key could not be loaded or a sealed value not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +38,16 @@ impl MasterKey {
         };
         let bytes = STANDARD.decode(text.trim()).map_err(|_| malformed())?;
         let key = UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| malformed())?;
-        Ok(MasterKey(LessSafeKey::new(key)))
+        let audit = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"warrant")
+            .extract(&bytes)
+            .expand(&[b"audit-hmac/v1"], ring::hmac::HMAC_SHA256)
+            // Expansion fails only for outputs longer than 255 hash lengths; this is one.
+            .expect("HKDF expansion to one HMAC key")
+            .into();
+        Ok(MasterKey {
+            sealing: LessSafeKey::new(key),
+            audit,
+        })
     }
 
     /// Reads the key at `path`, first creating it (owner-only permissions) if `create` is set
@@ -56,7 +69,7 @@ impl MasterKey {
     pub fn seal(&self, context: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let nonce_bytes = super::random::bytes::<NONCE_LEN>();
         let mut sealed = plaintext.to_vec();
-        self.0
+        self.sealing
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce_bytes),
                 Aad::from(context),
@@ -79,10 +92,17 @@ impl MasterKey {
             Nonce::try_assume_unique_for_key(nonce).map_err(|_| MasterKeyError::Unsealing)?;
         let mut buffer = ciphertext.to_vec();
         let plaintext = self
-            .0
+            .sealing
             .open_in_place(nonce, Aad::from(context), &mut buffer)
             .map_err(|_| MasterKeyError::Unsealing)?;
         Ok(plaintext.to_vec())
+    }
+}
+
+impl MasterKey {
+    /// The key that HMACs secrets for the audit trail.
+    pub fn audit_key(&self) -> crate::audit::AuditKey {
+        crate::audit::AuditKey::new(self.audit.clone())
     }
 }
 

@@ -6,6 +6,7 @@ use sqlx::any::AnyRow;
 
 use super::Store;
 use super::records::corrupt;
+use crate::audit::AuditEvent;
 use crate::domain::{RevocationReason, UnixMillis};
 use crate::error::{Error, Result};
 
@@ -52,12 +53,14 @@ impl Store {
     }
 }
 
-/// Appends `events` inside the caller's transaction and returns the last sequence number.
+/// Appends `events` inside the caller's transaction, each with its audit event (caused by
+/// `actor`), and returns the last sequence number.
 /// Numbers are taken from `feed_head`, whose row lock is held until commit, so events become
 /// visible in sequence order and a reader that has seen `n` never later finds an event below `n`.
 pub(super) async fn append(
     connection: &mut sqlx::AnyConnection,
     events: &[FeedEvent],
+    actor: &str,
 ) -> Result<i64> {
     let count = i64::try_from(events.len()).map_err(Error::internal)?;
     let row = sqlx::query(
@@ -83,7 +86,37 @@ pub(super) async fn append(
         .execute(&mut *connection)
         .await?;
     }
+    let audit: Vec<AuditEvent> = events
+        .iter()
+        .map(|event| audit_twin(event, actor))
+        .collect();
+    super::audit::insert_events(connection, &audit).await?;
     Ok(last_seq)
+}
+
+/// The audit event recording a revocation-feed event.
+fn audit_twin(event: &FeedEvent, actor: &str) -> AuditEvent {
+    let event_type = match (&event.lease_id, event.reason) {
+        (Some(_), RevocationReason::LeaseExpired | RevocationReason::TaskExpired) => {
+            "lease.expired"
+        }
+        (Some(_), _) => "lease.revoked",
+        (None, RevocationReason::TaskCompleted) => "task.completed",
+        (None, RevocationReason::TaskExpired | RevocationReason::LeaseExpired) => "task.expired",
+        (None, RevocationReason::Revoked) => "task.revoked",
+    };
+    let mut audit = AuditEvent::new(event_type, "confirmed", actor)
+        .task(&event.task_id)
+        .with("reason", event.reason.as_str())
+        .with("not_after", event.not_after.0);
+    audit.occurred_at = event.occurred_at;
+    if let Some(lease_id) = &event.lease_id {
+        audit = audit.lease(lease_id);
+    }
+    if let Some(scope) = &event.scope {
+        audit = audit.scope(scope);
+    }
+    audit
 }
 
 fn feed_record(row: &AnyRow) -> Result<FeedRecord> {

@@ -1,13 +1,24 @@
 //! Signing keys: the current one and the retired ones still published.
 
-use super::Store;
 use super::records::{KEY_COLUMNS, StoredSigningKey};
+use super::{Store, audit};
+use crate::audit::AuditEvent;
 use crate::domain::UnixMillis;
 use crate::error::{Error, Result};
+use crate::issuer::KeyAlgorithm;
 
 impl Store {
-    pub async fn insert_signing_key(&self, key: &StoredSigningKey) -> Result<()> {
-        insert_key(&mut *self.writer.acquire().await?, key).await
+    /// Stores a new signing key with `events`, in one transaction.
+    pub async fn insert_signing_key(
+        &self,
+        key: &StoredSigningKey,
+        events: &[AuditEvent],
+    ) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        insert_key(&mut tx, key).await?;
+        audit::insert_events(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Keys that belong in the JWKS at `now`: the current key and retired keys whose
@@ -21,6 +32,20 @@ impl Store {
         .fetch_all(&self.writer)
         .await?;
         rows.iter().map(StoredSigningKey::from_row).collect()
+    }
+
+    /// The algorithm and public key of `kid`, current, retired or expired: what checks a
+    /// signature made long ago, such as an audit checkpoint's.
+    pub async fn signing_public_key(&self, kid: &str) -> Result<Option<(KeyAlgorithm, Vec<u8>)>> {
+        let row = sqlx::query("SELECT algorithm, public_key FROM signing_keys WHERE kid = $1")
+            .bind(kid)
+            .fetch_optional(&self.reader)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let algorithm: String = sqlx::Row::try_get(&row, "algorithm")?;
+        let algorithm = KeyAlgorithm::from_jws_name(&algorithm)
+            .ok_or_else(|| super::records::corrupt("signing_keys.algorithm", &algorithm))?;
+        Ok(Some((algorithm, sqlx::Row::try_get(&row, "public_key")?)))
     }
 
     /// The latest expiry of any lease whose current token `kid` signed.
@@ -39,6 +64,7 @@ impl Store {
         new: &StoredSigningKey,
         retired_kid: &str,
         publish_until: UnixMillis,
+        events: &[AuditEvent],
     ) -> Result<()> {
         let mut tx = self.writer.begin().await?;
         let retired = sqlx::query(
@@ -55,6 +81,7 @@ impl Store {
             ));
         }
         insert_key(&mut tx, new).await?;
+        audit::insert_events(&mut tx, events).await?;
         tx.commit().await?;
         Ok(())
     }

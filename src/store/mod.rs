@@ -12,6 +12,7 @@
 //! them run beside the writer). Commits are durable: `synchronous=FULL` on SQLite, and the
 //! PostgreSQL server's default `synchronous_commit=on`.
 
+mod audit;
 mod feed;
 mod keys;
 mod records;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
+pub use audit::{AuditFilter, AuditRecord, Checkpoint};
 pub use feed::{FeedEvent, FeedRecord};
 pub use records::{LeaseRecord, StoredSigningKey, TaskRecord, WorkloadRecord};
 pub use tasks::{CompletionOutcome, NewLeaseOutcome, RenewalOutcome};

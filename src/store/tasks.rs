@@ -8,9 +8,10 @@
 
 use sqlx::Row;
 
-use super::Store;
 use super::feed::{self, FeedEvent};
 use super::records::{LEASE_COLUMNS, LeaseRecord, TASK_COLUMNS, TaskRecord};
+use super::{Store, audit};
+use crate::audit::{AuditEvent, REAPER};
 use crate::domain::task::LeaseWindow;
 use crate::domain::{LeaseId, LeaseState, RevocationReason, TaskId, TaskState, UnixMillis};
 use crate::error::{Error, Result};
@@ -94,7 +95,12 @@ impl Store {
 
     /// Stores a new task with its first leases in one transaction. Returns `false`, storing
     /// nothing, when the workload already used the task's idempotency key.
-    pub async fn insert_task(&self, task: &TaskRecord, leases: &[LeaseRecord]) -> Result<bool> {
+    pub async fn insert_task(
+        &self,
+        task: &TaskRecord,
+        leases: &[LeaseRecord],
+        events: &[AuditEvent],
+    ) -> Result<bool> {
         let mut tx = self.writer.begin().await?;
         let context = serde_json::to_string(&task.context).map_err(Error::internal)?;
         let inserted = sqlx::query(
@@ -119,6 +125,7 @@ impl Store {
         for lease in leases {
             insert_lease(&mut tx, lease).await?;
         }
+        audit::insert_events(&mut tx, events).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -129,6 +136,7 @@ impl Store {
         workload_id: &str,
         lease: &LeaseRecord,
         now: UnixMillis,
+        events: &[AuditEvent],
     ) -> Result<NewLeaseOutcome> {
         let mut tx = self.writer.begin().await?;
         let task = sqlx::query(
@@ -144,6 +152,7 @@ impl Store {
             return Ok(NewLeaseOutcome::TaskNotActive);
         }
         insert_lease(&mut tx, lease).await?;
+        audit::insert_events(&mut tx, events).await?;
         tx.commit().await?;
         Ok(NewLeaseOutcome::Added)
     }
@@ -167,7 +176,9 @@ impl Store {
         window: LeaseWindow,
         kid: &str,
         now: UnixMillis,
+        events: &[AuditEvent],
     ) -> Result<RenewalOutcome> {
+        let mut tx = self.writer.begin().await?;
         let renewed = sqlx::query(
             "UPDATE leases SET issued_at = $1, expires_at = $2, kid = $3 \
              WHERE id = $4 AND state = 'issued' AND expires_at > $5",
@@ -177,21 +188,24 @@ impl Store {
         .bind(kid)
         .bind(id.as_str())
         .bind(now.0)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
-        Ok(if renewed.rows_affected() == 1 {
-            RenewalOutcome::Renewed
-        } else {
-            RenewalOutcome::NotRenewable
-        })
+        if renewed.rows_affected() != 1 {
+            return Ok(RenewalOutcome::NotRenewable);
+        }
+        audit::insert_events(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(RenewalOutcome::Renewed)
     }
 
-    /// Completes an active task of `workload_id` and revokes all its issued leases.
+    /// Completes an active task of `workload_id` and revokes all its issued leases; `actor` is
+    /// recorded as the cause.
     pub async fn complete_task(
         &self,
         id: &TaskId,
         workload_id: &str,
         now: UnixMillis,
+        actor: &str,
     ) -> Result<CompletionOutcome> {
         let mut tx = self.writer.begin().await?;
         let ended = sqlx::query(
@@ -218,6 +232,7 @@ impl Store {
             LeaseState::Revoked,
             RevocationReason::TaskCompleted,
             now,
+            actor,
         )
         .await?;
         tx.commit().await?;
@@ -233,6 +248,8 @@ impl Store {
         &self,
         id: &TaskId,
         now: UnixMillis,
+        actor: &str,
+        events: &[AuditEvent],
     ) -> Result<Option<(Vec<LeaseId>, i64)>> {
         let mut tx = self.writer.begin().await?;
         let ended = sqlx::query(
@@ -251,14 +268,22 @@ impl Store {
             LeaseState::Revoked,
             RevocationReason::Revoked,
             now,
+            actor,
         )
         .await?;
+        audit::insert_events(&mut tx, events).await?;
         tx.commit().await?;
         Ok(Some(outcome))
     }
 
     /// Revokes one issued lease (any workload's). `None` when no such issued lease.
-    pub async fn revoke_lease(&self, id: &LeaseId, now: UnixMillis) -> Result<Option<i64>> {
+    pub async fn revoke_lease(
+        &self,
+        id: &LeaseId,
+        now: UnixMillis,
+        actor: &str,
+        audit_events: &[AuditEvent],
+    ) -> Result<Option<i64>> {
         let mut tx = self.writer.begin().await?;
         let events = end_leases(
             &mut tx,
@@ -271,7 +296,8 @@ impl Store {
         if events.is_empty() {
             return Ok(None);
         }
-        let feed_seq = feed::append(&mut tx, &events).await?;
+        let feed_seq = feed::append(&mut tx, &events, actor).await?;
+        audit::insert_events(&mut tx, audit_events).await?;
         tx.commit().await?;
         Ok(Some(feed_seq))
     }
@@ -341,7 +367,7 @@ impl Store {
             ));
         }
         if !events.is_empty() {
-            report.feed_seq = Some(feed::append(&mut tx, &events).await?);
+            report.feed_seq = Some(feed::append(&mut tx, &events, REAPER).await?);
         }
         tx.commit().await?;
         Ok(report)
@@ -378,6 +404,7 @@ async fn end_task_leases(
     new_state: LeaseState,
     reason: RevocationReason,
     now: UnixMillis,
+    actor: &str,
 ) -> Result<(Vec<LeaseId>, i64)> {
     let mut events = end_leases(
         connection,
@@ -398,7 +425,7 @@ async fn end_task_leases(
         deadline,
         now,
     ));
-    let feed_seq = feed::append(connection, &events).await?;
+    let feed_seq = feed::append(connection, &events, actor).await?;
     Ok((ended, feed_seq))
 }
 

@@ -1,16 +1,18 @@
 //! Workloads and their bearer credentials.
 
-use super::Store;
 use super::records::{WORKLOAD_COLUMNS, WorkloadRecord};
+use super::{Store, audit};
+use crate::audit::AuditEvent;
 use crate::error::{Error, Result};
 use crate::issuer::credential::StoredCredential;
 
 impl Store {
-    /// Stores a workload with its first credential, in one transaction.
+    /// Stores a workload with its first credential and `events`, in one transaction.
     pub async fn create_workload(
         &self,
         workload: &WorkloadRecord,
         credential: &StoredCredential,
+        events: &[AuditEvent],
     ) -> Result<()> {
         let roles: Vec<&str> = workload.roles.iter().map(|role| role.as_str()).collect();
         let mut tx = self.writer.begin().await?;
@@ -40,6 +42,7 @@ impl Store {
         .bind(workload.created_at.0)
         .execute(&mut *tx)
         .await?;
+        audit::insert_events(&mut tx, events).await?;
         tx.commit().await?;
         Ok(())
     }

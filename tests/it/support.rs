@@ -99,6 +99,7 @@ impl TestData {
             tls: None,
             max_task_ttl: Duration::from_secs(3600),
             reaper_interval: Duration::from_millis(200),
+            audit_checkpoint_interval: Duration::from_millis(500),
             drain_timeout: Duration::from_secs(5),
         }
     }

@@ -1,0 +1,248 @@
+//! The audit tables: events written inside the transactions of the actions they record, the
+//! sealing that numbers and chains them, checkpoints, and reads for investigation.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::Store;
+use crate::audit::AuditEvent;
+use crate::audit::chain::{SealedEvent, event_hash};
+use crate::domain::UnixMillis;
+use crate::error::{Error, Result};
+
+const EVENT_COLUMNS: &str = "seq, id, occurred_at, event_type, outcome, actor, workload, task_id, scope, lease_id, \
+     detail_json, context_json, prev_hash, hash";
+
+/// An event as stored; `seq`, `prev_hash` and `hash` are empty until it is sealed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub seq: Option<i64>,
+    pub event: SealedEvent,
+}
+
+/// A signed checkpoint of the chain head.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub seq: i64,
+    pub head_hash: String,
+    pub kid: String,
+    pub signature: Vec<u8>,
+}
+
+/// Which events an investigation wants; empty fields match everything.
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    pub task_id: Option<String>,
+    pub workload: Option<String>,
+    pub scope: Option<String>,
+    pub event_type: Option<String>,
+    pub since: Option<UnixMillis>,
+    pub until: Option<UnixMillis>,
+    pub limit: i64,
+}
+
+impl Store {
+    /// Writes events that record no other change (refusals, introspections) in their own
+    /// transaction.
+    pub async fn record_events(&self, events: &[AuditEvent]) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        insert_events(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Numbers and chains up to `limit` unsealed events, oldest id first. Returns how many it
+    /// sealed. The row lock on `audit_head` makes concurrent sealers (one per replica) take turns.
+    pub async fn seal_audit_events(&self, limit: i64) -> Result<usize> {
+        let mut tx = self.writer.begin().await?;
+        let head = sqlx::query(
+            "UPDATE audit_head SET last_seq = last_seq WHERE id = 1 RETURNING last_seq, last_hash",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let (mut seq, mut previous_hash): (i64, String) =
+            (head.try_get("last_seq")?, head.try_get("last_hash")?);
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM audit_events WHERE seq IS NULL ORDER BY id LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &rows {
+            let mut event = audit_record(row)?.event;
+            seq += 1;
+            event.seq = seq;
+            event.prev_hash = previous_hash;
+            event.hash = event_hash(&event);
+            sqlx::query(
+                "UPDATE audit_events SET seq = $1, prev_hash = $2, hash = $3 WHERE id = $4",
+            )
+            .bind(seq)
+            .bind(&event.prev_hash)
+            .bind(&event.hash)
+            .bind(&event.id)
+            .execute(&mut *tx)
+            .await?;
+            previous_hash = event.hash;
+        }
+        if !rows.is_empty() {
+            sqlx::query("UPDATE audit_head SET last_seq = $1, last_hash = $2 WHERE id = 1")
+                .bind(seq)
+                .bind(&previous_hash)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len())
+    }
+
+    /// The last sealed position and its hash.
+    pub async fn audit_head(&self) -> Result<(i64, String)> {
+        let row = sqlx::query("SELECT last_seq, last_hash FROM audit_head WHERE id = 1")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok((row.try_get("last_seq")?, row.try_get("last_hash")?))
+    }
+
+    pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        let rows = sqlx::query(
+            "SELECT seq, head_hash, kid, signature FROM audit_checkpoints ORDER BY seq",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Checkpoint {
+                    seq: row.try_get("seq")?,
+                    head_hash: row.try_get("head_hash")?,
+                    kid: row.try_get("kid")?,
+                    signature: row.try_get("signature")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Stores a checkpoint; a checkpoint another replica made of the same position is kept.
+    pub async fn insert_checkpoint(&self, checkpoint: &Checkpoint, now: UnixMillis) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO audit_checkpoints (seq, head_hash, kid, signature, created_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(checkpoint.seq)
+        .bind(&checkpoint.head_hash)
+        .bind(&checkpoint.kid)
+        .bind(&checkpoint.signature)
+        .bind(now.0)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// Up to `limit` sealed events after `after_seq`, in chain order.
+    pub async fn sealed_audit_events(
+        &self,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(audit_record).collect()
+    }
+
+    /// How many events await sealing.
+    pub async fn unsealed_audit_events(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM audit_events WHERE seq IS NULL")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+
+    /// Events matching `filter`, in the order they happened (sealed or not).
+    pub async fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM audit_events \
+             WHERE ($1 IS NULL OR task_id = $1) AND ($2 IS NULL OR workload = $2 OR actor = $2) \
+             AND ($3 IS NULL OR scope = $3) AND ($4 IS NULL OR event_type = $4) \
+             AND ($5 IS NULL OR occurred_at >= $5) AND ($6 IS NULL OR occurred_at < $6) \
+             ORDER BY occurred_at, id LIMIT $7"
+        ))
+        .bind(filter.task_id.as_deref())
+        .bind(filter.workload.as_deref())
+        .bind(filter.scope.as_deref())
+        .bind(filter.event_type.as_deref())
+        .bind(filter.since.map(|at| at.0))
+        .bind(filter.until.map(|at| at.0))
+        .bind(filter.limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(audit_record).collect()
+    }
+}
+
+/// Writes `events` inside the caller's transaction. An event about a task that names no
+/// workload or context takes the task's owner and context.
+pub(super) async fn insert_events(
+    connection: &mut sqlx::AnyConnection,
+    events: &[AuditEvent],
+) -> Result<()> {
+    for event in events {
+        let context = event
+            .context
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(Error::internal)?;
+        sqlx::query(
+            "INSERT INTO audit_events (id, occurred_at, event_type, outcome, actor, workload, task_id, scope, lease_id, \
+             detail_json, context_json) VALUES ($1, $2, $3, $4, $5, \
+             COALESCE($6, (SELECT w.name FROM tasks t JOIN workloads w ON w.id = t.workload_id WHERE t.id = $7)), \
+             $7, $8, $9, $10, COALESCE($11, (SELECT t.context_json FROM tasks t WHERE t.id = $7)))",
+        )
+        .bind(&event.id)
+        .bind(event.occurred_at.0)
+        .bind(event.event_type)
+        .bind(event.outcome)
+        .bind(&event.actor)
+        .bind(event.workload.as_deref())
+        .bind(event.task_id.as_deref())
+        .bind(event.scope.as_deref())
+        .bind(event.lease_id.as_deref())
+        .bind(event.detail.to_string())
+        .bind(context)
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(())
+}
+
+fn audit_record(row: &AnyRow) -> Result<AuditRecord> {
+    let seq: Option<i64> = row.try_get("seq")?;
+    Ok(AuditRecord {
+        seq,
+        event: SealedEvent {
+            seq: seq.unwrap_or_default(),
+            id: row.try_get("id")?,
+            occurred_at: row.try_get("occurred_at")?,
+            event_type: row.try_get("event_type")?,
+            outcome: row.try_get("outcome")?,
+            actor: row.try_get("actor")?,
+            workload: row.try_get("workload")?,
+            task_id: row.try_get("task_id")?,
+            scope: row.try_get("scope")?,
+            lease_id: row.try_get("lease_id")?,
+            detail_json: row.try_get("detail_json")?,
+            context_json: row.try_get("context_json")?,
+            prev_hash: row
+                .try_get::<Option<String>, _>("prev_hash")?
+                .unwrap_or_default(),
+            hash: row
+                .try_get::<Option<String>, _>("hash")?
+                .unwrap_or_default(),
+        },
+    })
+}
