@@ -14,6 +14,8 @@ pub struct Report {
     /// Sealed events checked before the first problem (or all of them).
     pub events_checked: i64,
     pub checkpoints_checked: usize,
+    /// The position the latest checkpoint covers (0 without checkpoints).
+    pub last_checkpoint_seq: i64,
     /// Events written but not sealed yet (normal for the last fraction of a second).
     pub unsealed: i64,
     pub problem: Option<Problem>,
@@ -90,6 +92,7 @@ pub async fn verify(store: &Store) -> Result<Report> {
         }
     }
     Ok(Report {
+        last_checkpoint_seq: checkpoints.last().map_or(0, |checkpoint| checkpoint.seq),
         events_checked: last_seq,
         checkpoints_checked,
         unsealed: store.unsealed_audit_events().await?,

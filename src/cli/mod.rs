@@ -1,6 +1,7 @@
 //! The `warrant` command line: `serve` runs a broker; the other commands are gRPC clients of one.
 
 mod admin;
+mod audit;
 mod output;
 mod serve;
 mod task;
@@ -62,6 +63,9 @@ enum Command {
     /// Manage the broker (as an admin).
     #[command(subcommand)]
     Admin(admin::AdminCommand),
+    /// Investigate the audit trail and check its integrity (as an admin).
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// Parses the command line and runs the command.
@@ -81,6 +85,7 @@ pub fn run() -> ExitCode {
             Command::Task(command) => task::run(&cli, command, &format).await,
             Command::Token(command) => token::run(&cli, command, &format).await,
             Command::Admin(command) => admin::run(&cli, command, &format).await,
+            Command::Audit(command) => audit::run(&cli, command, &format).await,
         };
         match result {
             Ok(code) => code,

@@ -35,19 +35,30 @@ impl Format {
                     CommandError::Usage(format!("--field {path}: no such field in the result"))
                 })?;
             match selected {
-                Value::String(text) => println!("{text}"),
-                other => println!("{other}"),
-            }
+                Value::String(text) => emit(&format!("{text}\n")),
+                other => emit(&format!("{other}\n")),
+            };
         } else if self.json {
-            println!(
-                "{}",
+            emit(&format!(
+                "{}\n",
                 serde_json::to_string_pretty(value).unwrap_or_default()
-            );
+            ));
         } else {
-            print!("{}", text(value));
+            emit(&text(value));
         }
         Ok(())
     }
+}
+
+/// Writes `text` to standard output. Returns `false` once the reader has gone away (as with
+/// `| head`), so the caller can stop instead of failing.
+pub fn emit(text: &str) -> bool {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_ok()
 }
 
 /// RFC 3339 text for a protobuf timestamp.

@@ -6,11 +6,21 @@ use tonic::{Request, Response, Status};
 
 use super::auth::authenticate;
 use super::convert;
+use crate::audit::chain::Problem;
 use crate::broker::{Broker, RevocationTarget};
 use crate::domain::{Caller, LeaseId, Role, TaskId, WorkloadName};
 use crate::error::Error;
 use crate::proto;
 use crate::proto::revoke_request::Target;
+use crate::store::AuditFilter;
+
+/// The most events one query returns.
+const MAX_AUDIT_QUERY: u32 = 10_000;
+/// Events read from the store per round trip of an export.
+const EXPORT_PAGE: i64 = 500;
+
+type AuditStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::AuditEvent, Status>> + Send>>;
 
 pub struct AdminService {
     broker: Arc<Broker>,
@@ -102,6 +112,107 @@ impl proto::admin_server::Admin for AdminService {
             retired_key_published_until: Some(convert::timestamp(
                 rotation.retired_key_published_until,
             )),
+        }))
+    }
+
+    async fn query_audit(
+        &self,
+        request: Request<proto::QueryAuditRequest>,
+    ) -> Result<Response<proto::QueryAuditResponse>, Status> {
+        self.admin(&request).await?;
+        let message = request.into_inner();
+        let text = |value: String| Some(value).filter(|value| !value.is_empty());
+        let filter = AuditFilter {
+            task_id: text(message.task_id),
+            workload: text(message.workload),
+            scope: text(message.scope),
+            event_type: text(message.r#type),
+            since: message.since.as_ref().map(convert::millis),
+            until: message.until.as_ref().map(convert::millis),
+            limit: i64::from(if message.limit == 0 {
+                MAX_AUDIT_QUERY
+            } else {
+                message.limit.min(MAX_AUDIT_QUERY)
+            }),
+        };
+        let events = self.broker.store().query_audit(&filter).await?;
+        Ok(Response::new(proto::QueryAuditResponse {
+            events: events.into_iter().map(convert::audit_event).collect(),
+        }))
+    }
+
+    type ExportAuditStream = AuditStream;
+
+    async fn export_audit(
+        &self,
+        request: Request<proto::ExportAuditRequest>,
+    ) -> Result<Response<AuditStream>, Status> {
+        self.admin(&request).await?;
+        let mut after = i64::try_from(request.get_ref().after_seq)
+            .map_err(|_| Error::invalid("after_seq", "is beyond the trail"))?;
+        let store = self.broker.store().clone();
+        let (sender, receiver) = tokio::sync::mpsc::channel(EXPORT_PAGE as usize);
+        tokio::spawn(async move {
+            loop {
+                let page = match store.sealed_audit_events(after, EXPORT_PAGE).await {
+                    Ok(page) => page,
+                    Err(error) => {
+                        let _ = sender.send(Err(Status::from(error))).await;
+                        return;
+                    }
+                };
+                let is_last = page.len() < EXPORT_PAGE as usize;
+                for record in page {
+                    after = record.event.seq;
+                    if sender.send(Ok(convert::audit_event(record))).await.is_err() {
+                        return;
+                    }
+                }
+                if is_last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<proto::VerifyAuditRequest>,
+    ) -> Result<Response<proto::VerifyAuditResponse>, Status> {
+        self.admin(&request).await?;
+        let report = crate::audit::verify::verify(self.broker.store()).await?;
+        let count = |n: i64| u64::try_from(n).unwrap_or_default();
+        let problem = report.problem.unwrap_or_else(|| Problem {
+            seq: 0,
+            event_id: String::new(),
+            description: String::new(),
+        });
+        Ok(Response::new(proto::VerifyAuditResponse {
+            intact: problem.description.is_empty(),
+            events_checked: count(report.events_checked),
+            checkpoints_checked: report.checkpoints_checked as u64,
+            unsealed: count(report.unsealed),
+            problem_seq: count(problem.seq),
+            problem_event_id: problem.event_id,
+            problem: problem.description,
+            last_checkpoint_seq: count(report.last_checkpoint_seq),
+        }))
+    }
+
+    async fn audit_hash(
+        &self,
+        request: Request<proto::AuditHashRequest>,
+    ) -> Result<Response<proto::AuditHashResponse>, Status> {
+        self.admin(&request).await?;
+        let value = &request.get_ref().value;
+        if value.is_empty() {
+            return Err(Error::invalid("value", "is required").into());
+        }
+        Ok(Response::new(proto::AuditHashResponse {
+            hmac: self.broker.audit_hash(value),
         }))
     }
 }

@@ -5,12 +5,44 @@ use prost_types::Timestamp;
 use crate::broker::IssuedLease;
 use crate::domain::{CredentialKind, LeaseState, RevocationReason, Role, TaskState, UnixMillis};
 use crate::proto;
-use crate::store::WorkloadRecord;
+use crate::store::{AuditRecord, WorkloadRecord};
 
 pub fn timestamp(at: UnixMillis) -> Timestamp {
     Timestamp {
         seconds: at.0.div_euclid(1000),
         nanos: (at.0.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+/// A protobuf timestamp as milliseconds since the epoch (saturating).
+pub fn millis(at: &Timestamp) -> UnixMillis {
+    UnixMillis(
+        at.seconds
+            .saturating_mul(1000)
+            .saturating_add(i64::from(at.nanos / 1_000_000)),
+    )
+}
+
+pub fn audit_event(record: AuditRecord) -> proto::AuditEvent {
+    let event = record.event;
+    proto::AuditEvent {
+        seq: record
+            .seq
+            .and_then(|seq| u64::try_from(seq).ok())
+            .unwrap_or_default(),
+        id: event.id,
+        occurred_at: Some(timestamp(UnixMillis(event.occurred_at))),
+        r#type: event.event_type,
+        outcome: event.outcome,
+        actor: event.actor,
+        workload: event.workload.unwrap_or_default(),
+        task_id: event.task_id.unwrap_or_default(),
+        scope: event.scope.unwrap_or_default(),
+        lease_id: event.lease_id.unwrap_or_default(),
+        detail_json: event.detail_json,
+        context_json: event.context_json.unwrap_or_default(),
+        prev_hash: event.prev_hash,
+        hash: event.hash,
     }
 }
 

@@ -356,6 +356,18 @@ pub async fn count_rows(data: &TestData, table: &str) -> i64 {
     sqlx::Row::get::<i64, _>(&row, "n")
 }
 
+/// Runs `sql` against the broker's database directly (to tamper with it, or break it).
+pub async fn execute_sql(data: &TestData, sql: &str) {
+    sqlx::any::install_default_drivers();
+    let mut connection = sqlx::AnyConnection::connect(&data.database_url)
+        .await
+        .expect("open test database");
+    sqlx::raw_sql(sql)
+        .execute(&mut connection)
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {error}"));
+}
+
 /// The path of the `warrant` binary built for these tests.
 pub fn warrant_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_warrant"))
