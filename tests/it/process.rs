@@ -22,6 +22,10 @@ struct BrokerProcess {
 
 impl BrokerProcess {
     fn start(args: &[&str], data_dir: &Path) -> BrokerProcess {
+        Self::start_logging(args, data_dir, "info")
+    }
+
+    fn start_logging(args: &[&str], data_dir: &Path, log_level: &str) -> BrokerProcess {
         let mut child = Command::new(warrant_binary())
             .args(args)
             .current_dir(data_dir)
@@ -29,7 +33,7 @@ impl BrokerProcess {
             .env("WARRANT_GRPC_ADDR", "127.0.0.1:0")
             .env("WARRANT_HTTP_ADDR", "127.0.0.1:0")
             .env("WARRANT_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_level)
             .env_remove("WARRANT_DATABASE_URL")
             .env_remove("WARRANT_MASTER_KEY")
             .stdout(Stdio::piped())
@@ -461,4 +465,133 @@ async fn readme_walkthrough_works_verbatim() {
         .expect("introspection after completion printed active: false");
     assert!(valid < revoked);
     assert!(stdout.contains("invalid: token revoked"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_the_audit_trail_or_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start_logging(&["serve", "--dev"], dir.path(), "debug");
+    let (grpc, _) = broker.wait_until_serving();
+    let address = format!("http://{grpc}");
+    let admin_credential = broker.admin_credential().unwrap();
+    let admin = Connection::open(&address, Some(&admin_credential), None)
+        .await
+        .unwrap();
+    let agent_credential = admin
+        .admin()
+        .create_workload(proto::CreateWorkloadRequest {
+            name: "crm-agent".into(),
+            roles: vec![proto::Role::Agent as i32],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .credential;
+    let mut agent = Connection::open(&address, Some(&agent_credential), None)
+        .await
+        .unwrap()
+        .tasks();
+    let task = agent
+        .begin_task(begin(&["crm.contacts:read", "tickets:write"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let granted = agent
+        .request_grant(grant_request(&task.task_id, "crm.contacts:read", 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    let renewed = agent
+        .renew_lease(renew_request(&granted.lease_id, 600))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    let mut tokens = admin.tokens();
+    for token in [
+        &task.leases[0].credential,
+        &renewed.credential,
+        &"forged.token.value".to_string(),
+    ] {
+        let request = proto::IntrospectRequest {
+            token: token.clone(),
+            audience: "https://crm.example.internal".into(),
+        };
+        tokens.introspect(request).await.unwrap();
+    }
+    agent
+        .complete_task(complete_request(&task.task_id))
+        .await
+        .unwrap();
+    let token_hmac = admin
+        .admin()
+        .audit_hash(proto::AuditHashRequest {
+            value: renewed.credential.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .hmac;
+    let (code, logs) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+
+    let database = format!(
+        "sqlite://{}",
+        dir.path().join("warrant-data/warrant.db").display()
+    );
+    sqlx::any::install_default_drivers();
+    let mut connection = <sqlx::AnyConnection as sqlx::Connection>::connect(&database)
+        .await
+        .unwrap();
+    let rows = sqlx::query(
+        "SELECT id || event_type || outcome || actor || COALESCE(workload, '') || COALESCE(task_id, '') || \
+         COALESCE(scope, '') || COALESCE(lease_id, '') || detail_json || COALESCE(context_json, '') AS text FROM audit_events",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .unwrap();
+    let trail: String = rows
+        .iter()
+        .map(|row| sqlx::Row::get::<String, _>(row, "text"))
+        .collect();
+
+    assert!(
+        trail.contains(&token_hmac),
+        "positive control: the trail holds the renewed token's HMAC"
+    );
+    assert!(
+        logs.contains("task opened"),
+        "positive control: debug logs were captured"
+    );
+    let master_key = std::fs::read_to_string(dir.path().join("warrant-data/master.key")).unwrap();
+    let mut secrets = vec![
+        admin_credential.clone(),
+        agent_credential.clone(),
+        master_key.trim().to_owned(),
+    ];
+    for credential in [&admin_credential, &agent_credential] {
+        secrets.push(credential[credential.len() - 43..].to_owned()); // the secret part
+    }
+    for token in task
+        .leases
+        .iter()
+        .map(|l| &l.credential)
+        .chain([&granted.credential, &renewed.credential])
+    {
+        secrets.push(token.clone());
+        secrets.push(token.rsplit('.').next().unwrap().to_owned());
+    }
+    for secret in &secrets {
+        assert!(secret.len() >= 20);
+        assert!(
+            !trail.contains(secret.as_str()),
+            "a secret reached the audit trail"
+        );
+        assert!(!logs.contains(secret.as_str()), "a secret reached the logs");
+    }
 }
