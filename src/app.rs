@@ -17,6 +17,7 @@ use crate::config::{Config, TlsIdentity};
 use crate::feed::Feed;
 use crate::issuer::master_key::MasterKeyError;
 use crate::issuer::{BearerCredential, Keyring};
+use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use crate::{audit, grpc, http, reaper};
 
@@ -92,14 +93,15 @@ impl App {
         let store = Store::connect(&config.database_url).await?;
         let audit_key = master_key.audit_key();
         let keyring = Keyring::load(&store, master_key, config.signing_algorithm).await?;
-        let feed = Feed::new(store.feed_head().await?);
+        let metrics = Arc::new(Metrics::new());
+        let feed = Feed::new(store.feed_head().await?, metrics.clone());
         let settings = BrokerSettings {
             issuer,
             trust_domain: config.trust_domain.clone(),
             max_task_ttl: config.max_task_ttl,
         };
         let broker = Arc::new(Broker::new(
-            store, audit_key, keyring, catalog, feed, settings,
+            store, audit_key, keyring, catalog, feed, settings, metrics,
         ));
         let first_admin_credential = bootstrap::first_admin(&broker).await?;
         // Whatever expired while the broker was down is reported before the first request.
@@ -150,6 +152,7 @@ impl App {
             .await
             .map_err(|error| StartError::Serve(error.to_string()))?;
         let mut server = tonic::transport::Server::builder();
+        let observe = grpc::ObserveLayer::new(self.broker.clone());
         if let Some(tls) = &self.tls {
             let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
             server = server
@@ -157,12 +160,17 @@ impl App {
                 .map_err(|error| StartError::Tls(error.to_string()))?;
         }
         let mut grpc_stop = stop.clone();
-        let grpc = tokio::spawn(server.add_routes(routes).serve_with_incoming_shutdown(
-            TcpListenerStream::new(self.grpc_listener),
-            async move {
-                let _ = grpc_stop.wait_for(|stopping| *stopping).await;
-            },
-        ));
+        let grpc = tokio::spawn(
+            server
+                .layer(observe)
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(self.grpc_listener),
+                    async move {
+                        let _ = grpc_stop.wait_for(|stopping| *stopping).await;
+                    },
+                ),
+        );
         let acceptor = match &self.tls {
             Some(tls) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
                 server_tls_config(tls)?,

@@ -3,7 +3,9 @@
 //! events in one transaction, and only then returns credentials. Refusals are recorded too.
 
 use std::fmt;
-use std::time::Duration;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::audit::{AuditEvent, AuditKey, BOOTSTRAP};
 use crate::domain::task::{LeaseWindow, NewTask, parse_ttl_seconds};
@@ -16,8 +18,9 @@ use crate::feed::Feed;
 use crate::issuer::jwt::{self, AccessTokenClaims, Expectations};
 use crate::issuer::keyring::Rotation;
 use crate::issuer::{BearerCredential, Keyring, SigningKey};
+use crate::metrics::{CredentialLabels, Metrics, OperationLabels, ResultLabels, ScopeLabels};
 use crate::store::{
-    CompletionOutcome, LeaseRecord, NewLeaseOutcome, RenewalOutcome, Store, TaskRecord,
+    CompletionOutcome, EndedLease, LeaseRecord, NewLeaseOutcome, RenewalOutcome, Store, TaskRecord,
     WorkloadRecord,
 };
 
@@ -42,6 +45,7 @@ pub struct Broker {
     catalog: Catalog,
     feed: Feed,
     settings: BrokerSettings,
+    metrics: Arc<Metrics>,
 }
 
 /// A secret credential in clear, on its way to its workload. `Debug` never shows it.
@@ -100,6 +104,7 @@ impl Broker {
         catalog: Catalog,
         feed: Feed,
         settings: BrokerSettings,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Broker {
             store,
@@ -108,6 +113,48 @@ impl Broker {
             catalog,
             feed,
             settings,
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Runs a store operation, recording its latency.
+    async fn timed<T>(&self, operation: &'static str, work: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let outcome = work.await;
+        let labels = OperationLabels {
+            operation: operation.to_owned(),
+        };
+        self.metrics
+            .store_seconds
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    fn count_issued(&self, lease: &IssuedLease) {
+        let labels = CredentialLabels {
+            kind: lease.record.kind.as_str().to_owned(),
+            scope: lease.record.scope.to_string(),
+        };
+        self.metrics.credentials_issued.get_or_create(&labels).inc();
+    }
+
+    fn count_denied(&self, scope: &ScopeName) {
+        self.metrics
+            .credentials_denied
+            .get_or_create(&ScopeLabels {
+                scope: scope.to_string(),
+            })
+            .inc();
+    }
+
+    fn count_revoked(&self, ended: &[EndedLease], reason: &str) {
+        for lease in ended {
+            self.metrics.revoked(&lease.scope, reason, 1);
         }
     }
 
@@ -164,7 +211,9 @@ impl Broker {
                         .with("purpose", request.purpose.as_str())
                         .with("reason", refusal.to_string());
                     events.push(refused);
-                    self.store.record_events(&events).await?;
+                    self.count_denied(scope);
+                    self.timed("record_events", self.store.record_events(&events))
+                        .await?;
                     return Err(refusal);
                 }
             }
@@ -210,7 +259,13 @@ impl Broker {
                 .map(|lease| self.issuance_event(caller, "lease.issued", lease)),
         );
         let records: Vec<LeaseRecord> = leases.iter().map(|lease| lease.record.clone()).collect();
-        if !self.store.insert_task(&task, &records, &events).await? {
+        if !self
+            .timed(
+                "insert_task",
+                self.store.insert_task(&task, &records, &events),
+            )
+            .await?
+        {
             // A concurrent call with the same idempotency key committed first: answer as a retry.
             let key = task.idempotency_key.as_deref().unwrap_or_default();
             let existing = self
@@ -222,6 +277,7 @@ impl Broker {
                 })?;
             return self.replay(caller, existing, &request).await;
         }
+        leases.iter().for_each(|lease| self.count_issued(lease));
         tracing::info!(task_id = %task.id, workload = %caller.name, leases = leases.len(), "task opened");
         Ok(OpenedTask {
             task,
@@ -243,7 +299,9 @@ impl Broker {
         let definition = match decision {
             Ok(definition) => definition,
             Err(refusal) => {
-                self.store.record_events(&[decision_event]).await?;
+                self.count_denied(scope);
+                self.timed("record_events", self.store.record_events(&[decision_event]))
+                    .await?;
                 return Err(refusal);
             }
         };
@@ -261,11 +319,15 @@ impl Broker {
             self.issuance_event(caller, "lease.issued", &lease),
         ];
         match self
-            .store
-            .add_lease(&caller.workload_id, &lease.record, now, &events)
+            .timed(
+                "add_lease",
+                self.store
+                    .add_lease(&caller.workload_id, &lease.record, now, &events),
+            )
             .await?
         {
             NewLeaseOutcome::Added => {
+                self.count_issued(&lease);
                 tracing::info!(task_id = %task.id, lease_id = %lease.record.id, %scope, "lease issued");
                 Ok(lease)
             }
@@ -317,11 +379,24 @@ impl Broker {
         };
         let event = self.issuance_event(caller, "lease.renewed", &renewed);
         match self
-            .store
-            .renew_lease(lease_id, window, key.kid(), now, &[event])
+            .timed(
+                "renew_lease",
+                self.store
+                    .renew_lease(lease_id, window, key.kid(), now, &[event]),
+            )
             .await?
         {
-            RenewalOutcome::Renewed => Ok(renewed),
+            RenewalOutcome::Renewed => {
+                let labels = CredentialLabels {
+                    kind: renewed.record.kind.as_str().to_owned(),
+                    scope: renewed.record.scope.to_string(),
+                };
+                self.metrics
+                    .credentials_renewed
+                    .get_or_create(&labels)
+                    .inc();
+                Ok(renewed)
+            }
             RenewalOutcome::NotRenewable => Err(Error::FailedPrecondition(format!(
                 "lease_id: lease {lease_id} ended while being renewed"
             ))),
@@ -333,8 +408,11 @@ impl Broker {
     pub async fn complete_task(&self, caller: &Caller, task_id: &TaskId) -> Result<CompletedTask> {
         let now = UnixMillis::now();
         match self
-            .store
-            .complete_task(task_id, &caller.workload_id, now, caller.name.as_str())
+            .timed(
+                "complete_task",
+                self.store
+                    .complete_task(task_id, &caller.workload_id, now, caller.name.as_str()),
+            )
             .await?
         {
             CompletionOutcome::Completed {
@@ -343,6 +421,11 @@ impl Broker {
                 feed_seq,
             } => {
                 self.feed.announce(feed_seq);
+                self.count_revoked(&revoked, "task_completed");
+                let revoked = revoked
+                    .into_iter()
+                    .map(|lease| lease.id)
+                    .collect::<Vec<_>>();
                 tracing::info!(%task_id, revoked = revoked.len(), "task completed");
                 Ok(CompletedTask {
                     task_id: task_id.clone(),
@@ -395,7 +478,19 @@ impl Broker {
                 event = event.with("reason", *reason);
             }
         }
-        self.store.record_events(&[event]).await?;
+        let result = if outcome.is_ok() {
+            "active"
+        } else {
+            "inactive"
+        };
+        self.metrics
+            .introspections
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+        self.timed("record_events", self.store.record_events(&[event]))
+            .await?;
         Ok(outcome.ok())
     }
 
@@ -452,7 +547,7 @@ impl Broker {
         let requested = AuditEvent::new("revocation.requested", "ok", actor);
         let (revoked, feed_seq) = match target {
             RevocationTarget::Lease(id) => {
-                let seq = self
+                let (ended, seq) = self
                     .store
                     .revoke_lease(id, now, actor, &[requested.lease(id)])
                     .await?
@@ -461,7 +556,7 @@ impl Broker {
                             "lease_id: no issued lease {id} (unknown, expired or revoked)"
                         ))
                     })?;
-                (vec![id.clone()], seq)
+                (vec![ended], seq)
             }
             RevocationTarget::Task(id) => self
                 .store
@@ -474,8 +569,9 @@ impl Broker {
                 })?,
         };
         self.feed.announce(feed_seq);
+        self.count_revoked(&revoked, "revoked");
         tracing::info!(?target, revoked = revoked.len(), "revoked by admin");
-        Ok(revoked)
+        Ok(revoked.into_iter().map(|lease| lease.id).collect())
     }
 
     /// Switches signing to a new key; the old one stays published until its tokens expire.
@@ -494,13 +590,22 @@ impl Broker {
         const BATCH: i64 = 500;
         let (mut leases, mut tasks) = (0, 0);
         loop {
-            let report = self.store.expire_due(UnixMillis::now(), BATCH).await?;
-            leases += report.leases;
+            let now = UnixMillis::now();
+            let report = self
+                .timed("expire_due", self.store.expire_due(now, BATCH))
+                .await?;
+            if let Some(most_overdue) = report.leases.iter().map(|lease| lease.not_after).min() {
+                self.metrics
+                    .reaper_lag_seconds
+                    .set((now.0 - most_overdue.0).max(0) as f64 / 1000.0);
+            }
+            self.count_revoked(&report.leases, "expired");
+            leases += report.leases.len();
             tasks += report.tasks;
             if let Some(seq) = report.feed_seq {
                 self.feed.announce(seq);
             }
-            if report.leases < BATCH as usize && report.tasks < BATCH as usize {
+            if report.leases.len() < BATCH as usize && report.tasks < BATCH as usize {
                 return Ok((leases, tasks));
             }
         }

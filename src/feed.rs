@@ -8,7 +8,12 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, watch};
+
+use crate::domain::UnixMillis;
+use crate::metrics::Metrics;
 
 use crate::store::{FeedRecord, Store};
 
@@ -20,6 +25,7 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Announces committed revocations to subscribers in this process.
 pub struct Feed {
     head: watch::Sender<i64>,
+    metrics: Arc<Metrics>,
 }
 
 /// A page of the feed for one subscriber.
@@ -33,9 +39,10 @@ pub struct FeedBatch {
 }
 
 impl Feed {
-    pub fn new(head: i64) -> Self {
+    pub fn new(head: i64, metrics: Arc<Metrics>) -> Self {
         Feed {
             head: watch::Sender::new(head),
+            metrics,
         }
     }
 
@@ -61,6 +68,7 @@ impl Feed {
     ) -> mpsc::Receiver<Result<FeedBatch, crate::error::Error>> {
         let (sender, receiver) = mpsc::channel(4);
         let mut announcements = self.head.subscribe();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let mut has_caught_up = false;
             loop {
@@ -75,6 +83,14 @@ impl Feed {
                 let is_last_page = records.len() < PAGE_SIZE as usize;
                 if let Some(last) = records.last() {
                     cursor = last.seq;
+                }
+                if has_caught_up {
+                    // Live delivery (not a replay of history): how long after commit it left.
+                    let now = UnixMillis::now();
+                    for record in &records {
+                        let delay = (now.0 - record.event.occurred_at.0).max(0) as f64 / 1000.0;
+                        metrics.feed_delivery_seconds.observe(delay);
+                    }
                 }
                 let announce_catch_up = is_last_page && !has_caught_up;
                 if !records.is_empty() || announce_catch_up {

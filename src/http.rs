@@ -1,5 +1,5 @@
 //! HTTP endpoints beside gRPC: JWKS and OpenID discovery, so ordinary JWT libraries can validate
-//! Warrant tokens, and health probes. Served over TLS when the broker has a TLS identity.
+//! Warrant tokens, health probes, and Prometheus metrics. Served over TLS when the broker has a TLS identity.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +30,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/.well-known/openid-configuration", get(discovery))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readiness))
+        .route("/metrics", get(metrics))
         .with_state(broker)
 }
 
@@ -54,6 +55,16 @@ async fn discovery(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
         "id_token_signing_alg_values_supported": ["EdDSA", "ES256"],
         "token_endpoint_auth_methods_supported": ["none"],
     }))
+}
+
+async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        broker.metrics().encode(),
+    )
 }
 
 async fn readiness(State(broker): State<Arc<Broker>>) -> (StatusCode, &'static str) {

@@ -20,6 +20,7 @@ pub async fn seal_all(broker: &Broker) -> Result<usize> {
     let mut sealed = 0;
     loop {
         let count = broker.store().seal_audit_events(SEAL_BATCH).await?;
+        broker.metrics().audit_events_sealed.inc_by(count as u64);
         sealed += count;
         if count < SEAL_BATCH as usize {
             return Ok(sealed);

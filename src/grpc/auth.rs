@@ -34,6 +34,7 @@ pub async fn authenticate<T>(store: &Store, request: &Request<T>) -> Result<Call
     if !digests_match(&presented.secret_sha256, &stored_hash) {
         return Err(unknown());
     }
+    tracing::Span::current().record("caller", workload.name.as_str());
     Ok(Caller {
         workload_id: workload.id,
         name: workload.name,

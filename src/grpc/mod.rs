@@ -5,6 +5,7 @@
 mod admin;
 mod auth;
 mod convert;
+mod observe;
 mod tasks;
 mod tokens;
 
@@ -17,6 +18,7 @@ use crate::broker::Broker;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::tasks_server::TasksServer;
 use crate::proto::tokens_server::TokensServer;
+pub use observe::ObserveLayer;
 
 /// Largest request message accepted, in bytes: tokens and requests are small.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;

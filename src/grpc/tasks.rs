@@ -50,6 +50,7 @@ impl proto::tasks_server::Tasks for TasksService {
             self.broker.settings().max_task_ttl,
         )?;
         let opened = self.broker.begin_task(&caller, new_task).await?;
+        record_task(opened.task.id.as_str());
         Ok(Response::new(proto::BeginTaskResponse {
             task_id: opened.task.id.as_str().to_owned(),
             deadline: Some(convert::timestamp(opened.task.deadline)),
@@ -65,6 +66,7 @@ impl proto::tasks_server::Tasks for TasksService {
         let caller = self.agent(&request).await?;
         let message = request.into_inner();
         let task_id = TaskId::parse("task_id", &message.task_id)?;
+        record_task(task_id.as_str());
         let scope = ScopeName::parse("scope", &message.scope)?;
         let lease = self
             .broker
@@ -86,6 +88,7 @@ impl proto::tasks_server::Tasks for TasksService {
             .broker
             .renew_lease(&caller, &lease_id, message.ttl_seconds)
             .await?;
+        record_task(lease.record.task_id.as_str());
         Ok(Response::new(proto::RenewLeaseResponse {
             lease: Some(convert::lease(lease)),
         }))
@@ -97,6 +100,7 @@ impl proto::tasks_server::Tasks for TasksService {
     ) -> Result<Response<proto::CompleteTaskResponse>, Status> {
         let caller = self.agent(&request).await?;
         let task_id = TaskId::parse("task_id", &request.get_ref().task_id)?;
+        record_task(task_id.as_str());
         let completed = self.broker.complete_task(&caller, &task_id).await?;
         Ok(Response::new(proto::CompleteTaskResponse {
             task_id: completed.task_id.as_str().to_owned(),
@@ -110,4 +114,9 @@ impl proto::tasks_server::Tasks for TasksService {
             already_completed: completed.already_completed,
         }))
     }
+}
+
+/// Adds the task id to the call's span, so every log line of the call names the task.
+fn record_task(task_id: &str) {
+    tracing::Span::current().record("task_id", task_id);
 }

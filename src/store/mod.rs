@@ -28,7 +28,7 @@ use sqlx::{AnyPool, Executor};
 pub use audit::{AuditFilter, AuditRecord, Checkpoint};
 pub use feed::{FeedEvent, FeedRecord};
 pub use records::{LeaseRecord, StoredSigningKey, TaskRecord, WorkloadRecord};
-pub use tasks::{CompletionOutcome, NewLeaseOutcome, RenewalOutcome};
+pub use tasks::{CompletionOutcome, EndedLease, NewLeaseOutcome, RenewalOutcome};
 
 /// Which database a store runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

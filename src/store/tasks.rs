@@ -32,11 +32,35 @@ pub enum RenewalOutcome {
     NotRenewable,
 }
 
+/// A lease that a completion, revocation or expiry has just ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndedLease {
+    pub id: LeaseId,
+    pub scope: String,
+    /// When its credential expires (or expired).
+    pub not_after: UnixMillis,
+}
+
+/// The leases among `events` (task-level events name none).
+fn ended_leases(events: &[FeedEvent]) -> Vec<EndedLease> {
+    events
+        .iter()
+        .filter_map(|event| {
+            let id = LeaseId::from_stored(event.lease_id.clone()?);
+            Some(EndedLease {
+                id,
+                scope: event.scope.clone().unwrap_or_default(),
+                not_after: event.not_after,
+            })
+        })
+        .collect()
+}
+
 /// What [`Store::complete_task`] did.
 #[derive(Debug)]
 pub enum CompletionOutcome {
     Completed {
-        revoked: Vec<LeaseId>,
+        revoked: Vec<EndedLease>,
         ended_at: UnixMillis,
         feed_seq: i64,
     },
@@ -47,7 +71,7 @@ pub enum CompletionOutcome {
 /// Leases and tasks the reaper ended in one pass.
 #[derive(Debug, Default)]
 pub struct ExpiryReport {
-    pub leases: usize,
+    pub leases: Vec<EndedLease>,
     pub tasks: usize,
     /// The feed position after the pass, when it appended events.
     pub feed_seq: Option<i64>,
@@ -250,7 +274,7 @@ impl Store {
         now: UnixMillis,
         actor: &str,
         events: &[AuditEvent],
-    ) -> Result<Option<(Vec<LeaseId>, i64)>> {
+    ) -> Result<Option<(Vec<EndedLease>, i64)>> {
         let mut tx = self.writer.begin().await?;
         let ended = sqlx::query(
             "UPDATE tasks SET state = 'revoked', ended_at = $1 WHERE id = $2 AND state = 'active' RETURNING deadline",
@@ -283,7 +307,7 @@ impl Store {
         now: UnixMillis,
         actor: &str,
         audit_events: &[AuditEvent],
-    ) -> Result<Option<i64>> {
+    ) -> Result<Option<(EndedLease, i64)>> {
         let mut tx = self.writer.begin().await?;
         let events = end_leases(
             &mut tx,
@@ -299,7 +323,10 @@ impl Store {
         let feed_seq = feed::append(&mut tx, &events, actor).await?;
         audit::insert_events(&mut tx, audit_events).await?;
         tx.commit().await?;
-        Ok(Some(feed_seq))
+        let ended = ended_leases(&events)
+            .pop()
+            .ok_or_else(|| Error::internal("revoked lease without event"))?;
+        Ok(Some((ended, feed_seq)))
     }
 
     /// Whether lease `id` is issued, unexpired at `now`, and its task still active: the
@@ -333,10 +360,7 @@ impl Store {
             now,
         )
         .await?;
-        let mut report = ExpiryReport {
-            leases: events.len(),
-            ..ExpiryReport::default()
-        };
+        let mut report = ExpiryReport::default();
         let tasks = sqlx::query(
             "UPDATE tasks SET state = 'expired', ended_at = $1 WHERE state = 'active' AND id IN \
              (SELECT id FROM tasks WHERE state = 'active' AND deadline <= $1 ORDER BY deadline LIMIT $2) \
@@ -357,7 +381,6 @@ impl Store {
                 now,
             )
             .await?;
-            report.leases += leftovers.len();
             events.extend(leftovers);
             events.push(task_event(
                 task_id,
@@ -366,6 +389,7 @@ impl Store {
                 now,
             ));
         }
+        report.leases = ended_leases(&events);
         if !events.is_empty() {
             report.feed_seq = Some(feed::append(&mut tx, &events, REAPER).await?);
         }
@@ -405,7 +429,7 @@ async fn end_task_leases(
     reason: RevocationReason,
     now: UnixMillis,
     actor: &str,
-) -> Result<(Vec<LeaseId>, i64)> {
+) -> Result<(Vec<EndedLease>, i64)> {
     let mut events = end_leases(
         connection,
         LeaseSelection::OfTask(task_id.as_str()),
@@ -414,11 +438,7 @@ async fn end_task_leases(
         now,
     )
     .await?;
-    let ended: Vec<LeaseId> = events
-        .iter()
-        .filter_map(|event| event.lease_id.clone())
-        .map(LeaseId::from_stored)
-        .collect();
+    let ended = ended_leases(&events);
     events.push(task_event(
         task_id.as_str().to_owned(),
         reason,

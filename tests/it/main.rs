@@ -31,6 +31,7 @@ mod audit;
 mod auth;
 mod interop;
 mod lifecycle;
+mod metrics;
 mod process;
 mod rotation;
 mod tasks;

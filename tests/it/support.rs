@@ -389,3 +389,58 @@ pub async fn eventually<F: std::future::Future<Output = bool>>(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A Python with PyJWT and prometheus_client, in a virtual environment created once under the
+/// target directory. `None` (the caller skips) when Python or the package index is unavailable;
+/// under CI that fails the test instead, so the independent checks always run there.
+pub fn python_venv() -> Option<PathBuf> {
+    use std::process::Command;
+    use std::sync::Mutex;
+    static VENV: Mutex<Option<Option<PathBuf>>> = Mutex::new(None);
+    let mut cached = VENV.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let python = cached
+        .get_or_insert_with(|| {
+            let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("python-venv");
+            let python = venv.join("bin/python");
+            let has_packages = |python: &PathBuf| {
+                Command::new(python)
+                    .args(["-c", "import jwt, cryptography, prometheus_client"])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            if !has_packages(&python) {
+                let created = Command::new("python3")
+                    .args(["-m", "venv"])
+                    .arg(&venv)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                let installed = created
+                    && Command::new(&python)
+                        .args([
+                            "-m",
+                            "pip",
+                            "install",
+                            "--quiet",
+                            "--disable-pip-version-check",
+                        ])
+                        .args(["pyjwt[crypto]>=2.8,<3", "prometheus-client>=0.20,<1"])
+                        .status()
+                        .is_ok_and(|s| s.success());
+                if !installed {
+                    return None;
+                }
+            }
+            has_packages(&python).then_some(python)
+        })
+        .clone();
+    if python.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to create the Python test environment"
+        );
+        eprintln!(
+            "skipped: no Python environment (python3 -m venv + pip install pyjwt[crypto] prometheus-client failed)"
+        );
+    }
+    python
+}

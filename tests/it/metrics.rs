@@ -1,0 +1,88 @@
+//! `/metrics` in the Prometheus text format, checked with the reference parsers.
+
+use std::process::Command;
+
+use crate::support::*;
+
+/// Parses the exposition strictly as OpenMetrics and again as classic Prometheus text, and
+/// prints {"name{label=value,...}": value} for every sample.
+const PARSE_SCRIPT: &str = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
+from prometheus_client.parser import text_string_to_metric_families as classic
+text = sys.stdin.read()
+samples = {}
+for family in openmetrics(text):
+    for sample in family.samples:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+        samples[f"{sample.name}{{{labels}}}"] = sample.value
+assert sum(len(f.samples) for f in classic(text)) > 0
+print(json.dumps(samples))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_issuance_denial_revocation_and_introspection_in_prometheus_format() {
+    let Some(python) = python_venv() else { return };
+    let data = TestData::new(Backend::Sqlite).await;
+    let app = TestApp::spawn(&data).await;
+    let mut agent = app.agent("crm-agent").await.tasks();
+    let task = agent
+        .begin_task(begin(&["crm.contacts:read", "tickets:write"]))
+        .await
+        .unwrap()
+        .into_inner();
+    agent
+        .begin_task(begin(&["payments:refund"]))
+        .await
+        .unwrap_err();
+    assert!(app.is_active(&task.leases[0].credential, CRM).await);
+    agent
+        .complete_task(complete_request(&task.task_id))
+        .await
+        .unwrap();
+    assert!(!app.is_active(&task.leases[0].credential, CRM).await);
+
+    let (status, text) = http_get(app.http_addr, "/metrics");
+    assert_eq!(status, 200);
+    let mut parser = Command::new(python)
+        .args(["-c", PARSE_SCRIPT])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut parser.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let output = parser.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the exposition does not parse: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let samples: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+
+    let value = |key: &str| {
+        samples[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no sample {key} in {samples}"))
+    };
+    assert_eq!(
+        value("warrant_credentials_issued_total{kind=jwt,scope=crm.contacts:read}"),
+        1.0
+    );
+    assert_eq!(
+        value("warrant_credentials_issued_total{kind=jwt,scope=tickets:write}"),
+        1.0
+    );
+    assert_eq!(
+        value("warrant_credentials_denied_total{scope=payments:refund}"),
+        1.0
+    );
+    assert_eq!(
+        value("warrant_credentials_revoked_total{reason=task_completed,scope=crm.contacts:read}"),
+        1.0
+    );
+    assert_eq!(value("warrant_introspections_total{result=active}"), 1.0);
+    assert_eq!(value("warrant_introspections_total{result=inactive}"), 1.0);
+    assert!(value("warrant_rpc_duration_seconds_count{method=/warrant.v1.Tasks/BeginTask}") >= 2.0);
+    assert!(value("warrant_store_duration_seconds_count{operation=insert_task}") >= 1.0);
+}
