@@ -10,6 +10,7 @@ use warrant::proto;
 use crate::support::*;
 
 backend_tests!(
+    export_resumes_after_a_sequence_number_and_queries_filter_by_time,
     every_state_change_leaves_exactly_its_events,
     refusals_and_admin_changes_are_recorded,
     verify_names_an_altered_event,
@@ -438,4 +439,68 @@ async fn a_failing_audit_write_fails_the_action_and_issues_nothing(backend: Back
         tasks_before,
         "no task without its events"
     );
+}
+
+async fn export_resumes_after_a_sequence_number_and_queries_filter_by_time(backend: Backend) {
+    let (_data, app) = busy_trail(backend).await;
+    let export = |after_seq: u64| {
+        let app = &app;
+        async move {
+            let mut stream = app
+                .admin()
+                .await
+                .admin()
+                .export_audit(proto::ExportAuditRequest { after_seq })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut seqs = Vec::new();
+            while let Some(event) = stream.message().await.unwrap() {
+                seqs.push(event.seq);
+            }
+            seqs
+        }
+    };
+
+    let everything = export(0).await;
+    let resumed = export(5).await;
+
+    assert_eq!(
+        everything,
+        (1..=everything.len() as u64).collect::<Vec<_>>(),
+        "every sealed event, in chain order"
+    );
+    assert_eq!(resumed, everything[5..].to_vec());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let at = |seconds: i64| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    let future = events(
+        &app,
+        proto::QueryAuditRequest {
+            since: at(now + 3600),
+            ..Default::default()
+        },
+    )
+    .await;
+    let past = events(
+        &app,
+        proto::QueryAuditRequest {
+            until: at(now - 3600),
+            ..Default::default()
+        },
+    )
+    .await;
+    let recent = events(
+        &app,
+        proto::QueryAuditRequest {
+            since: at(now - 3600),
+            until: at(now + 3600),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(future.is_empty() && past.is_empty());
+    assert_eq!(recent.len(), everything.len());
 }
