@@ -595,3 +595,94 @@ async fn secrets_never_reach_the_audit_trail_or_the_logs() {
         assert!(!logs.contains(secret.as_str()), "a secret reached the logs");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_received_before_sigkill_are_stored_and_revocable_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(&["serve", "--dev"], dir.path());
+    let (grpc, _) = broker.wait_until_serving();
+    let admin_credential = broker.admin_credential().unwrap();
+    let address = format!("http://{grpc}");
+    let admin = Connection::open(&address, Some(&admin_credential), None)
+        .await
+        .unwrap();
+    let request = proto::CreateWorkloadRequest {
+        name: "crm-agent".into(),
+        roles: vec![proto::Role::Agent as i32],
+    };
+    let agent_credential = admin
+        .admin()
+        .create_workload(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .credential;
+    let agent = Connection::open(&address, Some(&agent_credential), None)
+        .await
+        .unwrap();
+
+    // Many concurrent issuances; the broker is killed the moment the last answer arrives.
+    let issuances = (0..32).map(|_| {
+        let mut tasks = agent.tasks();
+        tokio::spawn(async move {
+            tasks
+                .begin_task(begin(&["crm.contacts:read"]))
+                .await
+                .map(|r| r.into_inner())
+        })
+    });
+    let mut received = Vec::new();
+    for issuance in issuances {
+        received.push(issuance.await.unwrap().expect("issued"));
+    }
+    broker.child.kill().unwrap();
+    broker.child.wait().unwrap();
+    drop(broker);
+
+    let mut restarted = BrokerProcess::start(&["serve", "--dev"], dir.path());
+    let (grpc, _) = restarted.wait_until_serving();
+    let address = format!("http://{grpc}");
+    let mut tokens = Connection::open(&address, Some(&admin_credential), None)
+        .await
+        .unwrap()
+        .tokens();
+    let mut tasks = Connection::open(&address, Some(&agent_credential), None)
+        .await
+        .unwrap()
+        .tasks();
+    let audience = "https://crm.example.internal";
+    for task in &received {
+        let token = task.leases[0].credential.clone();
+        let request = proto::IntrospectRequest {
+            token: token.clone(),
+            audience: audience.into(),
+        };
+        assert!(
+            tokens
+                .introspect(request.clone())
+                .await
+                .unwrap()
+                .into_inner()
+                .active,
+            "lease lost by the crash"
+        );
+        let completed = tasks
+            .complete_task(complete_request(&task.task_id))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            completed.revoked_lease_ids,
+            vec![task.leases[0].lease_id.clone()]
+        );
+        assert!(
+            !tokens
+                .introspect(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .active,
+            "still revocable"
+        );
+    }
+}
