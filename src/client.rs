@@ -99,6 +99,11 @@ impl Connection {
         })
     }
 
+    /// The underlying channel, for clients of other services (such as health checks).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     pub fn tasks(&self) -> TasksClient<Authenticated> {
         TasksClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }

@@ -128,20 +128,24 @@ impl Store {
     }
 }
 
-/// A pool of SQLite connections, each set to WAL mode with full durability.
+/// Settings of every SQLite connection: WAL (readers beside the writer), and a commit is on
+/// disk before it returns (`synchronous = FULL`).
+pub const SQLITE_PRAGMAS: &[&str] = &[
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = FULL",
+    "PRAGMA busy_timeout = 5000",
+    "PRAGMA foreign_keys = ON",
+];
+
+/// A pool of SQLite connections, each set up with [`SQLITE_PRAGMAS`].
 fn sqlite_pool(connections: u32) -> AnyPoolOptions {
     AnyPoolOptions::new()
         .max_connections(connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .after_connect(|connection, _| {
             Box::pin(async move {
-                for pragma in [
-                    "PRAGMA journal_mode = WAL",
-                    "PRAGMA synchronous = FULL",
-                    "PRAGMA busy_timeout = 5000",
-                    "PRAGMA foreign_keys = ON",
-                ] {
-                    connection.execute(pragma).await?;
+                for pragma in SQLITE_PRAGMAS {
+                    connection.execute(*pragma).await?;
                 }
                 Ok(())
             })

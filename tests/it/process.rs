@@ -26,12 +26,23 @@ impl BrokerProcess {
     }
 
     fn start_logging(args: &[&str], data_dir: &Path, log_level: &str) -> BrokerProcess {
+        Self::start_on(args, data_dir, log_level, ("127.0.0.1:0", "127.0.0.1:0"))
+    }
+
+    /// Starts on fixed (gRPC, HTTP) addresses, as a restart of the same broker does: in dev mode
+    /// the issuer is derived from the HTTP address.
+    fn start_on(
+        args: &[&str],
+        data_dir: &Path,
+        log_level: &str,
+        (grpc, http): (&str, &str),
+    ) -> BrokerProcess {
         let mut child = Command::new(warrant_binary())
             .args(args)
             .current_dir(data_dir)
             .env("WARRANT_DATA_DIR", data_dir.join("warrant-data"))
-            .env("WARRANT_GRPC_ADDR", "127.0.0.1:0")
-            .env("WARRANT_HTTP_ADDR", "127.0.0.1:0")
+            .env("WARRANT_GRPC_ADDR", grpc)
+            .env("WARRANT_HTTP_ADDR", http)
             .env("WARRANT_LOG_FORMAT", "json")
             .env("RUST_LOG", log_level)
             .env_remove("WARRANT_DATABASE_URL")
@@ -599,7 +610,9 @@ async fn secrets_never_reach_the_audit_trail_or_the_logs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_received_before_sigkill_are_stored_and_revocable_after_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProcess::start(&["serve", "--dev"], dir.path());
+    let addresses = (free_address(), free_address());
+    let on = (addresses.0.as_str(), addresses.1.as_str());
+    let mut broker = BrokerProcess::start_on(&["serve", "--dev"], dir.path(), "info", on);
     let (grpc, _) = broker.wait_until_serving();
     let admin_credential = broker.admin_credential().unwrap();
     let address = format!("http://{grpc}");
@@ -639,7 +652,7 @@ async fn credentials_received_before_sigkill_are_stored_and_revocable_after_rest
     broker.child.wait().unwrap();
     drop(broker);
 
-    let mut restarted = BrokerProcess::start(&["serve", "--dev"], dir.path());
+    let mut restarted = BrokerProcess::start_on(&["serve", "--dev"], dir.path(), "info", on);
     let (grpc, _) = restarted.wait_until_serving();
     let address = format!("http://{grpc}");
     let mut tokens = Connection::open(&address, Some(&admin_credential), None)
@@ -657,6 +670,24 @@ async fn credentials_received_before_sigkill_are_stored_and_revocable_after_rest
             token: token.clone(),
             audience: audience.into(),
         };
+        let lease_rows = {
+            sqlx::any::install_default_drivers();
+            let url = format!(
+                "sqlite://{}",
+                dir.path().join("warrant-data/warrant.db").display()
+            );
+            let mut connection = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+                .await
+                .unwrap();
+            let row =
+                sqlx::query("SELECT COUNT(*) AS n FROM leases WHERE id = $1 AND state = 'issued'")
+                    .bind(&task.leases[0].lease_id)
+                    .fetch_one(&mut connection)
+                    .await
+                    .unwrap();
+            sqlx::Row::get::<i64, _>(&row, "n")
+        };
+        assert_eq!(lease_rows, 1, "lease lost by the crash");
         assert!(
             tokens
                 .introspect(request.clone())
@@ -664,7 +695,7 @@ async fn credentials_received_before_sigkill_are_stored_and_revocable_after_rest
                 .unwrap()
                 .into_inner()
                 .active,
-            "lease lost by the crash"
+            "credential valid after restart"
         );
         let completed = tasks
             .complete_task(complete_request(&task.task_id))
@@ -685,4 +716,10 @@ async fn credentials_received_before_sigkill_are_stored_and_revocable_after_rest
             "still revocable"
         );
     }
+}
+
+/// A loopback address with a port that was free a moment ago.
+fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
 }

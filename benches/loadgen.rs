@@ -1,0 +1,870 @@
+//! Warrant's load generator: starts real `warrant serve` processes and drives them over loopback
+//! gRPC with the generated client, next to references measured in the same run, so every figure
+//! is also a ratio that means something on any machine.
+//!
+//! `cargo bench --bench loadgen` runs everything (see BENCHMARKS.md); `-- --help` lists options.
+//! PostgreSQL scenarios use `WARRANT_TEST_DATABASE_URL` (skipped without it).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use sqlx::Connection as _;
+use tokio::sync::mpsc;
+use tonic::Status;
+use warrant::client::Connection;
+use warrant::issuer::{KeyAlgorithm, SigningKey};
+use warrant::proto;
+use warrant::verifier::{Verifier, VerifierConfig, VerifyError};
+
+const CRM_AUDIENCE: &str = "https://crm.example.internal";
+
+/// One measured figure, as printed and as written to JSON.
+#[derive(Serialize)]
+struct Row {
+    scenario: String,
+    backend: String,
+    concurrency: usize,
+    operations: u64,
+    per_second: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    reference: String,
+    ratio: Option<f64>,
+}
+
+/// Latencies and throughput of one run.
+struct Measurement {
+    operations: u64,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Measurement {
+    fn per_second(&self) -> f64 {
+        self.operations as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn row(
+        mut self,
+        scenario: &str,
+        backend: &str,
+        concurrency: usize,
+        reference: Option<(&str, f64)>,
+    ) -> Row {
+        self.latencies.sort();
+        let percentile = |p: f64| {
+            let index = ((self.latencies.len() as f64 * p).ceil() as usize).saturating_sub(1);
+            self.latencies
+                .get(index)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+        let per_second = self.per_second();
+        Row {
+            scenario: scenario.into(),
+            backend: backend.into(),
+            concurrency,
+            operations: self.operations,
+            per_second,
+            p50_ms: percentile(0.50),
+            p90_ms: percentile(0.90),
+            p99_ms: percentile(0.99),
+            max_ms: percentile(1.0),
+            reference: reference
+                .map(|(name, _)| name.to_owned())
+                .unwrap_or_default(),
+            ratio: reference.map(|(_, rate)| per_second / rate),
+        }
+    }
+}
+
+type Operation =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), Status>> + Send>> + Send + Sync>;
+
+/// Runs `operation` from `concurrency` workers for `duration`, recording each call's latency.
+async fn drive(concurrency: usize, duration: Duration, operation: Operation) -> Measurement {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let operation = operation.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline {
+                    let call = Instant::now();
+                    if let Err(status) = operation().await {
+                        panic!("operation failed: {status}");
+                    }
+                    latencies.push(call.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await.expect("worker"));
+    }
+    Measurement {
+        operations: latencies.len() as u64,
+        elapsed: started.elapsed(),
+        latencies,
+    }
+}
+
+/// A child process serving gRPC, stopped when dropped.
+struct Server {
+    child: Child,
+    grpc: String,
+    admin_credential: Option<String>,
+    /// From spawning the process to `/readyz` answering (brokers only).
+    ready_after: Duration,
+    _data: Option<tempfile::TempDir>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Lines a child prints, collected by a thread.
+fn collect_lines(pipe: impl std::io::Read + Send + 'static) -> Arc<std::sync::Mutex<Vec<String>>> {
+    let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// Waits until a line satisfying `find` appears.
+fn wait_for_line<T>(lines: &std::sync::Mutex<Vec<String>>, find: impl Fn(&str) -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(found) = lines.lock().unwrap().iter().find_map(|line| find(line)) {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+impl Server {
+    /// `warrant serve --dev` on a fresh data directory (and database, when `database_url`).
+    fn broker(database_url: Option<&str>) -> Server {
+        let data = tempfile::tempdir().expect("temporary directory");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_warrant"));
+        command
+            .args(["serve", "--dev"])
+            .env("WARRANT_DATA_DIR", data.path())
+            .env("WARRANT_GRPC_ADDR", "127.0.0.1:0")
+            .env("WARRANT_HTTP_ADDR", "127.0.0.1:0")
+            .env("WARRANT_LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn,warrant::cli=info");
+        match database_url {
+            Some(url) => command.env("WARRANT_DATABASE_URL", url),
+            None => command.env_remove("WARRANT_DATABASE_URL"),
+        };
+        let spawned = Instant::now();
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start warrant");
+        let stdout = collect_lines(child.stdout.take().expect("stdout"));
+        let stderr = collect_lines(child.stderr.take().expect("stderr"));
+        let (grpc, http) = wait_for_line(&stderr, |line| {
+            let log: serde_json::Value = serde_json::from_str(line).ok()?;
+            let fields = log.get("fields")?;
+            Some((
+                fields.get("grpc")?.as_str()?.to_owned(),
+                fields.get("http")?.as_str()?.to_owned(),
+            ))
+        });
+        while http_status(&http, "/readyz") != Some(200) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let ready_after = spawned.elapsed();
+        let admin_credential = wait_for_line(&stdout, |line| {
+            line.trim()
+                .strip_prefix("export WARRANT_TOKEN=")
+                .map(str::to_owned)
+        });
+        Server {
+            child,
+            grpc: format!("http://{grpc}"),
+            admin_credential: Some(admin_credential),
+            ready_after,
+            _data: Some(data),
+        }
+    }
+
+    /// This program again, as a plain tonic server of the standard health service: the cost of
+    /// a trivial unary call on the same runtime and transport, in its own process like a broker.
+    fn echo() -> Server {
+        let mut child = Command::new(std::env::current_exe().expect("own path"))
+            .arg("--serve-echo")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start echo server");
+        let stdout = collect_lines(child.stdout.take().expect("stdout"));
+        let grpc = wait_for_line(&stdout, |line| {
+            line.strip_prefix("listening ").map(str::to_owned)
+        });
+        Server {
+            child,
+            grpc: format!("http://{grpc}"),
+            admin_credential: None,
+            ready_after: Duration::ZERO,
+            _data: None,
+        }
+    }
+
+    /// Resident memory of the server process, in MiB.
+    fn resident_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let kib: f64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
+        kib / 1024.0
+    }
+}
+
+/// The status of `GET path` on `addr`, or `None` when nothing answers.
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Serves grpc.health.v1 on a random loopback port and prints it (the `--serve-echo` mode).
+async fn serve_echo() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    println!("listening {}", listener.local_addr().expect("address"));
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await
+        .expect("echo server");
+}
+
+/// Several HTTP/2 connections, so that one connection's ordering is not the bottleneck.
+async fn connections(address: &str, credential: Option<&str>, count: usize) -> Vec<Connection> {
+    let mut connections = Vec::new();
+    for _ in 0..count {
+        connections.push(
+            Connection::open(address, credential, None)
+                .await
+                .expect("connect"),
+        );
+    }
+    connections
+}
+
+/// Each call goes to the next connection in turn.
+fn round_robin<T: Clone + Send + Sync + 'static>(
+    clients: Vec<T>,
+) -> impl Fn() -> T + Send + Sync + 'static {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    move || clients[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % clients.len()].clone()
+}
+
+/// Raw Ed25519 signing and verification on one core with the broker's own key code.
+fn raw_signature_rates(duration: Duration) -> (Measurement, Measurement) {
+    let (key, _) = SigningKey::generate(KeyAlgorithm::EdDsa);
+    let message = [7u8; 300]; // about the size of a token's signing input
+    let signature = key.sign(&message);
+    let time = |operation: &dyn Fn()| {
+        let started = Instant::now();
+        let mut operations = 0;
+        while started.elapsed() < duration {
+            for _ in 0..100 {
+                operation();
+            }
+            operations += 100;
+        }
+        Measurement {
+            operations,
+            elapsed: started.elapsed(),
+            latencies: Vec::new(),
+        }
+    };
+    let signing = time(&|| {
+        std::hint::black_box(key.sign(std::hint::black_box(&message)));
+    });
+    let verifying = time(&|| {
+        assert!(
+            key.verifying_key()
+                .verify(std::hint::black_box(&message), &signature)
+        );
+    });
+    (signing, verifying)
+}
+
+/// One small row per transaction, one after another, on the same database with the broker's
+/// durability settings: the rate a broker without shared commits could at best reach.
+async fn raw_commit_rate(database_url: &str, duration: Duration) -> Measurement {
+    sqlx::any::install_default_drivers();
+    let mut connection = sqlx::AnyConnection::connect(database_url)
+        .await
+        .expect("open database");
+    if database_url.starts_with("sqlite:") {
+        for pragma in warrant::store::SQLITE_PRAGMAS {
+            sqlx::raw_sql(pragma)
+                .execute(&mut connection)
+                .await
+                .expect("pragma");
+        }
+    }
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS commit_probe (id BIGINT PRIMARY KEY, note TEXT NOT NULL)",
+    )
+    .execute(&mut connection)
+    .await
+    .expect("create probe table");
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut id: i64 = 0;
+    while started.elapsed() < duration {
+        id += 1;
+        let call = Instant::now();
+        sqlx::query("INSERT INTO commit_probe (id, note) VALUES ($1, 'x')")
+            .bind(id)
+            .execute(&mut connection)
+            .await
+            .expect("insert");
+        latencies.push(call.elapsed());
+    }
+    Measurement {
+        operations: latencies.len() as u64,
+        elapsed: started.elapsed(),
+        latencies,
+    }
+}
+
+/// A fresh PostgreSQL database next to the one in `base`; returns its URL.
+async fn fresh_postgres(base: &str) -> String {
+    let mut admin = sqlx::PgConnection::connect(base)
+        .await
+        .expect("PostgreSQL reachable");
+    let name = format!(
+        "warrant_bench_{}",
+        warrant::domain::ids::hex(&warrant::issuer::random::bytes::<6>())
+    );
+    sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    let (prefix, query) = base
+        .split_once('?')
+        .map_or((base, String::new()), |(p, q)| (p, format!("?{q}")));
+    let server = prefix.rsplit_once('/').map_or(prefix, |(server, _)| server);
+    format!("{server}/{name}{query}")
+}
+
+fn begin_request(scopes: &[&str], ttl_seconds: u32) -> proto::BeginTaskRequest {
+    proto::BeginTaskRequest {
+        purpose: "load test".into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ttl_seconds,
+        context: None,
+        idempotency_key: String::new(),
+    }
+}
+
+struct Options {
+    duration: Duration,
+    concurrency: Vec<usize>,
+    postgres: Option<String>,
+    json: Option<PathBuf>,
+}
+
+impl Options {
+    fn parse() -> Options {
+        let mut options = Options {
+            duration: Duration::from_secs(10),
+            concurrency: vec![1, 16, 64],
+            postgres: std::env::var("WARRANT_TEST_DATABASE_URL")
+                .ok()
+                .filter(|url| !url.is_empty()),
+            json: None,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--seconds" => {
+                    options.duration = Duration::from_secs_f64(
+                        args.next()
+                            .and_then(|v| v.parse().ok())
+                            .expect("--seconds N"),
+                    )
+                }
+                "--quick" => {
+                    options.duration = Duration::from_millis(1500);
+                    options.concurrency = vec![16];
+                }
+                "--sqlite-only" => options.postgres = None,
+                "--json" => options.json = args.next().map(PathBuf::from),
+                "--bench" => {} // added by `cargo bench`
+                "--help" | "-h" => {
+                    println!("loadgen [--seconds N] [--quick] [--sqlite-only] [--json FILE]");
+                    std::process::exit(0);
+                }
+                other => panic!("unknown argument {other} (see --help)"),
+            }
+        }
+        options
+    }
+}
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    if std::env::args().any(|arg| arg == "--serve-echo") {
+        runtime.block_on(serve_echo());
+        return;
+    }
+    let options = Options::parse();
+    let rows = runtime.block_on(run(&options));
+    print_table(&rows);
+    let json = serde_json::to_string_pretty(&rows).expect("rows serialize");
+    match &options.json {
+        Some(path) => std::fs::write(path, json).expect("write JSON"),
+        None => println!("\n{json}"),
+    }
+}
+
+async fn run(options: &Options) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let duration = options.duration;
+
+    eprintln!("references: raw Ed25519, gRPC echo");
+    let (signing, verifying) = raw_signature_rates(duration.min(Duration::from_secs(3)));
+    let verify_rate = verifying.per_second();
+    rows.push(signing.row("reference: raw Ed25519 sign (1 core)", "-", 1, None));
+    rows.push(verifying.row("reference: raw Ed25519 verify (1 core)", "-", 1, None));
+    let echo = Server::echo();
+    let echo_connections = connections(&echo.grpc, None, 4).await;
+    let next = round_robin(
+        echo_connections
+            .iter()
+            .map(|c| tonic_health::pb::health_client::HealthClient::new(c.channel()))
+            .collect(),
+    );
+    let echo_call: Operation = Arc::new(move || {
+        let mut client = next();
+        Box::pin(async move {
+            client
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .map(|_| ())
+        })
+    });
+    let echo_measurement = drive(64, duration, echo_call).await;
+    let echo_rate = echo_measurement.per_second();
+    rows.push(echo_measurement.row("reference: gRPC echo (tonic health check)", "-", 64, None));
+    drop(echo);
+
+    let mut backends: Vec<(&str, Option<String>)> = vec![("sqlite", None)];
+    if let Some(base) = &options.postgres {
+        backends.push(("postgres", Some(fresh_postgres(base).await)));
+    }
+    for (backend, database_url) in &backends {
+        eprintln!("{backend}: raw commit rate");
+        let probe_dir = tempfile::tempdir().expect("temporary directory");
+        let probe_url = match database_url {
+            Some(_) => fresh_postgres(options.postgres.as_deref().unwrap_or_default()).await,
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                probe_dir.path().join("probe.db").display()
+            ),
+        };
+        let commits = raw_commit_rate(&probe_url, duration.min(Duration::from_secs(5))).await;
+        let commit_rate = commits.per_second();
+        rows.push(commits.row(
+            "reference: raw commit (1 row per transaction)",
+            backend,
+            1,
+            None,
+        ));
+
+        let broker = Server::broker(database_url.as_deref());
+        rows.extend(
+            broker_scenarios(
+                &broker,
+                backend,
+                options,
+                echo_rate,
+                commit_rate,
+                verify_rate,
+            )
+            .await,
+        );
+    }
+
+    eprintln!("start-up");
+    let fresh = Server::broker(None);
+    let ready_ms = fresh.ready_after.as_secs_f64() * 1000.0;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_mib = fresh.resident_mib();
+    rows.push(Row {
+        scenario: format!("serve --dev start-up to ready (idle RSS {idle_mib:.1} MiB)"),
+        backend: "sqlite".into(),
+        concurrency: 0,
+        operations: 1,
+        per_second: 0.0,
+        p50_ms: ready_ms,
+        p90_ms: ready_ms,
+        p99_ms: ready_ms,
+        max_ms: ready_ms,
+        reference: String::new(),
+        ratio: None,
+    });
+    rows
+}
+
+async fn broker_scenarios(
+    broker: &Server,
+    backend: &str,
+    options: &Options,
+    echo_rate: f64,
+    commit_rate: f64,
+    verify_rate: f64,
+) -> Vec<Row> {
+    let duration = options.duration;
+    let mut rows = Vec::new();
+    let admin = Connection::open(&broker.grpc, broker.admin_credential.as_deref(), None)
+        .await
+        .expect("connect");
+    let agent_credential = admin
+        .admin()
+        .create_workload(proto::CreateWorkloadRequest {
+            name: "load-agent".into(),
+            roles: vec![proto::Role::Agent as i32],
+        })
+        .await
+        .expect("create workload")
+        .into_inner()
+        .credential;
+    let agents = connections(&broker.grpc, Some(&agent_credential), 4).await;
+    let next_tasks = Arc::new(round_robin(agents.iter().map(Connection::tasks).collect()));
+
+    for &concurrency in &options.concurrency {
+        eprintln!("{backend}: BeginTask K={concurrency}");
+        let next = next_tasks.clone();
+        let issue: Operation = Arc::new(move || {
+            let mut tasks = next();
+            Box::pin(async move {
+                tasks
+                    .begin_task(begin_request(&["crm.contacts:read"], 3600))
+                    .await
+                    .map(|_| ())
+            })
+        });
+        let measured = drive(concurrency, duration, issue).await;
+        let reference = if concurrency == 1 {
+            ("raw commit", commit_rate)
+        } else {
+            ("gRPC echo", echo_rate)
+        };
+        rows.push(measured.row(
+            "durable issuance: BeginTask, 1 JWT scope",
+            backend,
+            concurrency,
+            Some(reference),
+        ));
+    }
+
+    eprintln!("{backend}: RequestGrant");
+    let open_task = agents[0]
+        .tasks()
+        .begin_task(begin_request(&[], 3600))
+        .await
+        .expect("open task")
+        .into_inner()
+        .task_id;
+    let next = next_tasks.clone();
+    let grant: Operation = Arc::new(move || {
+        let mut tasks = next();
+        let request = proto::RequestGrantRequest {
+            task_id: open_task.clone(),
+            scope: "tickets:write".into(),
+            ttl_seconds: 0,
+        };
+        Box::pin(async move { tasks.request_grant(request).await.map(|_| ()) })
+    });
+    rows.push(drive(16, duration, grant).await.row(
+        "RequestGrant on an open task",
+        backend,
+        16,
+        Some(("gRPC echo", echo_rate)),
+    ));
+
+    eprintln!("{backend}: CompleteTask (5 leases)");
+    let (sender, receiver) = mpsc::channel::<String>(100_000);
+    let prepared = (duration.as_secs_f64() * 400.0) as usize + 200;
+    for _ in 0..prepared {
+        let mut tasks = agents[0].tasks();
+        let task = tasks
+            .begin_task(begin_request(&["crm.contacts:read", "tickets:write"], 3600))
+            .await
+            .expect("task")
+            .into_inner();
+        for _ in 0..3 {
+            let request = proto::RequestGrantRequest {
+                task_id: task.task_id.clone(),
+                scope: "crm.contacts:read".into(),
+                ttl_seconds: 0,
+            };
+            tasks.request_grant(request).await.expect("grant");
+        }
+        sender.send(task.task_id).await.expect("queue");
+    }
+    let queue = Arc::new(tokio::sync::Mutex::new(receiver));
+    let next = next_tasks.clone();
+    let complete: Operation = Arc::new(move || {
+        let mut tasks = next();
+        let queue = queue.clone();
+        Box::pin(async move {
+            let Some(task_id) = queue.lock().await.recv().await else {
+                return Err(Status::resource_exhausted("prepared tasks used up"));
+            };
+            tasks
+                .complete_task(proto::CompleteTaskRequest { task_id })
+                .await
+                .map(|_| ())
+        })
+    });
+    drop(sender);
+    let completion_time = duration
+        .min(Duration::from_secs_f64(prepared as f64 / 2000.0).max(Duration::from_millis(500)));
+    rows.push(drive(16, completion_time, complete).await.row(
+        "CompleteTask of a task holding 5 leases",
+        backend,
+        16,
+        Some(("gRPC echo", echo_rate)),
+    ));
+
+    eprintln!("{backend}: Introspect K=64");
+    let mut sample_tokens = Vec::new();
+    for index in 0..200 {
+        let mut tasks = agents[0].tasks();
+        let task = tasks
+            .begin_task(begin_request(&["crm.contacts:read"], 3600))
+            .await
+            .expect("task")
+            .into_inner();
+        sample_tokens.push(task.leases[0].credential.clone());
+        if index % 2 == 1 {
+            tasks
+                .complete_task(proto::CompleteTaskRequest {
+                    task_id: task.task_id,
+                })
+                .await
+                .expect("complete");
+        }
+    }
+    let sample_tokens = Arc::new(sample_tokens);
+    let admins = connections(&broker.grpc, broker.admin_credential.as_deref(), 4).await;
+    let next_tokens = round_robin(admins.iter().map(Connection::tokens).collect());
+    let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let introspect: Operation = Arc::new(move || {
+        let mut tokens = next_tokens();
+        let index =
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % sample_tokens.len();
+        let request = proto::IntrospectRequest {
+            token: sample_tokens[index].clone(),
+            audience: CRM_AUDIENCE.into(),
+        };
+        Box::pin(async move { tokens.introspect(request).await.map(|_| ()) })
+    });
+    rows.push(drive(64, duration, introspect).await.row(
+        "Introspect, active and revoked tokens mixed",
+        backend,
+        64,
+        Some(("gRPC echo", echo_rate)),
+    ));
+
+    if backend == "sqlite" {
+        eprintln!("offline verification");
+        let token = agents[0]
+            .tasks()
+            .begin_task(begin_request(&["crm.contacts:read"], 3600))
+            .await
+            .expect("task")
+            .into_inner()
+            .leases[0]
+            .credential
+            .clone();
+        let config = VerifierConfig::new(&broker.grpc, CRM_AUDIENCE, agent_credential.clone());
+        let verifier = Verifier::connect(config).await.expect("verifier");
+        let started = Instant::now();
+        let mut operations = 0;
+        while started.elapsed() < duration.min(Duration::from_secs(3)) {
+            for _ in 0..100 {
+                verifier
+                    .verify_cached(std::hint::black_box(&token))
+                    .expect("valid");
+            }
+            operations += 100;
+        }
+        let measured = Measurement {
+            operations,
+            elapsed: started.elapsed(),
+            latencies: Vec::new(),
+        };
+        rows.push(measured.row(
+            "offline verification (verifier library, 1 core)",
+            "-",
+            1,
+            Some(("raw Ed25519 verify", verify_rate)),
+        ));
+    }
+
+    eprintln!("{backend}: revocation propagation");
+    rows.extend(revocation_propagation(broker, backend, &agents[0], &agent_credential).await);
+    rows
+}
+
+/// Time from `CompleteTask` returning until a `WatchRevocations` subscriber, and separately the
+/// verifier library's cache, know of the revocation.
+async fn revocation_propagation(
+    broker: &Server,
+    backend: &str,
+    agent: &Connection,
+    credential: &str,
+) -> Vec<Row> {
+    let watcher = Connection::open(&broker.grpc, Some(credential), None)
+        .await
+        .expect("connect");
+    let mut stream = watcher
+        .tokens()
+        .watch_revocations(proto::WatchRevocationsRequest { cursor: 0 })
+        .await
+        .expect("watch")
+        .into_inner();
+    while !stream
+        .message()
+        .await
+        .expect("feed")
+        .expect("open")
+        .caught_up
+    {}
+    let (seen, mut seen_receiver) = mpsc::unbounded_channel::<(String, Instant)>();
+    tokio::spawn(async move {
+        while let Ok(Some(batch)) = stream.message().await {
+            let now = Instant::now();
+            for event in batch
+                .events
+                .into_iter()
+                .filter(|event| event.lease_id.is_empty())
+            {
+                let _ = seen.send((event.task_id, now));
+            }
+        }
+    });
+    let verifier = Verifier::connect(VerifierConfig::new(&broker.grpc, CRM_AUDIENCE, credential))
+        .await
+        .expect("verifier");
+    let mut tasks = agent.tasks();
+    let (mut feed_latencies, mut cache_latencies) = (Vec::new(), Vec::new());
+    let mut early: HashMap<String, Instant> = HashMap::new();
+    let started = Instant::now();
+    for _ in 0..200 {
+        let task = tasks
+            .begin_task(begin_request(&["crm.contacts:read"], 3600))
+            .await
+            .expect("task")
+            .into_inner();
+        let token = task.leases[0].credential.clone();
+        tasks
+            .complete_task(proto::CompleteTaskRequest {
+                task_id: task.task_id.clone(),
+            })
+            .await
+            .expect("complete");
+        let returned = Instant::now();
+        while !matches!(verifier.verify_cached(&token), Err(VerifyError::Revoked)) {
+            tokio::task::yield_now().await;
+        }
+        cache_latencies.push(returned.elapsed());
+        let seen_at = loop {
+            if let Some(at) = early.remove(&task.task_id) {
+                break at;
+            }
+            let (task_id, at) = seen_receiver.recv().await.expect("feed open");
+            early.insert(task_id, at);
+        };
+        feed_latencies.push(seen_at.saturating_duration_since(returned));
+    }
+    let elapsed = started.elapsed();
+    let measurement = |latencies: Vec<Duration>| Measurement {
+        operations: latencies.len() as u64,
+        elapsed,
+        latencies,
+    };
+    vec![
+        measurement(feed_latencies).row(
+            "revocation seen by a WatchRevocations subscriber",
+            backend,
+            1,
+            None,
+        ),
+        measurement(cache_latencies).row(
+            "revocation seen by the verifier library's cache",
+            backend,
+            1,
+            None,
+        ),
+    ]
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<58} {:<9} {:>4} {:>10} {:>8} {:>8} {:>8} {:>8}  ratio to reference",
+        "scenario", "backend", "K", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
+    );
+    for row in rows {
+        let ratio = row.ratio.map_or(String::new(), |ratio| {
+            format!("{:.1}% of {}", ratio * 100.0, row.reference)
+        });
+        println!(
+            "{:<58} {:<9} {:>4} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2}  {}",
+            row.scenario,
+            row.backend,
+            row.concurrency,
+            row.per_second,
+            row.p50_ms,
+            row.p90_ms,
+            row.p99_ms,
+            row.max_ms,
+            ratio
+        );
+    }
+}
