@@ -270,7 +270,9 @@ async fn serve_echo() {
     let (_reporter, health) = tonic_health::server::health_reporter();
     tonic::transport::Server::builder()
         .add_service(health)
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        )
         .await
         .expect("echo server");
 }

@@ -88,7 +88,11 @@ pub async fn serve(
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                                Ok((stream, _)) => {
+                    // Small responses must not wait for delayed ACKs.
+                    let _ = stream.set_nodelay(true);
+                    stream
+                }
                 Err(error) => {
                     tracing::warn!(%error, "HTTP accept failed");
                     continue;
