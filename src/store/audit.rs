@@ -42,13 +42,15 @@ pub struct AuditFilter {
 }
 
 impl Store {
-    /// Writes events that record no other change (refusals, introspections) in their own
-    /// transaction.
+    /// Writes events that record no other change (refusals, introspections) in a (shared)
+    /// transaction of their own.
     pub async fn record_events(&self, events: &[AuditEvent]) -> Result<()> {
-        let mut tx = self.writer.begin().await?;
-        insert_events(&mut tx, events).await?;
-        tx.commit().await?;
-        Ok(())
+        let events = events.to_vec();
+        self.committer
+            .write(move |connection| {
+                Box::pin(async move { insert_events(connection, &events).await })
+            })
+            .await
     }
 
     /// Numbers and chains up to `limit` unsealed events, oldest id first. Returns how many it

@@ -13,6 +13,7 @@
 //! PostgreSQL server's default `synchronous_commit=on`.
 
 mod audit;
+mod committer;
 mod feed;
 mod keys;
 mod records;
@@ -43,6 +44,8 @@ pub struct Store {
     backend: Backend,
     writer: AnyPool,
     reader: AnyPool,
+    /// Hot writes (issuance, renewal, completion, audit-only events) go through group commit.
+    committer: committer::Committer,
 }
 
 /// A store that could not be opened.
@@ -55,6 +58,10 @@ pub enum StoreError {
     #[error("cannot apply database migrations: {0}")]
     Migrate(#[source] sqlx::migrate::MigrateError),
 }
+
+/// Concurrent group-commit transactions on PostgreSQL (each holds a pooled connection while it
+/// writes; the server flushes their commits together).
+const POSTGRES_COMMITTERS: usize = 6;
 
 /// How long a caller waits for a pooled connection before the call fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,10 +92,12 @@ impl Store {
                     .connect_with(options)
                     .await
                     .map_err(StoreError::Connect)?;
+                let committer = committer::Committer::start(writer.clone(), 1);
                 Store {
                     backend,
                     writer,
                     reader,
+                    committer,
                 }
             }
             Backend::Postgres => {
@@ -102,10 +111,12 @@ impl Store {
                     .run(&pool)
                     .await
                     .map_err(StoreError::Migrate)?;
+                let committer = committer::Committer::start(pool.clone(), POSTGRES_COMMITTERS);
                 Store {
                     backend,
                     writer: pool.clone(),
                     reader: pool,
+                    committer,
                 }
             }
         };

@@ -117,44 +117,51 @@ impl Store {
         rows.iter().map(LeaseRecord::from_row).collect()
     }
 
-    /// Stores a new task with its first leases in one transaction. Returns `false`, storing
-    /// nothing, when the workload already used the task's idempotency key.
+    /// Stores a new task with its first leases in one (shared) transaction. Returns `false`,
+    /// storing nothing, when the workload already used the task's idempotency key.
     pub async fn insert_task(
         &self,
         task: &TaskRecord,
         leases: &[LeaseRecord],
         events: &[AuditEvent],
     ) -> Result<bool> {
-        let mut tx = self.writer.begin().await?;
+        let (task, leases, events) = (task.clone(), leases.to_vec(), events.to_vec());
         let context = serde_json::to_string(&task.context).map_err(Error::internal)?;
-        let inserted = sqlx::query(
-            "INSERT INTO tasks (id, workload_id, purpose, context_json, state, created_at, deadline, lease_count, \
-             idempotency_key, request_digest) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
-        )
-        .bind(task.id.as_str())
-        .bind(&task.workload_id)
-        .bind(&task.purpose)
-        .bind(context)
-        .bind(task.state.as_str())
-        .bind(task.created_at.0)
-        .bind(task.deadline.0)
-        .bind(i64::try_from(leases.len()).map_err(Error::internal)?)
-        .bind(task.idempotency_key.as_deref())
-        .bind(task.request_digest.as_deref())
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            return Ok(false);
-        }
-        for lease in leases {
-            insert_lease(&mut tx, lease).await?;
-        }
-        audit::insert_events(&mut tx, events).await?;
-        tx.commit().await?;
-        Ok(true)
+        let lease_count = i64::try_from(leases.len()).map_err(Error::internal)?;
+        self.committer
+            .write(move |connection| {
+                Box::pin(async move {
+                    let inserted = sqlx::query(
+                        "INSERT INTO tasks (id, workload_id, purpose, context_json, state, created_at, deadline, \
+                         lease_count, idempotency_key, request_digest) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(task.id.as_str())
+                    .bind(&task.workload_id)
+                    .bind(&task.purpose)
+                    .bind(context)
+                    .bind(task.state.as_str())
+                    .bind(task.created_at.0)
+                    .bind(task.deadline.0)
+                    .bind(lease_count)
+                    .bind(task.idempotency_key.as_deref())
+                    .bind(task.request_digest.as_deref())
+                    .execute(&mut *connection)
+                    .await?;
+                    if inserted.rows_affected() == 0 {
+                        return Ok(false);
+                    }
+                    for lease in &leases {
+                        insert_lease(connection, lease).await?;
+                    }
+                    audit::insert_events(connection, &events).await?;
+                    Ok(true)
+                })
+            })
+            .await
     }
 
-    /// Adds `lease` to task `task_id` of `workload_id` if the task is active at `now`.
+    /// Adds `lease` to its task, owned by `workload_id`, if the task is active at `now`.
     pub async fn add_lease(
         &self,
         workload_id: &str,
@@ -162,23 +169,28 @@ impl Store {
         now: UnixMillis,
         events: &[AuditEvent],
     ) -> Result<NewLeaseOutcome> {
-        let mut tx = self.writer.begin().await?;
-        let task = sqlx::query(
-            "UPDATE tasks SET lease_count = lease_count + 1 \
-             WHERE id = $1 AND workload_id = $2 AND state = 'active' AND deadline > $3",
-        )
-        .bind(lease.task_id.as_str())
-        .bind(workload_id)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?;
-        if task.rows_affected() == 0 {
-            return Ok(NewLeaseOutcome::TaskNotActive);
-        }
-        insert_lease(&mut tx, lease).await?;
-        audit::insert_events(&mut tx, events).await?;
-        tx.commit().await?;
-        Ok(NewLeaseOutcome::Added)
+        let (workload_id, lease, events) = (workload_id.to_owned(), lease.clone(), events.to_vec());
+        self.committer
+            .write(move |connection| {
+                Box::pin(async move {
+                    let task = sqlx::query(
+                        "UPDATE tasks SET lease_count = lease_count + 1 \
+                         WHERE id = $1 AND workload_id = $2 AND state = 'active' AND deadline > $3",
+                    )
+                    .bind(lease.task_id.as_str())
+                    .bind(&workload_id)
+                    .bind(now.0)
+                    .execute(&mut *connection)
+                    .await?;
+                    if task.rows_affected() == 0 {
+                        return Ok(NewLeaseOutcome::TaskNotActive);
+                    }
+                    insert_lease(connection, &lease).await?;
+                    audit::insert_events(connection, &events).await?;
+                    Ok(NewLeaseOutcome::Added)
+                })
+            })
+            .await
     }
 
     /// The lease `id` if it belongs to a task of `workload_id`.
@@ -202,24 +214,29 @@ impl Store {
         now: UnixMillis,
         events: &[AuditEvent],
     ) -> Result<RenewalOutcome> {
-        let mut tx = self.writer.begin().await?;
-        let renewed = sqlx::query(
-            "UPDATE leases SET issued_at = $1, expires_at = $2, kid = $3 \
-             WHERE id = $4 AND state = 'issued' AND expires_at > $5",
-        )
-        .bind(window.issued_at.0)
-        .bind(window.expires_at.0)
-        .bind(kid)
-        .bind(id.as_str())
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?;
-        if renewed.rows_affected() != 1 {
-            return Ok(RenewalOutcome::NotRenewable);
-        }
-        audit::insert_events(&mut tx, events).await?;
-        tx.commit().await?;
-        Ok(RenewalOutcome::Renewed)
+        let (id, kid, events) = (id.clone(), kid.to_owned(), events.to_vec());
+        self.committer
+            .write(move |connection| {
+                Box::pin(async move {
+                    let renewed = sqlx::query(
+                        "UPDATE leases SET issued_at = $1, expires_at = $2, kid = $3 \
+                         WHERE id = $4 AND state = 'issued' AND expires_at > $5",
+                    )
+                    .bind(window.issued_at.0)
+                    .bind(window.expires_at.0)
+                    .bind(&kid)
+                    .bind(id.as_str())
+                    .bind(now.0)
+                    .execute(&mut *connection)
+                    .await?;
+                    if renewed.rows_affected() != 1 {
+                        return Ok(RenewalOutcome::NotRenewable);
+                    }
+                    audit::insert_events(connection, &events).await?;
+                    Ok(RenewalOutcome::Renewed)
+                })
+            })
+            .await
     }
 
     /// Completes an active task of `workload_id` and revokes all its issued leases; `actor` is
@@ -231,39 +248,38 @@ impl Store {
         now: UnixMillis,
         actor: &str,
     ) -> Result<CompletionOutcome> {
-        let mut tx = self.writer.begin().await?;
-        let ended = sqlx::query(
-            "UPDATE tasks SET state = 'completed', ended_at = $1 \
-             WHERE id = $2 AND workload_id = $3 AND state = 'active' RETURNING deadline",
-        )
-        .bind(now.0)
-        .bind(id.as_str())
-        .bind(workload_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(ended) = ended else {
-            drop(tx);
-            return Ok(match self.find_task(id, workload_id).await? {
+        let (task_id, owner, actor) = (id.clone(), workload_id.to_owned(), actor.to_owned());
+        let completed = self
+            .committer
+            .write(move |connection| {
+                Box::pin(async move {
+                    let ended = sqlx::query(
+                        "UPDATE tasks SET state = 'completed', ended_at = $1 \
+                         WHERE id = $2 AND workload_id = $3 AND state = 'active' RETURNING deadline",
+                    )
+                    .bind(now.0)
+                    .bind(task_id.as_str())
+                    .bind(&owner)
+                    .fetch_optional(&mut *connection)
+                    .await?;
+                    let Some(ended) = ended else { return Ok(None) };
+                    let deadline = UnixMillis(ended.try_get("deadline")?);
+                    let reason = RevocationReason::TaskCompleted;
+                    let outcome = end_task_leases(connection, &task_id, deadline, LeaseState::Revoked, reason, now, &actor).await?;
+                    Ok(Some(outcome))
+                })
+            })
+            .await?;
+        Ok(match completed {
+            Some((revoked, feed_seq)) => CompletionOutcome::Completed {
+                revoked,
+                ended_at: now,
+                feed_seq,
+            },
+            None => match self.find_task(id, workload_id).await? {
                 Some(task) => CompletionOutcome::AlreadyEnded(task),
                 None => CompletionOutcome::NotFound,
-            });
-        };
-        let deadline = UnixMillis(ended.try_get("deadline")?);
-        let (revoked, feed_seq) = end_task_leases(
-            &mut tx,
-            id,
-            deadline,
-            LeaseState::Revoked,
-            RevocationReason::TaskCompleted,
-            now,
-            actor,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(CompletionOutcome::Completed {
-            revoked,
-            ended_at: now,
-            feed_seq,
+            },
         })
     }
 
