@@ -28,7 +28,7 @@ pub async fn authenticate<T>(store: &Store, request: &Request<T>) -> Result<Call
         })?;
     let unknown = || Error::Unauthenticated("authorization: unknown or revoked credential".into());
     let (stored_hash, workload) = store
-        .find_credential(&presented.id)
+        .find_credential_cached(&presented.id)
         .await?
         .ok_or_else(unknown)?;
     if !digests_match(&presented.secret_sha256, &stored_hash) {

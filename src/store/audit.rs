@@ -10,6 +10,9 @@ use crate::audit::chain::{SealedEvent, event_hash};
 use crate::domain::UnixMillis;
 use crate::error::{Error, Result};
 
+/// Events sealed per `UPDATE` statement (4 parameters each, well inside both databases' limits).
+const SEAL_UPDATE_ROWS: usize = 500;
+
 const EVENT_COLUMNS: &str = "seq, id, occurred_at, event_type, outcome, actor, workload, task_id, scope, lease_id, \
      detail_json, context_json, prev_hash, hash";
 
@@ -70,22 +73,32 @@ impl Store {
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
+        let mut sealed = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut event = audit_record(row)?.event;
             seq += 1;
             event.seq = seq;
             event.prev_hash = previous_hash;
             event.hash = event_hash(&event);
-            sqlx::query(
-                "UPDATE audit_events SET seq = $1, prev_hash = $2, hash = $3 WHERE id = $4",
-            )
-            .bind(seq)
-            .bind(&event.prev_hash)
-            .bind(&event.hash)
-            .bind(&event.id)
-            .execute(&mut *tx)
-            .await?;
-            previous_hash = event.hash;
+            previous_hash = event.hash.clone();
+            sealed.push(event);
+        }
+        for chunk in sealed.chunks(SEAL_UPDATE_ROWS) {
+            // One statement per chunk: VALUES columns are column1.. on both backends.
+            let sql = format!(
+                "UPDATE audit_events SET seq = v.column2, prev_hash = v.column3, hash = v.column4 \
+                 FROM (VALUES {}) AS v WHERE audit_events.id = v.column1",
+                placeholder_rows(chunk.len(), 4)
+            );
+            let mut update = sqlx::query(&sql);
+            for event in chunk {
+                update = update
+                    .bind(&event.id)
+                    .bind(event.seq)
+                    .bind(&event.prev_hash)
+                    .bind(&event.hash);
+            }
+            update.execute(&mut *tx).await?;
         }
         if !rows.is_empty() {
             sqlx::query("UPDATE audit_head SET last_seq = $1, last_hash = $2 WHERE id = 1")
@@ -192,6 +205,28 @@ pub(super) async fn insert_events(
     connection: &mut sqlx::AnyConnection,
     events: &[AuditEvent],
 ) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    // One statement for all the events of an action. Per row: an event that names no workload
+    // or context takes its task's owner and context.
+    const COLUMNS: usize = 11;
+    let rows: Vec<String> = (0..events.len())
+        .map(|row| {
+            let n = |column: usize| format!("${}", row * COLUMNS + column);
+            format!(
+                "({}, {}, {}, {}, {}, COALESCE({}, (SELECT w.name FROM tasks t JOIN workloads w ON w.id = t.workload_id \
+                 WHERE t.id = {task})), {task}, {}, {}, {}, COALESCE({}, (SELECT t.context_json FROM tasks t WHERE t.id = {task})))",
+                n(1), n(2), n(3), n(4), n(5), n(6), n(8), n(9), n(10), n(11), task = n(7)
+            )
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO audit_events (id, occurred_at, event_type, outcome, actor, workload, task_id, scope, lease_id, \
+         detail_json, context_json) VALUES {}",
+        rows.join(", ")
+    );
+    let mut insert = sqlx::query(&sql);
     for event in events {
         let context = event
             .context
@@ -199,27 +234,34 @@ pub(super) async fn insert_events(
             .map(serde_json::to_string)
             .transpose()
             .map_err(Error::internal)?;
-        sqlx::query(
-            "INSERT INTO audit_events (id, occurred_at, event_type, outcome, actor, workload, task_id, scope, lease_id, \
-             detail_json, context_json) VALUES ($1, $2, $3, $4, $5, \
-             COALESCE($6, (SELECT w.name FROM tasks t JOIN workloads w ON w.id = t.workload_id WHERE t.id = $7)), \
-             $7, $8, $9, $10, COALESCE($11, (SELECT t.context_json FROM tasks t WHERE t.id = $7)))",
-        )
-        .bind(&event.id)
-        .bind(event.occurred_at.0)
-        .bind(event.event_type)
-        .bind(event.outcome)
-        .bind(&event.actor)
-        .bind(event.workload.as_deref())
-        .bind(event.task_id.as_deref())
-        .bind(event.scope.as_deref())
-        .bind(event.lease_id.as_deref())
-        .bind(event.detail.to_string())
-        .bind(context)
-        .execute(&mut *connection)
-        .await?;
+        insert = insert
+            .bind(&event.id)
+            .bind(event.occurred_at.0)
+            .bind(event.event_type)
+            .bind(event.outcome)
+            .bind(&event.actor)
+            .bind(event.workload.as_deref())
+            .bind(event.task_id.as_deref())
+            .bind(event.scope.as_deref())
+            .bind(event.lease_id.as_deref())
+            .bind(event.detail.to_string())
+            .bind(context);
     }
+    insert.execute(&mut *connection).await?;
     Ok(())
+}
+
+/// `($1, $2, ..), ($k+1, ..), ..`: placeholders for `rows` rows of `columns` values.
+fn placeholder_rows(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|row| {
+            let values: Vec<String> = (1..=columns)
+                .map(|column| format!("${}", row * columns + column))
+                .collect();
+            format!("({})", values.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn audit_record(row: &AnyRow) -> Result<AuditRecord> {

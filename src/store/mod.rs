@@ -46,6 +46,7 @@ pub struct Store {
     reader: AnyPool,
     /// Hot writes (issuance, renewal, completion, audit-only events) go through group commit.
     committer: committer::Committer,
+    credential_cache: std::sync::Arc<workloads::CredentialCache>,
 }
 
 /// A store that could not be opened.
@@ -98,6 +99,7 @@ impl Store {
                     writer,
                     reader,
                     committer,
+                    credential_cache: Default::default(),
                 }
             }
             Backend::Postgres => {
@@ -117,6 +119,7 @@ impl Store {
                     writer: pool.clone(),
                     reader: pool,
                     committer,
+                    credential_cache: Default::default(),
                 }
             }
         };

@@ -1,10 +1,22 @@
 //! Workloads and their bearer credentials.
 
 use super::records::{WORKLOAD_COLUMNS, WorkloadRecord};
+use std::time::{Duration, Instant};
+
 use super::{Store, audit};
 use crate::audit::AuditEvent;
 use crate::error::{Error, Result};
 use crate::issuer::credential::StoredCredential;
+
+/// How long an authenticated credential is answered from memory; also the longest a change to a
+/// workload or credential can take to reach a running broker.
+pub const CREDENTIAL_CACHE_TTL: Duration = Duration::from_secs(10);
+/// Credentials kept at most (the cache starts over beyond).
+const CREDENTIAL_CACHE_ENTRIES: usize = 10_000;
+
+/// Credential id -> (when read, stored hash and workload).
+pub(super) type CredentialCache =
+    std::sync::Mutex<std::collections::HashMap<String, (Instant, (Vec<u8>, WorkloadRecord))>>;
 
 impl Store {
     /// Stores a workload with its first credential and `events`, in one transaction.
@@ -53,6 +65,37 @@ impl Store {
             .fetch_one(&self.writer)
             .await?;
         Ok(sqlx::Row::try_get::<i64, _>(&row, "n")? > 0)
+    }
+
+    /// Like [`Store::find_credential`], answered from memory for [`CREDENTIAL_CACHE_TTL`] after
+    /// a read: every call authenticates, and workloads and credentials rarely change. Unknown ids
+    /// are not cached.
+    pub async fn find_credential_cached(
+        &self,
+        credential_id: &str,
+    ) -> Result<Option<(Vec<u8>, WorkloadRecord)>> {
+        let now = Instant::now();
+        if let Some((read_at, found)) = self
+            .credential_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(credential_id)
+            && now.duration_since(*read_at) < CREDENTIAL_CACHE_TTL
+        {
+            return Ok(Some(found.clone()));
+        }
+        let found = self.find_credential(credential_id).await?;
+        if let Some(found) = &found {
+            let mut cache = self
+                .credential_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= CREDENTIAL_CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(credential_id.to_owned(), (now, found.clone()));
+        }
+        Ok(found)
     }
 
     /// The workload holding the unrevoked credential `credential_id`, with the credential's
