@@ -53,7 +53,6 @@ async fn discovery(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
         "response_types_supported": ["token"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["EdDSA", "ES256"],
-        "token_endpoint_auth_methods_supported": ["none"],
     }))
 }
 

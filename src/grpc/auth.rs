@@ -19,7 +19,7 @@ pub async fn authenticate<T>(store: &Store, request: &Request<T>) -> Result<Call
     let presented = header
         .to_str()
         .ok()
-        .and_then(|value| value.strip_prefix("Bearer "))
+        .and_then(bearer_value)
         .and_then(|credential| BearerCredential::parse(credential.trim()))
         .ok_or_else(|| {
             Error::Unauthenticated(
@@ -41,4 +41,10 @@ pub async fn authenticate<T>(store: &Store, request: &Request<T>) -> Result<Call
         spiffe_id: workload.spiffe_id,
         roles: workload.roles,
     })
+}
+
+/// The credential after the `Bearer` scheme, which RFC 7235 makes case-insensitive.
+fn bearer_value(header: &str) -> Option<&str> {
+    let (scheme, value) = header.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(value)
 }

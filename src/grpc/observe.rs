@@ -43,9 +43,9 @@ pub struct Observe<S> {
     broker: Arc<Broker>,
 }
 
-impl<S, Body> Service<http::Request<Body>> for Observe<S>
+impl<S, Body, ResponseBody> Service<http::Request<Body>> for Observe<S>
 where
-    S: Service<http::Request<Body>>,
+    S: Service<http::Request<Body>, Response = http::Response<ResponseBody>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -66,6 +66,20 @@ where
             async move {
                 let outcome = call.await;
                 let elapsed = started.elapsed();
+                // Paths come from the client: only served methods get their own label, so that
+                // requests to made-up paths cannot grow the metric without bound. Unknown paths
+                // are answered UNIMPLEMENTED (12) by the router; Warrant never answers it itself.
+                let is_unknown_path = outcome.as_ref().is_ok_and(|response| {
+                    response
+                        .headers()
+                        .get("grpc-status")
+                        .is_some_and(|status| status == "12")
+                });
+                let method = if is_unknown_path {
+                    "unimplemented".to_owned()
+                } else {
+                    method
+                };
                 broker
                     .metrics()
                     .rpc_seconds

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use warrant::proto;
+
 use crate::support::*;
 
 /// Parses the exposition strictly as OpenMetrics and again as classic Prometheus text, and
@@ -41,6 +43,20 @@ async fn metrics_count_issuance_denial_revocation_and_introspection_in_prometheu
         .await
         .unwrap();
     assert!(!app.is_active(&task.leases[0].credential, CRM).await);
+
+    let channel = app.connect(None).await.channel();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    for made_up in ["/warrant.v1.Tasks/MadeUp1", "/warrant.v1.Tasks/MadeUp2"] {
+        grpc.ready().await.unwrap();
+        let codec =
+            tonic_prost::ProstCodec::<proto::GetJwksRequest, proto::GetJwksResponse>::default();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(made_up);
+        let status = grpc
+            .unary(tonic::Request::new(proto::GetJwksRequest {}), path, codec)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+    }
 
     let (status, text) = http_get(app.http_addr, "/metrics");
     assert_eq!(status, 200);
@@ -85,4 +101,12 @@ async fn metrics_count_issuance_denial_revocation_and_introspection_in_prometheu
     assert_eq!(value("warrant_introspections_total{result=inactive}"), 1.0);
     assert!(value("warrant_rpc_duration_seconds_count{method=/warrant.v1.Tasks/BeginTask}") >= 2.0);
     assert!(value("warrant_store_duration_seconds_count{operation=insert_task}") >= 1.0);
+    assert_eq!(
+        value("warrant_rpc_duration_seconds_count{method=unimplemented}"),
+        2.0
+    );
+    assert!(
+        !text.contains("MadeUp"),
+        "client-chosen paths never become labels"
+    );
 }
