@@ -126,7 +126,7 @@ struct Server {
     admin_credential: Option<String>,
     /// From spawning the process to `/readyz` answering (brokers only).
     ready_after: Duration,
-    _data: Option<tempfile::TempDir>,
+    data: Option<tempfile::TempDir>,
 }
 
 impl Drop for Server {
@@ -165,8 +165,7 @@ fn wait_for_line<T>(lines: &std::sync::Mutex<Vec<String>>, find: impl Fn(&str) -
 
 impl Server {
     /// `warrant serve --dev` on a fresh data directory (and database, when `database_url`).
-    fn broker(database_url: Option<&str>) -> Server {
-        let data = tempfile::tempdir().expect("temporary directory");
+    fn broker(data: tempfile::TempDir, database_url: Option<&str>) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_warrant"));
         command
             .args(["serve", "--dev"])
@@ -199,7 +198,9 @@ impl Server {
             std::thread::sleep(Duration::from_millis(1));
         }
         let ready_after = spawned.elapsed();
-        let admin_credential = wait_for_line(&stdout, |line| {
+        // Printed (before the broker serves) only on a fresh store.
+        std::thread::sleep(Duration::from_millis(50));
+        let admin_credential = stdout.lock().unwrap().iter().find_map(|line| {
             line.trim()
                 .strip_prefix("export WARRANT_TOKEN=")
                 .map(str::to_owned)
@@ -207,9 +208,9 @@ impl Server {
         Server {
             child,
             grpc: format!("http://{grpc}"),
-            admin_credential: Some(admin_credential),
+            admin_credential,
             ready_after,
-            _data: Some(data),
+            data: Some(data),
         }
     }
 
@@ -230,8 +231,15 @@ impl Server {
             grpc: format!("http://{grpc}"),
             admin_credential: None,
             ready_after: Duration::ZERO,
-            _data: None,
+            data: None,
         }
+    }
+
+    /// Stops the broker (SIGTERM, drained) and hands back its data directory.
+    fn stop(mut self) -> tempfile::TempDir {
+        let data = self.data.take().expect("a broker has a data directory");
+        drop(self);
+        data
     }
 
     /// Resident memory of the server process, in MiB.
@@ -406,6 +414,8 @@ struct Options {
     concurrency: Vec<usize>,
     postgres: Option<String>,
     json: Option<PathBuf>,
+    /// Active leases preloaded for the scale scenario.
+    scale_leases: i64,
 }
 
 impl Options {
@@ -417,6 +427,7 @@ impl Options {
                 .ok()
                 .filter(|url| !url.is_empty()),
             json: None,
+            scale_leases: 1_000_000,
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -431,6 +442,7 @@ impl Options {
                 "--quick" => {
                     options.duration = Duration::from_millis(1500);
                     options.concurrency = vec![16];
+                    options.scale_leases = 20_000;
                 }
                 "--sqlite-only" => options.postgres = None,
                 "--json" => options.json = args.next().map(PathBuf::from),
@@ -516,7 +528,10 @@ async fn run(options: &Options) -> Vec<Row> {
             None,
         ));
 
-        let broker = Server::broker(database_url.as_deref());
+        let broker = Server::broker(
+            tempfile::tempdir().expect("temporary directory"),
+            database_url.as_deref(),
+        );
         rows.extend(
             broker_scenarios(
                 &broker,
@@ -528,10 +543,23 @@ async fn run(options: &Options) -> Vec<Row> {
             )
             .await,
         );
+        let empty_rate = rows
+            .iter()
+            .find(|row| {
+                row.backend == *backend
+                    && row.scenario.starts_with("durable issuance")
+                    && row.concurrency == 64
+            })
+            .map(|row| row.per_second);
+        let scale_url = match database_url {
+            Some(_) => Some(fresh_postgres(options.postgres.as_deref().unwrap_or_default()).await),
+            None => None,
+        };
+        rows.extend(scale(backend, scale_url, options, empty_rate).await);
     }
 
     eprintln!("start-up");
-    let fresh = Server::broker(None);
+    let fresh = Server::broker(tempfile::tempdir().expect("temporary directory"), None);
     let ready_ms = fresh.ready_after.as_secs_f64() * 1000.0;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_mib = fresh.resident_mib();
@@ -869,4 +897,134 @@ fn print_table(rows: &[Row]) {
             ratio
         );
     }
+}
+
+/// The broker holding many active leases: preloaded with one generated `INSERT ... SELECT` while
+/// it is stopped, then start-up time to ready, resident memory, and issuance at K = 64 compared
+/// with the same scenario on the empty store.
+async fn scale(
+    backend: &str,
+    database_url: Option<String>,
+    options: &Options,
+    empty_rate: Option<f64>,
+) -> Vec<Row> {
+    let leases = options.scale_leases;
+    eprintln!("{backend}: scale, {leases} active leases");
+    let broker = Server::broker(
+        tempfile::tempdir().expect("temporary directory"),
+        database_url.as_deref(),
+    );
+    let admin = Connection::open(&broker.grpc, broker.admin_credential.as_deref(), None)
+        .await
+        .expect("connect");
+    let request = proto::CreateWorkloadRequest {
+        name: "scale-agent".into(),
+        roles: vec![proto::Role::Agent as i32],
+    };
+    let credential = admin
+        .admin()
+        .create_workload(request)
+        .await
+        .expect("workload")
+        .into_inner()
+        .credential;
+    let data = broker.stop();
+    let url = database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", data.path().join("warrant.db").display()));
+    let preload_started = Instant::now();
+    preload(&url, leases).await;
+    let preload_seconds = preload_started.elapsed().as_secs_f64();
+
+    let broker = Server::broker(data, database_url.as_deref());
+    let ready_ms = broker.ready_after.as_secs_f64() * 1000.0;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let resident = broker.resident_mib();
+    let agents = connections(&broker.grpc, Some(&credential), 4).await;
+    let next = round_robin(agents.iter().map(Connection::tasks).collect());
+    let issue: Operation = Arc::new(move || {
+        let mut tasks = next();
+        Box::pin(async move {
+            tasks
+                .begin_task(begin_request(&["crm.contacts:read"], 3600))
+                .await
+                .map(|_| ())
+        })
+    });
+    let issuance = drive(64, options.duration, issue).await;
+    let reference = empty_rate.map(|rate| ("empty-store issuance", rate));
+    let label = format!("{leases} active leases");
+    vec![
+        Row {
+            scenario: format!(
+                "scale: start-up to ready with {label} (RSS {resident:.1} MiB; preload {preload_seconds:.0} s)"
+            ),
+            backend: backend.into(),
+            concurrency: 0,
+            operations: 1,
+            per_second: 0.0,
+            p50_ms: ready_ms,
+            p90_ms: ready_ms,
+            p99_ms: ready_ms,
+            max_ms: ready_ms,
+            reference: String::new(),
+            ratio: None,
+        },
+        issuance.row(
+            &format!("scale: BeginTask with {label}"),
+            backend,
+            64,
+            reference,
+        ),
+    ]
+}
+
+/// Inserts `leases` issued leases (1,000 per task) owned by the `scale-agent` workload, signed by
+/// the current key and valid for an hour, directly in the broker's database.
+async fn preload(database_url: &str, leases: i64) {
+    sqlx::any::install_default_drivers();
+    let mut connection = sqlx::AnyConnection::connect(database_url)
+        .await
+        .expect("open database");
+    let now = warrant::domain::UnixMillis::now().0;
+    let expires = now + 3_600_000;
+    let context = r#"{"prompt_digest":null,"planned_tools":[],"labels":{}}"#;
+    let (tasks_sql, leases_sql) = if database_url.starts_with("sqlite:") {
+        (
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < $1) \
+             INSERT INTO tasks (id, workload_id, purpose, context_json, state, created_at, deadline, lease_count) \
+             SELECT printf('task_%032x', i), (SELECT id FROM workloads WHERE name = 'scale-agent'), 'preloaded', $2, \
+             'active', $3, $4, 1000 FROM n",
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < $1) \
+             INSERT INTO leases (id, task_id, scope, kind, audience, state, kid, issued_at, expires_at, renewable_until) \
+             SELECT printf('lease_%032x', i), printf('task_%032x', i / 1000), 'crm.contacts:read', 'jwt', $2, 'issued', \
+             (SELECT kid FROM signing_keys WHERE retired_at IS NULL), $3, $4, $4 FROM n",
+        )
+    } else {
+        (
+            "INSERT INTO tasks (id, workload_id, purpose, context_json, state, created_at, deadline, lease_count) \
+             SELECT 'task_' || lpad(to_hex(i), 32, '0'), (SELECT id FROM workloads WHERE name = 'scale-agent'), \
+             'preloaded', $2, 'active', $3, $4, 1000 FROM generate_series(0, $1 - 1) AS i",
+            "INSERT INTO leases (id, task_id, scope, kind, audience, state, kid, issued_at, expires_at, renewable_until) \
+             SELECT 'lease_' || lpad(to_hex(i), 32, '0'), 'task_' || lpad(to_hex(i / 1000), 32, '0'), 'crm.contacts:read', \
+             'jwt', $2, 'issued', (SELECT kid FROM signing_keys WHERE retired_at IS NULL), $3, $4, $4 \
+             FROM generate_series(0, $1 - 1) AS i",
+        )
+    };
+    sqlx::query(tasks_sql)
+        .bind((leases + 999) / 1000)
+        .bind(context)
+        .bind(now)
+        .bind(expires)
+        .execute(&mut connection)
+        .await
+        .expect("preload tasks");
+    sqlx::query(leases_sql)
+        .bind(leases)
+        .bind(CRM_AUDIENCE)
+        .bind(now)
+        .bind(expires)
+        .execute(&mut connection)
+        .await
+        .expect("preload leases");
 }
