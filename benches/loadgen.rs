@@ -198,13 +198,20 @@ impl Server {
             std::thread::sleep(Duration::from_millis(1));
         }
         let ready_after = spawned.elapsed();
-        // Printed (before the broker serves) only on a fresh store.
-        std::thread::sleep(Duration::from_millis(50));
-        let admin_credential = stdout.lock().unwrap().iter().find_map(|line| {
-            line.trim()
-                .strip_prefix("export WARRANT_TOKEN=")
-                .map(str::to_owned)
-        });
+        // Printed only on a fresh store, before the broker serves; standard output is read on its
+        // own thread, so allow it a moment to arrive.
+        let banner_deadline = Instant::now() + Duration::from_secs(2);
+        let admin_credential = loop {
+            let found = stdout.lock().unwrap().iter().find_map(|line| {
+                line.trim()
+                    .strip_prefix("export WARRANT_TOKEN=")
+                    .map(str::to_owned)
+            });
+            if found.is_some() || Instant::now() > banner_deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         Server {
             child,
             grpc: format!("http://{grpc}"),

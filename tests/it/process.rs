@@ -105,10 +105,21 @@ impl BrokerProcess {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// The admin credential the broker printed on first start. Standard output is read on its
+    /// own thread, so the banner may trail the "serving" log line a little: wait up to 3 s.
     fn admin_credential(&self) -> Option<String> {
-        let stdout = self.stdout();
-        let start = stdout.find("export WARRANT_TOKEN=")? + "export WARRANT_TOKEN=".len();
-        Some(stdout[start..].split_whitespace().next()?.to_owned())
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let stdout = self.stdout();
+            if let Some(start) = stdout.find("export WARRANT_TOKEN=") {
+                let rest = &stdout[start + "export WARRANT_TOKEN=".len()..];
+                return rest.split_whitespace().next().map(str::to_owned);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Sends SIGTERM and returns the exit code.
