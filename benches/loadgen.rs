@@ -40,6 +40,25 @@ struct Row {
     ratio: Option<f64>,
 }
 
+impl Row {
+    /// A single timing, such as a start-up.
+    fn one_off(scenario: String, backend: &str, milliseconds: f64) -> Row {
+        Row {
+            scenario,
+            backend: backend.into(),
+            concurrency: 0,
+            operations: 1,
+            per_second: 0.0,
+            p50_ms: milliseconds,
+            p90_ms: milliseconds,
+            p99_ms: milliseconds,
+            max_ms: milliseconds,
+            reference: String::new(),
+            ratio: None,
+        }
+    }
+}
+
 /// Latencies and throughput of one run.
 struct Measurement {
     operations: u64,
@@ -406,6 +425,20 @@ async fn fresh_postgres(base: &str) -> String {
     format!("{server}/{name}{query}")
 }
 
+/// Opens a one-scope task per call, spread over `agents`: the durable issuance scenario.
+fn issuance(agents: &[Connection]) -> Operation {
+    let next = round_robin(agents.iter().map(Connection::tasks).collect());
+    Arc::new(move || {
+        let mut tasks = next();
+        Box::pin(async move {
+            tasks
+                .begin_task(begin_request(&["crm.contacts:read"], 3600))
+                .await
+                .map(|_| ())
+        })
+    })
+}
+
 fn begin_request(scopes: &[&str], ttl_seconds: u32) -> proto::BeginTaskRequest {
     proto::BeginTaskRequest {
         purpose: "load test".into(),
@@ -570,19 +603,11 @@ async fn run(options: &Options) -> Vec<Row> {
     let ready_ms = fresh.ready_after.as_secs_f64() * 1000.0;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_mib = fresh.resident_mib();
-    rows.push(Row {
-        scenario: format!("serve --dev start-up to ready (idle RSS {idle_mib:.1} MiB)"),
-        backend: "sqlite".into(),
-        concurrency: 0,
-        operations: 1,
-        per_second: 0.0,
-        p50_ms: ready_ms,
-        p90_ms: ready_ms,
-        p99_ms: ready_ms,
-        max_ms: ready_ms,
-        reference: String::new(),
-        ratio: None,
-    });
+    rows.push(Row::one_off(
+        format!("serve --dev start-up to ready (idle RSS {idle_mib:.1} MiB)"),
+        "sqlite",
+        ready_ms,
+    ));
     rows
 }
 
@@ -614,17 +639,7 @@ async fn broker_scenarios(
 
     for &concurrency in &options.concurrency {
         eprintln!("{backend}: BeginTask K={concurrency}");
-        let next = next_tasks.clone();
-        let issue: Operation = Arc::new(move || {
-            let mut tasks = next();
-            Box::pin(async move {
-                tasks
-                    .begin_task(begin_request(&["crm.contacts:read"], 3600))
-                    .await
-                    .map(|_| ())
-            })
-        });
-        let measured = drive(concurrency, duration, issue).await;
+        let measured = drive(concurrency, duration, issuance(&agents)).await;
         let reference = if concurrency == 1 {
             ("raw commit", commit_rate)
         } else {
@@ -948,36 +963,18 @@ async fn scale(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let resident = broker.resident_mib();
     let agents = connections(&broker.grpc, Some(&credential), 4).await;
-    let next = round_robin(agents.iter().map(Connection::tasks).collect());
-    let issue: Operation = Arc::new(move || {
-        let mut tasks = next();
-        Box::pin(async move {
-            tasks
-                .begin_task(begin_request(&["crm.contacts:read"], 3600))
-                .await
-                .map(|_| ())
-        })
-    });
-    let issuance = drive(64, options.duration, issue).await;
+    let issued = drive(64, options.duration, issuance(&agents)).await;
     let reference = empty_rate.map(|rate| ("empty-store issuance", rate));
     let label = format!("{leases} active leases");
     vec![
-        Row {
-            scenario: format!(
+        Row::one_off(
+            format!(
                 "scale: start-up to ready with {label} (RSS {resident:.1} MiB; preload {preload_seconds:.0} s)"
             ),
-            backend: backend.into(),
-            concurrency: 0,
-            operations: 1,
-            per_second: 0.0,
-            p50_ms: ready_ms,
-            p90_ms: ready_ms,
-            p99_ms: ready_ms,
-            max_ms: ready_ms,
-            reference: String::new(),
-            ratio: None,
-        },
-        issuance.row(
+            backend,
+            ready_ms,
+        ),
+        issued.row(
             &format!("scale: BeginTask with {label}"),
             backend,
             64,
