@@ -465,17 +465,21 @@ impl Broker {
         let mut event = AuditEvent::new("token.introspected", "inactive", caller.name.as_str())
             .with("audience", audience)
             .with("token_hmac", self.audit_key.hash(token));
+        let verified_claims = match &outcome {
+            Ok(claims) => Some(claims),
+            Err(inactive) => inactive.verified_claims.as_ref(),
+        };
+        if let Some(claims) = verified_claims {
+            event = event
+                .task(&claims.task_id)
+                .lease(&claims.jti)
+                .scope(&claims.scope);
+        }
         match &outcome {
-            Ok(claims) => {
-                event.outcome = "active";
-                event = event
-                    .task(&claims.task_id)
-                    .lease(&claims.jti)
-                    .scope(&claims.scope);
-            }
-            Err(reason) => {
-                tracing::debug!(%reason, "introspection: token inactive");
-                event = event.with("reason", *reason);
+            Ok(_) => event.outcome = "active",
+            Err(inactive) => {
+                tracing::debug!(reason = inactive.reason, "introspection: token inactive");
+                event = event.with("reason", inactive.reason);
             }
         }
         let result = if outcome.is_ok() {
@@ -699,17 +703,17 @@ impl Broker {
         &self,
         token: &str,
         audience: &str,
-    ) -> Result<Result<AccessTokenClaims, &'static str>> {
+    ) -> Result<Result<AccessTokenClaims, Inactive>> {
         let now = UnixMillis::now();
         let Ok(decoded) = jwt::decode(token) else {
-            return Ok(Err("malformed"));
+            return Ok(Err(Inactive::because("malformed")));
         };
         let Some(key) = self
             .keyring
             .find_verifying_key(&self.store, decoded.kid(), now)
             .await?
         else {
-            return Ok(Err("unknown or unpublished key"));
+            return Ok(Err(Inactive::because("unknown or unpublished key")));
         };
         let expected = Expectations {
             issuer: &self.settings.issuer,
@@ -719,15 +723,23 @@ impl Broker {
         };
         let claims = match jwt::check(token, decoded, &key, expected) {
             Ok(claims) => claims,
-            Err(jwt::TokenError::WrongAudience(_)) => return Ok(Err("wrong audience")),
-            Err(jwt::TokenError::Expired) => return Ok(Err("expired")),
-            Err(_) => return Ok(Err("invalid signature or claims")),
+            Err(jwt::TokenError::WrongAudience(_)) => {
+                return Ok(Err(Inactive::because("wrong audience")));
+            }
+            Err(jwt::TokenError::Expired) => return Ok(Err(Inactive::because("expired"))),
+            Err(_) => return Ok(Err(Inactive::because("invalid signature or claims"))),
         };
         let Ok(lease_id) = LeaseId::parse("jti", &claims.jti) else {
-            return Ok(Err("jti is not a lease id"));
+            return Ok(Err(Inactive::because("jti is not a lease id")));
         };
         if !self.store.lease_is_live(&lease_id, now).await? {
-            return Ok(Err("lease revoked, expired or unknown"));
+            // A genuine token whose lease has ended: its claims are verified, so the use check
+            // can join its task's story.
+            let reason = "lease revoked, expired or unknown";
+            return Ok(Err(Inactive {
+                reason,
+                verified_claims: Some(claims),
+            }));
         }
         Ok(Ok(claims))
     }
@@ -775,6 +787,22 @@ impl Broker {
             task_id: lease.task_id.as_str().to_owned(),
         };
         Credential(jwt::sign(key, &claims))
+    }
+}
+
+/// Why introspection found a token inactive, with its claims when they were verified (a genuine
+/// token whose lease has ended); never the claims of a forged or malformed token.
+struct Inactive {
+    reason: &'static str,
+    verified_claims: Option<AccessTokenClaims>,
+}
+
+impl Inactive {
+    fn because(reason: &'static str) -> Self {
+        Inactive {
+            reason,
+            verified_claims: None,
+        }
     }
 }
 

@@ -136,6 +136,7 @@ async fn every_state_change_leaves_exactly_its_events(backend: Backend) {
         .complete_task(complete_request(&task.task_id))
         .await
         .unwrap();
+    assert!(!app.is_active(&grant.credential, CRM).await);
 
     let all = task_events(&app, &task.task_id).await;
     let expected = [
@@ -152,6 +153,7 @@ async fn every_state_change_leaves_exactly_its_events(backend: Backend) {
         "task.begun",
         "task.completed",
         "token.introspected",
+        "token.introspected",
     ];
     assert_eq!(types(&all), expected);
     let digest = format!("sha256:{}", "ab".repeat(32));
@@ -163,15 +165,24 @@ async fn every_state_change_leaves_exactly_its_events(backend: Backend) {
             event.r#type
         );
     }
-    let introspection = all
+    let checks: Vec<_> = all
         .iter()
-        .find(|e| e.r#type == "token.introspected")
-        .unwrap();
+        .filter(|e| e.r#type == "token.introspected")
+        .collect();
     assert_eq!(
-        (introspection.outcome.as_str(), introspection.actor.as_str()),
+        (checks[0].outcome.as_str(), checks[0].actor.as_str()),
         ("active", "admin")
     );
-    assert_eq!(introspection.lease_id, grant.lease_id);
+    assert_eq!(checks[0].lease_id, grant.lease_id);
+    assert_eq!(
+        checks[1].outcome, "inactive",
+        "a use after completion joins the task's story"
+    );
+    assert!(
+        checks[1].detail_json.contains("lease revoked"),
+        "{}",
+        checks[1].detail_json
+    );
     let issued = all
         .iter()
         .find(|e| e.r#type == "lease.issued" && e.lease_id == grant.lease_id)
@@ -193,7 +204,11 @@ async fn every_state_change_leaves_exactly_its_events(backend: Backend) {
     );
     let ordered: Vec<&str> = all.iter().map(|e| e.r#type.as_str()).collect();
     assert_eq!(ordered.first(), Some(&"grant.decided"));
-    assert_eq!(ordered.last(), Some(&"task.completed"));
+    assert_eq!(
+        ordered[ordered.len() - 2..],
+        ["task.completed", "token.introspected"],
+        "completion, then the refused use"
+    );
 }
 
 async fn refusals_and_admin_changes_are_recorded(backend: Backend) {
