@@ -31,13 +31,26 @@ const DEFAULT_REAPER_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 const DEFAULT_AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Where the master key comes from.
-#[derive(Clone, Debug)]
+/// Where the master key comes from. `Debug` never shows an inline key.
+#[derive(Clone)]
 pub enum MasterKeySource {
     /// A file holding the base64 key; created on first start when `create` is set (dev).
     File { path: PathBuf, create: bool },
     /// The base64 key itself, from the environment.
     Inline(String),
+}
+
+impl std::fmt::Debug for MasterKeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MasterKeySource::File { path, create } => f
+                .debug_struct("File")
+                .field("path", path)
+                .field("create", create)
+                .finish(),
+            MasterKeySource::Inline(_) => f.write_str("Inline([redacted])"),
+        }
+    }
 }
 
 /// The server's TLS identity, read at start.
@@ -453,6 +466,12 @@ mod tests {
                 Config::from_file(&write(dir.path(), "bad.toml", &text), &no_env).unwrap_err();
             assert_eq!(error.field, field, "{error}");
         }
+    }
+
+    #[test]
+    fn debug_output_hides_an_inline_master_key() {
+        let source = MasterKeySource::Inline("c2VjcmV0LW1hc3Rlci1rZXk=".into());
+        assert!(!format!("{source:?}").contains("c2VjcmV0"));
     }
 
     #[test]

@@ -38,8 +38,8 @@ pub const KEY_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(5);
 
-/// How to reach the broker and what tokens must match.
-#[derive(Clone, Debug)]
+/// How to reach the broker and what tokens must match. `Debug` never shows the credential.
+#[derive(Clone)]
 pub struct VerifierConfig {
     /// The broker's gRPC address.
     pub address: String,
@@ -69,6 +69,18 @@ impl VerifierConfig {
             leeway: Duration::from_secs(5),
             ca_pem: None,
         }
+    }
+}
+
+impl std::fmt::Debug for VerifierConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifierConfig")
+            .field("address", &self.address)
+            .field("audience", &self.audience)
+            .field("credential", &"[redacted]")
+            .field("issuer", &self.issuer)
+            .field("leeway", &self.leeway)
+            .finish()
     }
 }
 
@@ -203,11 +215,6 @@ impl Verifier {
             return Err(VerifyError::Revoked);
         }
         Ok(claims)
-    }
-
-    /// The feed position this verifier has applied.
-    pub fn feed_cursor(&self) -> u64 {
-        self.shared.read_revocations().cursor
     }
 }
 

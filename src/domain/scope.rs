@@ -176,14 +176,6 @@ impl Catalog {
             .max()
             .unwrap_or(Duration::ZERO)
     }
-
-    pub fn len(&self) -> usize {
-        self.scopes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.scopes.is_empty()
-    }
 }
 
 impl ScopeEntry {

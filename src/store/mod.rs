@@ -31,9 +31,9 @@ pub use feed::{FeedEvent, FeedRecord};
 pub use records::{LeaseRecord, StoredSigningKey, TaskRecord, WorkloadRecord};
 pub use tasks::{CompletionOutcome, EndedLease, NewLeaseOutcome, RenewalOutcome};
 
-/// Which database a store runs on.
+/// Which database a URL names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+enum Backend {
     Sqlite,
     Postgres,
 }
@@ -41,7 +41,6 @@ pub enum Backend {
 /// The broker's database.
 #[derive(Clone, Debug)]
 pub struct Store {
-    backend: Backend,
     writer: AnyPool,
     reader: AnyPool,
     /// Hot writes (issuance, renewal, completion, audit-only events) go through group commit.
@@ -95,7 +94,6 @@ impl Store {
                     .map_err(StoreError::Connect)?;
                 let committer = committer::Committer::start(writer.clone(), 1);
                 Store {
-                    backend,
                     writer,
                     reader,
                     committer,
@@ -115,7 +113,6 @@ impl Store {
                     .map_err(StoreError::Migrate)?;
                 let committer = committer::Committer::start(pool.clone(), POSTGRES_COMMITTERS);
                 Store {
-                    backend,
                     writer: pool.clone(),
                     reader: pool,
                     committer,
@@ -124,10 +121,6 @@ impl Store {
             }
         };
         Ok(store)
-    }
-
-    pub fn backend(&self) -> Backend {
-        self.backend
     }
 
     /// Whether the database answers; `/readyz` reports this.
