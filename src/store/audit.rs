@@ -1,10 +1,14 @@
 //! The audit tables: events written inside the transactions of the actions they record, the
 //! sealing that numbers and chains them, checkpoints, and reads for investigation.
 
+use std::borrow::Borrow;
+
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::Store;
+use super::batch::{Outcome, Write, unexpected};
+use super::sql::{placeholder_rows, rows_per_statement};
 use crate::audit::AuditEvent;
 use crate::audit::chain::{SealedEvent, event_hash};
 use crate::domain::UnixMillis;
@@ -48,12 +52,14 @@ impl Store {
     /// Writes events that record no other change (refusals, introspections) in a (shared)
     /// transaction of their own.
     pub async fn record_events(&self, events: &[AuditEvent]) -> Result<()> {
-        let events = events.to_vec();
-        self.committer
-            .write(move |connection| {
-                Box::pin(async move { insert_events(connection, &events).await })
-            })
-            .await
+        match self
+            .committer
+            .submit(Write::Events(events.to_vec()))
+            .await?
+        {
+            Outcome::Stored => Ok(()),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Numbers and chains up to `limit` unsealed events, oldest id first. Returns how many it
@@ -199,69 +205,54 @@ impl Store {
     }
 }
 
-/// Writes `events` inside the caller's transaction. An event about a task that names no
-/// workload or context takes the task's owner and context.
-pub(super) async fn insert_events(
+/// Writes `events` inside the caller's transaction, many per statement. An event about a task
+/// that names no workload or context takes the task's owner and context.
+pub(super) async fn insert_events<E: Borrow<AuditEvent>>(
     connection: &mut sqlx::AnyConnection,
-    events: &[AuditEvent],
+    events: &[E],
 ) -> Result<()> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    // One statement for all the events of an action. Per row: an event that names no workload
-    // or context takes its task's owner and context.
     const COLUMNS: usize = 11;
-    let rows: Vec<String> = (0..events.len())
-        .map(|row| {
-            let n = |column: usize| format!("${}", row * COLUMNS + column);
-            format!(
-                "({}, {}, {}, {}, {}, COALESCE({}, (SELECT w.name FROM tasks t JOIN workloads w ON w.id = t.workload_id \
-                 WHERE t.id = {task})), {task}, {}, {}, {}, COALESCE({}, (SELECT t.context_json FROM tasks t WHERE t.id = {task})))",
-                n(1), n(2), n(3), n(4), n(5), n(6), n(8), n(9), n(10), n(11), task = n(7)
-            )
-        })
-        .collect();
-    let sql = format!(
-        "INSERT INTO audit_events (id, occurred_at, event_type, outcome, actor, workload, task_id, scope, lease_id, \
-         detail_json, context_json) VALUES {}",
-        rows.join(", ")
-    );
-    let mut insert = sqlx::query(&sql);
-    for event in events {
-        let context = event
-            .context
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(Error::internal)?;
-        insert = insert
-            .bind(&event.id)
-            .bind(event.occurred_at.0)
-            .bind(event.event_type)
-            .bind(event.outcome)
-            .bind(&event.actor)
-            .bind(event.workload.as_deref())
-            .bind(event.task_id.as_deref())
-            .bind(event.scope.as_deref())
-            .bind(event.lease_id.as_deref())
-            .bind(event.detail.to_string())
-            .bind(context);
+    for chunk in events.chunks(rows_per_statement(COLUMNS)) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|row| {
+                let n = |column: usize| format!("${}", row * COLUMNS + column);
+                format!(
+                    "({}, {}, {}, {}, {}, COALESCE({}, (SELECT w.name FROM tasks t JOIN workloads w ON w.id = t.workload_id \
+                     WHERE t.id = {task})), {task}, {}, {}, {}, COALESCE({}, (SELECT t.context_json FROM tasks t WHERE t.id = {task})))",
+                    n(1), n(2), n(3), n(4), n(5), n(6), n(8), n(9), n(10), n(11), task = n(7)
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO audit_events (id, occurred_at, event_type, outcome, actor, workload, task_id, scope, lease_id, \
+             detail_json, context_json) VALUES {}",
+            rows.join(", ")
+        );
+        let mut insert = sqlx::query(&sql).persistent(false);
+        for event in chunk {
+            let event = event.borrow();
+            let context = event
+                .context
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(Error::internal)?;
+            insert = insert
+                .bind(&event.id)
+                .bind(event.occurred_at.0)
+                .bind(event.event_type)
+                .bind(event.outcome)
+                .bind(&event.actor)
+                .bind(event.workload.as_deref())
+                .bind(event.task_id.as_deref())
+                .bind(event.scope.as_deref())
+                .bind(event.lease_id.as_deref())
+                .bind(event.detail.to_string())
+                .bind(context);
+        }
+        insert.execute(&mut *connection).await?;
     }
-    insert.execute(&mut *connection).await?;
     Ok(())
-}
-
-/// `($1, $2, ..), ($k+1, ..), ..`: placeholders for `rows` rows of `columns` values.
-fn placeholder_rows(rows: usize, columns: usize) -> String {
-    (0..rows)
-        .map(|row| {
-            let values: Vec<String> = (1..=columns)
-                .map(|column| format!("${}", row * columns + column))
-                .collect();
-            format!("({})", values.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn audit_record(row: &AnyRow) -> Result<AuditRecord> {

@@ -6,6 +6,7 @@ use sqlx::any::AnyRow;
 
 use super::Store;
 use super::records::corrupt;
+use super::sql::{placeholder_rows, rows_per_statement};
 use crate::audit::AuditEvent;
 use crate::domain::{RevocationReason, UnixMillis};
 use crate::error::{Error, Result};
@@ -53,15 +54,15 @@ impl Store {
     }
 }
 
-/// Appends `events` inside the caller's transaction, each with its audit event (caused by
-/// `actor`), and returns the last sequence number.
+/// Appends `events`, each with the actor that caused it, inside the caller's transaction (and
+/// their audit events), and returns the last sequence number.
 /// Numbers are taken from `feed_head`, whose row lock is held until commit, so events become
 /// visible in sequence order and a reader that has seen `n` never later finds an event below `n`.
 pub(super) async fn append(
     connection: &mut sqlx::AnyConnection,
-    events: &[FeedEvent],
-    actor: &str,
+    events: &[(FeedEvent, &str)],
 ) -> Result<i64> {
+    const COLUMNS: usize = 8;
     let count = i64::try_from(events.len()).map_err(Error::internal)?;
     let row = sqlx::query(
         "UPDATE feed_head SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq",
@@ -70,28 +71,40 @@ pub(super) async fn append(
     .fetch_one(&mut *connection)
     .await?;
     let last_seq: i64 = row.try_get("last_seq")?;
-    for (seq, event) in (last_seq - count + 1..).zip(events) {
-        sqlx::query(
+    let numbered: Vec<(i64, &FeedEvent)> = (last_seq - count + 1..)
+        .zip(events.iter().map(|(event, _)| event))
+        .collect();
+    for chunk in numbered.chunks(rows_per_statement(COLUMNS)) {
+        let sql = format!(
             "INSERT INTO revocation_feed (seq, lease_id, task_id, scope, audience, reason, not_after, occurred_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(seq)
-        .bind(event.lease_id.as_deref())
-        .bind(&event.task_id)
-        .bind(event.scope.as_deref())
-        .bind(event.audience.as_deref())
-        .bind(event.reason.as_str())
-        .bind(event.not_after.0)
-        .bind(event.occurred_at.0)
-        .execute(&mut *connection)
-        .await?;
+             VALUES {}",
+            placeholder_rows(chunk.len(), COLUMNS)
+        );
+        let mut insert = sqlx::query(&sql).persistent(false);
+        for (seq, event) in chunk {
+            insert = insert
+                .bind(*seq)
+                .bind(event.lease_id.as_deref())
+                .bind(&event.task_id)
+                .bind(event.scope.as_deref())
+                .bind(event.audience.as_deref())
+                .bind(event.reason.as_str())
+                .bind(event.not_after.0)
+                .bind(event.occurred_at.0);
+        }
+        insert.execute(&mut *connection).await?;
     }
     let audit: Vec<AuditEvent> = events
         .iter()
-        .map(|event| audit_twin(event, actor))
+        .map(|(event, actor)| audit_twin(event, actor))
         .collect();
     super::audit::insert_events(connection, &audit).await?;
     Ok(last_seq)
+}
+
+/// `events` paired with the one actor that caused them all, for [`append`].
+pub(super) fn caused_by<'a>(events: &[FeedEvent], actor: &'a str) -> Vec<(FeedEvent, &'a str)> {
+    events.iter().map(|event| (event.clone(), actor)).collect()
 }
 
 /// The audit event recording a revocation-feed event.

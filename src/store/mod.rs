@@ -13,10 +13,12 @@
 //! PostgreSQL server's default `synchronous_commit=on`.
 
 mod audit;
+mod batch;
 mod committer;
 mod feed;
 mod keys;
 mod records;
+mod sql;
 mod tasks;
 mod workloads;
 

@@ -8,6 +8,7 @@
 
 use sqlx::Row;
 
+use super::batch::{Outcome, Write, unexpected};
 use super::feed::{self, FeedEvent};
 use super::records::{LEASE_COLUMNS, LeaseRecord, TASK_COLUMNS, TaskRecord};
 use super::{Store, audit};
@@ -42,7 +43,7 @@ pub struct EndedLease {
 }
 
 /// The leases among `events` (task-level events name none).
-fn ended_leases(events: &[FeedEvent]) -> Vec<EndedLease> {
+pub(super) fn ended_leases(events: &[FeedEvent]) -> Vec<EndedLease> {
     events
         .iter()
         .filter_map(|event| {
@@ -89,7 +90,7 @@ impl Store {
         ))
         .bind(workload_id)
         .bind(key)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&self.reader)
         .await?;
         row.as_ref().map(TaskRecord::from_row).transpose()
     }
@@ -101,7 +102,7 @@ impl Store {
         ))
         .bind(id.as_str())
         .bind(workload_id)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&self.reader)
         .await?;
         row.as_ref().map(TaskRecord::from_row).transpose()
     }
@@ -112,7 +113,7 @@ impl Store {
             "SELECT {LEASE_COLUMNS} FROM leases l WHERE l.task_id = $1 ORDER BY l.id"
         ))
         .bind(id.as_str())
-        .fetch_all(&self.writer)
+        .fetch_all(&self.reader)
         .await?;
         rows.iter().map(LeaseRecord::from_row).collect()
     }
@@ -125,40 +126,16 @@ impl Store {
         leases: &[LeaseRecord],
         events: &[AuditEvent],
     ) -> Result<bool> {
-        let (task, leases, events) = (task.clone(), leases.to_vec(), events.to_vec());
-        let context = serde_json::to_string(&task.context).map_err(Error::internal)?;
-        let lease_count = i64::try_from(leases.len()).map_err(Error::internal)?;
-        self.committer
-            .write(move |connection| {
-                Box::pin(async move {
-                    let inserted = sqlx::query(
-                        "INSERT INTO tasks (id, workload_id, purpose, context_json, state, created_at, deadline, \
-                         lease_count, idempotency_key, request_digest) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                         ON CONFLICT DO NOTHING",
-                    )
-                    .bind(task.id.as_str())
-                    .bind(&task.workload_id)
-                    .bind(&task.purpose)
-                    .bind(context)
-                    .bind(task.state.as_str())
-                    .bind(task.created_at.0)
-                    .bind(task.deadline.0)
-                    .bind(lease_count)
-                    .bind(task.idempotency_key.as_deref())
-                    .bind(task.request_digest.as_deref())
-                    .execute(&mut *connection)
-                    .await?;
-                    if inserted.rows_affected() == 0 {
-                        return Ok(false);
-                    }
-                    for lease in &leases {
-                        insert_lease(connection, lease).await?;
-                    }
-                    audit::insert_events(connection, &events).await?;
-                    Ok(true)
-                })
-            })
-            .await
+        let write = Write::NewTask {
+            context_json: serde_json::to_string(&task.context).map_err(Error::internal)?,
+            task: task.clone(),
+            leases: leases.to_vec(),
+            events: events.to_vec(),
+        };
+        match self.committer.submit(write).await? {
+            Outcome::TaskInserted(inserted) => Ok(inserted),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Adds `lease` to its task, owned by `workload_id`, if the task is active at `now`.
@@ -169,28 +146,16 @@ impl Store {
         now: UnixMillis,
         events: &[AuditEvent],
     ) -> Result<NewLeaseOutcome> {
-        let (workload_id, lease, events) = (workload_id.to_owned(), lease.clone(), events.to_vec());
-        self.committer
-            .write(move |connection| {
-                Box::pin(async move {
-                    let task = sqlx::query(
-                        "UPDATE tasks SET lease_count = lease_count + 1 \
-                         WHERE id = $1 AND workload_id = $2 AND state = 'active' AND deadline > $3",
-                    )
-                    .bind(lease.task_id.as_str())
-                    .bind(&workload_id)
-                    .bind(now.0)
-                    .execute(&mut *connection)
-                    .await?;
-                    if task.rows_affected() == 0 {
-                        return Ok(NewLeaseOutcome::TaskNotActive);
-                    }
-                    insert_lease(connection, &lease).await?;
-                    audit::insert_events(connection, &events).await?;
-                    Ok(NewLeaseOutcome::Added)
-                })
-            })
-            .await
+        let write = Write::AddLease {
+            workload_id: workload_id.to_owned(),
+            lease: lease.clone(),
+            now,
+            events: events.to_vec(),
+        };
+        match self.committer.submit(write).await? {
+            Outcome::LeaseAdded(outcome) => Ok(outcome),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// The lease `id` if it belongs to a task of `workload_id`.
@@ -200,7 +165,7 @@ impl Store {
         ))
         .bind(id.as_str())
         .bind(workload_id)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&self.reader)
         .await?;
         row.as_ref().map(LeaseRecord::from_row).transpose()
     }
@@ -214,29 +179,17 @@ impl Store {
         now: UnixMillis,
         events: &[AuditEvent],
     ) -> Result<RenewalOutcome> {
-        let (id, kid, events) = (id.clone(), kid.to_owned(), events.to_vec());
-        self.committer
-            .write(move |connection| {
-                Box::pin(async move {
-                    let renewed = sqlx::query(
-                        "UPDATE leases SET issued_at = $1, expires_at = $2, kid = $3 \
-                         WHERE id = $4 AND state = 'issued' AND expires_at > $5",
-                    )
-                    .bind(window.issued_at.0)
-                    .bind(window.expires_at.0)
-                    .bind(&kid)
-                    .bind(id.as_str())
-                    .bind(now.0)
-                    .execute(&mut *connection)
-                    .await?;
-                    if renewed.rows_affected() != 1 {
-                        return Ok(RenewalOutcome::NotRenewable);
-                    }
-                    audit::insert_events(connection, &events).await?;
-                    Ok(RenewalOutcome::Renewed)
-                })
-            })
-            .await
+        let write = Write::Renew {
+            id: id.clone(),
+            window,
+            kid: kid.to_owned(),
+            now,
+            events: events.to_vec(),
+        };
+        match self.committer.submit(write).await? {
+            Outcome::Renewed(outcome) => Ok(outcome),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Completes an active task of `workload_id` and revokes all its issued leases; `actor` is
@@ -248,28 +201,16 @@ impl Store {
         now: UnixMillis,
         actor: &str,
     ) -> Result<CompletionOutcome> {
-        let (task_id, owner, actor) = (id.clone(), workload_id.to_owned(), actor.to_owned());
-        let completed = self
-            .committer
-            .write(move |connection| {
-                Box::pin(async move {
-                    let ended = sqlx::query(
-                        "UPDATE tasks SET state = 'completed', ended_at = $1 \
-                         WHERE id = $2 AND workload_id = $3 AND state = 'active' RETURNING deadline",
-                    )
-                    .bind(now.0)
-                    .bind(task_id.as_str())
-                    .bind(&owner)
-                    .fetch_optional(&mut *connection)
-                    .await?;
-                    let Some(ended) = ended else { return Ok(None) };
-                    let deadline = UnixMillis(ended.try_get("deadline")?);
-                    let reason = RevocationReason::TaskCompleted;
-                    let outcome = end_task_leases(connection, &task_id, deadline, LeaseState::Revoked, reason, now, &actor).await?;
-                    Ok(Some(outcome))
-                })
-            })
-            .await?;
+        let write = Write::Complete {
+            task_id: id.clone(),
+            workload_id: workload_id.to_owned(),
+            now,
+            actor: actor.to_owned(),
+        };
+        let completed = match self.committer.submit(write).await? {
+            Outcome::Completed(completed) => completed,
+            other => return Err(unexpected(other)),
+        };
         Ok(match completed {
             Some((revoked, feed_seq)) => CompletionOutcome::Completed {
                 revoked,
@@ -336,7 +277,7 @@ impl Store {
         if events.is_empty() {
             return Ok(None);
         }
-        let feed_seq = feed::append(&mut tx, &events, actor).await?;
+        let feed_seq = feed::append(&mut tx, &feed::caused_by(&events, actor)).await?;
         audit::insert_events(&mut tx, audit_events).await?;
         tx.commit().await?;
         let ended = ended_leases(&events)
@@ -407,32 +348,11 @@ impl Store {
         }
         report.leases = ended_leases(&events);
         if !events.is_empty() {
-            report.feed_seq = Some(feed::append(&mut tx, &events, REAPER).await?);
+            report.feed_seq = Some(feed::append(&mut tx, &feed::caused_by(&events, REAPER)).await?);
         }
         tx.commit().await?;
         Ok(report)
     }
-}
-
-async fn insert_lease(connection: &mut sqlx::AnyConnection, lease: &LeaseRecord) -> Result<()> {
-    sqlx::query(&format!(
-        "INSERT INTO leases ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        LEASE_COLUMNS.replace("l.", "")
-    ))
-    .bind(lease.id.as_str())
-    .bind(lease.task_id.as_str())
-    .bind(lease.scope.as_str())
-    .bind(lease.kind.as_str())
-    .bind(&lease.audience)
-    .bind(lease.state.as_str())
-    .bind(lease.kid.as_deref())
-    .bind(lease.window.issued_at.0)
-    .bind(lease.window.expires_at.0)
-    .bind(lease.window.renewable_until.0)
-    .bind(lease.ended_at.map(|at| at.0))
-    .execute(connection)
-    .await?;
-    Ok(())
 }
 
 /// Ends the issued leases of a task that has just ended, records one event per lease and one
@@ -461,12 +381,12 @@ async fn end_task_leases(
         deadline,
         now,
     ));
-    let feed_seq = feed::append(connection, &events, actor).await?;
+    let feed_seq = feed::append(connection, &feed::caused_by(&events, actor)).await?;
     Ok((ended, feed_seq))
 }
 
 /// Which issued leases [`end_leases`] ends.
-enum LeaseSelection<'a> {
+pub(super) enum LeaseSelection<'a> {
     One(&'a str),
     OfTask(&'a str),
     /// Up to `batch` leases whose expiry is at or before the instant, earliest first.
@@ -474,7 +394,7 @@ enum LeaseSelection<'a> {
 }
 
 /// Moves the issued leases in `selection` to `new_state`, returning one feed event per lease.
-async fn end_leases(
+pub(super) async fn end_leases(
     connection: &mut sqlx::AnyConnection,
     selection: LeaseSelection<'_>,
     new_state: LeaseState,
@@ -513,7 +433,7 @@ async fn end_leases(
         .collect()
 }
 
-fn task_event(
+pub(super) fn task_event(
     task_id: String,
     reason: RevocationReason,
     deadline: UnixMillis,
