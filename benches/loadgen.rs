@@ -456,7 +456,21 @@ struct Options {
     json: Option<PathBuf>,
     /// Active leases preloaded for the scale scenario.
     scale_leases: i64,
+    /// Runs only the scenarios whose name is given (references always run).
+    only: Option<String>,
 }
+
+/// Names accepted by `--only`.
+const SCENARIOS: &[&str] = &[
+    "issuance",
+    "grant",
+    "complete",
+    "introspect",
+    "verify",
+    "propagation",
+    "scale",
+    "startup",
+];
 
 impl Options {
     fn parse() -> Options {
@@ -468,6 +482,7 @@ impl Options {
                 .filter(|url| !url.is_empty()),
             json: None,
             scale_leases: 1_000_000,
+            only: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -486,15 +501,32 @@ impl Options {
                 }
                 "--sqlite-only" => options.postgres = None,
                 "--json" => options.json = args.next().map(PathBuf::from),
+                "--only" => {
+                    let name = args.next().unwrap_or_default();
+                    assert!(
+                        SCENARIOS.contains(&name.as_str()),
+                        "--only takes one of {SCENARIOS:?}"
+                    );
+                    options.only = Some(name);
+                }
                 "--bench" => {} // added by `cargo bench`
                 "--help" | "-h" => {
-                    println!("loadgen [--seconds N] [--quick] [--sqlite-only] [--json FILE]");
+                    println!(
+                        "loadgen [--seconds N] [--quick] [--sqlite-only] [--json FILE] [--only SCENARIO]\n\
+                         scenarios: {}",
+                        SCENARIOS.join(", ")
+                    );
                     std::process::exit(0);
                 }
                 other => panic!("unknown argument {other} (see --help)"),
             }
         }
         options
+    }
+
+    /// Whether scenario `name` (one of [`SCENARIOS`]) is to run.
+    fn runs(&self, name: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| only == name)
     }
 }
 
@@ -591,23 +623,29 @@ async fn run(options: &Options) -> Vec<Row> {
                     && row.concurrency == 64
             })
             .map(|row| row.per_second);
-        let scale_url = match database_url {
-            Some(_) => Some(fresh_postgres(options.postgres.as_deref().unwrap_or_default()).await),
-            None => None,
-        };
-        rows.extend(scale(backend, scale_url, options, empty_rate).await);
+        if options.runs("scale") {
+            let scale_url = match database_url {
+                Some(_) => {
+                    Some(fresh_postgres(options.postgres.as_deref().unwrap_or_default()).await)
+                }
+                None => None,
+            };
+            rows.extend(scale(backend, scale_url, options, empty_rate).await);
+        }
     }
 
-    eprintln!("start-up");
-    let fresh = Server::broker(tempfile::tempdir().expect("temporary directory"), None);
-    let ready_ms = fresh.ready_after.as_secs_f64() * 1000.0;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle_mib = fresh.resident_mib();
-    rows.push(Row::one_off(
-        format!("serve --dev start-up to ready (idle RSS {idle_mib:.1} MiB)"),
-        "sqlite",
-        ready_ms,
-    ));
+    if options.runs("startup") {
+        eprintln!("start-up");
+        let fresh = Server::broker(tempfile::tempdir().expect("temporary directory"), None);
+        let ready_ms = fresh.ready_after.as_secs_f64() * 1000.0;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let idle_mib = fresh.resident_mib();
+        rows.push(Row::one_off(
+            format!("serve --dev start-up to ready (idle RSS {idle_mib:.1} MiB)"),
+            "sqlite",
+            ready_ms,
+        ));
+    }
     rows
 }
 
@@ -637,133 +675,137 @@ async fn broker_scenarios(
     let agents = connections(&broker.grpc, Some(&agent_credential), 4).await;
     let next_tasks = Arc::new(round_robin(agents.iter().map(Connection::tasks).collect()));
 
-    for &concurrency in &options.concurrency {
-        eprintln!("{backend}: BeginTask K={concurrency}");
-        let measured = drive(concurrency, duration, issuance(&agents)).await;
-        let reference = if concurrency == 1 {
-            ("raw commit", commit_rate)
-        } else {
-            ("gRPC echo", echo_rate)
-        };
-        rows.push(measured.row(
-            "durable issuance: BeginTask, 1 JWT scope",
-            backend,
-            concurrency,
-            Some(reference),
-        ));
+    if options.runs("issuance") {
+        for &concurrency in &options.concurrency {
+            eprintln!("{backend}: BeginTask K={concurrency}");
+            let measured = drive(concurrency, duration, issuance(&agents)).await;
+            let reference = if concurrency == 1 {
+                ("raw commit", commit_rate)
+            } else {
+                ("gRPC echo", echo_rate)
+            };
+            rows.push(measured.row(
+                "durable issuance: BeginTask, 1 JWT scope",
+                backend,
+                concurrency,
+                Some(reference),
+            ));
+        }
     }
-
-    eprintln!("{backend}: RequestGrant");
-    let open_task = agents[0]
-        .tasks()
-        .begin_task(begin_request(&[], 3600))
-        .await
-        .expect("open task")
-        .into_inner()
-        .task_id;
-    let next = next_tasks.clone();
-    let grant: Operation = Arc::new(move || {
-        let mut tasks = next();
-        let request = proto::RequestGrantRequest {
-            task_id: open_task.clone(),
-            scope: "tickets:write".into(),
-            ttl_seconds: 0,
-        };
-        Box::pin(async move { tasks.request_grant(request).await.map(|_| ()) })
-    });
-    rows.push(drive(16, duration, grant).await.row(
-        "RequestGrant on an open task",
-        backend,
-        16,
-        Some(("gRPC echo", echo_rate)),
-    ));
-
-    eprintln!("{backend}: CompleteTask (5 leases)");
-    let (sender, receiver) = mpsc::channel::<String>(100_000);
-    let prepared = (duration.as_secs_f64() * 400.0) as usize + 200;
-    for _ in 0..prepared {
-        let mut tasks = agents[0].tasks();
-        let task = tasks
-            .begin_task(begin_request(&["crm.contacts:read", "tickets:write"], 3600))
+    if options.runs("grant") {
+        eprintln!("{backend}: RequestGrant");
+        let open_task = agents[0]
+            .tasks()
+            .begin_task(begin_request(&[], 3600))
             .await
-            .expect("task")
-            .into_inner();
-        for _ in 0..3 {
+            .expect("open task")
+            .into_inner()
+            .task_id;
+        let next = next_tasks.clone();
+        let grant: Operation = Arc::new(move || {
+            let mut tasks = next();
             let request = proto::RequestGrantRequest {
-                task_id: task.task_id.clone(),
-                scope: "crm.contacts:read".into(),
+                task_id: open_task.clone(),
+                scope: "tickets:write".into(),
                 ttl_seconds: 0,
             };
-            tasks.request_grant(request).await.expect("grant");
-        }
-        sender.send(task.task_id).await.expect("queue");
+            Box::pin(async move { tasks.request_grant(request).await.map(|_| ()) })
+        });
+        rows.push(drive(16, duration, grant).await.row(
+            "RequestGrant on an open task",
+            backend,
+            16,
+            Some(("gRPC echo", echo_rate)),
+        ));
     }
-    let queue = Arc::new(tokio::sync::Mutex::new(receiver));
-    let next = next_tasks.clone();
-    let complete: Operation = Arc::new(move || {
-        let mut tasks = next();
-        let queue = queue.clone();
-        Box::pin(async move {
-            let Some(task_id) = queue.lock().await.recv().await else {
-                return Err(Status::resource_exhausted("prepared tasks used up"));
+    if options.runs("complete") {
+        eprintln!("{backend}: CompleteTask (5 leases)");
+        let (sender, receiver) = mpsc::channel::<String>(100_000);
+        let prepared = (duration.as_secs_f64() * 400.0) as usize + 200;
+        for _ in 0..prepared {
+            let mut tasks = agents[0].tasks();
+            let task = tasks
+                .begin_task(begin_request(&["crm.contacts:read", "tickets:write"], 3600))
+                .await
+                .expect("task")
+                .into_inner();
+            for _ in 0..3 {
+                let request = proto::RequestGrantRequest {
+                    task_id: task.task_id.clone(),
+                    scope: "crm.contacts:read".into(),
+                    ttl_seconds: 0,
+                };
+                tasks.request_grant(request).await.expect("grant");
+            }
+            sender.send(task.task_id).await.expect("queue");
+        }
+        let queue = Arc::new(tokio::sync::Mutex::new(receiver));
+        let next = next_tasks.clone();
+        let complete: Operation = Arc::new(move || {
+            let mut tasks = next();
+            let queue = queue.clone();
+            Box::pin(async move {
+                let Some(task_id) = queue.lock().await.recv().await else {
+                    return Err(Status::resource_exhausted("prepared tasks used up"));
+                };
+                tasks
+                    .complete_task(proto::CompleteTaskRequest { task_id })
+                    .await
+                    .map(|_| ())
+            })
+        });
+        drop(sender);
+        let completion_time = duration
+            .min(Duration::from_secs_f64(prepared as f64 / 2000.0).max(Duration::from_millis(500)));
+        rows.push(drive(16, completion_time, complete).await.row(
+            "CompleteTask of a task holding 5 leases",
+            backend,
+            16,
+            Some(("gRPC echo", echo_rate)),
+        ));
+    }
+    if options.runs("introspect") {
+        eprintln!("{backend}: Introspect K=64");
+        let mut sample_tokens = Vec::new();
+        for index in 0..200 {
+            let mut tasks = agents[0].tasks();
+            let task = tasks
+                .begin_task(begin_request(&["crm.contacts:read"], 3600))
+                .await
+                .expect("task")
+                .into_inner();
+            sample_tokens.push(task.leases[0].credential.clone());
+            if index % 2 == 1 {
+                tasks
+                    .complete_task(proto::CompleteTaskRequest {
+                        task_id: task.task_id,
+                    })
+                    .await
+                    .expect("complete");
+            }
+        }
+        let sample_tokens = Arc::new(sample_tokens);
+        let admins = connections(&broker.grpc, broker.admin_credential.as_deref(), 4).await;
+        let next_tokens = round_robin(admins.iter().map(Connection::tokens).collect());
+        let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let introspect: Operation = Arc::new(move || {
+            let mut tokens = next_tokens();
+            let index =
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % sample_tokens.len();
+            let request = proto::IntrospectRequest {
+                token: sample_tokens[index].clone(),
+                audience: CRM_AUDIENCE.into(),
             };
-            tasks
-                .complete_task(proto::CompleteTaskRequest { task_id })
-                .await
-                .map(|_| ())
-        })
-    });
-    drop(sender);
-    let completion_time = duration
-        .min(Duration::from_secs_f64(prepared as f64 / 2000.0).max(Duration::from_millis(500)));
-    rows.push(drive(16, completion_time, complete).await.row(
-        "CompleteTask of a task holding 5 leases",
-        backend,
-        16,
-        Some(("gRPC echo", echo_rate)),
-    ));
-
-    eprintln!("{backend}: Introspect K=64");
-    let mut sample_tokens = Vec::new();
-    for index in 0..200 {
-        let mut tasks = agents[0].tasks();
-        let task = tasks
-            .begin_task(begin_request(&["crm.contacts:read"], 3600))
-            .await
-            .expect("task")
-            .into_inner();
-        sample_tokens.push(task.leases[0].credential.clone());
-        if index % 2 == 1 {
-            tasks
-                .complete_task(proto::CompleteTaskRequest {
-                    task_id: task.task_id,
-                })
-                .await
-                .expect("complete");
-        }
+            Box::pin(async move { tokens.introspect(request).await.map(|_| ()) })
+        });
+        rows.push(drive(64, duration, introspect).await.row(
+            "Introspect, active and revoked tokens mixed",
+            backend,
+            64,
+            Some(("gRPC echo", echo_rate)),
+        ));
     }
-    let sample_tokens = Arc::new(sample_tokens);
-    let admins = connections(&broker.grpc, broker.admin_credential.as_deref(), 4).await;
-    let next_tokens = round_robin(admins.iter().map(Connection::tokens).collect());
-    let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let introspect: Operation = Arc::new(move || {
-        let mut tokens = next_tokens();
-        let index =
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % sample_tokens.len();
-        let request = proto::IntrospectRequest {
-            token: sample_tokens[index].clone(),
-            audience: CRM_AUDIENCE.into(),
-        };
-        Box::pin(async move { tokens.introspect(request).await.map(|_| ()) })
-    });
-    rows.push(drive(64, duration, introspect).await.row(
-        "Introspect, active and revoked tokens mixed",
-        backend,
-        64,
-        Some(("gRPC echo", echo_rate)),
-    ));
-
-    if backend == "sqlite" {
+    if backend == "sqlite" && options.runs("verify") {
         eprintln!("offline verification");
         let token = agents[0]
             .tasks()
@@ -799,8 +841,10 @@ async fn broker_scenarios(
         ));
     }
 
-    eprintln!("{backend}: revocation propagation");
-    rows.extend(revocation_propagation(broker, backend, &agents[0], &agent_credential).await);
+    if options.runs("propagation") {
+        eprintln!("{backend}: revocation propagation");
+        rows.extend(revocation_propagation(broker, backend, &agents[0], &agent_credential).await);
+    }
     rows
 }
 

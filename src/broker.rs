@@ -235,6 +235,7 @@ impl Broker {
         };
         events.push(
             AuditEvent::new("task.begun", "ok", caller.name.as_str())
+                .workload(&caller.name)
                 .task(&task.id)
                 .context(&task.context)
                 .with("purpose", task.purpose.as_str())
@@ -253,11 +254,10 @@ impl Broker {
             .into_iter()
             .map(|definition| self.issue(caller, &task, definition, None, now, &key))
             .collect();
-        events.extend(
-            leases
-                .iter()
-                .map(|lease| self.issuance_event(caller, "lease.issued", lease)),
-        );
+        events.extend(leases.iter().map(|lease| {
+            self.issuance_event(caller, "lease.issued", lease)
+                .context(&task.context)
+        }));
         let records: Vec<LeaseRecord> = leases.iter().map(|lease| lease.record.clone()).collect();
         if !self
             .timed(
@@ -316,7 +316,8 @@ impl Broker {
         let lease = self.issue(caller, &task, definition, ttl, now, &self.keyring.current());
         let events = [
             decision_event,
-            self.issuance_event(caller, "lease.issued", &lease),
+            self.issuance_event(caller, "lease.issued", &lease)
+                .context(&task.context),
         ];
         match self
             .timed(
@@ -677,7 +678,8 @@ impl Broker {
         }
     }
 
-    /// The audit event of a credential handed out: its HMAC, never the credential.
+    /// The audit event of a credential handed out to its owner `caller`: its HMAC, never the
+    /// credential.
     fn issuance_event(
         &self,
         caller: &Caller,
@@ -686,6 +688,7 @@ impl Broker {
     ) -> AuditEvent {
         let record = &lease.record;
         let mut event = AuditEvent::new(event_type, "ok", caller.name.as_str())
+            .workload(&caller.name)
             .task(&record.task_id)
             .lease(&record.id)
             .scope(&record.scope)

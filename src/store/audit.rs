@@ -8,7 +8,7 @@ use sqlx::any::AnyRow;
 
 use super::Store;
 use super::batch::{Outcome, Write, unexpected};
-use super::sql::{placeholder_rows, rows_per_statement};
+use super::sql::{placeholder_rows, rows_per_statement, spell};
 use crate::audit::AuditEvent;
 use crate::audit::chain::{SealedEvent, event_hash};
 use crate::domain::UnixMillis;
@@ -91,10 +91,13 @@ impl Store {
         }
         for chunk in sealed.chunks(SEAL_UPDATE_ROWS) {
             // One statement per chunk: VALUES columns are column1.. on both backends.
-            let sql = format!(
-                "UPDATE audit_events SET seq = v.column2, prev_hash = v.column3, hash = v.column4 \
+            let sql = spell(
+                &tx,
+                format!(
+                    "UPDATE audit_events SET seq = v.column2, prev_hash = v.column3, hash = v.column4 \
                  FROM (VALUES {}) AS v WHERE audit_events.id = v.column1",
-                placeholder_rows(chunk.len(), 4)
+                    placeholder_rows(chunk.len(), 4)
+                ),
             );
             let mut update = sqlx::query(&sql);
             for event in chunk {
@@ -211,44 +214,66 @@ pub(super) async fn insert_events<E: Borrow<AuditEvent>>(
     connection: &mut sqlx::AnyConnection,
     events: &[E],
 ) -> Result<()> {
-    const COLUMNS: usize = 11;
-    for chunk in events.chunks(rows_per_statement(COLUMNS)) {
-        let rows: Vec<String> = (0..chunk.len())
-            .map(|row| {
-                let n = |column: usize| format!("${}", row * COLUMNS + column);
-                format!(
-                    "({}, {}, {}, {}, {}, COALESCE({}, (SELECT w.name FROM tasks t JOIN workloads w ON w.id = t.workload_id \
-                     WHERE t.id = {task})), {task}, {}, {}, {}, COALESCE({}, (SELECT t.context_json FROM tasks t WHERE t.id = {task})))",
-                    n(1), n(2), n(3), n(4), n(5), n(6), n(8), n(9), n(10), n(11), task = n(7)
-                )
-            })
-            .collect();
-        let sql = format!(
-            "INSERT INTO audit_events (id, occurred_at, event_type, outcome, actor, workload, task_id, scope, lease_id, \
-             detail_json, context_json) VALUES {}",
-            rows.join(", ")
+    let (complete, incomplete): (Vec<&AuditEvent>, Vec<&AuditEvent>) =
+        events.iter().map(Borrow::borrow).partition(|event| {
+            event.task_id.is_none() || (event.workload.is_some() && event.context.is_some())
+        });
+    insert_event_rows(connection, &complete, false).await?;
+    insert_event_rows(connection, &incomplete, true).await
+}
+
+/// Inserts `events`; with `from_task`, a missing workload or context is taken from the task (a
+/// sub-select per row, which costs SQLite a noticeable share of a batch, hence only on request).
+async fn insert_event_rows(
+    connection: &mut sqlx::AnyConnection,
+    events: &[&AuditEvent],
+    from_task: bool,
+) -> Result<()> {
+    const PARAMETERS: usize = 13;
+    // `?` cannot be reused, so the task id is bound three times (column and both look-ups).
+    let row = if from_task {
+        "(?, ?, ?, ?, ?, COALESCE(?, (SELECT w.name FROM tasks t JOIN workloads w ON w.id = t.workload_id \
+         WHERE t.id = ?)), ?, ?, ?, ?, COALESCE(?, (SELECT t.context_json FROM tasks t WHERE t.id = ?)))"
+    } else {
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    };
+    for chunk in events.chunks(rows_per_statement(PARAMETERS)) {
+        let sql = spell(
+            connection,
+            format!(
+                "INSERT INTO audit_events (id, occurred_at, event_type, outcome, actor, workload, task_id, scope, \
+                 lease_id, detail_json, context_json) VALUES {}",
+                vec![row; chunk.len()].join(", ")
+            ),
         );
         let mut insert = sqlx::query(&sql).persistent(false);
         for event in chunk {
-            let event = event.borrow();
             let context = event
                 .context
                 .as_ref()
                 .map(serde_json::to_string)
                 .transpose()
                 .map_err(Error::internal)?;
+            let task_id = event.task_id.as_deref();
             insert = insert
                 .bind(&event.id)
                 .bind(event.occurred_at.0)
                 .bind(event.event_type)
                 .bind(event.outcome)
                 .bind(&event.actor)
-                .bind(event.workload.as_deref())
-                .bind(event.task_id.as_deref())
+                .bind(event.workload.as_deref());
+            if from_task {
+                insert = insert.bind(task_id);
+            }
+            insert = insert
+                .bind(task_id)
                 .bind(event.scope.as_deref())
                 .bind(event.lease_id.as_deref())
                 .bind(event.detail.to_string())
                 .bind(context);
+            if from_task {
+                insert = insert.bind(task_id);
+            }
         }
         insert.execute(&mut *connection).await?;
     }

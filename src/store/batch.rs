@@ -20,7 +20,7 @@ use sqlx::{AnyConnection, Row};
 use super::audit;
 use super::feed::{self, FeedEvent};
 use super::records::{LEASE_COLUMNS, LeaseRecord, TaskRecord};
-use super::sql::{placeholder_rows, rows_per_statement};
+use super::sql::{placeholder_rows, rows_per_statement, spell};
 use super::tasks::{
     EndedLease, LeaseSelection, NewLeaseOutcome, RenewalOutcome, end_leases, ended_leases,
     task_event,
@@ -198,10 +198,13 @@ async fn insert_tasks(connection: &mut AnyConnection, writes: &[Write]) -> Resul
         .collect();
     let mut inserted = HashSet::with_capacity(tasks.len());
     for chunk in tasks.chunks(rows_per_statement(COLUMNS)) {
-        let sql = format!(
-            "INSERT INTO tasks (id, workload_id, purpose, context_json, state, created_at, deadline, \
+        let sql = spell(
+            connection,
+            format!(
+                "INSERT INTO tasks (id, workload_id, purpose, context_json, state, created_at, deadline, \
              lease_count, idempotency_key, request_digest) VALUES {} ON CONFLICT DO NOTHING RETURNING id",
-            placeholder_rows(chunk.len(), COLUMNS)
+                placeholder_rows(chunk.len(), COLUMNS)
+            ),
         );
         let mut insert = sqlx::query(&sql).persistent(false);
         for (task, context_json, lease_count) in chunk {
@@ -252,12 +255,15 @@ async fn guard_tasks<'w>(
     let guards: Vec<_> = guards.into_iter().collect();
     let mut open = HashSet::with_capacity(guards.len());
     for chunk in guards.chunks(rows_per_statement(COLUMNS)) {
-        let sql = format!(
-            "UPDATE tasks SET lease_count = lease_count + v.column3 FROM (VALUES {}) AS v \
+        let sql = spell(
+            connection,
+            format!(
+                "UPDATE tasks SET lease_count = lease_count + v.column3 FROM (VALUES {}) AS v \
              WHERE tasks.id = v.column1 AND tasks.workload_id = v.column2 \
              AND tasks.state = 'active' AND tasks.deadline > v.column4 \
              RETURNING tasks.id, tasks.workload_id",
-            placeholder_rows(chunk.len(), COLUMNS)
+                placeholder_rows(chunk.len(), COLUMNS)
+            ),
         );
         let mut update = sqlx::query(&sql).persistent(false);
         for ((task_id, workload_id), (count, now)) in chunk {
@@ -288,10 +294,13 @@ pub(super) async fn insert_leases<L: Borrow<LeaseRecord>>(
 ) -> Result<()> {
     const COLUMNS: usize = 11;
     for chunk in leases.chunks(rows_per_statement(COLUMNS)) {
-        let sql = format!(
-            "INSERT INTO leases ({}) VALUES {}",
-            LEASE_COLUMNS.replace("l.", ""),
-            placeholder_rows(chunk.len(), COLUMNS)
+        let sql = spell(
+            connection,
+            format!(
+                "INSERT INTO leases ({}) VALUES {}",
+                LEASE_COLUMNS.replace("l.", ""),
+                placeholder_rows(chunk.len(), COLUMNS)
+            ),
         );
         let mut insert = sqlx::query(&sql).persistent(false);
         for lease in chunk {

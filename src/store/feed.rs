@@ -6,7 +6,7 @@ use sqlx::any::AnyRow;
 
 use super::Store;
 use super::records::corrupt;
-use super::sql::{placeholder_rows, rows_per_statement};
+use super::sql::{placeholder_rows, rows_per_statement, spell};
 use crate::audit::AuditEvent;
 use crate::domain::{RevocationReason, UnixMillis};
 use crate::error::{Error, Result};
@@ -75,10 +75,13 @@ pub(super) async fn append(
         .zip(events.iter().map(|(event, _)| event))
         .collect();
     for chunk in numbered.chunks(rows_per_statement(COLUMNS)) {
-        let sql = format!(
-            "INSERT INTO revocation_feed (seq, lease_id, task_id, scope, audience, reason, not_after, occurred_at) \
+        let sql = spell(
+            connection,
+            format!(
+                "INSERT INTO revocation_feed (seq, lease_id, task_id, scope, audience, reason, not_after, occurred_at) \
              VALUES {}",
-            placeholder_rows(chunk.len(), COLUMNS)
+                placeholder_rows(chunk.len(), COLUMNS)
+            ),
         );
         let mut insert = sqlx::query(&sql).persistent(false);
         for (seq, event) in chunk {
