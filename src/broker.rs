@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::feed::Feed;
 use crate::issuer::jwt::{self, AccessTokenClaims, Expectations};
 use crate::issuer::keyring::Rotation;
+use crate::issuer::verified_tokens::VerifiedTokens;
 use crate::issuer::{BearerCredential, Keyring, SigningKey};
 use crate::metrics::{CredentialLabels, Metrics, OperationLabels, ResultLabels, ScopeLabels};
 use crate::store::{
@@ -46,6 +47,9 @@ pub struct Broker {
     feed: Feed,
     settings: BrokerSettings,
     metrics: Arc<Metrics>,
+    /// Tokens introspection has found well signed, so that checking one again skips the
+    /// signature verification.
+    verified_tokens: VerifiedTokens,
 }
 
 /// A secret credential in clear, on its way to its workload. `Debug` never shows it.
@@ -114,6 +118,7 @@ impl Broker {
             feed,
             settings,
             metrics,
+            verified_tokens: VerifiedTokens::default(),
         }
     }
 
@@ -724,7 +729,17 @@ impl Broker {
             now,
             leeway_seconds: 0,
         };
-        let claims = match jwt::check(token, decoded, &key, expected) {
+        let digest = VerifiedTokens::digest(token);
+        let checked = if self.verified_tokens.contains(&digest) {
+            jwt::check_verified(decoded, &key, expected)
+        } else {
+            let checked = jwt::check(token, decoded, &key, expected);
+            if checked.is_ok() {
+                self.verified_tokens.insert(digest);
+            }
+            checked
+        };
+        let claims = match checked {
             Ok(claims) => claims,
             Err(jwt::TokenError::WrongAudience(_)) => {
                 return Ok(Err(Inactive::because("wrong audience")));

@@ -7,6 +7,7 @@ pub mod keyring;
 pub mod keys;
 pub mod master_key;
 pub mod random;
+pub mod verified_tokens;
 
 pub use credential::BearerCredential;
 pub use keyring::Keyring;

@@ -246,7 +246,7 @@ async fn insert_event_rows(
                 vec![row; chunk.len()].join(", ")
             ),
         );
-        let mut insert = sqlx::query(&sql).persistent(false);
+        let mut insert = sqlx::query(&sql);
         for event in chunk {
             let context = event
                 .context

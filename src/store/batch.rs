@@ -206,7 +206,7 @@ async fn insert_tasks(connection: &mut AnyConnection, writes: &[Write]) -> Resul
                 placeholder_rows(chunk.len(), COLUMNS)
             ),
         );
-        let mut insert = sqlx::query(&sql).persistent(false);
+        let mut insert = sqlx::query(&sql);
         for (task, context_json, lease_count) in chunk {
             insert = insert
                 .bind(task.id.as_str())
@@ -265,7 +265,7 @@ async fn guard_tasks<'w>(
                 placeholder_rows(chunk.len(), COLUMNS)
             ),
         );
-        let mut update = sqlx::query(&sql).persistent(false);
+        let mut update = sqlx::query(&sql);
         for ((task_id, workload_id), (count, now)) in chunk {
             update = update
                 .bind(*task_id)
@@ -302,7 +302,7 @@ pub(super) async fn insert_leases<L: Borrow<LeaseRecord>>(
                 placeholder_rows(chunk.len(), COLUMNS)
             ),
         );
-        let mut insert = sqlx::query(&sql).persistent(false);
+        let mut insert = sqlx::query(&sql);
         for lease in chunk {
             let lease = lease.borrow();
             insert = insert

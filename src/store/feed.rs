@@ -83,7 +83,7 @@ pub(super) async fn append(
                 placeholder_rows(chunk.len(), COLUMNS)
             ),
         );
-        let mut insert = sqlx::query(&sql).persistent(false);
+        let mut insert = sqlx::query(&sql);
         for (seq, event) in chunk {
             insert = insert
                 .bind(*seq)

@@ -89,9 +89,18 @@ async fn introspection_is_inactive_for_wrong_audience_forged_unknown_key_and_gar
         header_of(&real)["kid"].as_str().unwrap()
     ));
     let none_header = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"at+jwt"}"#);
+    let flipped = if parts[2].starts_with('A') { "B" } else { "A" };
+    // Introspected first, the real token is known to be well signed: the cases below must still
+    // be refused (the broker skips only the signature check of that exact text).
+    assert!(app.is_active(&real, CRM).await, "the real token is active");
 
     let cases: Vec<(&str, String, &str)> = vec![
         ("wrong audience", real.clone(), "https://tickets.test"),
+        (
+            "one signature character changed",
+            format!("{}.{}.{flipped}{}", parts[0], parts[1], &parts[2][1..]),
+            CRM,
+        ),
         (
             "forged signature under the real kid",
             resigned(&real, &widened, &attacker),
