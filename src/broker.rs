@@ -283,7 +283,7 @@ impl Broker {
             return self.replay(caller, existing, &request).await;
         }
         leases.iter().for_each(|lease| self.count_issued(lease));
-        tracing::info!(task_id = %task.id, workload = %caller.name, leases = leases.len(), "task opened");
+        tracing::debug!(task_id = %task.id, workload = %caller.name, leases = leases.len(), "task opened");
         Ok(OpenedTask {
             task,
             leases,
@@ -334,7 +334,7 @@ impl Broker {
         {
             NewLeaseOutcome::Added => {
                 self.count_issued(&lease);
-                tracing::info!(task_id = %task.id, lease_id = %lease.record.id, %scope, "lease issued");
+                tracing::debug!(task_id = %task.id, lease_id = %lease.record.id, %scope, "lease issued");
                 Ok(lease)
             }
             NewLeaseOutcome::TaskNotActive => Err(task_not_active(task_id)),
@@ -432,7 +432,7 @@ impl Broker {
                     .into_iter()
                     .map(|lease| lease.id)
                     .collect::<Vec<_>>();
-                tracing::info!(%task_id, revoked = revoked.len(), "task completed");
+                tracing::debug!(%task_id, revoked = revoked.len(), "task completed");
                 Ok(CompletedTask {
                     task_id: task_id.clone(),
                     state: TaskState::Completed,

@@ -12,8 +12,8 @@ use crate::domain::UnixMillis;
 use crate::error::Result;
 use crate::store::Checkpoint;
 
-/// Events sealed per transaction.
-const SEAL_BATCH: i64 = 1000;
+/// Events sealed per transaction: bounds how long one sealing holds the writer.
+const SEAL_BATCH: i64 = 500;
 
 /// Seals every pending event.
 pub async fn seal_all(broker: &Broker) -> Result<usize> {

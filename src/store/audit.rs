@@ -63,22 +63,26 @@ impl Store {
     }
 
     /// Numbers and chains up to `limit` unsealed events, oldest id first. Returns how many it
-    /// sealed. The row lock on `audit_head` makes concurrent sealers (one per replica) take turns.
+    /// sealed.
+    ///
+    /// The events are read and hashed before any write: on SQLite the one writer connection is
+    /// what every issuance waits for, and reading and hashing a thousand events on it held
+    /// issuance up for tens of milliseconds. The write then claims the head with a guarded
+    /// update: if another sealer (another replica) moved the head since it was read, nothing is
+    /// written and the events are left to the next round. On PostgreSQL that update's row lock
+    /// makes concurrent sealers take turns.
     pub async fn seal_audit_events(&self, limit: i64) -> Result<usize> {
-        let mut tx = self.writer.begin().await?;
-        let head = sqlx::query(
-            "UPDATE audit_head SET last_seq = last_seq WHERE id = 1 RETURNING last_seq, last_hash",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        let (mut seq, mut previous_hash): (i64, String) =
-            (head.try_get("last_seq")?, head.try_get("last_hash")?);
+        let (head_seq, head_hash) = self.audit_head().await?;
         let rows = sqlx::query(&format!(
             "SELECT {EVENT_COLUMNS} FROM audit_events WHERE seq IS NULL ORDER BY id LIMIT $1"
         ))
         .bind(limit)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.reader)
         .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let (mut seq, mut previous_hash) = (head_seq, head_hash);
         let mut sealed = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut event = audit_record(row)?.event;
@@ -89,13 +93,27 @@ impl Store {
             previous_hash = event.hash.clone();
             sealed.push(event);
         }
+        let mut tx = self.writer.begin().await?;
+        let claimed = sqlx::query(
+            "UPDATE audit_head SET last_seq = $1, last_hash = $2 WHERE id = 1 AND last_seq = $3",
+        )
+        .bind(seq)
+        .bind(&previous_hash)
+        .bind(head_seq)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() == 0 {
+            return Ok(0);
+        }
         for chunk in sealed.chunks(SEAL_UPDATE_ROWS) {
-            // One statement per chunk: VALUES columns are column1.. on both backends.
+            // One statement per chunk: VALUES columns are column1.. on both backends. (No `seq IS
+            // NULL` filter: SQLite would drive the join from the unsealed-events index and scan
+            // the VALUES for each; the claimed head already rules out a second sealer.)
             let sql = spell(
                 &tx,
                 format!(
                     "UPDATE audit_events SET seq = v.column2, prev_hash = v.column3, hash = v.column4 \
-                 FROM (VALUES {}) AS v WHERE audit_events.id = v.column1",
+                     FROM (VALUES {}) AS v WHERE audit_events.id = v.column1",
                     placeholder_rows(chunk.len(), 4)
                 ),
             );
@@ -108,13 +126,6 @@ impl Store {
                     .bind(&event.hash);
             }
             update.execute(&mut *tx).await?;
-        }
-        if !rows.is_empty() {
-            sqlx::query("UPDATE audit_head SET last_seq = $1, last_hash = $2 WHERE id = 1")
-                .bind(seq)
-                .bind(&previous_hash)
-                .execute(&mut *tx)
-                .await?;
         }
         tx.commit().await?;
         Ok(rows.len())

@@ -519,3 +519,45 @@ async fn export_resumes_after_a_sequence_number_and_queries_filter_by_time(backe
     assert!(future.is_empty() && past.is_empty());
     assert_eq!(recent.len(), everything.len());
 }
+
+/// Two replicas seal the same PostgreSQL trail at once while both take traffic: each event is
+/// sealed exactly once, in one intact chain (a sealer that lost the race writes nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(warrant_postgres_tests),
+    ignore = "set WARRANT_TEST_DATABASE_URL to run the PostgreSQL tests"
+)]
+async fn replicas_sealing_one_trail_chain_each_event_once() {
+    let data = TestData::new(Backend::Postgres).await;
+    let mut config = data.config();
+    config.issuer = Some("https://warrant.test".into());
+    let first = TestApp::spawn_with(config.clone()).await;
+    let mut second = TestApp::spawn_with(config).await;
+    second.admin_token = first.admin_token.clone();
+    let credential = first.workload("crm-agent", &[proto::Role::Agent]).await;
+
+    let mut calls = Vec::new();
+    for replica in [&first, &second] {
+        for _ in 0..40 {
+            let mut tasks = replica.connect(Some(&credential)).await.tasks();
+            calls.push(tokio::spawn(async move {
+                tasks
+                    .begin_task(begin(&["crm.contacts:read"]))
+                    .await
+                    .unwrap()
+            }));
+        }
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    sealed_and_checkpointed(&first).await;
+
+    let report = verify(&second).await;
+    assert!(report.intact, "{report:?}");
+    assert_eq!(
+        report.events_checked,
+        count_rows(&data, "audit_events").await as u64,
+        "every stored event is sealed, once"
+    );
+}
