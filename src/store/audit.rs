@@ -2,6 +2,7 @@
 //! sealing that numbers and chains them, checkpoints, and reads for investigation.
 
 use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -225,70 +226,86 @@ pub(super) async fn insert_events<E: Borrow<AuditEvent>>(
     connection: &mut sqlx::AnyConnection,
     events: &[E],
 ) -> Result<()> {
-    let (complete, incomplete): (Vec<&AuditEvent>, Vec<&AuditEvent>) =
-        events.iter().map(Borrow::borrow).partition(|event| {
-            event.task_id.is_none() || (event.workload.is_some() && event.context.is_some())
-        });
-    insert_event_rows(connection, &complete, false).await?;
-    insert_event_rows(connection, &incomplete, true).await
-}
-
-/// Inserts `events`; with `from_task`, a missing workload or context is taken from the task (a
-/// sub-select per row, which costs SQLite a noticeable share of a batch, hence only on request).
-async fn insert_event_rows(
-    connection: &mut sqlx::AnyConnection,
-    events: &[&AuditEvent],
-    from_task: bool,
-) -> Result<()> {
-    const PARAMETERS: usize = 13;
-    // `?` cannot be reused, so the task id is bound three times (column and both look-ups).
-    let row = if from_task {
-        "(?, ?, ?, ?, ?, COALESCE(?, (SELECT w.name FROM tasks t JOIN workloads w ON w.id = t.workload_id \
-         WHERE t.id = ?)), ?, ?, ?, ?, COALESCE(?, (SELECT t.context_json FROM tasks t WHERE t.id = ?)))"
-    } else {
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    };
-    for chunk in events.chunks(rows_per_statement(PARAMETERS)) {
+    let events: Vec<&AuditEvent> = events.iter().map(Borrow::borrow).collect();
+    let owners = task_owners(connection, &events).await?;
+    let mut rows = Vec::with_capacity(events.len());
+    for event in events {
+        let owner = event.task_id.as_ref().and_then(|task| owners.get(task));
+        let context = match &event.context {
+            Some(context) => Some(serde_json::to_string(context).map_err(Error::internal)?),
+            None => owner.map(|(_, context)| context.clone()),
+        };
+        let workload = event
+            .workload
+            .clone()
+            .or_else(|| owner.map(|(name, _)| name.clone()));
+        rows.push((event, workload, context));
+    }
+    const COLUMNS: usize = 11;
+    for chunk in rows.chunks(rows_per_statement(COLUMNS)) {
         let sql = spell(
             connection,
             format!(
                 "INSERT INTO audit_events (id, occurred_at, event_type, outcome, actor, workload, task_id, scope, \
                  lease_id, detail_json, context_json) VALUES {}",
-                vec![row; chunk.len()].join(", ")
+                placeholder_rows(chunk.len(), COLUMNS)
             ),
         );
         let mut insert = sqlx::query(&sql);
-        for event in chunk {
-            let context = event
-                .context
-                .as_ref()
-                .map(serde_json::to_string)
-                .transpose()
-                .map_err(Error::internal)?;
-            let task_id = event.task_id.as_deref();
+        for (event, workload, context) in chunk {
             insert = insert
                 .bind(&event.id)
                 .bind(event.occurred_at.0)
                 .bind(event.event_type)
                 .bind(event.outcome)
                 .bind(&event.actor)
-                .bind(event.workload.as_deref());
-            if from_task {
-                insert = insert.bind(task_id);
-            }
-            insert = insert
-                .bind(task_id)
+                .bind(workload.as_deref())
+                .bind(event.task_id.as_deref())
                 .bind(event.scope.as_deref())
                 .bind(event.lease_id.as_deref())
                 .bind(event.detail.to_string())
-                .bind(context);
-            if from_task {
-                insert = insert.bind(task_id);
-            }
+                .bind(context.as_deref());
         }
         insert.execute(&mut *connection).await?;
     }
     Ok(())
+}
+
+/// Owner name and context (JSON) of the tasks that `events` name without saying them, read in
+/// one statement inside the writing transaction (so a task inserted by it is found). A per-row
+/// sub-select did the same at a cost: PostgreSQL planned every sub-select of every statement.
+async fn task_owners(
+    connection: &mut sqlx::AnyConnection,
+    events: &[&AuditEvent],
+) -> Result<HashMap<String, (String, String)>> {
+    let wanted: HashSet<&str> = events
+        .iter()
+        .filter(|event| event.workload.is_none() || event.context.is_none())
+        .filter_map(|event| event.task_id.as_deref())
+        .collect();
+    let wanted: Vec<&str> = wanted.into_iter().collect();
+    let mut owners = HashMap::with_capacity(wanted.len());
+    for chunk in wanted.chunks(rows_per_statement(1)) {
+        let sql = spell(
+            connection,
+            format!(
+                "SELECT t.id, w.name, t.context_json FROM tasks t JOIN workloads w ON w.id = t.workload_id \
+                 WHERE t.id IN ({})",
+                vec!["?"; chunk.len()].join(", ")
+            ),
+        );
+        let mut select = sqlx::query(&sql);
+        for task_id in chunk {
+            select = select.bind(*task_id);
+        }
+        for row in select.fetch_all(&mut *connection).await? {
+            owners.insert(
+                row.try_get("id")?,
+                (row.try_get("name")?, row.try_get("context_json")?),
+            );
+        }
+    }
+    Ok(owners)
 }
 
 fn audit_record(row: &AnyRow) -> Result<AuditRecord> {
