@@ -12,7 +12,6 @@
 //! insert, so a completion sweeps a lease the same batch adds to its task; the batch commits as
 //! one, and its writes were concurrent, so this order is as valid as the order they arrived in.
 
-use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 
 use sqlx::{AnyConnection, Row};
@@ -288,10 +287,7 @@ async fn guard_tasks<'w>(
 }
 
 /// Inserts `leases`, many per statement.
-pub(super) async fn insert_leases<L: Borrow<LeaseRecord>>(
-    connection: &mut AnyConnection,
-    leases: &[L],
-) -> Result<()> {
+async fn insert_leases(connection: &mut AnyConnection, leases: &[&LeaseRecord]) -> Result<()> {
     const COLUMNS: usize = 11;
     for chunk in leases.chunks(rows_per_statement(COLUMNS)) {
         let sql = spell(
@@ -304,7 +300,6 @@ pub(super) async fn insert_leases<L: Borrow<LeaseRecord>>(
         );
         let mut insert = sqlx::query(&sql);
         for lease in chunk {
-            let lease = lease.borrow();
             insert = insert
                 .bind(lease.id.as_str())
                 .bind(lease.task_id.as_str())

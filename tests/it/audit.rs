@@ -528,12 +528,7 @@ async fn export_resumes_after_a_sequence_number_and_queries_filter_by_time(backe
     ignore = "set WARRANT_TEST_DATABASE_URL to run the PostgreSQL tests"
 )]
 async fn replicas_sealing_one_trail_chain_each_event_once() {
-    let data = TestData::new(Backend::Postgres).await;
-    let mut config = data.config();
-    config.issuer = Some("https://warrant.test".into());
-    let first = TestApp::spawn_with(config.clone()).await;
-    let mut second = TestApp::spawn_with(config).await;
-    second.admin_token = first.admin_token.clone();
+    let (data, first, second) = postgres_replicas().await;
     let credential = first.workload("crm-agent", &[proto::Role::Agent]).await;
 
     let mut calls = Vec::new();

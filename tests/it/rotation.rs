@@ -94,12 +94,7 @@ async fn rotation_signs_with_a_new_key_and_keeps_old_tokens_valid_until_they_exp
     ignore = "set WARRANT_TEST_DATABASE_URL to run the PostgreSQL tests"
 )]
 async fn replicas_sharing_postgres_follow_each_others_rotation() {
-    let data = TestData::new(Backend::Postgres).await;
-    let mut config = data.config();
-    config.issuer = Some("https://warrant.test".into());
-    let first = TestApp::spawn_with(config.clone()).await;
-    let mut second = TestApp::spawn_with(config).await;
-    second.admin_token = first.admin_token.clone();
+    let (_data, first, second) = postgres_replicas().await;
     let credential = first.workload("crm-agent", &[proto::Role::Agent]).await;
 
     first

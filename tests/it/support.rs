@@ -444,3 +444,15 @@ pub fn python_venv() -> Option<PathBuf> {
     }
     python
 }
+
+/// Two brokers sharing one fresh PostgreSQL database and issuer, as replicas behind a load
+/// balancer would; the second answers to the first's admin credential.
+pub async fn postgres_replicas() -> (TestData, TestApp, TestApp) {
+    let data = TestData::new(Backend::Postgres).await;
+    let mut config = data.config();
+    config.issuer = Some("https://warrant.test".into());
+    let first = TestApp::spawn_with(config.clone()).await;
+    let mut second = TestApp::spawn_with(config).await;
+    second.admin_token = first.admin_token.clone();
+    (data, first, second)
+}
