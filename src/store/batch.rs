@@ -20,10 +20,7 @@ use super::audit;
 use super::feed::{self, FeedEvent};
 use super::records::{LEASE_COLUMNS, LeaseRecord, TaskRecord};
 use super::sql::{placeholder_rows, rows_per_statement, spell};
-use super::tasks::{
-    EndedLease, LeaseSelection, NewLeaseOutcome, RenewalOutcome, end_leases, ended_leases,
-    task_event,
-};
+use super::tasks::{EndedLease, NewLeaseOutcome, RenewalOutcome, end_task, ended_leases};
 use crate::audit::AuditEvent;
 use crate::domain::task::LeaseWindow;
 use crate::domain::{LeaseId, LeaseState, RevocationReason, TaskId, UnixMillis};
@@ -362,21 +359,15 @@ async fn complete(
     .await?;
     let Some(ended) = ended else { return Ok(None) };
     let deadline = UnixMillis(ended.try_get("deadline")?);
-    let reason = RevocationReason::TaskCompleted;
-    let mut events = end_leases(
+    let events = end_task(
         connection,
-        LeaseSelection::OfTask(task_id.as_str()),
+        task_id.as_str(),
+        deadline,
         LeaseState::Revoked,
-        reason,
+        RevocationReason::TaskCompleted,
         now,
     )
     .await?;
-    events.push(task_event(
-        task_id.as_str().to_owned(),
-        reason,
-        deadline,
-        now,
-    ));
     Ok(Some(events))
 }
 

@@ -242,19 +242,19 @@ impl Store {
         .await?;
         let Some(ended) = ended else { return Ok(None) };
         let deadline = UnixMillis(ended.try_get("deadline")?);
-        let outcome = end_task_leases(
+        let ended = end_task(
             &mut tx,
-            id,
+            id.as_str(),
             deadline,
             LeaseState::Revoked,
             RevocationReason::Revoked,
             now,
-            actor,
         )
         .await?;
+        let feed_seq = feed::append(&mut tx, &feed::caused_by(&ended, actor)).await?;
         audit::insert_events(&mut tx, events).await?;
         tx.commit().await?;
-        Ok(Some(outcome))
+        Ok(Some((ended_leases(&ended), feed_seq)))
     }
 
     /// Revokes one issued lease (any workload's). `None` when no such issued lease.
@@ -330,21 +330,16 @@ impl Store {
         report.tasks = tasks.len();
         for task in &tasks {
             let task_id: String = task.try_get("id")?;
-            let leftovers = end_leases(
+            let ended = end_task(
                 &mut tx,
-                LeaseSelection::OfTask(&task_id),
+                &task_id,
+                UnixMillis(task.try_get("deadline")?),
                 LeaseState::Expired,
                 RevocationReason::TaskExpired,
                 now,
             )
             .await?;
-            events.extend(leftovers);
-            events.push(task_event(
-                task_id,
-                RevocationReason::TaskExpired,
-                UnixMillis(task.try_get("deadline")?),
-                now,
-            ));
+            events.extend(ended);
         }
         report.leases = ended_leases(&events);
         if !events.is_empty() {
@@ -355,38 +350,30 @@ impl Store {
     }
 }
 
-/// Ends the issued leases of a task that has just ended, records one event per lease and one
-/// for the task, and returns the ended lease ids with the feed position.
-async fn end_task_leases(
+/// Ends the issued leases of a task that has just ended (with `deadline`): the feed events to
+/// append, one per lease and then one for the task.
+pub(super) async fn end_task(
     connection: &mut sqlx::AnyConnection,
-    task_id: &TaskId,
+    task_id: &str,
     deadline: UnixMillis,
     new_state: LeaseState,
     reason: RevocationReason,
     now: UnixMillis,
-    actor: &str,
-) -> Result<(Vec<EndedLease>, i64)> {
+) -> Result<Vec<FeedEvent>> {
     let mut events = end_leases(
         connection,
-        LeaseSelection::OfTask(task_id.as_str()),
+        LeaseSelection::OfTask(task_id),
         new_state,
         reason,
         now,
     )
     .await?;
-    let ended = ended_leases(&events);
-    events.push(task_event(
-        task_id.as_str().to_owned(),
-        reason,
-        deadline,
-        now,
-    ));
-    let feed_seq = feed::append(connection, &feed::caused_by(&events, actor)).await?;
-    Ok((ended, feed_seq))
+    events.push(task_event(task_id.to_owned(), reason, deadline, now));
+    Ok(events)
 }
 
 /// Which issued leases [`end_leases`] ends.
-pub(super) enum LeaseSelection<'a> {
+enum LeaseSelection<'a> {
     One(&'a str),
     OfTask(&'a str),
     /// Up to `batch` leases whose expiry is at or before the instant, earliest first.
@@ -394,7 +381,7 @@ pub(super) enum LeaseSelection<'a> {
 }
 
 /// Moves the issued leases in `selection` to `new_state`, returning one feed event per lease.
-pub(super) async fn end_leases(
+async fn end_leases(
     connection: &mut sqlx::AnyConnection,
     selection: LeaseSelection<'_>,
     new_state: LeaseState,
@@ -433,7 +420,7 @@ pub(super) async fn end_leases(
         .collect()
 }
 
-pub(super) fn task_event(
+fn task_event(
     task_id: String,
     reason: RevocationReason,
     deadline: UnixMillis,
