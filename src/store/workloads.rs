@@ -1,8 +1,8 @@
 //! Workloads and their bearer credentials.
 
-use super::records::{WORKLOAD_COLUMNS, WorkloadRecord};
 use std::time::{Duration, Instant};
 
+use super::records::{WORKLOAD_COLUMNS, WorkloadRecord};
 use super::{Store, audit};
 use crate::audit::AuditEvent;
 use crate::error::{Error, Result};
