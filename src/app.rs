@@ -147,6 +147,11 @@ impl App {
         self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), StartError> {
+        // Events written before SQLite chained them on write are sealed before serving: once
+        // requests flow, every batch moves the head and the sealer's guarded claim would lose.
+        if let Err(error) = audit::sealer::seal_all(&self.broker).await {
+            tracing::warn!(%error, "sealing the audit trail before serving failed; the sealer retries");
+        }
         let (stop_sender, stop) = watch::channel(false);
         let (routes, health) = grpc::routes(self.broker.clone(), stop.clone())
             .await

@@ -136,7 +136,7 @@ impl Metrics {
         );
         registry.register(
             "audit_events_sealed",
-            "Audit events chained by the sealer",
+            "Audit events chained by the sealer (on PostgreSQL; SQLite chains events as it writes them)",
             metrics.audit_events_sealed.clone(),
         );
         Metrics {

@@ -1,5 +1,6 @@
-//! The background sealer: chains new events shortly after they commit, and signs a checkpoint of
-//! the chain head now and then with the broker's signing key.
+//! The background sealer: chains new events shortly after they commit (on PostgreSQL; SQLite
+//! chains them as it writes them), and signs a checkpoint of the chain head now and then with
+//! the broker's signing key.
 
 use std::sync::Arc;
 use std::time::Duration;

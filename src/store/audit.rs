@@ -1,5 +1,6 @@
-//! The audit tables: events written inside the transactions of the actions they record, the
-//! sealing that numbers and chains them, checkpoints, and reads for investigation.
+//! The audit tables: events written inside the transactions of the actions they record (and
+//! chained there on SQLite), the sealing that numbers and chains them on PostgreSQL,
+//! checkpoints, and reads for investigation.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -9,7 +10,7 @@ use sqlx::any::AnyRow;
 
 use super::Store;
 use super::batch::{Outcome, Write, unexpected};
-use super::sql::{placeholder_rows, rows_per_statement, spell};
+use super::sql::{is_sqlite, placeholder_rows, rows_per_statement, spell};
 use crate::audit::AuditEvent;
 use crate::audit::chain::{SealedEvent, event_hash};
 use crate::domain::UnixMillis;
@@ -134,10 +135,7 @@ impl Store {
 
     /// The last sealed position and its hash.
     pub async fn audit_head(&self) -> Result<(i64, String)> {
-        let row = sqlx::query("SELECT last_seq, last_hash FROM audit_head WHERE id = 1")
-            .fetch_one(&self.reader)
-            .await?;
-        Ok((row.try_get("last_seq")?, row.try_get("last_hash")?))
+        read_head(&self.reader).await
     }
 
     pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
@@ -220,55 +218,110 @@ impl Store {
     }
 }
 
-/// Writes `events` inside the caller's transaction, many per statement. An event about a task
-/// that names no workload or context takes the task's owner and context.
+/// Writes `events` inside the caller's transaction, many per statement, chained on SQLite. An
+/// event about a task that names no workload or context takes the task's owner and context.
 pub(super) async fn insert_events<E: Borrow<AuditEvent>>(
     connection: &mut sqlx::AnyConnection,
     events: &[E],
 ) -> Result<()> {
     let events: Vec<&AuditEvent> = events.iter().map(Borrow::borrow).collect();
+    if events.is_empty() {
+        return Ok(());
+    }
     let owners = task_owners(connection, &events).await?;
+    // SQLite has one writer, so the order transactions commit in is the order they run in: the
+    // events can be chained as they are written, which spares the sealer reading and rewriting
+    // every row (a third of issuance throughput). With several writers (PostgreSQL replicas and
+    // committers) commit order is only known afterwards, and the sealer chains them.
+    let mut head = if is_sqlite(connection) {
+        Some(read_head(&mut *connection).await?)
+    } else {
+        None
+    };
     let mut rows = Vec::with_capacity(events.len());
     for event in events {
         let owner = event.task_id.as_ref().and_then(|task| owners.get(task));
-        let context = match &event.context {
+        let context_json = match &event.context {
             Some(context) => Some(serde_json::to_string(context).map_err(Error::internal)?),
             None => owner.map(|(_, context)| context.clone()),
         };
-        let workload = event
-            .workload
-            .clone()
-            .or_else(|| owner.map(|(name, _)| name.clone()));
-        rows.push((event, workload, context));
+        let mut row = SealedEvent {
+            seq: 0,
+            id: event.id.clone(),
+            occurred_at: event.occurred_at.0,
+            event_type: event.event_type.to_owned(),
+            outcome: event.outcome.to_owned(),
+            actor: event.actor.clone(),
+            workload: event
+                .workload
+                .clone()
+                .or_else(|| owner.map(|(name, _)| name.clone())),
+            task_id: event.task_id.clone(),
+            scope: event.scope.clone(),
+            lease_id: event.lease_id.clone(),
+            detail_json: event.detail.to_string(),
+            context_json,
+            prev_hash: String::new(),
+            hash: String::new(),
+        };
+        if let Some((seq, previous_hash)) = &mut head {
+            *seq += 1;
+            row.seq = *seq;
+            row.prev_hash = std::mem::replace(previous_hash, String::new());
+            row.hash = event_hash(&row);
+            previous_hash.clone_from(&row.hash);
+        }
+        rows.push(row);
     }
-    const COLUMNS: usize = 11;
+    let sealed = head.is_some();
+    const COLUMNS: usize = 14;
     for chunk in rows.chunks(rows_per_statement(COLUMNS)) {
         let sql = spell(
             connection,
             format!(
-                "INSERT INTO audit_events (id, occurred_at, event_type, outcome, actor, workload, task_id, scope, \
-                 lease_id, detail_json, context_json) VALUES {}",
+                "INSERT INTO audit_events ({EVENT_COLUMNS}) VALUES {}",
                 placeholder_rows(chunk.len(), COLUMNS)
             ),
         );
         let mut insert = sqlx::query(&sql);
-        for (event, workload, context) in chunk {
+        for row in chunk {
             insert = insert
-                .bind(&event.id)
-                .bind(event.occurred_at.0)
-                .bind(event.event_type)
-                .bind(event.outcome)
-                .bind(&event.actor)
-                .bind(workload.as_deref())
-                .bind(event.task_id.as_deref())
-                .bind(event.scope.as_deref())
-                .bind(event.lease_id.as_deref())
-                .bind(event.detail.to_string())
-                .bind(context.as_deref());
+                .bind(sealed.then_some(row.seq))
+                .bind(&row.id)
+                .bind(row.occurred_at)
+                .bind(&row.event_type)
+                .bind(&row.outcome)
+                .bind(&row.actor)
+                .bind(row.workload.as_deref())
+                .bind(row.task_id.as_deref())
+                .bind(row.scope.as_deref())
+                .bind(row.lease_id.as_deref())
+                .bind(&row.detail_json)
+                .bind(row.context_json.as_deref())
+                .bind(sealed.then_some(row.prev_hash.as_str()))
+                .bind(sealed.then_some(row.hash.as_str()));
         }
         insert.execute(&mut *connection).await?;
     }
+    if let Some((seq, hash)) = head {
+        sqlx::query(&spell(
+            connection,
+            "UPDATE audit_head SET last_seq = ?, last_hash = ? WHERE id = 1".to_owned(),
+        ))
+        .bind(seq)
+        .bind(hash)
+        .execute(&mut *connection)
+        .await?;
+    }
     Ok(())
+}
+
+/// The last sealed position and its hash, as `executor` sees them.
+async fn read_head<'c>(executor: impl sqlx::AnyExecutor<'c>) -> Result<(i64, String)> {
+    let row = sqlx::query("SELECT last_seq, last_hash FROM audit_head WHERE id = 1")
+        .fetch_one(executor)
+        .await?;
+    Ok((row.try_get("last_seq")?, row.try_get("last_hash")?))
 }
 
 /// Owner name and context (JSON) of the tasks that `events` name without saying them, read in

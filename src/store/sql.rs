@@ -22,9 +22,15 @@ pub(super) fn placeholder_rows(rows: usize, columns: usize) -> String {
     vec![row; rows].join(", ")
 }
 
+/// Whether `connection` is to SQLite, where the broker's one writer connection is the only
+/// writer of the database.
+pub(super) fn is_sqlite(connection: &AnyConnection) -> bool {
+    connection.backend_name().eq_ignore_ascii_case("sqlite")
+}
+
 /// `sql`, whose parameters are all `?`, as `connection`'s backend expects it.
 pub(super) fn spell(connection: &AnyConnection, sql: String) -> String {
-    if connection.backend_name().eq_ignore_ascii_case("sqlite") {
+    if is_sqlite(connection) {
         return sql;
     }
     let mut numbered = String::with_capacity(sql.len() + sql.len() / 4);

@@ -556,3 +556,36 @@ async fn replicas_sealing_one_trail_chain_each_event_once() {
         "every stored event is sealed, once"
     );
 }
+
+/// SQLite chains each event in the transaction that writes it, so an answered issuance is
+/// already tamper-evident; events a store holds unsealed (written before chaining on write) are
+/// sealed before the broker serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_chains_events_as_it_writes_them() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let app = TestApp::spawn(&data).await;
+    app.begin_as("crm-agent", &["crm.contacts:read"]).await;
+    let report = verify(&app).await;
+    assert!(report.intact, "{report:?}");
+    assert_eq!(report.unsealed, 0, "sealed when answered: {report:?}");
+    let chained = report.events_checked;
+    assert_eq!(chained, count_rows(&data, "audit_events").await as u64);
+    let admin_token = app.admin_token.clone();
+    app.stop().await;
+
+    execute_sql(
+        &data,
+        "INSERT INTO audit_events (id, occurred_at, event_type, outcome, actor, detail_json) \
+         VALUES ('evt_unsealed_before_upgrade', 1, 'workload.created', 'ok', 'admin', '{}')",
+    )
+    .await;
+    let mut app = TestApp::spawn(&data).await;
+    app.admin_token = admin_token;
+    let report = verify(&app).await;
+    assert!(report.intact, "{report:?}");
+    assert_eq!(report.unsealed, 0, "sealed before serving: {report:?}");
+    assert_eq!(report.events_checked, chained + 1);
+    app.begin_as("other-agent", &["crm.contacts:read"]).await;
+    let report = verify(&app).await;
+    assert!(report.intact && report.unsealed == 0, "{report:?}");
+}
