@@ -22,6 +22,11 @@ use warrant::issuer::{KeyAlgorithm, SigningKey};
 use warrant::proto;
 use warrant::verifier::{Verifier, VerifierConfig, VerifyError};
 
+/// The broker's allocator, so that the echo reference (served by this program) runs on the same
+/// runtime settings as the broker it is compared with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CRM_AUDIENCE: &str = "https://crm.example.internal";
 
 /// One measured figure, as printed and as written to JSON.
