@@ -112,7 +112,14 @@ impl Measurement {
 type Operation =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), Status>> + Send>> + Send + Sync>;
 
-/// Runs `operation` from `concurrency` workers for `duration`, recording each call's latency.
+/// What an operation drawing on a prepared supply (tasks to complete) returns once it is used up:
+/// the worker stops there, and the rate counts only the time the supply lasted.
+fn supply_used_up() -> Status {
+    Status::resource_exhausted("prepared supply used up")
+}
+
+/// Runs `operation` from `concurrency` workers for `duration` (or until its supply is used up),
+/// recording each call's latency.
 async fn drive(concurrency: usize, duration: Duration, operation: Operation) -> Measurement {
     let started = Instant::now();
     let deadline = started + duration;
@@ -123,10 +130,11 @@ async fn drive(concurrency: usize, duration: Duration, operation: Operation) -> 
                 let mut latencies = Vec::new();
                 while Instant::now() < deadline {
                     let call = Instant::now();
-                    if let Err(status) = operation().await {
-                        panic!("operation failed: {status}");
+                    match operation().await {
+                        Ok(()) => latencies.push(call.elapsed()),
+                        Err(status) if status.message() == supply_used_up().message() => break,
+                        Err(status) => panic!("operation failed: {status}"),
                     }
-                    latencies.push(call.elapsed());
                 }
                 latencies
             })
@@ -725,24 +733,45 @@ async fn broker_scenarios(
     }
     if options.runs("complete") {
         eprintln!("{backend}: CompleteTask (5 leases)");
-        let (sender, receiver) = mpsc::channel::<String>(100_000);
-        let prepared = (duration.as_secs_f64() * 400.0) as usize + 200;
-        for _ in 0..prepared {
-            let mut tasks = agents[0].tasks();
-            let task = tasks
-                .begin_task(begin_request(&["crm.contacts:read", "tickets:write"], 3600))
-                .await
-                .expect("task")
-                .into_inner();
-            for _ in 0..3 {
-                let request = proto::RequestGrantRequest {
-                    task_id: task.task_id.clone(),
-                    scope: "crm.contacts:read".into(),
-                    ttl_seconds: 0,
-                };
-                tasks.request_grant(request).await.expect("grant");
-            }
-            sender.send(task.task_id).await.expect("queue");
+        let (sender, receiver) = mpsc::unbounded_channel::<String>();
+        // Tasks for a completion rate of up to 4,000/s over the whole duration, prepared by 16
+        // concurrent clients for at most the duration itself; completion is measured for as long
+        // as they last.
+        let prepared = (duration.as_secs_f64() * 4000.0) as usize + 200;
+        let preparation_deadline = Instant::now() + duration;
+        let preparers: Vec<_> = (0..16)
+            .map(|index| {
+                let mut tasks = agents[0].tasks();
+                let sender = sender.clone();
+                let count = prepared / 16 + usize::from(index < prepared % 16);
+                tokio::spawn(async move {
+                    for _ in 0..count {
+                        if Instant::now() > preparation_deadline {
+                            break;
+                        }
+                        let task = tasks
+                            .begin_task(begin_request(
+                                &["crm.contacts:read", "tickets:write"],
+                                3600,
+                            ))
+                            .await
+                            .expect("task")
+                            .into_inner();
+                        for _ in 0..3 {
+                            let request = proto::RequestGrantRequest {
+                                task_id: task.task_id.clone(),
+                                scope: "crm.contacts:read".into(),
+                                ttl_seconds: 0,
+                            };
+                            tasks.request_grant(request).await.expect("grant");
+                        }
+                        sender.send(task.task_id).expect("queue");
+                    }
+                })
+            })
+            .collect();
+        for preparer in preparers {
+            preparer.await.expect("preparer");
         }
         let queue = Arc::new(tokio::sync::Mutex::new(receiver));
         let next = next_tasks.clone();
@@ -751,7 +780,7 @@ async fn broker_scenarios(
             let queue = queue.clone();
             Box::pin(async move {
                 let Some(task_id) = queue.lock().await.recv().await else {
-                    return Err(Status::resource_exhausted("prepared tasks used up"));
+                    return Err(supply_used_up());
                 };
                 tasks
                     .complete_task(proto::CompleteTaskRequest { task_id })
@@ -760,9 +789,7 @@ async fn broker_scenarios(
             })
         });
         drop(sender);
-        let completion_time = duration
-            .min(Duration::from_secs_f64(prepared as f64 / 2000.0).max(Duration::from_millis(500)));
-        rows.push(drive(16, completion_time, complete).await.row(
+        rows.push(drive(16, duration, complete).await.row(
             "CompleteTask of a task holding 5 leases",
             backend,
             16,
