@@ -267,7 +267,7 @@ pub(super) async fn insert_events<E: Borrow<AuditEvent>>(
         if let Some((seq, previous_hash)) = &mut head {
             *seq += 1;
             row.seq = *seq;
-            row.prev_hash = std::mem::replace(previous_hash, String::new());
+            row.prev_hash = std::mem::take(previous_hash);
             row.hash = event_hash(&row);
             previous_hash.clone_from(&row.hash);
         }
