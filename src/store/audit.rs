@@ -96,6 +96,14 @@ impl Store {
             sealed.push(event);
         }
         let mut tx = self.writer.begin().await?;
+        if !is_sqlite(&tx) {
+            // PostgreSQL plans the `UPDATE ... FROM (VALUES ..)` below as a hash join over a
+            // sequential scan of every event until the table holds about 100k rows (or longer,
+            // while its statistics lag behind its growth): a full scan per round of 500.
+            sqlx::query("SET LOCAL enable_seqscan = off")
+                .execute(&mut *tx)
+                .await?;
+        }
         let claimed = sqlx::query(
             "UPDATE audit_head SET last_seq = $1, last_hash = $2 WHERE id = 1 AND last_seq = $3",
         )
