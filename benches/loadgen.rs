@@ -438,6 +438,23 @@ async fn fresh_postgres(base: &str) -> String {
     format!("{server}/{name}{query}")
 }
 
+/// Drops a database made by [`fresh_postgres`] once its scenarios are over, so that the
+/// server's background work on the rows they wrote (autovacuum, analyze) does not run into the
+/// scenarios measured after them.
+async fn drop_postgres(base: &str, url: &str) {
+    let name = url
+        .rsplit_once('/')
+        .and_then(|(_, tail)| tail.split('?').next())
+        .expect("database name in URL");
+    let mut admin = sqlx::PgConnection::connect(base)
+        .await
+        .expect("PostgreSQL reachable");
+    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .expect("drop database");
+}
+
 /// Opens a one-scope task per call, spread over `agents`: the durable issuance scenario.
 fn issuance(agents: &[Connection]) -> Operation {
     let next = round_robin(agents.iter().map(Connection::tasks).collect());
@@ -595,6 +612,8 @@ async fn run(options: &Options) -> Vec<Row> {
         backends.push(("postgres", Some(fresh_postgres(base).await)));
     }
     for (backend, database_url) in &backends {
+        // The server's base URL, for the PostgreSQL backend.
+        let postgres_base = database_url.as_ref().and(options.postgres.as_deref());
         eprintln!("{backend}: raw commit rate");
         let probe_dir = tempfile::tempdir().expect("temporary directory");
         let probe_url = match database_url {
@@ -605,6 +624,9 @@ async fn run(options: &Options) -> Vec<Row> {
             ),
         };
         let commits = raw_commit_rate(&probe_url, duration.min(Duration::from_secs(5))).await;
+        if let Some(base) = postgres_base {
+            drop_postgres(base, &probe_url).await;
+        }
         let commit_rate = commits.per_second();
         rows.push(commits.row(
             "reference: raw commit (1 row per transaction)",
@@ -636,6 +658,10 @@ async fn run(options: &Options) -> Vec<Row> {
                     && row.concurrency == 64
             })
             .map(|row| row.per_second);
+        drop(broker);
+        if let (Some(base), Some(url)) = (postgres_base, database_url) {
+            drop_postgres(base, url).await;
+        }
         if options.runs("scale") {
             let scale_url = match database_url {
                 Some(_) => {
@@ -643,7 +669,10 @@ async fn run(options: &Options) -> Vec<Row> {
                 }
                 None => None,
             };
-            rows.extend(scale(backend, scale_url, options, empty_rate).await);
+            rows.extend(scale(backend, scale_url.clone(), options, empty_rate).await);
+            if let (Some(base), Some(url)) = (postgres_base, &scale_url) {
+                drop_postgres(base, url).await;
+            }
         }
     }
 
