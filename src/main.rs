@@ -2,7 +2,8 @@
 #![forbid(unsafe_code)]
 
 /// mimalloc instead of the system allocator: glibc's malloc and free took about 15% of the
-/// broker's CPU under load (see BENCHMARKS.md).
+/// broker's CPU under load; with mimalloc an issuance costs 112 µs of CPU instead of 131 µs
+/// (BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

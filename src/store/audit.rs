@@ -312,14 +312,11 @@ pub(super) async fn insert_events<E: Borrow<AuditEvent>>(
         insert.execute(&mut *connection).await?;
     }
     if let Some((seq, hash)) = head {
-        sqlx::query(&spell(
-            connection,
-            "UPDATE audit_head SET last_seq = ?, last_hash = ? WHERE id = 1".to_owned(),
-        ))
-        .bind(seq)
-        .bind(hash)
-        .execute(&mut *connection)
-        .await?;
+        sqlx::query("UPDATE audit_head SET last_seq = ?, last_hash = ? WHERE id = 1")
+            .bind(seq)
+            .bind(hash)
+            .execute(&mut *connection)
+            .await?;
     }
     Ok(())
 }
