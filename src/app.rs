@@ -149,7 +149,10 @@ impl App {
     ) -> Result<(), StartError> {
         // Events written before SQLite chained them on write are sealed before serving: once
         // requests flow, every batch moves the head and the sealer's guarded claim would lose.
-        if let Err(error) = audit::sealer::seal_all(&self.broker).await {
+        // (On PostgreSQL the sealer is the normal path, and other replicas may be busy.)
+        if self.broker.store().chains_on_write()
+            && let Err(error) = audit::sealer::seal_all(&self.broker).await
+        {
             tracing::warn!(%error, "sealing the audit trail before serving failed; the sealer retries");
         }
         let (stop_sender, stop) = watch::channel(false);

@@ -43,6 +43,7 @@ enum Backend {
 /// The broker's database.
 #[derive(Clone, Debug)]
 pub struct Store {
+    backend: Backend,
     writer: AnyPool,
     reader: AnyPool,
     /// Hot writes (issuance, renewal, completion, audit-only events) go through group commit.
@@ -96,6 +97,7 @@ impl Store {
                     .map_err(StoreError::Connect)?;
                 let committer = committer::Committer::start(writer.clone(), 1);
                 Store {
+                    backend,
                     writer,
                     reader,
                     committer,
@@ -115,6 +117,7 @@ impl Store {
                     .map_err(StoreError::Migrate)?;
                 let committer = committer::Committer::start(pool.clone(), POSTGRES_COMMITTERS);
                 Store {
+                    backend,
                     writer: pool.clone(),
                     reader: pool,
                     committer,
@@ -123,6 +126,12 @@ impl Store {
             }
         };
         Ok(store)
+    }
+
+    /// Whether audit events are chained in the transactions that write them (SQLite, the only
+    /// writer of its file) rather than afterwards by the sealer (PostgreSQL).
+    pub fn chains_on_write(&self) -> bool {
+        self.backend == Backend::Sqlite
     }
 
     /// Whether the database answers; `/readyz` reports this.
