@@ -616,8 +616,8 @@ async fn run(options: &Options) -> Vec<Row> {
         let postgres_base = database_url.as_ref().and(options.postgres.as_deref());
         eprintln!("{backend}: raw commit rate");
         let probe_dir = tempfile::tempdir().expect("temporary directory");
-        let probe_url = match database_url {
-            Some(_) => fresh_postgres(options.postgres.as_deref().unwrap_or_default()).await,
+        let probe_url = match postgres_base {
+            Some(base) => fresh_postgres(base).await,
             None => format!(
                 "sqlite://{}?mode=rwc",
                 probe_dir.path().join("probe.db").display()
@@ -663,10 +663,8 @@ async fn run(options: &Options) -> Vec<Row> {
             drop_postgres(base, url).await;
         }
         if options.runs("scale") {
-            let scale_url = match database_url {
-                Some(_) => {
-                    Some(fresh_postgres(options.postgres.as_deref().unwrap_or_default()).await)
-                }
+            let scale_url = match postgres_base {
+                Some(base) => Some(fresh_postgres(base).await),
                 None => None,
             };
             rows.extend(scale(backend, scale_url.clone(), options, empty_rate).await);

@@ -65,7 +65,8 @@ impl Store {
     }
 
     /// Numbers and chains up to `limit` unsealed events, oldest id first. Returns how many it
-    /// sealed.
+    /// sealed. On SQLite only events written by versions that did not chain on write are left
+    /// for it.
     ///
     /// The events are read and hashed before any write: on SQLite the one writer connection is
     /// what every issuance waits for, and reading and hashing a thousand events on it held
