@@ -146,13 +146,15 @@ impl Store {
     }
 }
 
-/// Settings of every SQLite connection: WAL (readers beside the writer), and a commit is on
-/// disk before it returns (`synchronous = FULL`).
+/// Settings of every SQLite connection: WAL (readers beside the writer), a commit is on disk
+/// before it returns (`synchronous = FULL`), and statement journals stay in memory (a
+/// multi-row insert otherwise spills one to a temporary file on every batch).
 pub const SQLITE_PRAGMAS: &[&str] = &[
     "PRAGMA journal_mode = WAL",
     "PRAGMA synchronous = FULL",
     "PRAGMA busy_timeout = 5000",
     "PRAGMA foreign_keys = ON",
+    "PRAGMA temp_store = MEMORY",
 ];
 
 /// A pool of SQLite connections, each set up with [`SQLITE_PRAGMAS`].
