@@ -380,36 +380,53 @@ fn raw_signature_rates(duration: Duration) -> (Measurement, Measurement) {
 /// One small row per transaction, one after another, on the same database with the broker's
 /// durability settings: the rate a broker without shared commits could at best reach.
 async fn raw_commit_rate(database_url: &str, duration: Duration) -> Measurement {
-    sqlx::any::install_default_drivers();
-    let mut connection = sqlx::AnyConnection::connect(database_url)
-        .await
-        .expect("open database");
-    if database_url.starts_with("sqlite:") {
-        for pragma in warrant::store::SQLITE_PRAGMAS {
-            sqlx::raw_sql(pragma)
-                .execute(&mut connection)
-                .await
-                .expect("pragma");
-        }
-    }
-    sqlx::raw_sql(
-        "CREATE TABLE IF NOT EXISTS commit_probe (id BIGINT PRIMARY KEY, note TEXT NOT NULL)",
-    )
-    .execute(&mut connection)
-    .await
-    .expect("create probe table");
     let started = Instant::now();
     let mut latencies = Vec::new();
-    let mut id: i64 = 0;
-    while started.elapsed() < duration {
-        id += 1;
-        let call = Instant::now();
-        sqlx::query("INSERT INTO commit_probe (id, note) VALUES ($1, 'x')")
-            .bind(id)
-            .execute(&mut connection)
+    if database_url.starts_with("sqlite:") {
+        let url = database_url.to_owned();
+        latencies = tokio::task::spawn_blocking(move || {
+            let connection = warrant::store::sqlite::tool_connection(&url).expect("open database");
+            connection
+                .execute_batch(
+                    "CREATE TABLE IF NOT EXISTS commit_probe (id INTEGER PRIMARY KEY, note TEXT NOT NULL)",
+                )
+                .expect("create probe table");
+            let mut insert = connection
+                .prepare("INSERT INTO commit_probe (id, note) VALUES (?1, 'x')")
+                .expect("prepare");
+            let mut latencies = Vec::new();
+            let mut id: i64 = 0;
+            while started.elapsed() < duration {
+                id += 1;
+                let call = Instant::now();
+                insert.execute([id]).expect("insert");
+                latencies.push(call.elapsed());
+            }
+            latencies
+        })
+        .await
+        .expect("raw commit thread");
+    } else {
+        let mut connection = sqlx::PgConnection::connect(database_url)
             .await
-            .expect("insert");
-        latencies.push(call.elapsed());
+            .expect("open database");
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS commit_probe (id BIGINT PRIMARY KEY, note TEXT NOT NULL)",
+        )
+        .execute(&mut connection)
+        .await
+        .expect("create probe table");
+        let mut id: i64 = 0;
+        while started.elapsed() < duration {
+            id += 1;
+            let call = Instant::now();
+            sqlx::query("INSERT INTO commit_probe (id, note) VALUES ($1, 'x')")
+                .bind(id)
+                .execute(&mut connection)
+                .await
+                .expect("insert");
+            latencies.push(call.elapsed());
+        }
     }
     Measurement {
         operations: latencies.len() as u64,
@@ -427,7 +444,7 @@ async fn fresh_postgres(base: &str) -> String {
         "warrant_bench_{}",
         warrant::domain::ids::hex(&warrant::issuer::random::bytes::<6>())
     );
-    sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut admin)
         .await
         .expect("create database");
@@ -449,10 +466,12 @@ async fn drop_postgres(base: &str, url: &str) {
     let mut admin = sqlx::PgConnection::connect(base)
         .await
         .expect("PostgreSQL reachable");
-    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .expect("drop database");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("drop database");
 }
 
 /// Opens a one-scope task per call, spread over `agents`: the durable issuance scenario.
@@ -1089,62 +1108,74 @@ async fn scale(
 /// Inserts `leases` issued leases (1,000 per task) owned by the `scale-agent` workload, signed by
 /// the current key and valid for an hour, directly in the broker's database.
 async fn preload(database_url: &str, leases: i64) {
-    sqlx::any::install_default_drivers();
-    let mut connection = sqlx::AnyConnection::connect(database_url)
-        .await
-        .expect("open database");
     let now = warrant::domain::UnixMillis::now().0;
     let expires = now + 3_600_000;
     let context = r#"{"prompt_digest":null,"planned_tools":[],"labels":{}}"#;
-    let (tasks_sql, leases_sql) = if database_url.starts_with("sqlite:") {
-        (
-            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < $1) \
-             INSERT INTO tasks (id, workload_id, purpose, context_json, state, created_at, deadline, lease_count) \
-             SELECT printf('task_%032x', i), (SELECT id FROM workloads WHERE name = 'scale-agent'), 'preloaded', $2, \
-             'active', $3, $4, 1000 FROM n",
-            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < $1) \
-             INSERT INTO leases (id, task_id, scope, kind, audience, state, kid, issued_at, expires_at, renewable_until) \
-             SELECT printf('lease_%032x', i), printf('task_%032x', i / 1000), 'crm.contacts:read', 'jwt', $2, 'issued', \
-             (SELECT kid FROM signing_keys WHERE retired_at IS NULL), $3, $4, $4 FROM n",
-        )
-    } else {
-        (
-            "INSERT INTO tasks (id, workload_id, purpose, context_json, state, created_at, deadline, lease_count) \
-             SELECT 'task_' || lpad(to_hex(i), 32, '0'), (SELECT id FROM workloads WHERE name = 'scale-agent'), \
-             'preloaded', $2, 'active', $3, $4, 1000 FROM generate_series(0, $1 - 1) AS i",
-            "INSERT INTO leases (id, task_id, scope, kind, audience, state, kid, issued_at, expires_at, renewable_until) \
-             SELECT 'lease_' || lpad(to_hex(i), 32, '0'), 'task_' || lpad(to_hex(i / 1000), 32, '0'), 'crm.contacts:read', \
-             'jwt', $2, 'issued', (SELECT kid FROM signing_keys WHERE retired_at IS NULL), $3, $4, $4 \
-             FROM generate_series(0, $1 - 1) AS i",
-        )
-    };
-    sqlx::query(tasks_sql)
-        .bind((leases + 999) / 1000)
-        .bind(context)
-        .bind(now)
-        .bind(expires)
-        .execute(&mut connection)
+    let tasks = (leases + 999) / 1000;
+    if database_url.starts_with("sqlite:") {
+        let url = database_url.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let connection = warrant::store::sqlite::tool_connection(&url).expect("open database");
+            connection
+                .execute(
+                    "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?1) \
+                     INSERT INTO tasks (id, workload_id, purpose, context_json, state, created_at, deadline) \
+                     SELECT printf('task_%032x', i), (SELECT id FROM workloads WHERE name = 'scale-agent'), \
+                     'preloaded', ?2, 'active', ?3, ?4 FROM n",
+                    rusqlite::params![tasks, context, now, expires],
+                )
+                .expect("preload tasks");
+            connection
+                .execute(
+                    "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?1) \
+                     INSERT INTO leases (id, task_id, scope, kind, audience, state, kid, issued_at, expires_at, renewable_until) \
+                     SELECT printf('lease_%032x', i), printf('task_%032x', i / 1000), 'crm.contacts:read', 'jwt', ?2, \
+                     'issued', (SELECT kid FROM signing_keys WHERE retired_at IS NULL), ?3, ?4, ?4 FROM n",
+                    rusqlite::params![leases, CRM_AUDIENCE, now, expires],
+                )
+                .expect("preload leases");
+        })
         .await
-        .expect("preload tasks");
-    sqlx::query(leases_sql)
-        .bind(leases)
-        .bind(CRM_AUDIENCE)
-        .bind(now)
-        .bind(expires)
-        .execute(&mut connection)
+        .expect("preload thread");
+        return;
+    }
+    let mut connection = sqlx::PgConnection::connect(database_url)
         .await
-        .expect("preload leases");
-    if !database_url.starts_with("sqlite:") {
-        // What a store that grew to this size would have had done meanwhile: its tables vacuumed
-        // and analyzed, and the bulk load's dirty pages written out, so that the measurement does
-        // not share the disk with the aftermath of a 1M-row load. (`ANALYZE` alone left the
-        // vacuum to autovacuum, whose insert threshold a 1M-row load crosses: it could start
-        // in the middle of the measurement.)
-        for statement in ["VACUUM (ANALYZE)", "CHECKPOINT"] {
-            sqlx::query(statement)
-                .execute(&mut connection)
-                .await
-                .expect("settle the preloaded database");
-        }
+        .expect("open database");
+    sqlx::query(
+        "INSERT INTO tasks (id, workload_id, purpose, context_json, state, created_at, deadline) \
+         SELECT 'task_' || lpad(to_hex(i), 32, '0'), (SELECT id FROM workloads WHERE name = 'scale-agent'), \
+         'preloaded', $2, 'active', $3, $4 FROM generate_series(0, $1 - 1) AS i",
+    )
+    .bind(tasks)
+    .bind(context)
+    .bind(now)
+    .bind(expires)
+    .execute(&mut connection)
+    .await
+    .expect("preload tasks");
+    sqlx::query(
+        "INSERT INTO leases (id, task_id, scope, kind, audience, state, kid, issued_at, expires_at, renewable_until) \
+         SELECT 'lease_' || lpad(to_hex(i), 32, '0'), 'task_' || lpad(to_hex(i / 1000), 32, '0'), 'crm.contacts:read', \
+         'jwt', $2, 'issued', (SELECT kid FROM signing_keys WHERE retired_at IS NULL), $3, $4, $4 \
+         FROM generate_series(0, $1 - 1) AS i",
+    )
+    .bind(leases)
+    .bind(CRM_AUDIENCE)
+    .bind(now)
+    .bind(expires)
+    .execute(&mut connection)
+    .await
+    .expect("preload leases");
+    // What a store that grew to this size would have had done meanwhile: its tables vacuumed
+    // and analyzed, and the bulk load's dirty pages written out, so that the measurement does
+    // not share the disk with the aftermath of a 1M-row load. (`ANALYZE` alone left the
+    // vacuum to autovacuum, whose insert threshold a 1M-row load crosses: it could start in the
+    // middle of the measurement.)
+    for statement in ["VACUUM (ANALYZE)", "CHECKPOINT"] {
+        sqlx::query(statement)
+            .execute(&mut connection)
+            .await
+            .expect("settle the preloaded database");
     }
 }

@@ -14,11 +14,10 @@ use tonic::transport::server::TcpIncoming;
 use crate::bootstrap::{self, CatalogLoadError};
 use crate::broker::{Broker, BrokerSettings};
 use crate::config::{Config, TlsIdentity};
-use crate::feed::Feed;
 use crate::issuer::master_key::MasterKeyError;
 use crate::issuer::{BearerCredential, Keyring};
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
+use crate::store::{StoreError, StoreSettings};
 use crate::{audit, grpc, http, reaper};
 
 /// How soon after commit an audit event is chained.
@@ -90,18 +89,17 @@ impl App {
             .clone()
             .unwrap_or_else(|| format!("http://{http_addr}"));
 
-        let store = Store::connect(&config.database_url).await?;
+        let store = crate::store::open(&config.database_url, StoreSettings::default()).await?;
         let audit_key = master_key.audit_key();
-        let keyring = Keyring::load(&store, master_key, config.signing_algorithm).await?;
+        let keyring = Keyring::load(store.as_ref(), master_key, config.signing_algorithm).await?;
         let metrics = Arc::new(Metrics::new());
-        let feed = Feed::new(store.feed_head().await?, metrics.clone());
         let settings = BrokerSettings {
             issuer,
             trust_domain: config.trust_domain.clone(),
             max_task_ttl: config.max_task_ttl,
         };
         let broker = Arc::new(Broker::new(
-            store, audit_key, keyring, catalog, feed, settings, metrics,
+            store, audit_key, keyring, catalog, settings, metrics,
         ));
         let first_admin_credential = bootstrap::first_admin(&broker).await?;
         // Whatever expired while the broker was down is reported before the first request.
@@ -147,14 +145,6 @@ impl App {
         self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), StartError> {
-        // Events written before SQLite chained them on write are sealed before serving: once
-        // requests flow, every batch moves the head and the sealer's guarded claim would lose.
-        // (On PostgreSQL the sealer is the normal path, and other replicas may be busy.)
-        if self.broker.store().chains_on_write()
-            && let Err(error) = audit::sealer::seal_all(&self.broker).await
-        {
-            tracing::warn!(%error, "sealing the audit trail before serving failed; the sealer retries");
-        }
         let (stop_sender, stop) = watch::channel(false);
         let (routes, health) = grpc::routes(self.broker.clone(), stop.clone())
             .await

@@ -15,14 +15,15 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::feed::Feed;
+use crate::grpc::CredentialCache;
 use crate::issuer::jwt::{self, AccessTokenClaims, Expectations};
 use crate::issuer::keyring::Rotation;
 use crate::issuer::verified_tokens::VerifiedTokens;
 use crate::issuer::{BearerCredential, Keyring, SigningKey};
 use crate::metrics::{CredentialLabels, Metrics, OperationLabels, ResultLabels, ScopeLabels};
 use crate::store::{
-    CompletionOutcome, EndedLease, LeaseRecord, NewLeaseOutcome, RenewalOutcome, Store, TaskRecord,
-    WorkloadRecord,
+    CompletionOutcome, EndedLease, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
+    SharedStore, TaskRecord, WorkloadRecord,
 };
 
 /// The policy that decides today: the scope catalog (policy-as-code will join it).
@@ -40,7 +41,9 @@ pub struct BrokerSettings {
 
 /// The broker: catalog, keys and store, shared by every request.
 pub struct Broker {
-    store: Store,
+    store: SharedStore,
+    /// Authenticated workload credentials, kept until a workload changes.
+    credentials: CredentialCache,
     audit_key: AuditKey,
     keyring: Keyring,
     catalog: Catalog,
@@ -102,20 +105,20 @@ pub enum RevocationTarget {
 
 impl Broker {
     pub fn new(
-        store: Store,
+        store: SharedStore,
         audit_key: AuditKey,
         keyring: Keyring,
         catalog: Catalog,
-        feed: Feed,
         settings: BrokerSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
         Broker {
+            credentials: CredentialCache::new(store.clone()),
+            feed: Feed::new(store.clone(), metrics.clone()),
             store,
             audit_key,
             keyring,
             catalog,
-            feed,
             settings,
             metrics,
             verified_tokens: VerifiedTokens::default(),
@@ -163,8 +166,12 @@ impl Broker {
         }
     }
 
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &SharedStore {
         &self.store
+    }
+
+    pub fn credentials(&self) -> &CredentialCache {
+        &self.credentials
     }
 
     pub fn feed(&self) -> &Feed {
@@ -217,7 +224,7 @@ impl Broker {
                         .with("reason", refusal.to_string());
                     events.push(refused);
                     self.count_denied(scope);
-                    self.timed("record_events", self.store.record_events(&events))
+                    self.timed("record_events", self.store.record_events(events))
                         .await?;
                     return Err(refusal);
                 }
@@ -267,7 +274,7 @@ impl Broker {
         if !self
             .timed(
                 "insert_task",
-                self.store.insert_task(&task, &records, &events),
+                self.store.insert_task(task.clone(), records, events),
             )
             .await?
         {
@@ -305,8 +312,11 @@ impl Broker {
             Ok(definition) => definition,
             Err(refusal) => {
                 self.count_denied(scope);
-                self.timed("record_events", self.store.record_events(&[decision_event]))
-                    .await?;
+                self.timed(
+                    "record_events",
+                    self.store.record_events(vec![decision_event]),
+                )
+                .await?;
                 return Err(refusal);
             }
         };
@@ -319,7 +329,7 @@ impl Broker {
         let now = UnixMillis::now();
         ensure_task_active(&task, now)?;
         let lease = self.issue(caller, &task, definition, ttl, now, &self.keyring.current());
-        let events = [
+        let events = vec![
             decision_event,
             self.issuance_event(caller, "lease.issued", &lease)
                 .context(&task.context),
@@ -328,7 +338,7 @@ impl Broker {
             .timed(
                 "add_lease",
                 self.store
-                    .add_lease(&caller.workload_id, &lease.record, now, &events),
+                    .add_lease(&caller.workload_id, lease.record.clone(), now, events),
             )
             .await?
         {
@@ -384,12 +394,15 @@ impl Broker {
             record,
         };
         let event = self.issuance_event(caller, "lease.renewed", &renewed);
+        let renewal = Renewal {
+            lease_id: lease_id.clone(),
+            task_id: renewed.record.task_id.clone(),
+            window,
+            kid: key.kid().to_owned(),
+            now,
+        };
         match self
-            .timed(
-                "renew_lease",
-                self.store
-                    .renew_lease(lease_id, window, key.kid(), now, &[event]),
-            )
+            .timed("renew_lease", self.store.renew_lease(renewal, vec![event]))
             .await?
         {
             RenewalOutcome::Renewed => {
@@ -421,12 +434,7 @@ impl Broker {
             )
             .await?
         {
-            CompletionOutcome::Completed {
-                revoked,
-                ended_at,
-                feed_seq,
-            } => {
-                self.feed.announce(feed_seq);
+            CompletionOutcome::Completed { revoked, ended_at } => {
                 self.count_revoked(&revoked, "task_completed");
                 let revoked = revoked
                     .into_iter()
@@ -499,7 +507,7 @@ impl Broker {
                 result: result.to_owned(),
             })
             .inc();
-        self.timed("record_events", self.store.record_events(&[event]))
+        self.timed("record_events", self.store.record_events(vec![event]))
             .await?;
         Ok(outcome.ok())
     }
@@ -537,7 +545,7 @@ impl Broker {
             .with("credential_id", stored.id.as_str())
             .with("credential_hmac", self.audit_key.hash(credential.expose()));
         self.store
-            .create_workload(&workload, &stored, &[event])
+            .create_workload(workload.clone(), stored, vec![event])
             .await?;
         tracing::info!(workload = %workload.name, "workload registered");
         Ok((workload, credential))
@@ -555,22 +563,22 @@ impl Broker {
         let now = UnixMillis::now();
         let actor = caller.name.as_str();
         let requested = AuditEvent::new("revocation.requested", "ok", actor);
-        let (revoked, feed_seq) = match target {
+        let revoked = match target {
             RevocationTarget::Lease(id) => {
-                let (ended, seq) = self
+                let ended = self
                     .store
-                    .revoke_lease(id, now, actor, &[requested.lease(id)])
+                    .revoke_lease(id, now, actor, vec![requested.lease(id)])
                     .await?
                     .ok_or_else(|| {
                         Error::FailedPrecondition(format!(
                             "lease_id: no issued lease {id} (unknown, expired or revoked)"
                         ))
                     })?;
-                (vec![ended], seq)
+                vec![ended]
             }
             RevocationTarget::Task(id) => self
                 .store
-                .revoke_task(id, now, actor, &[requested.task(id)])
+                .revoke_task(id, now, actor, vec![requested.task(id)])
                 .await?
                 .ok_or_else(|| {
                     Error::FailedPrecondition(format!(
@@ -578,7 +586,6 @@ impl Broker {
                     ))
                 })?,
         };
-        self.feed.announce(feed_seq);
         self.count_revoked(&revoked, "revoked");
         tracing::info!(?target, revoked = revoked.len(), "revoked by admin");
         Ok(revoked.into_iter().map(|lease| lease.id).collect())
@@ -588,7 +595,7 @@ impl Broker {
     pub async fn rotate_signing_key(&self, caller: &Caller) -> Result<Rotation> {
         self.keyring
             .rotate(
-                &self.store,
+                self.store.as_ref(),
                 self.catalog.longest_max_ttl(),
                 caller.name.as_str(),
             )
@@ -597,7 +604,7 @@ impl Broker {
 
     /// Expires every lease and task whose time has passed, announcing them on the feed.
     pub async fn expire_due(&self) -> Result<(usize, usize)> {
-        const BATCH: i64 = 500;
+        const BATCH: usize = 500;
         let (mut leases, mut tasks) = (0, 0);
         loop {
             let now = UnixMillis::now();
@@ -612,10 +619,7 @@ impl Broker {
             self.count_revoked(&report.leases, "expired");
             leases += report.leases.len();
             tasks += report.tasks;
-            if let Some(seq) = report.feed_seq {
-                self.feed.announce(seq);
-            }
-            if report.leases.len() < BATCH as usize && report.tasks < BATCH as usize {
+            if report.leases.len() < BATCH && report.tasks < BATCH {
                 return Ok((leases, tasks));
             }
         }
@@ -653,7 +657,7 @@ impl Broker {
             .filter(|lease| lease.credential.is_some())
             .map(|lease| self.issuance_event(caller, "lease.reissued", lease))
             .collect();
-        self.store.record_events(&events).await?;
+        self.store.record_events(events).await?;
         Ok(OpenedTask {
             task,
             leases,
@@ -718,7 +722,7 @@ impl Broker {
         };
         let Some(key) = self
             .keyring
-            .find_verifying_key(&self.store, decoded.kid(), now)
+            .find_verifying_key(self.store.as_ref(), decoded.kid(), now)
             .await?
         else {
             return Ok(Err(Inactive::because("unknown or unpublished key")));
@@ -747,10 +751,13 @@ impl Broker {
             Err(jwt::TokenError::Expired) => return Ok(Err(Inactive::because("expired"))),
             Err(_) => return Ok(Err(Inactive::because("invalid signature or claims"))),
         };
-        let Ok(lease_id) = LeaseId::parse("jti", &claims.jti) else {
-            return Ok(Err(Inactive::because("jti is not a lease id")));
+        let (Ok(lease_id), Ok(task_id)) = (
+            LeaseId::parse("jti", &claims.jti),
+            TaskId::parse("task_id", &claims.task_id),
+        ) else {
+            return Ok(Err(Inactive::because("jti or task_id is not an id")));
         };
-        if !self.store.lease_is_live(&lease_id, now).await? {
+        if !self.store.is_lease_live(&lease_id, &task_id, now).await? {
             // A genuine token whose lease has ended: its claims are verified, so the use check
             // can join its task's story.
             let reason = "lease revoked, expired or unknown";

@@ -26,6 +26,12 @@ pub enum Error {
     /// The object to be created exists already.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The broker is too busy to take the call now (a full queue, a limit reached); retry later.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A service the broker needs (its database) does not answer; retry later.
+    #[error("{0}")]
+    Unavailable(String),
     /// Something inside the broker failed; the caller learns nothing more.
     #[error("internal error: {0}")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -48,7 +54,28 @@ impl Error {
 
 impl From<sqlx::Error> for Error {
     fn from(error: sqlx::Error) -> Self {
-        Error::internal(error)
+        match error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                tracing::warn!(%error, "PostgreSQL unavailable");
+                Error::Unavailable("the database does not answer; retry later".into())
+            }
+            other => Error::internal(other),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(error: rusqlite::Error) -> Self {
+        let is_busy = matches!(
+            error.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+        if is_busy {
+            tracing::warn!(%error, "SQLite database busy");
+            Error::Unavailable("the database is busy; retry later".into())
+        } else {
+            Error::internal(error)
+        }
     }
 }
 
@@ -61,6 +88,8 @@ impl From<Error> for tonic::Status {
             Error::NotFound { .. } => tonic::Status::not_found(error.to_string()),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(error.to_string()),
             Error::AlreadyExists(_) => tonic::Status::already_exists(error.to_string()),
+            Error::ResourceExhausted(_) => tonic::Status::resource_exhausted(error.to_string()),
+            Error::Unavailable(_) => tonic::Status::unavailable(error.to_string()),
             Error::Internal(cause) => {
                 tracing::error!(error = %cause, "internal error");
                 tonic::Status::internal("internal error; the broker's log has the cause")

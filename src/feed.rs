@@ -1,30 +1,31 @@
 //! The revocation feed as subscribers see it: everything after their cursor from the store, then
 //! each new revocation as soon as its transaction commits.
 //!
-//! Writers call [`Feed::announce`] after commit; subscribers wake on that and read the store, so
-//! the store stays the single source of truth and a slow subscriber never holds memory for
-//! others. A periodic re-read also picks up revocations committed by other replicas sharing the
-//! database.
-
-use std::time::Duration;
+//! Subscribers wake on the store's feed notifications (this replica's commits, and on
+//! PostgreSQL the other replicas' through `LISTEN/NOTIFY`) and read the store, so the store
+//! stays the single source of truth and a slow subscriber never holds memory for others. A
+//! periodic re-read covers a notification lost while a listener reconnected.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::domain::UnixMillis;
 use crate::metrics::Metrics;
-
-use crate::store::{FeedRecord, Store};
+use crate::store::{FeedRecord, SharedStore, Topic};
 
 /// Events read from the store per round trip.
-const PAGE_SIZE: i64 = 500;
-/// How often a subscriber re-reads the store without an announcement (other replicas' writes).
+const PAGE_SIZE: usize = 500;
+/// How often a subscriber re-reads the store without a notification.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How soon a subscriber reads again when the store holds committed events back behind an
+/// older, unfinished transaction (PostgreSQL).
+const HELD_BACK_RETRY: Duration = Duration::from_millis(2);
 
-/// Announces committed revocations to subscribers in this process.
+/// Serves the revocation feed to subscribers in this process.
 pub struct Feed {
-    head: watch::Sender<i64>,
+    store: SharedStore,
     metrics: Arc<Metrics>,
 }
 
@@ -33,70 +34,54 @@ pub struct Feed {
 pub struct FeedBatch {
     pub records: Vec<FeedRecord>,
     /// Where to resume after this batch.
-    pub cursor: i64,
+    pub cursor: u64,
     /// Whether everything recorded when the subscription started has now been delivered.
     pub caught_up: bool,
 }
 
 impl Feed {
-    pub fn new(head: i64, metrics: Arc<Metrics>) -> Self {
-        Feed {
-            head: watch::Sender::new(head),
-            metrics,
-        }
-    }
-
-    /// Tells subscribers that events up to `seq` are committed.
-    pub fn announce(&self, seq: i64) {
-        self.head.send_if_modified(|head| {
-            let is_newer = seq > *head;
-            if is_newer {
-                *head = seq;
-            }
-            is_newer
-        });
+    pub fn new(store: SharedStore, metrics: Arc<Metrics>) -> Self {
+        Feed { store, metrics }
     }
 
     /// Streams batches after `cursor` until the receiver is dropped or `shutdown` turns true.
-    /// The first batch that reaches the head known at subscription has `caught_up` set (it may
-    /// be empty); later batches follow new revocations.
+    /// The first batch that reaches the end of what the store can vouch for has `caught_up`
+    /// set (it may be empty); later batches follow new revocations.
     pub fn subscribe(
         &self,
-        store: Store,
-        mut cursor: i64,
+        mut cursor: u64,
         mut shutdown: watch::Receiver<bool>,
     ) -> mpsc::Receiver<Result<FeedBatch, crate::error::Error>> {
         let (sender, receiver) = mpsc::channel(4);
-        let mut announcements = self.head.subscribe();
+        let store = self.store.clone();
+        let mut changes = store.changes().subscribe(Topic::Feed);
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let mut has_caught_up = false;
             loop {
-                announcements.mark_unchanged();
-                let records = match store.feed_after(cursor, PAGE_SIZE).await {
-                    Ok(records) => records,
+                changes.mark_unchanged();
+                let page = match store.feed_after(cursor, PAGE_SIZE).await {
+                    Ok(page) => page,
                     Err(error) => {
                         let _ = sender.send(Err(error)).await;
                         return;
                     }
                 };
-                let is_last_page = records.len() < PAGE_SIZE as usize;
-                if let Some(last) = records.last() {
-                    cursor = last.seq;
-                }
+                let is_last_page = page.records.len() < PAGE_SIZE;
+                cursor = page.cursor;
                 if has_caught_up {
                     // Live delivery (not a replay of history): how long after commit it left.
                     let now = UnixMillis::now();
-                    for record in &records {
+                    for record in &page.records {
                         let delay = (now.0 - record.event.occurred_at.0).max(0) as f64 / 1000.0;
                         metrics.feed_delivery_seconds.observe(delay);
                     }
                 }
-                let announce_catch_up = is_last_page && !has_caught_up;
-                if !records.is_empty() || announce_catch_up {
+                let announce_catch_up = is_last_page && !page.is_held_back && !has_caught_up;
+                if !page.records.is_empty() || announce_catch_up {
                     has_caught_up |= announce_catch_up;
                     let batch = FeedBatch {
-                        records,
+                        records: page.records,
                         cursor,
                         caught_up: has_caught_up,
                     };
@@ -105,9 +90,14 @@ impl Feed {
                     }
                 }
                 if is_last_page {
+                    let wait = if page.is_held_back {
+                        HELD_BACK_RETRY
+                    } else {
+                        POLL_INTERVAL
+                    };
                     tokio::select! {
-                        _ = announcements.changed() => {}
-                        _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                        _ = changes.changed() => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = sender.closed() => return,
                         _ = shutdown.wait_for(|stopping| *stopping) => return,
                     }

@@ -1,7 +1,7 @@
-//! The expiry reaper: periodically marks leases and tasks whose time has passed as expired and
-//! reports them on the revocation feed. It also runs once at start, for everything that expired
-//! while the broker was down. The same loop re-reads the signing keys now and then, so replicas
-//! sharing one database follow each other's rotations.
+//! Housekeeping on a timer: the expiry reaper marks leases and tasks whose time has passed as
+//! expired and reports them on the revocation feed (it also runs once at start, for everything
+//! that expired while the broker was down); signing keys are reloaded when a replica sharing
+//! the database rotates them; and endings whose tokens have all expired are forgotten.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::broker::Broker;
+use crate::domain::UnixMillis;
+use crate::store::Topic;
 
 /// Runs one sweep; logs rather than fails, so a passing database error does not stop reaping.
 pub async fn sweep(broker: &Broker) {
@@ -19,26 +21,54 @@ pub async fn sweep(broker: &Broker) {
     }
 }
 
-/// How often the signing keys are re-read, to adopt a rotation made by another replica.
+/// How often the signing keys are re-read without a notification of a change.
 const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+/// How often endings whose tokens have all expired are forgotten.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long an ending is kept after its tokens expired, for clocks that differ a little.
+const PRUNE_MARGIN: Duration = Duration::from_secs(60);
 
-/// Sweeps every `interval`, and reloads the signing keys every [`KEY_RELOAD_INTERVAL`], until
-/// `shutdown` turns true.
+/// Sweeps every `interval`, reloads the signing keys on a change (and every
+/// [`KEY_RELOAD_INTERVAL`]) and prunes the revocation state, until `shutdown` turns true.
 pub async fn run(broker: Arc<Broker>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
     let mut sweeps = tokio::time::interval(interval);
     sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut key_reloads = tokio::time::interval(KEY_RELOAD_INTERVAL);
     key_reloads.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prunes = tokio::time::interval(PRUNE_INTERVAL);
+    prunes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut key_changes = broker.store().changes().subscribe(Topic::Keys);
     loop {
-        let is_key_reload = tokio::select! {
-            _ = sweeps.tick() => false,
-            _ = key_reloads.tick() => true,
+        let chore = tokio::select! {
+            _ = sweeps.tick() => Chore::Sweep,
+            _ = key_reloads.tick() => Chore::ReloadKeys,
+            changed = key_changes.changed() => match changed {
+                Ok(()) => Chore::ReloadKeys,
+                Err(_) => return,
+            },
+            _ = prunes.tick() => Chore::Prune,
             _ = shutdown.wait_for(|stopping| *stopping) => return,
         };
-        if !is_key_reload {
-            sweep(&broker).await;
-        } else if let Err(error) = broker.keyring().reload(broker.store()).await {
-            tracing::warn!(%error, "signing key reload failed; keeping the loaded keys");
+        match chore {
+            Chore::Sweep => sweep(&broker).await,
+            Chore::ReloadKeys => reload_keys(&broker).await,
+            Chore::Prune => {
+                let horizon = UnixMillis(UnixMillis::now().0 - PRUNE_MARGIN.as_millis() as i64);
+                broker.store().revocations().prune(horizon);
+            }
         }
+    }
+}
+
+/// What a tick of the housekeeping loop asks for.
+enum Chore {
+    Sweep,
+    ReloadKeys,
+    Prune,
+}
+
+async fn reload_keys(broker: &Broker) {
+    if let Err(error) = broker.keyring().reload(broker.store().as_ref()).await {
+        tracing::warn!(%error, "signing key reload failed; keeping the loaded keys");
     }
 }

@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::store::Checkpoint;
 
 /// Events sealed per transaction: bounds how long one sealing holds the writer.
-const SEAL_BATCH: i64 = 500;
+const SEAL_BATCH: usize = 500;
 
 /// Seals every pending event.
 pub async fn seal_all(broker: &Broker) -> Result<usize> {
@@ -23,7 +23,7 @@ pub async fn seal_all(broker: &Broker) -> Result<usize> {
         let count = broker.store().seal_audit_events(SEAL_BATCH).await?;
         broker.metrics().audit_events_sealed.inc_by(count as u64);
         sealed += count;
-        if count < SEAL_BATCH as usize {
+        if count < SEAL_BATCH {
             return Ok(sealed);
         }
     }
@@ -50,7 +50,7 @@ pub async fn checkpoint(broker: &Broker) -> Result<Option<i64>> {
     };
     broker
         .store()
-        .insert_checkpoint(&checkpoint, UnixMillis::now())
+        .insert_checkpoint(checkpoint, UnixMillis::now())
         .await?;
     Ok(Some(seq))
 }

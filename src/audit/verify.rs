@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::issuer::VerifyingKey;
 use crate::store::Store;
 
-const PAGE: i64 = 1000;
+const PAGE: usize = 1000;
 
 /// The outcome of a verification.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,7 +22,7 @@ pub struct Report {
 }
 
 /// Walks the trail and reports the first problem.
-pub async fn verify(store: &Store) -> Result<Report> {
+pub async fn verify(store: &dyn Store) -> Result<Report> {
     let checkpoints = store.checkpoints().await?;
     let mut walk = ChainWalk::new(checkpoints.iter().map(|checkpoint| checkpoint.seq));
     let mut after = 0;
@@ -36,7 +36,7 @@ pub async fn verify(store: &Store) -> Result<Report> {
             }
         }
         match page.last() {
-            Some(last) if page.len() == PAGE as usize => after = last.event.seq,
+            Some(last) if page.len() == PAGE => after = last.event.seq,
             _ => break,
         }
     }

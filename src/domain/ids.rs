@@ -76,6 +76,16 @@ impl<K: IdKind> Id<K> {
         &self.0
     }
 
+    /// The id's 128 bits, for compact in-memory sets; `None` for a malformed stored id.
+    pub fn compact(&self) -> Option<u128> {
+        Self::compact_text(&self.0)
+    }
+
+    /// The 128 bits of `text`, an id of this kind as stored.
+    pub fn compact_text(text: &str) -> Option<u128> {
+        u128::from_str_radix(text.strip_prefix(K::PREFIX)?, 16).ok()
+    }
+
     /// The error for an id of this kind that does not exist for the caller.
     pub fn not_found(&self) -> Error {
         Error::NotFound {

@@ -17,7 +17,7 @@ use crate::store::AuditFilter;
 /// The most events one query returns.
 const MAX_AUDIT_QUERY: u32 = 10_000;
 /// Events read from the store per round trip of an export.
-const EXPORT_PAGE: i64 = 500;
+const EXPORT_PAGE: usize = 500;
 
 type AuditStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::AuditEvent, Status>> + Send>>;
@@ -33,7 +33,7 @@ impl AdminService {
 
     /// The caller, if it holds the admin role.
     async fn admin<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let caller = authenticate(self.broker.store(), request).await?;
+        let caller = authenticate(self.broker.credentials(), request).await?;
         caller.require(Role::Admin)?;
         Ok(caller)
     }
@@ -135,7 +135,7 @@ impl proto::admin_server::Admin for AdminService {
                 message.limit.min(MAX_AUDIT_QUERY)
             }),
         };
-        let events = self.broker.store().query_audit(&filter).await?;
+        let events = self.broker.store().query_audit(filter).await?;
         Ok(Response::new(proto::QueryAuditResponse {
             events: events.into_iter().map(convert::audit_event).collect(),
         }))
@@ -151,7 +151,7 @@ impl proto::admin_server::Admin for AdminService {
         let mut after = i64::try_from(request.get_ref().after_seq)
             .map_err(|_| Error::invalid("after_seq", "is beyond the trail"))?;
         let store = self.broker.store().clone();
-        let (sender, receiver) = tokio::sync::mpsc::channel(EXPORT_PAGE as usize);
+        let (sender, receiver) = tokio::sync::mpsc::channel(EXPORT_PAGE);
         tokio::spawn(async move {
             loop {
                 let page = match store.sealed_audit_events(after, EXPORT_PAGE).await {
@@ -161,7 +161,7 @@ impl proto::admin_server::Admin for AdminService {
                         return;
                     }
                 };
-                let is_last = page.len() < EXPORT_PAGE as usize;
+                let is_last = page.len() < EXPORT_PAGE;
                 for record in page {
                     after = record.event.seq;
                     if sender.send(Ok(convert::audit_event(record))).await.is_err() {
@@ -183,7 +183,7 @@ impl proto::admin_server::Admin for AdminService {
         request: Request<proto::VerifyAuditRequest>,
     ) -> Result<Response<proto::VerifyAuditResponse>, Status> {
         self.admin(&request).await?;
-        let report = crate::audit::verify::verify(self.broker.store()).await?;
+        let report = crate::audit::verify::verify(self.broker.store().as_ref()).await?;
         let count = |n: i64| u64::try_from(n).unwrap_or_default();
         let problem = report.problem.unwrap_or_else(|| Problem {
             seq: 0,

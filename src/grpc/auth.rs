@@ -3,14 +3,17 @@
 
 use tonic::Request;
 
+use super::CredentialCache;
 use crate::domain::Caller;
 use crate::error::{Error, Result};
 use crate::issuer::BearerCredential;
 use crate::issuer::credential::digests_match;
-use crate::store::Store;
 
 /// The workload behind the request's bearer credential.
-pub async fn authenticate<T>(store: &Store, request: &Request<T>) -> Result<Caller> {
+pub async fn authenticate<T>(
+    credentials: &CredentialCache,
+    request: &Request<T>,
+) -> Result<Caller> {
     let header = request.metadata().get("authorization").ok_or_else(|| {
         Error::Unauthenticated(
             "missing 'authorization' metadata: send 'Bearer <workload credential>'".into(),
@@ -27,10 +30,7 @@ pub async fn authenticate<T>(store: &Store, request: &Request<T>) -> Result<Call
             )
         })?;
     let unknown = || Error::Unauthenticated("authorization: unknown or revoked credential".into());
-    let (stored_hash, workload) = store
-        .find_credential_cached(&presented.id)
-        .await?
-        .ok_or_else(unknown)?;
+    let (stored_hash, workload) = credentials.find(&presented.id).await?.ok_or_else(unknown)?;
     if !digests_match(&presented.secret_sha256, &stored_hash) {
         return Err(unknown());
     }

@@ -5,6 +5,7 @@
 mod admin;
 mod auth;
 mod convert;
+mod credentials;
 mod observe;
 mod tasks;
 mod tokens;
@@ -18,6 +19,7 @@ use crate::broker::Broker;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::tasks_server::TasksServer;
 use crate::proto::tokens_server::TokensServer;
+pub use credentials::CredentialCache;
 pub use observe::ObserveLayer;
 
 /// Largest request message accepted, in bytes: tokens and requests are small.

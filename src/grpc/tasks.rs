@@ -21,7 +21,7 @@ impl TasksService {
     }
 
     async fn agent<T>(&self, request: &Request<T>) -> Result<crate::domain::Caller, Status> {
-        let caller = authenticate(self.broker.store(), request).await?;
+        let caller = authenticate(self.broker.credentials(), request).await?;
         caller.require(Role::Agent)?;
         Ok(caller)
     }

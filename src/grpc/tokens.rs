@@ -36,7 +36,7 @@ impl proto::tokens_server::Tokens for TokensService {
         &self,
         request: Request<proto::IntrospectRequest>,
     ) -> Result<Response<proto::IntrospectResponse>, Status> {
-        let caller = authenticate(self.broker.store(), &request).await?;
+        let caller = authenticate(self.broker.credentials(), &request).await?;
         let message = request.into_inner();
         if message.audience.is_empty() {
             return Err(
@@ -98,19 +98,14 @@ impl proto::tokens_server::Tokens for TokensService {
         &self,
         request: Request<proto::WatchRevocationsRequest>,
     ) -> Result<Response<RevocationStream>, Status> {
-        authenticate(self.broker.store(), &request).await?;
-        let cursor = i64::try_from(request.get_ref().cursor)
-            .map_err(|_| Error::invalid("cursor", "is beyond the feed's range"))?;
-        let batches = self.broker.feed().subscribe(
-            self.broker.store().clone(),
-            cursor,
-            self.shutdown.clone(),
-        );
+        authenticate(self.broker.credentials(), &request).await?;
+        let cursor = request.get_ref().cursor;
+        let batches = self.broker.feed().subscribe(cursor, self.shutdown.clone());
         let stream = ReceiverStream::new(batches).map(|batch| {
             let batch = batch.map_err(Status::from)?;
             Ok(proto::WatchRevocationsResponse {
                 events: batch.records.into_iter().map(revocation_event).collect(),
-                cursor: u64::try_from(batch.cursor).unwrap_or_default(),
+                cursor: batch.cursor,
                 caught_up: batch.caught_up,
             })
         });
@@ -121,7 +116,7 @@ impl proto::tokens_server::Tokens for TokensService {
 fn revocation_event(record: crate::store::FeedRecord) -> proto::RevocationEvent {
     let event = record.event;
     proto::RevocationEvent {
-        cursor: u64::try_from(record.seq).unwrap_or_default(),
+        cursor: record.cursor,
         lease_id: event.lease_id.unwrap_or_default(),
         task_id: event.task_id,
         scope: event.scope.unwrap_or_default(),

@@ -44,7 +44,7 @@ impl Keyring {
     /// Loads the published keys, generating and storing a first key (of `algorithm`) on a fresh
     /// store. New keys made by rotation also use `algorithm`.
     pub async fn load(
-        store: &Store,
+        store: &dyn Store,
         master_key: MasterKey,
         algorithm: KeyAlgorithm,
     ) -> Result<Self> {
@@ -55,7 +55,9 @@ impl Keyring {
             let event = AuditEvent::new("signing_key.generated", "ok", BOOTSTRAP)
                 .with("kid", key.kid())
                 .with("algorithm", algorithm.jws_name());
-            store.insert_signing_key(&record, &[event]).await?;
+            store
+                .insert_signing_key(record.clone(), vec![event])
+                .await?;
             tracing::info!(
                 kid = key.kid(),
                 algorithm = algorithm.jws_name(),
@@ -73,7 +75,7 @@ impl Keyring {
     }
 
     /// Re-reads the published keys from the store, adopting a key another replica rotated to.
-    pub async fn reload(&self, store: &Store) -> Result<()> {
+    pub async fn reload(&self, store: &dyn Store) -> Result<()> {
         let stored = store.published_signing_keys(UnixMillis::now()).await?;
         let current_kid = stored
             .iter()
@@ -96,7 +98,7 @@ impl Keyring {
     /// most once per second), for tokens signed by a key another replica has just made.
     pub async fn find_verifying_key(
         &self,
-        store: &Store,
+        store: &dyn Store,
         kid: &str,
         now: UnixMillis,
     ) -> Result<Option<VerifyingKey>> {
@@ -154,7 +156,7 @@ impl Keyring {
     /// `actor` (an admin) is recorded as the cause.
     pub async fn rotate(
         &self,
-        store: &Store,
+        store: &dyn Store,
         longest_token_ttl: Duration,
         actor: &str,
     ) -> Result<Rotation> {
@@ -171,7 +173,7 @@ impl Keyring {
             .with("retired_kid", retired.kid())
             .with("retired_key_published_until", publish_until.0);
         store
-            .rotate_signing_key(&record, retired.kid(), publish_until, &[event])
+            .rotate_signing_key(record, retired.kid(), publish_until, vec![event])
             .await?;
         let mut published = self.snapshot().published.clone();
         published.insert(

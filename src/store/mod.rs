@@ -1,54 +1,82 @@
-//! Persistence on SQLite (embedded, one file) or PostgreSQL (shared by several replicas),
-//! chosen by the database URL.
+//! Persistence: one contract, [`Store`], at the level of the broker's operations, and one
+//! implementation per database, each with its own SQL and migrations.
 //!
-//! Both backends run the same SQL through sqlx's `Any` driver: the schema keeps to types both
-//! share (64-bit integers for instants, text, bytes) and `$n` placeholders, which SQLite accepts
-//! too. That keeps one implementation of every query instead of two that drift apart; what
-//! differs (schema types, connection set-up) lives in `migrations/{sqlite,postgres}` and
-//! [`Store::connect`].
+//! - [`sqlite`]: the embedded default, one file, on rusqlite. One writer thread owns the write
+//!   connection and applies a whole group-commit batch synchronously; reads run on pooled
+//!   connections directly on the calling thread.
+//! - [`postgres`]: several replicas sharing one database, on sqlx's typed `PgPool`. Batches are
+//!   written with array binds, no global lock row sits on the issuance or revocation path, and
+//!   replicas wake each other with `LISTEN/NOTIFY`.
 //!
-//! SQLite gets a single writer connection: SQLite serializes writers anyway, and one
-//! connection avoids `SQLITE_BUSY` on lock upgrades. Readers use their own pool (WAL mode lets
-//! them run beside the writer). Commits are durable: `synchronous=FULL` on SQLite, and the
-//! PostgreSQL server's default `synchronous_commit=on`.
+//! The contract is a trait object (`Arc<dyn Store>`) rather than an enum or a generic parameter:
+//! the broker, the gRPC layer and the background tasks are written once against it, without a
+//! type parameter threading through every module, and the conformance suite (`conformance`) runs
+//! the same tests on each implementation. The cost, one boxed future per operation, is far below
+//! the cost of the operation itself.
+//!
+//! Guarantees every implementation gives (and the conformance suite checks):
+//! - A write returns only after its transaction has committed durably (SQLite WAL with
+//!   `synchronous=FULL`; PostgreSQL's default `synchronous_commit=on`), so a credential handed
+//!   out after a write always has its lease stored.
+//! - Every change that ends leases appends its revocation-feed events and its audit events in
+//!   the same transaction, and records the endings in this process's [`RevocationState`] before
+//!   the write returns.
+//! - The feed never skips an event: a subscriber that resumes after a cursor receives every
+//!   event committed after it, however late its transaction committed.
+//! - Writes wait in a bounded queue: when it is full the caller is refused at once
+//!   (`RESOURCE_EXHAUSTED`), and a write the database does not commit in time fails with
+//!   `UNAVAILABLE`, instead of memory growing during a database stall.
 
-mod audit;
-mod batch;
-mod committer;
-mod feed;
-mod keys;
-mod records;
-mod sql;
-mod tasks;
-mod workloads;
+pub mod changes;
+pub mod events;
+pub mod jobs;
+pub mod postgres;
+pub mod records;
+pub mod revocations;
+pub mod sqlite;
 
-use std::str::FromStr;
+#[cfg(test)]
+mod conformance;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor};
+use async_trait::async_trait;
 
-pub use audit::{AuditFilter, AuditRecord, Checkpoint};
-pub use feed::{FeedEvent, FeedRecord};
-pub use records::{LeaseRecord, StoredSigningKey, TaskRecord, WorkloadRecord};
-pub use tasks::{CompletionOutcome, EndedLease, NewLeaseOutcome, RenewalOutcome};
+use crate::audit::AuditEvent;
+use crate::domain::{LeaseId, TaskId, UnixMillis};
+use crate::error::Result;
+use crate::issuer::KeyAlgorithm;
+use crate::issuer::credential::StoredCredential;
 
-/// Which database a URL names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    Sqlite,
-    Postgres,
+pub use changes::{Changes, Topic};
+pub use jobs::{ClaimedJob, JobOutcome, JobRecord, NewJob};
+pub use records::{
+    AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedEvent,
+    FeedPage, FeedRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, StoredSigningKey,
+    TaskRecord, WorkloadRecord,
+};
+pub use revocations::RevocationState;
+
+/// A store shared by everything in the broker.
+pub type SharedStore = Arc<dyn Store>;
+
+/// How the store paces writes.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreSettings {
+    /// Writes waiting for their batch at most; more are refused with `RESOURCE_EXHAUSTED`.
+    pub write_queue: usize,
+    /// How long a write may wait for its commit before it fails with `UNAVAILABLE`.
+    pub write_timeout: Duration,
 }
 
-/// The broker's database.
-#[derive(Clone, Debug)]
-pub struct Store {
-    backend: Backend,
-    writer: AnyPool,
-    reader: AnyPool,
-    /// Hot writes (issuance, renewal, completion, audit-only events) go through group commit.
-    committer: committer::Committer,
-    credential_cache: std::sync::Arc<workloads::CredentialCache>,
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            write_queue: 8192,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// A store that could not be opened.
@@ -56,118 +84,232 @@ pub struct Store {
 pub enum StoreError {
     #[error("database_url: unsupported scheme (expected sqlite:// or postgres://)")]
     UnsupportedUrl,
-    #[error("cannot connect to the database: {0}")]
-    Connect(#[source] sqlx::Error),
+    #[error("cannot open the database: {0}")]
+    Open(String),
     #[error("cannot apply database migrations: {0}")]
-    Migrate(#[source] sqlx::migrate::MigrateError),
+    Migrate(String),
+    #[error(
+        "the SQLite database {0} is already open in another broker: one SQLite file serves one \
+         broker (use PostgreSQL for several replicas)"
+    )]
+    InUse(String),
 }
 
-/// Concurrent group-commit transactions on PostgreSQL (each holds a pooled connection while it
-/// writes; the server flushes their commits together).
-const POSTGRES_COMMITTERS: usize = 6;
-
-/// How long a caller waits for a pooled connection before the call fails.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
-
-impl Store {
-    /// Opens the database at `url` (creating a SQLite file if needed) and applies migrations.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        sqlx::any::install_default_drivers();
-        let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            Backend::Postgres
-        } else {
-            return Err(StoreError::UnsupportedUrl);
-        };
-        let options = AnyConnectOptions::from_str(url).map_err(StoreError::Connect)?;
-        let store = match backend {
-            Backend::Sqlite => {
-                let writer = sqlite_pool(1)
-                    .connect_with(options.clone())
-                    .await
-                    .map_err(StoreError::Connect)?;
-                sqlx::migrate!("migrations/sqlite")
-                    .run(&writer)
-                    .await
-                    .map_err(StoreError::Migrate)?;
-                let reader = sqlite_pool(4)
-                    .connect_with(options)
-                    .await
-                    .map_err(StoreError::Connect)?;
-                let committer = committer::Committer::start(writer.clone(), 1);
-                Store {
-                    backend,
-                    writer,
-                    reader,
-                    committer,
-                    credential_cache: Default::default(),
-                }
-            }
-            Backend::Postgres => {
-                let pool = AnyPoolOptions::new()
-                    .max_connections(16)
-                    .acquire_timeout(ACQUIRE_TIMEOUT)
-                    .connect_with(options)
-                    .await
-                    .map_err(StoreError::Connect)?;
-                sqlx::migrate!("migrations/postgres")
-                    .run(&pool)
-                    .await
-                    .map_err(StoreError::Migrate)?;
-                let committer = committer::Committer::start(pool.clone(), POSTGRES_COMMITTERS);
-                Store {
-                    backend,
-                    writer: pool.clone(),
-                    reader: pool,
-                    committer,
-                    credential_cache: Default::default(),
-                }
-            }
-        };
-        Ok(store)
+/// Opens the database at `url` (creating a SQLite file if the URL says `mode=rwc`) and applies
+/// its migrations.
+pub async fn open(url: &str, settings: StoreSettings) -> Result<SharedStore, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::open(url, settings).await?))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(Arc::new(
+            postgres::PostgresStore::open(url, settings).await?,
+        ))
+    } else {
+        Err(StoreError::UnsupportedUrl)
     }
+}
 
-    /// Whether audit events are chained in the transactions that write them (SQLite, the only
-    /// writer of its file) rather than afterwards by the sealer (PostgreSQL).
-    pub fn chains_on_write(&self) -> bool {
-        self.backend == Backend::Sqlite
-    }
-
+/// Everything the broker persists, as operations of the broker's own domain.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
     /// Whether the database answers; `/readyz` reports this.
-    pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.reader).await.is_ok()
-    }
+    async fn ping(&self) -> bool;
 
-    /// Waits for connections in use to be returned, then closes every connection.
-    pub async fn close(&self) {
-        self.reader.close().await;
-        self.writer.close().await;
-    }
-}
+    /// Lets queued writes commit, stops background work and closes every connection.
+    async fn close(&self);
 
-/// Settings of every SQLite connection: WAL (readers beside the writer), a commit is on disk
-/// before it returns (`synchronous = FULL`), and statement journals stay in memory (a
-/// multi-row insert otherwise spills one to a temporary file on every batch).
-pub const SQLITE_PRAGMAS: &[&str] = &[
-    "PRAGMA journal_mode = WAL",
-    "PRAGMA synchronous = FULL",
-    "PRAGMA busy_timeout = 5000",
-    "PRAGMA foreign_keys = ON",
-    "PRAGMA temp_store = MEMORY",
-];
+    /// Notifications of committed changes, this replica's and (on PostgreSQL) the others'.
+    fn changes(&self) -> &Changes;
 
-/// A pool of SQLite connections, each set up with [`SQLITE_PRAGMAS`].
-fn sqlite_pool(connections: u32) -> AnyPoolOptions {
-    AnyPoolOptions::new()
-        .max_connections(connections)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .after_connect(|connection, _| {
-            Box::pin(async move {
-                for pragma in SQLITE_PRAGMAS {
-                    connection.execute(*pragma).await?;
-                }
-                Ok(())
-            })
-        })
+    /// The ended leases and tasks introspection consults (see [`RevocationState`]).
+    fn revocations(&self) -> &RevocationState;
+
+    // --- tasks and leases ---
+
+    /// The task `id` if `workload_id` owns it.
+    async fn find_task(&self, id: &TaskId, workload_id: &str) -> Result<Option<TaskRecord>>;
+
+    /// The task `workload_id` opened with idempotency key `key`, if any.
+    async fn find_task_by_idempotency_key(
+        &self,
+        workload_id: &str,
+        key: &str,
+    ) -> Result<Option<TaskRecord>>;
+
+    /// Every lease of a task, oldest first.
+    async fn leases_of_task(&self, id: &TaskId) -> Result<Vec<LeaseRecord>>;
+
+    /// The lease `id` if it belongs to a task of `workload_id`.
+    async fn find_lease(&self, id: &LeaseId, workload_id: &str) -> Result<Option<LeaseRecord>>;
+
+    /// Stores a new task with its first leases and `events`. Returns `false`, storing nothing,
+    /// when the workload already used the task's idempotency key.
+    async fn insert_task(
+        &self,
+        task: TaskRecord,
+        leases: Vec<LeaseRecord>,
+        events: Vec<AuditEvent>,
+    ) -> Result<bool>;
+
+    /// Adds `lease` to its task if `workload_id` owns the task and it is active at `now`.
+    async fn add_lease(
+        &self,
+        workload_id: &str,
+        lease: LeaseRecord,
+        now: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<NewLeaseOutcome>;
+
+    /// Moves an issued, unexpired lease of an active task to its renewed window.
+    async fn renew_lease(
+        &self,
+        renewal: Renewal,
+        events: Vec<AuditEvent>,
+    ) -> Result<RenewalOutcome>;
+
+    /// Completes an active task of `workload_id` and revokes every issued lease it holds;
+    /// `actor` is recorded as the cause.
+    async fn complete_task(
+        &self,
+        id: &TaskId,
+        workload_id: &str,
+        now: UnixMillis,
+        actor: &str,
+    ) -> Result<CompletionOutcome>;
+
+    /// Revokes an active task (any workload's) and its leases; `None` when no such active task.
+    async fn revoke_task(
+        &self,
+        id: &TaskId,
+        now: UnixMillis,
+        actor: &str,
+        events: Vec<AuditEvent>,
+    ) -> Result<Option<Vec<EndedLease>>>;
+
+    /// Revokes one issued lease (any workload's); `None` when no such issued lease.
+    async fn revoke_lease(
+        &self,
+        id: &LeaseId,
+        now: UnixMillis,
+        actor: &str,
+        events: Vec<AuditEvent>,
+    ) -> Result<Option<EndedLease>>;
+
+    /// Marks up to `batch` leases and `batch` tasks whose time has passed at `now` as expired,
+    /// each re-checked under its lock, so a renewal that committed first is never expired.
+    async fn expire_due(&self, now: UnixMillis, batch: usize) -> Result<ExpiryReport>;
+
+    /// Whether the lease of a well-signed, unexpired token is still issued and its task active:
+    /// the broker's half of introspection. Answered from [`RevocationState`] while it is
+    /// current, from the database otherwise.
+    async fn is_lease_live(&self, lease: &LeaseId, task: &TaskId, now: UnixMillis) -> Result<bool>;
+
+    // --- the revocation feed ---
+
+    /// Up to `limit` events after `cursor`, in feed order.
+    async fn feed_after(&self, cursor: u64, limit: usize) -> Result<FeedPage>;
+
+    /// The cursor of the latest event a reader can see now (0 for an empty feed).
+    async fn feed_head(&self) -> Result<u64>;
+
+    // --- the audit trail ---
+
+    /// Writes events that record no other change (refusals, use checks) in a shared batch.
+    async fn record_events(&self, events: Vec<AuditEvent>) -> Result<()>;
+
+    /// Chains up to `limit` committed, unsealed events; returns how many. On SQLite events are
+    /// chained as they are written, so there is never anything to seal.
+    async fn seal_audit_events(&self, limit: usize) -> Result<usize>;
+
+    /// The last sealed position and its hash.
+    async fn audit_head(&self) -> Result<(i64, String)>;
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>>;
+
+    /// Stores a checkpoint; one another replica made of the same position is kept.
+    async fn insert_checkpoint(&self, checkpoint: Checkpoint, now: UnixMillis) -> Result<()>;
+
+    /// Up to `limit` sealed events after `after_seq`, in chain order.
+    async fn sealed_audit_events(&self, after_seq: i64, limit: usize) -> Result<Vec<AuditRecord>>;
+
+    /// How many committed events await sealing.
+    async fn unsealed_audit_events(&self) -> Result<i64>;
+
+    /// Events matching `filter`, in the order they happened (sealed or not).
+    async fn query_audit(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>>;
+
+    // --- signing keys ---
+
+    /// Stores a new signing key with `events`.
+    async fn insert_signing_key(
+        &self,
+        key: StoredSigningKey,
+        events: Vec<AuditEvent>,
+    ) -> Result<()>;
+
+    /// Keys that belong in the JWKS at `now`: the current key and retired keys whose
+    /// publication window is still open, newest first.
+    async fn published_signing_keys(&self, now: UnixMillis) -> Result<Vec<StoredSigningKey>>;
+
+    /// The algorithm and public key of `kid`, current, retired or expired.
+    async fn signing_public_key(&self, kid: &str) -> Result<Option<(KeyAlgorithm, Vec<u8>)>>;
+
+    /// The latest expiry of any lease whose current token `kid` signed.
+    async fn latest_expiry_signed_by(&self, kid: &str) -> Result<Option<UnixMillis>>;
+
+    /// Retires `retired_kid` (published until `publish_until`) and stores `new` as the current
+    /// key, atomically; fails if `retired_kid` is no longer current (a concurrent rotation).
+    async fn rotate_signing_key(
+        &self,
+        new: StoredSigningKey,
+        retired_kid: &str,
+        publish_until: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<()>;
+
+    // --- workloads ---
+
+    /// Stores a workload with its first credential and `events`.
+    async fn create_workload(
+        &self,
+        workload: WorkloadRecord,
+        credential: StoredCredential,
+        events: Vec<AuditEvent>,
+    ) -> Result<()>;
+
+    /// Whether any workload is registered (a fresh store has none).
+    async fn has_workloads(&self) -> Result<bool>;
+
+    /// The workload holding the unrevoked credential `credential_id`, with the credential's
+    /// secret hash for the caller to compare.
+    async fn find_credential(
+        &self,
+        credential_id: &str,
+    ) -> Result<Option<(Vec<u8>, WorkloadRecord)>>;
+
+    async fn list_workloads(&self) -> Result<Vec<WorkloadRecord>>;
+
+    // --- the job queue ---
+
+    /// Stores `jobs` with `events`, in one transaction.
+    async fn enqueue_jobs(&self, jobs: Vec<NewJob>, events: Vec<AuditEvent>) -> Result<()>;
+
+    /// Claims up to `limit` due jobs of `kinds` for `lock_for`: no other runner takes them
+    /// while the claim holds. Jobs whose claim lapsed (their runner died) are due again.
+    async fn claim_jobs(
+        &self,
+        kinds: &[String],
+        limit: usize,
+        lock_for: Duration,
+        now: UnixMillis,
+    ) -> Result<Vec<ClaimedJob>>;
+
+    /// Extends a claim; `false` when it has lapsed and another runner may hold the job.
+    async fn extend_job_claim(&self, job: &ClaimedJob, until: UnixMillis) -> Result<bool>;
+
+    /// Records how an attempt ended; `false` when the claim had lapsed (nothing changed).
+    async fn finish_job(&self, job: &ClaimedJob, outcome: JobOutcome) -> Result<bool>;
+
+    /// Jobs not done yet, oldest first (at most `limit`).
+    async fn pending_jobs(&self, limit: usize) -> Result<Vec<JobRecord>>;
 }

@@ -1,12 +1,11 @@
-//! Rows as the store returns them, decoded into domain types.
+//! What the store keeps and returns, as plain values: the same for every backend. Each backend
+//! decodes its own rows into these.
 
-use sqlx::Row;
-use sqlx::any::AnyRow;
-
+use crate::audit::chain::SealedEvent;
 use crate::domain::task::LeaseWindow;
 use crate::domain::{
-    CredentialKind, LeaseId, LeaseState, Role, ScopeName, SpiffeId, TaskContext, TaskId, TaskState,
-    UnixMillis, WorkloadName,
+    CredentialKind, LeaseId, LeaseState, RevocationReason, Role, ScopeName, SpiffeId, TaskContext,
+    TaskId, TaskState, UnixMillis, WorkloadName,
 };
 use crate::error::Error;
 use crate::issuer::KeyAlgorithm;
@@ -62,108 +61,339 @@ pub struct LeaseRecord {
     pub ended_at: Option<UnixMillis>,
 }
 
+/// What [`Store::add_lease`](super::Store::add_lease) did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NewLeaseOutcome {
+    Added,
+    /// The task is not active (completed, expired, revoked, or past its deadline).
+    TaskNotActive,
+}
+
+/// A renewal to store: the lease moves to `window`, its token now signed by `kid`.
+#[derive(Clone, Debug)]
+pub struct Renewal {
+    pub lease_id: LeaseId,
+    /// The lease's task: a renewal locks it first, like every write that touches a task's leases.
+    pub task_id: TaskId,
+    pub window: LeaseWindow,
+    pub kid: String,
+    pub now: UnixMillis,
+}
+
+/// What [`Store::renew_lease`](super::Store::renew_lease) did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RenewalOutcome {
+    Renewed,
+    /// The lease is no longer issued, has already expired, or its task has ended.
+    NotRenewable,
+}
+
+/// A lease that a completion, revocation or expiry has just ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndedLease {
+    pub id: LeaseId,
+    pub scope: String,
+    /// When its credential expires (or expired).
+    pub not_after: UnixMillis,
+}
+
+/// The leases among `events` (task-level events name none).
+pub fn ended_leases(events: &[FeedEvent]) -> Vec<EndedLease> {
+    events
+        .iter()
+        .filter_map(|event| {
+            Some(EndedLease {
+                id: LeaseId::from_stored(event.lease_id.clone()?),
+                scope: event.scope.clone().unwrap_or_default(),
+                not_after: event.not_after,
+            })
+        })
+        .collect()
+}
+
+/// What [`Store::complete_task`](super::Store::complete_task) did.
+#[derive(Debug)]
+pub enum CompletionOutcome {
+    Completed {
+        revoked: Vec<EndedLease>,
+        ended_at: UnixMillis,
+    },
+    AlreadyEnded(TaskRecord),
+    NotFound,
+}
+
+/// Leases and tasks the reaper ended in one pass.
+#[derive(Debug, Default)]
+pub struct ExpiryReport {
+    pub leases: Vec<EndedLease>,
+    pub tasks: usize,
+}
+
+/// One revocation: a lease (`lease_id` set) or a whole task (`lease_id` empty) ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedEvent {
+    pub lease_id: Option<String>,
+    pub task_id: String,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    pub reason: RevocationReason,
+    /// When the concerned tokens expire anyway: for a lease its expiry, for a task the latest
+    /// expiry of its leases (no lease can be added once the task has ended).
+    pub not_after: UnixMillis,
+    pub occurred_at: UnixMillis,
+}
+
+/// The feed event that records the end of task `task_id`, whose issued leases `lease_events`
+/// has just ended: valid until the latest of their expiries, since no lease can be added to an
+/// ended task (and leases ended earlier have events of their own).
+pub fn task_ended(
+    task_id: &str,
+    reason: RevocationReason,
+    lease_events: &[FeedEvent],
+    now: UnixMillis,
+) -> FeedEvent {
+    let not_after = lease_events
+        .iter()
+        .map(|event| event.not_after)
+        .fold(now, UnixMillis::max);
+    FeedEvent {
+        lease_id: None,
+        task_id: task_id.to_owned(),
+        scope: None,
+        audience: None,
+        reason,
+        not_after,
+        occurred_at: now,
+    }
+}
+
+/// An event with its position in the feed. Positions only grow, and resuming after one never
+/// skips an event, however late the transaction that wrote it committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedRecord {
+    pub cursor: u64,
+    pub event: FeedEvent,
+}
+
+/// Events after a cursor, as far as the feed can vouch for them now.
+#[derive(Clone, Debug, Default)]
+pub struct FeedPage {
+    pub records: Vec<FeedRecord>,
+    /// Where to resume after this page (the last record's cursor, or the cursor asked for).
+    pub cursor: u64,
+    /// Whether committed events wait beyond this page behind an older transaction that has not
+    /// finished yet (PostgreSQL only): read again shortly.
+    pub is_held_back: bool,
+}
+
+/// An audit event as stored; `seq` is `None` until it is sealed into the chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub seq: Option<i64>,
+    pub event: SealedEvent,
+}
+
+/// A signed checkpoint of the chain head.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub seq: i64,
+    pub head_hash: String,
+    pub kid: String,
+    pub signature: Vec<u8>,
+}
+
+/// Which events an investigation wants; empty fields match everything.
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    pub task_id: Option<String>,
+    pub workload: Option<String>,
+    pub scope: Option<String>,
+    pub event_type: Option<String>,
+    pub since: Option<UnixMillis>,
+    pub until: Option<UnixMillis>,
+    pub limit: i64,
+}
+
 /// The error for a stored value the code cannot read back: a damaged or foreign database.
-pub(super) fn corrupt(column: &str, value: &str) -> Error {
+pub fn corrupt(column: &str, value: &str) -> Error {
     Error::internal(format!(
         "unreadable stored value in column {column}: {value:?}"
     ))
 }
 
-fn millis(row: &AnyRow, column: &str) -> Result<UnixMillis, sqlx::Error> {
-    row.try_get::<i64, _>(column).map(UnixMillis)
+/// Role names as stored: space-separated.
+pub fn roles_text(roles: &[Role]) -> String {
+    roles
+        .iter()
+        .map(|role| role.as_str())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
-fn optional_millis(row: &AnyRow, column: &str) -> Result<Option<UnixMillis>, sqlx::Error> {
-    Ok(row.try_get::<Option<i64>, _>(column)?.map(UnixMillis))
+/// Parses stored role names.
+pub fn parse_roles(text: &str) -> Result<Vec<Role>, Error> {
+    text.split_whitespace()
+        .map(|role| Role::parse(role).ok_or_else(|| corrupt("workloads.roles", role)))
+        .collect()
 }
 
-pub(super) const WORKLOAD_COLUMNS: &str = "w.id, w.name, w.spiffe_id, w.roles, w.created_at";
-
-impl WorkloadRecord {
-    pub(super) fn from_row(row: &AnyRow) -> Result<Self, Error> {
-        let name: String = row.try_get("name")?;
-        let roles_text: String = row.try_get("roles")?;
-        let roles = roles_text
-            .split_whitespace()
-            .map(|role| Role::parse(role).ok_or_else(|| corrupt("workloads.roles", role)))
-            .collect::<Result<_, _>>()?;
-        Ok(WorkloadRecord {
-            id: row.try_get("id")?,
-            name: WorkloadName::parse("workloads.name", &name)
-                .map_err(|_| corrupt("workloads.name", &name))?,
-            spiffe_id: SpiffeId::from_stored(row.try_get("spiffe_id")?),
-            roles,
-            created_at: millis(row, "created_at")?,
-        })
-    }
+/// Parses the stored text columns every backend keeps the same way.
+pub fn parse_stored<T>(
+    column: &str,
+    text: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<T, Error> {
+    parse(text).ok_or_else(|| corrupt(column, text))
 }
 
-pub(super) const KEY_COLUMNS: &str =
-    "kid, algorithm, public_key, sealed_private_key, created_at, retired_at, publish_until";
-
-impl StoredSigningKey {
-    pub(super) fn from_row(row: &AnyRow) -> Result<Self, Error> {
-        let algorithm: String = row.try_get("algorithm")?;
-        Ok(StoredSigningKey {
-            kid: row.try_get("kid")?,
-            algorithm: KeyAlgorithm::from_jws_name(&algorithm)
-                .ok_or_else(|| corrupt("signing_keys.algorithm", &algorithm))?,
-            public_key: row.try_get("public_key")?,
-            sealed_private_key: row.try_get("sealed_private_key")?,
-            created_at: millis(row, "created_at")?,
-            retired_at: optional_millis(row, "retired_at")?,
-            publish_until: optional_millis(row, "publish_until")?,
-        })
-    }
+/// A task context stored as JSON.
+pub fn parse_context(text: &str) -> Result<TaskContext, Error> {
+    serde_json::from_str(text).map_err(|_| corrupt("tasks.context_json", text))
 }
 
-pub(super) const TASK_COLUMNS: &str = "t.id, t.workload_id, t.purpose, t.context_json, t.state, t.created_at, \
-     t.deadline, t.ended_at, t.idempotency_key, t.request_digest";
-
-impl TaskRecord {
-    pub(super) fn from_row(row: &AnyRow) -> Result<Self, Error> {
-        let state: String = row.try_get("state")?;
-        let context: String = row.try_get("context_json")?;
-        Ok(TaskRecord {
-            id: TaskId::from_stored(row.try_get("id")?),
-            workload_id: row.try_get("workload_id")?,
-            purpose: row.try_get("purpose")?,
-            context: serde_json::from_str(&context)
-                .map_err(|_| corrupt("tasks.context_json", &context))?,
-            state: TaskState::from_stored(&state).ok_or_else(|| corrupt("tasks.state", &state))?,
-            created_at: millis(row, "created_at")?,
-            deadline: millis(row, "deadline")?,
-            ended_at: optional_millis(row, "ended_at")?,
-            idempotency_key: row.try_get("idempotency_key")?,
-            request_digest: row.try_get("request_digest")?,
-        })
-    }
+/// Decodes the fields of a stored lease row, in the order of every backend's lease columns.
+pub struct LeaseColumns {
+    pub id: String,
+    pub task_id: String,
+    pub scope: String,
+    pub kind: String,
+    pub audience: String,
+    pub state: String,
+    pub kid: Option<String>,
+    pub issued_at: i64,
+    pub expires_at: i64,
+    pub renewable_until: i64,
+    pub ended_at: Option<i64>,
 }
 
-pub(super) const LEASE_COLUMNS: &str = "l.id, l.task_id, l.scope, l.kind, l.audience, l.state, l.kid, \
-     l.issued_at, l.expires_at, l.renewable_until, l.ended_at";
-
-impl LeaseRecord {
-    pub(super) fn from_row(row: &AnyRow) -> Result<Self, Error> {
-        let state: String = row.try_get("state")?;
-        let kind: String = row.try_get("kind")?;
-        let scope: String = row.try_get("scope")?;
+impl LeaseColumns {
+    pub fn into_record(self) -> Result<LeaseRecord, Error> {
         Ok(LeaseRecord {
-            id: LeaseId::from_stored(row.try_get("id")?),
-            task_id: TaskId::from_stored(row.try_get("task_id")?),
-            scope: ScopeName::parse("leases.scope", &scope)
-                .map_err(|_| corrupt("leases.scope", &scope))?,
-            kind: CredentialKind::parse(&kind).ok_or_else(|| corrupt("leases.kind", &kind))?,
-            audience: row.try_get("audience")?,
-            state: LeaseState::from_stored(&state)
-                .ok_or_else(|| corrupt("leases.state", &state))?,
-            kid: row.try_get("kid")?,
+            id: LeaseId::from_stored(self.id),
+            task_id: TaskId::from_stored(self.task_id),
+            scope: ScopeName::parse("leases.scope", &self.scope)
+                .map_err(|_| corrupt("leases.scope", &self.scope))?,
+            kind: parse_stored("leases.kind", &self.kind, CredentialKind::parse)?,
+            audience: self.audience,
+            state: parse_stored("leases.state", &self.state, LeaseState::from_stored)?,
+            kid: self.kid,
             window: LeaseWindow {
-                issued_at: millis(row, "issued_at")?,
-                expires_at: millis(row, "expires_at")?,
-                renewable_until: millis(row, "renewable_until")?,
+                issued_at: UnixMillis(self.issued_at),
+                expires_at: UnixMillis(self.expires_at),
+                renewable_until: UnixMillis(self.renewable_until),
             },
-            ended_at: optional_millis(row, "ended_at")?,
+            ended_at: self.ended_at.map(UnixMillis),
+        })
+    }
+}
+
+/// Decodes the fields of a stored task row.
+pub struct TaskColumns {
+    pub id: String,
+    pub workload_id: String,
+    pub purpose: String,
+    pub context_json: String,
+    pub state: String,
+    pub created_at: i64,
+    pub deadline: i64,
+    pub ended_at: Option<i64>,
+    pub idempotency_key: Option<String>,
+    pub request_digest: Option<String>,
+}
+
+impl TaskColumns {
+    pub fn into_record(self) -> Result<TaskRecord, Error> {
+        Ok(TaskRecord {
+            id: TaskId::from_stored(self.id),
+            workload_id: self.workload_id,
+            purpose: self.purpose,
+            context: parse_context(&self.context_json)?,
+            state: parse_stored("tasks.state", &self.state, TaskState::from_stored)?,
+            created_at: UnixMillis(self.created_at),
+            deadline: UnixMillis(self.deadline),
+            ended_at: self.ended_at.map(UnixMillis),
+            idempotency_key: self.idempotency_key,
+            request_digest: self.request_digest,
+        })
+    }
+}
+
+/// Decodes the fields of a stored workload row.
+pub struct WorkloadColumns {
+    pub id: String,
+    pub name: String,
+    pub spiffe_id: String,
+    pub roles: String,
+    pub created_at: i64,
+}
+
+impl WorkloadColumns {
+    pub fn into_record(self) -> Result<WorkloadRecord, Error> {
+        Ok(WorkloadRecord {
+            id: self.id,
+            name: WorkloadName::parse("workloads.name", &self.name)
+                .map_err(|_| corrupt("workloads.name", &self.name))?,
+            spiffe_id: SpiffeId::from_stored(self.spiffe_id),
+            roles: parse_roles(&self.roles)?,
+            created_at: UnixMillis(self.created_at),
+        })
+    }
+}
+
+/// Decodes the fields of a stored signing key row.
+pub struct KeyColumns {
+    pub kid: String,
+    pub algorithm: String,
+    pub public_key: Vec<u8>,
+    pub sealed_private_key: Vec<u8>,
+    pub created_at: i64,
+    pub retired_at: Option<i64>,
+    pub publish_until: Option<i64>,
+}
+
+impl KeyColumns {
+    pub fn into_record(self) -> Result<StoredSigningKey, Error> {
+        Ok(StoredSigningKey {
+            algorithm: parse_stored(
+                "signing_keys.algorithm",
+                &self.algorithm,
+                KeyAlgorithm::from_jws_name,
+            )?,
+            kid: self.kid,
+            public_key: self.public_key,
+            sealed_private_key: self.sealed_private_key,
+            created_at: UnixMillis(self.created_at),
+            retired_at: self.retired_at.map(UnixMillis),
+            publish_until: self.publish_until.map(UnixMillis),
+        })
+    }
+}
+
+/// Decodes the fields of a stored feed row.
+pub struct FeedColumns {
+    pub lease_id: Option<String>,
+    pub task_id: String,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    pub reason: String,
+    pub not_after: i64,
+    pub occurred_at: i64,
+}
+
+impl FeedColumns {
+    pub fn into_event(self) -> Result<FeedEvent, Error> {
+        Ok(FeedEvent {
+            lease_id: self.lease_id,
+            task_id: self.task_id,
+            scope: self.scope,
+            audience: self.audience,
+            reason: parse_stored(
+                "revocation_feed.reason",
+                &self.reason,
+                RevocationReason::from_stored,
+            )?,
+            not_after: UnixMillis(self.not_after),
+            occurred_at: UnixMillis(self.occurred_at),
         })
     }
 }

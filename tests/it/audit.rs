@@ -313,10 +313,22 @@ async fn tamper_and_verify(backend: Backend, tamper: &str) -> proto::VerifyAudit
     verify(&app).await
 }
 
+/// SQL naming the audit event at chain position `seq`: SQLite keeps the position in the event's
+/// row, PostgreSQL in the chain table beside the events.
+fn event_at(backend: Backend, seq: i64) -> String {
+    match backend {
+        Backend::Sqlite => format!("seq = {seq}"),
+        Backend::Postgres => format!("id = (SELECT event_id FROM audit_chain WHERE seq = {seq})"),
+    }
+}
+
 async fn verify_names_an_altered_event(backend: Backend) {
     let report = tamper_and_verify(
         backend,
-        r#"UPDATE audit_events SET detail_json = '{"reason":"nothing to see"}' WHERE seq = 5"#,
+        &format!(
+            r#"UPDATE audit_events SET detail_json = '{{"reason":"nothing to see"}}' WHERE {}"#,
+            event_at(backend, 5)
+        ),
     )
     .await;
     assert!(!report.intact);
@@ -326,16 +338,26 @@ async fn verify_names_an_altered_event(backend: Backend) {
 }
 
 async fn verify_names_a_removed_event(backend: Backend) {
-    let report = tamper_and_verify(backend, "DELETE FROM audit_events WHERE seq = 6").await;
+    let report = tamper_and_verify(
+        backend,
+        &format!("DELETE FROM audit_events WHERE {}", event_at(backend, 6)),
+    )
+    .await;
     assert!(!report.intact);
     assert_eq!(report.problem_seq, 6);
     assert!(report.problem.contains("missing"), "{}", report.problem);
 }
 
 async fn verify_names_reordered_events(backend: Backend) {
-    let swap = "UPDATE audit_events SET seq = -1 WHERE seq = 4; UPDATE audit_events SET seq = 4 WHERE seq = 7; \
-                UPDATE audit_events SET seq = 7 WHERE seq = -1";
-    let report = tamper_and_verify(backend, swap).await;
+    let table = match backend {
+        Backend::Sqlite => "audit_events",
+        Backend::Postgres => "audit_chain",
+    };
+    let swap = format!(
+        "UPDATE {table} SET seq = -1 WHERE seq = 4; UPDATE {table} SET seq = 4 WHERE seq = 7; \
+         UPDATE {table} SET seq = 7 WHERE seq = -1"
+    );
+    let report = tamper_and_verify(backend, &swap).await;
     assert!(!report.intact);
     assert_eq!(report.problem_seq, 4);
     assert!(
@@ -346,7 +368,14 @@ async fn verify_names_reordered_events(backend: Backend) {
 }
 
 async fn verify_detects_a_truncated_trail(backend: Backend) {
-    let report = tamper_and_verify(backend, "DELETE FROM audit_events WHERE seq > 3").await;
+    let truncate = match backend {
+        Backend::Sqlite => "DELETE FROM audit_events WHERE seq > 3",
+        Backend::Postgres => {
+            "DELETE FROM audit_events WHERE id IN (SELECT event_id FROM audit_chain WHERE seq > 3); \
+             DELETE FROM audit_chain WHERE seq > 3"
+        }
+    };
+    let report = tamper_and_verify(backend, truncate).await;
     assert!(!report.intact);
     assert!(report.problem.contains("truncated"), "{}", report.problem);
     assert_eq!(report.events_checked, 3);
@@ -394,10 +423,21 @@ async fn verify_detects_a_rewritten_chain_through_the_signed_checkpoint(backend:
         let occurred = event.occurred_at.unwrap();
         rewritten.occurred_at = occurred.seconds * 1000 + i64::from(occurred.nanos / 1_000_000);
         rewritten.hash = event_hash(&rewritten);
-        statements.push(format!(
-            "UPDATE audit_events SET detail_json = '{}', prev_hash = '{}', hash = '{}' WHERE seq = {}",
-            rewritten.detail_json, rewritten.prev_hash, rewritten.hash, rewritten.seq
-        ));
+        statements.push(match backend {
+            Backend::Sqlite => format!(
+                "UPDATE audit_events SET detail_json = '{}', prev_hash = '{}', hash = '{}' WHERE seq = {}",
+                rewritten.detail_json, rewritten.prev_hash, rewritten.hash, rewritten.seq
+            ),
+            Backend::Postgres => format!(
+                "UPDATE audit_events SET detail_json = '{}' WHERE {}; \
+                 UPDATE audit_chain SET prev_hash = '{}', hash = '{}' WHERE seq = {}",
+                rewritten.detail_json,
+                event_at(backend, rewritten.seq),
+                rewritten.prev_hash,
+                rewritten.hash,
+                rewritten.seq
+            ),
+        });
         previous = rewritten.hash;
     }
     statements.push(format!(

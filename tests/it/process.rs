@@ -562,24 +562,17 @@ async fn secrets_never_reach_the_audit_trail_or_the_logs() {
         .unwrap();
     assert_eq!(code, 0);
 
-    let database = format!(
-        "sqlite://{}",
-        dir.path().join("warrant-data/warrant.db").display()
-    );
-    sqlx::any::install_default_drivers();
-    let mut connection = <sqlx::AnyConnection as sqlx::Connection>::connect(&database)
-        .await
-        .unwrap();
-    let rows = sqlx::query(
-        "SELECT id || event_type || outcome || actor || COALESCE(workload, '') || COALESCE(task_id, '') || \
-         COALESCE(scope, '') || COALESCE(lease_id, '') || detail_json || COALESCE(context_json, '') AS text FROM audit_events",
-    )
-    .fetch_all(&mut connection)
-    .await
-    .unwrap();
-    let trail: String = rows
-        .iter()
-        .map(|row| sqlx::Row::get::<String, _>(row, "text"))
+    let connection =
+        rusqlite::Connection::open(dir.path().join("warrant-data/warrant.db")).unwrap();
+    let trail: String = connection
+        .prepare(
+            "SELECT id || event_type || outcome || actor || COALESCE(workload, '') || COALESCE(task_id, '') || \
+             COALESCE(scope, '') || COALESCE(lease_id, '') || detail_json || COALESCE(context_json, '') FROM audit_events",
+        )
+        .unwrap()
+        .query_map([], |row| row.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
         .collect();
 
     assert!(
@@ -681,23 +674,15 @@ async fn credentials_received_before_sigkill_are_stored_and_revocable_after_rest
             token: token.clone(),
             audience: audience.into(),
         };
-        let lease_rows = {
-            sqlx::any::install_default_drivers();
-            let url = format!(
-                "sqlite://{}",
-                dir.path().join("warrant-data/warrant.db").display()
-            );
-            let mut connection = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
-                .await
+        let lease_rows: i64 =
+            rusqlite::Connection::open(dir.path().join("warrant-data/warrant.db"))
+                .unwrap()
+                .query_row(
+                    "SELECT COUNT(*) FROM leases WHERE id = ?1 AND state = 'issued'",
+                    [&task.leases[0].lease_id],
+                    |row| row.get(0),
+                )
                 .unwrap();
-            let row =
-                sqlx::query("SELECT COUNT(*) AS n FROM leases WHERE id = $1 AND state = 'issued'")
-                    .bind(&task.leases[0].lease_id)
-                    .fetch_one(&mut connection)
-                    .await
-                    .unwrap();
-            sqlx::Row::get::<i64, _>(&row, "n")
-        };
         assert_eq!(lease_rows, 1, "lease lost by the crash");
         assert!(
             tokens

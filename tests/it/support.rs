@@ -116,7 +116,7 @@ async fn fresh_postgres_database() -> String {
         "warrant_it_{}",
         warrant::domain::ids::hex(&warrant::issuer::random::bytes::<8>())
     );
-    sqlx::query(&format!("CREATE DATABASE {name}"))
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut admin)
         .await
         .expect("create test database");
@@ -345,27 +345,48 @@ pub fn header_of(token: &str) -> serde_json::Value {
 
 /// Counts rows in the broker's database directly, to check that refused calls stored nothing.
 pub async fn count_rows(data: &TestData, table: &str) -> i64 {
-    sqlx::any::install_default_drivers();
-    let mut connection = sqlx::AnyConnection::connect(&data.database_url)
+    let sql = format!("SELECT COUNT(*) FROM {table}");
+    if data.database_url.starts_with("sqlite:") {
+        let connection = sqlite_connection(data);
+        return connection
+            .query_row(&sql, [], |row| row.get(0))
+            .unwrap_or_else(|error| panic!("{sql}: {error}"));
+    }
+    let mut connection = sqlx::PgConnection::connect(&data.database_url)
         .await
         .expect("open test database");
-    let row = sqlx::query(&format!("SELECT COUNT(*) AS n FROM {table}"))
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .fetch_one(&mut connection)
         .await
         .unwrap();
-    sqlx::Row::get::<i64, _>(&row, "n")
+    sqlx::Row::get::<i64, _>(&row, 0)
 }
 
 /// Runs `sql` against the broker's database directly (to tamper with it, or break it).
 pub async fn execute_sql(data: &TestData, sql: &str) {
-    sqlx::any::install_default_drivers();
-    let mut connection = sqlx::AnyConnection::connect(&data.database_url)
+    if data.database_url.starts_with("sqlite:") {
+        sqlite_connection(data)
+            .execute_batch(sql)
+            .unwrap_or_else(|error| panic!("{sql}: {error}"));
+        return;
+    }
+    let mut connection = sqlx::PgConnection::connect(&data.database_url)
         .await
         .expect("open test database");
-    sqlx::raw_sql(sql)
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
         .execute(&mut connection)
         .await
         .unwrap_or_else(|error| panic!("{sql}: {error}"));
+}
+
+/// A direct connection to a test broker's SQLite file, beside the broker's own.
+fn sqlite_connection(data: &TestData) -> rusqlite::Connection {
+    let path = data.path().join("warrant.db");
+    let connection = rusqlite::Connection::open(&path).expect("open test database");
+    connection
+        .busy_timeout(Duration::from_secs(5))
+        .expect("busy timeout");
+    connection
 }
 
 /// The path of the `warrant` binary built for these tests.

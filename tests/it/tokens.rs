@@ -273,9 +273,16 @@ async fn revocations_stream_from_a_cursor_and_resume_after_reconnect(backend: Ba
         .iter()
         .find(|e| e.lease_id.is_empty())
         .expect("a task-level event");
+    let latest_lease_expiry = task
+        .leases
+        .iter()
+        .map(|lease| lease.expires_at.unwrap().seconds)
+        .max()
+        .unwrap();
     assert_eq!(
         task_event.not_after.unwrap().seconds,
-        task.deadline.unwrap().seconds
+        latest_lease_expiry,
+        "a task event lasts as long as the task's last token"
     );
     let cursor = events.last().unwrap().cursor;
     drop(stream);

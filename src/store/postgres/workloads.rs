@@ -1,0 +1,99 @@
+//! Workloads and their bearer credentials on PostgreSQL.
+
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgPool, Row};
+
+use super::audit;
+use crate::audit::AuditEvent;
+use crate::error::{Error, Result};
+use crate::issuer::credential::StoredCredential;
+use crate::store::records::{WorkloadColumns, WorkloadRecord, roles_text};
+
+/// The workload columns, in the order [`workload_columns`] decodes them.
+macro_rules! workload_columns {
+    () => {
+        "w.id, w.name, w.spiffe_id, w.roles, w.created_at"
+    };
+}
+
+pub async fn create(
+    connection: &mut PgConnection,
+    workload: &WorkloadRecord,
+    credential: &StoredCredential,
+    events: &[AuditEvent],
+) -> Result<()> {
+    let inserted = sqlx::query(
+        "INSERT INTO workloads (id, name, spiffe_id, roles, created_at) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&workload.id)
+    .bind(workload.name.as_str())
+    .bind(workload.spiffe_id.as_str())
+    .bind(roles_text(&workload.roles))
+    .bind(workload.created_at.0)
+    .execute(&mut *connection)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(Error::AlreadyExists(format!(
+            "name: workload '{}' already exists",
+            workload.name
+        )));
+    }
+    sqlx::query(
+        "INSERT INTO workload_credentials (id, workload_id, secret_sha256, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&credential.id)
+    .bind(&workload.id)
+    .bind(&credential.secret_sha256)
+    .bind(workload.created_at.0)
+    .execute(&mut *connection)
+    .await?;
+    audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await
+}
+
+pub async fn has_any(pool: &PgPool) -> Result<bool> {
+    Ok(sqlx::query("SELECT EXISTS (SELECT 1 FROM workloads)")
+        .fetch_one(pool)
+        .await?
+        .try_get(0)?)
+}
+
+pub async fn find_credential(
+    pool: &PgPool,
+    credential_id: &str,
+) -> Result<Option<(Vec<u8>, WorkloadRecord)>> {
+    sqlx::query(concat!(
+        "SELECT ",
+        workload_columns!(),
+        ", c.secret_sha256 FROM workload_credentials c \
+         JOIN workloads w ON w.id = c.workload_id WHERE c.id = $1 AND c.revoked_at IS NULL"
+    ))
+    .bind(credential_id)
+    .fetch_optional(pool)
+    .await?
+    .map(|row| Ok((row.try_get(5)?, workload_columns(&row)?.into_record()?)))
+    .transpose()
+}
+
+pub async fn list(pool: &PgPool) -> Result<Vec<WorkloadRecord>> {
+    sqlx::query(concat!(
+        "SELECT ",
+        workload_columns!(),
+        " FROM workloads w ORDER BY w.name"
+    ))
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(|row| workload_columns(row)?.into_record())
+    .collect()
+}
+
+fn workload_columns(row: &PgRow) -> Result<WorkloadColumns> {
+    Ok(WorkloadColumns {
+        id: row.try_get(0)?,
+        name: row.try_get(1)?,
+        spiffe_id: row.try_get(2)?,
+        roles: row.try_get(3)?,
+        created_at: row.try_get(4)?,
+    })
+}

@@ -1,0 +1,451 @@
+//! The SQLite backend: one file, one broker, on rusqlite.
+//!
+//! - Writes go to the writer thread ([`writer`]), which applies each group-commit batch in one
+//!   transaction and is the only connection that writes.
+//! - Reads run on pooled read connections directly on the calling thread ([`readers`]); WAL
+//!   mode lets them run beside the writer.
+//! - The process holds an exclusive lock on `<database>.lock` while the store is open: the
+//!   in-memory revocation state is exact only if this process makes every change, so a second
+//!   broker on the same file (a careless rolling restart) is refused.
+
+mod audit;
+mod connection;
+mod feed;
+mod jobs;
+mod keys;
+mod readers;
+mod schema;
+mod tasks;
+mod workloads;
+mod writer;
+
+use std::fs::File;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use self::connection::{DatabaseFile, Role};
+use self::readers::Readers;
+use self::writer::{AfterCommit, Writer};
+use super::records::{
+    AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedPage,
+    LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, StoredSigningKey, TaskRecord,
+    WorkloadRecord,
+};
+use super::{
+    Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
+    StoreSettings,
+};
+use crate::audit::{AuditEvent, REAPER};
+use crate::domain::{LeaseId, TaskId, UnixMillis};
+use crate::error::{Error, Result};
+use crate::issuer::KeyAlgorithm;
+use crate::issuer::credential::StoredCredential;
+
+/// Read connections per store.
+const READERS: usize = 4;
+
+/// A broker's SQLite database.
+pub struct SqliteStore {
+    writer: Writer,
+    readers: Arc<Readers>,
+    revocations: Arc<RevocationState>,
+    changes: Arc<Changes>,
+    /// Held (locked) for as long as the store is open.
+    _lock: File,
+}
+
+impl SqliteStore {
+    /// Opens the database named by a `sqlite://PATH[?mode=rwc]` URL, applies migrations and
+    /// loads the endings introspection must know.
+    pub async fn open(url: &str, settings: StoreSettings) -> Result<Self, StoreError> {
+        let file = DatabaseFile::from_url(url)?;
+        tokio::task::spawn_blocking(move || Self::open_blocking(&file, settings))
+            .await
+            .map_err(|error| StoreError::Open(error.to_string()))?
+    }
+
+    fn open_blocking(file: &DatabaseFile, settings: StoreSettings) -> Result<Self, StoreError> {
+        if !file.create && !file.path.is_file() {
+            return Err(StoreError::Open(format!(
+                "{}: no such database (add ?mode=rwc to the URL to create it)",
+                file.path.display()
+            )));
+        }
+        let lock = lock(file)?;
+        let failed = |error: Error| StoreError::Open(error.to_string());
+        let mut connection = connection::open(file, Role::Writer)?;
+        schema::migrate(&mut connection)?;
+        let sealed = audit::seal_leftovers(&mut connection).map_err(failed)?;
+        if sealed > 0 {
+            tracing::info!(
+                events = sealed,
+                "chained audit events left unsealed by an earlier version"
+            );
+        }
+        let head = audit::read_head(&connection).map_err(failed)?;
+        let revocations = Arc::new(RevocationState::own_writes_only());
+        revocations.record(&feed::unexpired(&connection, UnixMillis::now()).map_err(failed)?);
+        let changes = Arc::new(Changes::default());
+        let readers = Arc::new(Readers::open(file, READERS)?);
+        let after_commit = AfterCommit {
+            revocations: revocations.clone(),
+            changes: changes.clone(),
+        };
+        let writer = Writer::start(
+            connection,
+            head,
+            after_commit,
+            settings.write_queue,
+            settings.write_timeout,
+        )
+        .map_err(|error| StoreError::Open(format!("cannot start the writer thread: {error}")))?;
+        Ok(SqliteStore {
+            writer,
+            readers,
+            revocations,
+            changes,
+            _lock: lock,
+        })
+    }
+}
+
+/// A connection to the database at a `sqlite://` URL with the store's own settings (WAL,
+/// `synchronous = FULL`), for tools beside the broker: the load generator's raw-commit
+/// reference and its bulk preload.
+pub fn tool_connection(url: &str) -> Result<rusqlite::Connection, StoreError> {
+    connection::open(&DatabaseFile::from_url(url)?, Role::Writer)
+}
+
+/// Takes the exclusive lock on the database's lock file, or says who holds it.
+fn lock(file: &DatabaseFile) -> Result<File, StoreError> {
+    let path = file.lock_path();
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|error| StoreError::Open(format!("{}: {error}", path.display())))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(StoreError::InUse(file.path.display().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(StoreError::Open(format!("{}: {error}", path.display())))
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> bool {
+        self.readers
+            .read(|connection| Ok(connection.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
+            .is_ok()
+    }
+
+    async fn close(&self) {
+        self.writer.stop().await;
+        self.readers.close();
+    }
+
+    fn changes(&self) -> &Changes {
+        &self.changes
+    }
+
+    fn revocations(&self) -> &RevocationState {
+        &self.revocations
+    }
+
+    async fn find_task(&self, id: &TaskId, workload_id: &str) -> Result<Option<TaskRecord>> {
+        self.readers
+            .read(|connection| tasks::find_task(connection, id, workload_id))
+            .await
+    }
+
+    async fn find_task_by_idempotency_key(
+        &self,
+        workload_id: &str,
+        key: &str,
+    ) -> Result<Option<TaskRecord>> {
+        self.readers
+            .read(|connection| tasks::find_task_by_idempotency_key(connection, workload_id, key))
+            .await
+    }
+
+    async fn leases_of_task(&self, id: &TaskId) -> Result<Vec<LeaseRecord>> {
+        self.readers
+            .read(|connection| tasks::leases_of_task(connection, id))
+            .await
+    }
+
+    async fn find_lease(&self, id: &LeaseId, workload_id: &str) -> Result<Option<LeaseRecord>> {
+        self.readers
+            .read(|connection| tasks::find_lease(connection, id, workload_id))
+            .await
+    }
+
+    async fn insert_task(
+        &self,
+        task: TaskRecord,
+        leases: Vec<LeaseRecord>,
+        events: Vec<AuditEvent>,
+    ) -> Result<bool> {
+        self.writer
+            .run(move |write| tasks::insert_task(write, &task, &leases, &events))
+            .await
+    }
+
+    async fn add_lease(
+        &self,
+        workload_id: &str,
+        lease: LeaseRecord,
+        now: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<NewLeaseOutcome> {
+        let workload_id = workload_id.to_owned();
+        self.writer
+            .run(move |write| tasks::add_lease(write, &workload_id, &lease, now, &events))
+            .await
+    }
+
+    async fn renew_lease(
+        &self,
+        renewal: Renewal,
+        events: Vec<AuditEvent>,
+    ) -> Result<RenewalOutcome> {
+        self.writer
+            .run(move |write| tasks::renew(write, &renewal, &events))
+            .await
+    }
+
+    async fn complete_task(
+        &self,
+        id: &TaskId,
+        workload_id: &str,
+        now: UnixMillis,
+        actor: &str,
+    ) -> Result<CompletionOutcome> {
+        let (task, workload, actor) = (id.clone(), workload_id.to_owned(), actor.to_owned());
+        let completed = self
+            .writer
+            .run(move |write| tasks::complete(write, &task, &workload, now, &actor))
+            .await?;
+        Ok(match completed {
+            Some(revoked) => CompletionOutcome::Completed {
+                revoked,
+                ended_at: now,
+            },
+            None => match self.find_task(id, workload_id).await? {
+                Some(task) => CompletionOutcome::AlreadyEnded(task),
+                None => CompletionOutcome::NotFound,
+            },
+        })
+    }
+
+    async fn revoke_task(
+        &self,
+        id: &TaskId,
+        now: UnixMillis,
+        actor: &str,
+        events: Vec<AuditEvent>,
+    ) -> Result<Option<Vec<EndedLease>>> {
+        let (task, actor) = (id.clone(), actor.to_owned());
+        self.writer
+            .run(move |write| tasks::revoke_task(write, &task, now, &actor, &events))
+            .await
+    }
+
+    async fn revoke_lease(
+        &self,
+        id: &LeaseId,
+        now: UnixMillis,
+        actor: &str,
+        events: Vec<AuditEvent>,
+    ) -> Result<Option<EndedLease>> {
+        let (lease, actor) = (id.clone(), actor.to_owned());
+        self.writer
+            .run(move |write| tasks::revoke_lease(write, &lease, now, &actor, &events))
+            .await
+    }
+
+    async fn expire_due(&self, now: UnixMillis, batch: usize) -> Result<ExpiryReport> {
+        self.writer
+            .run(move |write| tasks::expire_due(write, now, batch, REAPER))
+            .await
+    }
+
+    async fn is_lease_live(
+        &self,
+        lease: &LeaseId,
+        task: &TaskId,
+        _now: UnixMillis,
+    ) -> Result<bool> {
+        // This process makes every change to the file (the lock file sees to that), so the
+        // revocation state is always current.
+        Ok(!self.revocations.has_ended(lease, task))
+    }
+
+    async fn feed_after(&self, cursor: u64, limit: usize) -> Result<FeedPage> {
+        self.readers
+            .read_long(move |connection| feed::after(connection, cursor, limit))
+            .await
+    }
+
+    async fn feed_head(&self) -> Result<u64> {
+        self.readers.read(feed::head).await
+    }
+
+    async fn record_events(&self, events: Vec<AuditEvent>) -> Result<()> {
+        self.writer
+            .run(move |write| audit::insert_events(write, &events))
+            .await
+    }
+
+    async fn seal_audit_events(&self, _limit: usize) -> Result<usize> {
+        Ok(0)
+    }
+
+    async fn audit_head(&self) -> Result<(i64, String)> {
+        let head = self.readers.read(audit::read_head).await?;
+        Ok((head.seq, head.hash))
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        self.readers.read_long(audit::checkpoints).await
+    }
+
+    async fn insert_checkpoint(&self, checkpoint: Checkpoint, now: UnixMillis) -> Result<()> {
+        self.writer
+            .run(move |write| audit::insert_checkpoint(write, &checkpoint, now))
+            .await
+    }
+
+    async fn sealed_audit_events(&self, after_seq: i64, limit: usize) -> Result<Vec<AuditRecord>> {
+        self.readers
+            .read_long(move |connection| audit::sealed_events(connection, after_seq, limit))
+            .await
+    }
+
+    async fn unsealed_audit_events(&self) -> Result<i64> {
+        self.readers.read(audit::unsealed_count).await
+    }
+
+    async fn query_audit(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>> {
+        self.readers
+            .read_long(move |connection| audit::query(connection, &filter))
+            .await
+    }
+
+    async fn insert_signing_key(
+        &self,
+        key: StoredSigningKey,
+        events: Vec<AuditEvent>,
+    ) -> Result<()> {
+        self.writer
+            .run(move |write| keys::insert(write, &key, &events))
+            .await
+    }
+
+    async fn published_signing_keys(&self, now: UnixMillis) -> Result<Vec<StoredSigningKey>> {
+        self.readers
+            .read(|connection| keys::published(connection, now))
+            .await
+    }
+
+    async fn signing_public_key(&self, kid: &str) -> Result<Option<(KeyAlgorithm, Vec<u8>)>> {
+        self.readers
+            .read(|connection| keys::public_key(connection, kid))
+            .await
+    }
+
+    async fn latest_expiry_signed_by(&self, kid: &str) -> Result<Option<UnixMillis>> {
+        let kid = kid.to_owned();
+        self.readers
+            .read_long(move |connection| keys::latest_expiry_signed_by(connection, &kid))
+            .await
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        new: StoredSigningKey,
+        retired_kid: &str,
+        publish_until: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<()> {
+        let retired_kid = retired_kid.to_owned();
+        self.writer
+            .run(move |write| keys::rotate(write, &new, &retired_kid, publish_until, &events))
+            .await
+    }
+
+    async fn create_workload(
+        &self,
+        workload: WorkloadRecord,
+        credential: StoredCredential,
+        events: Vec<AuditEvent>,
+    ) -> Result<()> {
+        self.writer
+            .run(move |write| workloads::create(write, &workload, &credential, &events))
+            .await
+    }
+
+    async fn has_workloads(&self) -> Result<bool> {
+        self.readers.read(workloads::has_any).await
+    }
+
+    async fn find_credential(
+        &self,
+        credential_id: &str,
+    ) -> Result<Option<(Vec<u8>, WorkloadRecord)>> {
+        self.readers
+            .read(|connection| workloads::find_credential(connection, credential_id))
+            .await
+    }
+
+    async fn list_workloads(&self) -> Result<Vec<WorkloadRecord>> {
+        self.readers.read_long(workloads::list).await
+    }
+
+    async fn enqueue_jobs(&self, jobs: Vec<NewJob>, events: Vec<AuditEvent>) -> Result<()> {
+        self.writer
+            .run(move |write| jobs::enqueue(write, &jobs, &events))
+            .await
+    }
+
+    async fn claim_jobs(
+        &self,
+        kinds: &[String],
+        limit: usize,
+        lock_for: Duration,
+        now: UnixMillis,
+    ) -> Result<Vec<ClaimedJob>> {
+        let kinds = kinds.to_vec();
+        self.writer
+            .run(move |write| jobs::claim(write, &kinds, limit, lock_for, now))
+            .await
+    }
+
+    async fn extend_job_claim(&self, job: &ClaimedJob, until: UnixMillis) -> Result<bool> {
+        let job = job.clone();
+        self.writer
+            .run(move |write| jobs::extend(write, &job, until))
+            .await
+    }
+
+    async fn finish_job(&self, job: &ClaimedJob, outcome: JobOutcome) -> Result<bool> {
+        let job = job.clone();
+        self.writer
+            .run(move |write| jobs::finish(write, &job, &outcome))
+            .await
+    }
+
+    async fn pending_jobs(&self, limit: usize) -> Result<Vec<JobRecord>> {
+        self.readers
+            .read_long(move |connection| jobs::pending(connection, limit))
+            .await
+    }
+}

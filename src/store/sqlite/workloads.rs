@@ -1,0 +1,97 @@
+//! Workloads and their bearer credentials on SQLite.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::audit;
+use super::writer::Write;
+use crate::audit::AuditEvent;
+use crate::error::{Error, Result};
+use crate::issuer::credential::StoredCredential;
+use crate::store::Topic;
+use crate::store::records::{WorkloadColumns, WorkloadRecord, roles_text};
+
+const WORKLOAD_COLUMNS: &str = "w.id, w.name, w.spiffe_id, w.roles, w.created_at";
+
+pub fn create(
+    write: &mut Write<'_>,
+    workload: &WorkloadRecord,
+    credential: &StoredCredential,
+    events: &[AuditEvent],
+) -> Result<()> {
+    let inserted = write
+        .connection
+        .prepare_cached(
+            "INSERT INTO workloads (id, name, spiffe_id, roles, created_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![
+            workload.id,
+            workload.name.as_str(),
+            workload.spiffe_id.as_str(),
+            roles_text(&workload.roles),
+            workload.created_at.0,
+        ])?;
+    if inserted == 0 {
+        return Err(Error::AlreadyExists(format!(
+            "name: workload '{}' already exists",
+            workload.name
+        )));
+    }
+    write
+        .connection
+        .prepare_cached(
+            "INSERT INTO workload_credentials (id, workload_id, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![
+            credential.id,
+            workload.id,
+            credential.secret_sha256,
+            workload.created_at.0
+        ])?;
+    audit::insert_events(write, events)?;
+    write.topics.push(Topic::Workloads);
+    Ok(())
+}
+
+pub fn has_any(connection: &Connection) -> Result<bool> {
+    Ok(connection
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM workloads)")?
+        .query_row([], |row| row.get(0))?)
+}
+
+pub fn find_credential(
+    connection: &Connection,
+    credential_id: &str,
+) -> Result<Option<(Vec<u8>, WorkloadRecord)>> {
+    connection
+        .prepare_cached(&format!(
+            "SELECT {WORKLOAD_COLUMNS}, c.secret_sha256 FROM workload_credentials c \
+             JOIN workloads w ON w.id = c.workload_id WHERE c.id = ?1 AND c.revoked_at IS NULL"
+        ))?
+        .query_row([credential_id], |row| {
+            Ok((row.get(5)?, workload_columns(row)?))
+        })
+        .optional()?
+        .map(|(secret, columns)| Ok((secret, columns.into_record()?)))
+        .transpose()
+}
+
+pub fn list(connection: &Connection) -> Result<Vec<WorkloadRecord>> {
+    connection
+        .prepare_cached(&format!(
+            "SELECT {WORKLOAD_COLUMNS} FROM workloads w ORDER BY w.name"
+        ))?
+        .query_map([], workload_columns)?
+        .map(|columns| columns?.into_record())
+        .collect()
+}
+
+fn workload_columns(row: &Row<'_>) -> rusqlite::Result<WorkloadColumns> {
+    Ok(WorkloadColumns {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        spiffe_id: row.get(2)?,
+        roles: row.get(3)?,
+        created_at: row.get(4)?,
+    })
+}
