@@ -10,8 +10,8 @@
 //!
 //! The contract is a trait object (`Arc<dyn Store>`) rather than an enum or a generic parameter:
 //! the broker, the gRPC layer and the background tasks are written once against it, without a
-//! type parameter threading through every module, and the conformance suite (`conformance`) runs
-//! the same tests on each implementation. The cost, one boxed future per operation, is far below
+//! type parameter threading through every module, and the conformance suite
+//! (`tests/it/conformance.rs`) runs the same tests on each implementation. The cost, one boxed future per operation, is far below
 //! the cost of the operation itself.
 //!
 //! Guarantees every implementation gives (and the conformance suite checks):
@@ -34,9 +34,6 @@ pub mod postgres;
 pub mod records;
 pub mod revocations;
 pub mod sqlite;
-
-#[cfg(test)]
-mod conformance;
 
 use std::sync::Arc;
 use std::time::Duration;

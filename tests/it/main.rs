@@ -29,6 +29,7 @@ mod support;
 
 mod audit;
 mod auth;
+mod conformance;
 mod interop;
 mod lifecycle;
 mod metrics;

@@ -52,8 +52,8 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     revocations: Arc<RevocationState>,
     changes: Arc<Changes>,
-    /// Held (locked) for as long as the store is open.
-    _lock: File,
+    /// Held (locked) for as long as the store is open; released by `close`.
+    lock: std::sync::Mutex<Option<File>>,
 }
 
 impl SqliteStore {
@@ -106,7 +106,7 @@ impl SqliteStore {
             readers,
             revocations,
             changes,
-            _lock: lock,
+            lock: std::sync::Mutex::new(Some(lock)),
         })
     }
 }
@@ -150,6 +150,10 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.writer.stop().await;
         self.readers.close();
+        self.lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
     }
 
     fn changes(&self) -> &Changes {
