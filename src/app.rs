@@ -16,9 +16,10 @@ use crate::broker::{Broker, BrokerSettings};
 use crate::config::{Config, TlsIdentity};
 use crate::issuer::master_key::MasterKeyError;
 use crate::issuer::{BearerCredential, Keyring};
+use crate::jobs::Handlers;
 use crate::metrics::Metrics;
-use crate::store::{StoreError, StoreSettings};
-use crate::{audit, grpc, http, reaper};
+use crate::store::StoreError;
+use crate::{audit, grpc, http, jobs, reaper};
 
 /// How soon after commit an audit event is chained.
 const AUDIT_SEAL_INTERVAL: Duration = Duration::from_millis(200);
@@ -89,7 +90,7 @@ impl App {
             .clone()
             .unwrap_or_else(|| format!("http://{http_addr}"));
 
-        let store = crate::store::open(&config.database_url, StoreSettings::default()).await?;
+        let store = crate::store::open(&config.database_url, config.store).await?;
         let audit_key = master_key.audit_key();
         let keyring = Keyring::load(store.as_ref(), master_key, config.signing_algorithm).await?;
         let metrics = Arc::new(Metrics::new());
@@ -189,7 +190,12 @@ impl App {
             self.audit_checkpoint_interval,
             stop.clone(),
         ));
-        let reaper = tokio::spawn(reaper::run(self.broker.clone(), self.reaper_interval, stop));
+        let reaper = tokio::spawn(reaper::run(
+            self.broker.clone(),
+            self.reaper_interval,
+            stop.clone(),
+        ));
+        let job_runner = tokio::spawn(jobs::run(self.broker.store().clone(), job_handlers(), stop));
 
         shutdown.await;
         tracing::info!("shutting down: draining in-flight calls");
@@ -202,6 +208,7 @@ impl App {
             let _ = http.await;
             let _ = reaper.await;
             let _ = sealer.await;
+            let _ = job_runner.await;
             grpc_result
         })
         .await;
@@ -219,6 +226,13 @@ impl App {
             }
         }
     }
+}
+
+/// The handlers of the job kinds this broker runs from the store's durable queue. The queue
+/// carries work that must happen eventually (revoking external credentials, delivering
+/// webhooks); the features that make such work register their kinds here.
+fn job_handlers() -> Handlers {
+    Handlers::default()
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::domain::TrustDomain;
 use crate::issuer::KeyAlgorithm;
+use crate::store::StoreSettings;
 
 /// Data directory for `--dev` (files created on first start).
 pub const ENV_DATA_DIR: &str = "WARRANT_DATA_DIR";
@@ -86,6 +87,8 @@ pub struct Config {
     /// How often the audit chain head is signed.
     pub audit_checkpoint_interval: Duration,
     pub drain_timeout: Duration,
+    /// How the store paces writes (its queue bound and commit timeout).
+    pub store: StoreSettings,
 }
 
 /// A configuration error naming its field, such as `tls.cert_file`.
@@ -142,6 +145,7 @@ impl Config {
             reaper_interval: DEFAULT_REAPER_INTERVAL,
             audit_checkpoint_interval: DEFAULT_AUDIT_CHECKPOINT_INTERVAL,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            store: StoreSettings::default(),
         };
         config.apply_environment(env)?;
         Ok(config)
@@ -220,6 +224,18 @@ impl Config {
                 file.limits.drain_timeout.as_deref(),
                 DEFAULT_DRAIN_TIMEOUT,
             )?,
+            store: StoreSettings {
+                write_queue: match file.limits.write_queue {
+                    None => StoreSettings::default().write_queue,
+                    Some(0) => return Err(error("limits.write_queue", "must be at least 1")),
+                    Some(bound) => bound,
+                },
+                write_timeout: parse_duration(
+                    "limits.write_timeout",
+                    file.limits.write_timeout.as_deref(),
+                    StoreSettings::default().write_timeout,
+                )?,
+            },
         };
         config.apply_environment(env)?;
         Ok(config)
@@ -314,6 +330,8 @@ struct LimitsSection {
     reaper_interval: Option<String>,
     audit_checkpoint_interval: Option<String>,
     drain_timeout: Option<String>,
+    write_queue: Option<usize>,
+    write_timeout: Option<String>,
 }
 
 /// Creates `dir` (and parents) if missing; the directory itself is readable only by its owner,

@@ -31,6 +31,8 @@ pub mod grpc;
 pub mod http;
 /// Signing keys, the master key that seals them, and access-token minting and checking.
 pub mod issuer;
+/// Runs durable jobs from the store's queue, retrying failures with backoff.
+pub mod jobs;
 /// Prometheus metrics.
 pub mod metrics;
 /// Generated protobuf and gRPC code for `warrant.v1`.

@@ -31,6 +31,7 @@ mod audit;
 mod auth;
 mod conformance;
 mod interop;
+mod jobs;
 mod lifecycle;
 mod metrics;
 mod process;
