@@ -14,8 +14,8 @@ use warrant::proto;
 use crate::support::*;
 
 /// A `warrant serve` child process with its output captured.
-struct BrokerProcess {
-    child: Child,
+pub(crate) struct BrokerProcess {
+    pub(crate) child: Child,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
 }
@@ -35,12 +35,33 @@ impl BrokerProcess {
         args: &[&str],
         data_dir: &Path,
         log_level: &str,
+        addresses: (&str, &str),
+    ) -> BrokerProcess {
+        Self::start_in(
+            args,
+            data_dir,
+            &data_dir.join("warrant-data"),
+            log_level,
+            addresses,
+            &[],
+        )
+    }
+
+    /// Starts in `dir` with its data in `data_dir`, on fixed (gRPC, HTTP) addresses, with
+    /// `extra_env` set.
+    pub(crate) fn start_in(
+        args: &[&str],
+        dir: &Path,
+        data_dir: &Path,
+        log_level: &str,
         (grpc, http): (&str, &str),
+        extra_env: &[(&str, &str)],
     ) -> BrokerProcess {
         let mut child = Command::new(warrant_binary())
             .args(args)
-            .current_dir(data_dir)
-            .env("WARRANT_DATA_DIR", data_dir.join("warrant-data"))
+            .current_dir(dir)
+            .envs(extra_env.iter().copied())
+            .env("WARRANT_DATA_DIR", data_dir)
             .env("WARRANT_GRPC_ADDR", grpc)
             .env("WARRANT_HTTP_ADDR", http)
             .env("WARRANT_LOG_FORMAT", "json")
@@ -73,7 +94,7 @@ impl BrokerProcess {
     }
 
     /// Waits for the "serving" log line and returns (gRPC, HTTP) addresses.
-    fn wait_until_serving(&mut self) -> (SocketAddr, SocketAddr) {
+    pub(crate) fn wait_until_serving(&mut self) -> (SocketAddr, SocketAddr) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(line) = self
@@ -107,7 +128,7 @@ impl BrokerProcess {
 
     /// The admin credential the broker printed on first start. Standard output is read on its
     /// own thread, so the banner may trail the "serving" log line a little: wait up to 3 s.
-    fn admin_credential(&self) -> Option<String> {
+    pub(crate) fn admin_credential(&self) -> Option<String> {
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             let stdout = self.stdout();
@@ -715,7 +736,7 @@ async fn credentials_received_before_sigkill_are_stored_and_revocable_after_rest
 }
 
 /// A loopback address with a port that was free a moment ago.
-fn free_address() -> String {
+pub(crate) fn free_address() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().to_string()
 }
