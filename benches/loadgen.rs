@@ -198,9 +198,20 @@ fn wait_for_line<T>(lines: &std::sync::Mutex<Vec<String>>, find: impl Fn(&str) -
 impl Server {
     /// `warrant serve --dev` on a fresh data directory (and database, when `database_url`).
     fn broker(data: tempfile::TempDir, database_url: Option<&str>) -> Server {
+        Self::broker_with(data, database_url, &[])
+    }
+
+    /// [`Server::broker`] with `extra_env` set, such as a shared issuer and master key for a
+    /// second replica.
+    fn broker_with(
+        data: tempfile::TempDir,
+        database_url: Option<&str>,
+        extra_env: &[(&str, &str)],
+    ) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_warrant"));
         command
             .args(["serve", "--dev"])
+            .envs(extra_env.iter().copied())
             .env("WARRANT_DATA_DIR", data.path())
             .env("WARRANT_GRPC_ADDR", "127.0.0.1:0")
             .env("WARRANT_HTTP_ADDR", "127.0.0.1:0")
@@ -517,6 +528,7 @@ const SCENARIOS: &[&str] = &[
     "introspect",
     "verify",
     "propagation",
+    "replicas",
     "scale",
     "startup",
 ];
@@ -681,6 +693,12 @@ async fn run(options: &Options) -> Vec<Row> {
         if let (Some(base), Some(url)) = (postgres_base, database_url) {
             drop_postgres(base, url).await;
         }
+        if let Some(base) = postgres_base
+            && options.runs("replicas")
+        {
+            eprintln!("postgres: two replicas, revocation propagation");
+            rows.extend(replica_propagation(base).await);
+        }
         if options.runs("scale") {
             let scale_url = match postgres_base {
                 Some(base) => Some(fresh_postgres(base).await),
@@ -737,7 +755,23 @@ async fn broker_scenarios(
     if options.runs("issuance") {
         for &concurrency in &options.concurrency {
             eprintln!("{backend}: BeginTask K={concurrency}");
+            let before = CpuTimes::now(broker.child.id());
             let measured = drive(concurrency, duration, issuance(&agents)).await;
+            if concurrency == 64 {
+                let spent = CpuTimes::now(broker.child.id()).since(&before);
+                rows.push(Row::one_off(
+                    format!(
+                        "CPU during K=64 issuance: {:.2} of 2 cores busy; broker {:.0}%, PostgreSQL {:.0}%, \
+                         load generator and kernel {:.0}%",
+                        spent.busy_cores(measured.elapsed),
+                        spent.share(spent.broker),
+                        spent.share(spent.postgres),
+                        100.0 - spent.share(spent.broker) - spent.share(spent.postgres),
+                    ),
+                    backend,
+                    0.0,
+                ));
+            }
             let reference = if concurrency == 1 {
                 ("raw commit", commit_rate)
             } else {
@@ -924,6 +958,228 @@ async fn broker_scenarios(
         rows.extend(revocation_propagation(broker, backend, &agents[0], &agent_credential).await);
     }
     rows
+}
+
+/// CPU time spent so far, in clock ticks: by the whole machine (busy, not idle), by the broker
+/// process and by every PostgreSQL server process.
+struct CpuTimes {
+    machine: u64,
+    broker: u64,
+    postgres: u64,
+}
+
+impl CpuTimes {
+    fn now(broker_pid: u32) -> CpuTimes {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let machine = stat
+            .lines()
+            .next()
+            .map(|line| {
+                let fields: Vec<u64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|f| f.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal: everything but idle and iowait.
+                fields
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != 3 && *i != 4)
+                    .map(|(_, v)| v)
+                    .sum()
+            })
+            .unwrap_or(0);
+        let process = |pid: &str| -> Option<(String, u64)> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (name, rest) = stat.split_once(") ")?;
+            let name = name.split_once('(')?.1.to_owned();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some((
+                name,
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?,
+            ))
+        };
+        let broker = process(&broker_pid.to_string()).map_or(0, |(_, ticks)| ticks);
+        let postgres = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| process(entry.file_name().to_str()?))
+            .filter(|(name, _)| name == "postgres")
+            .map(|(_, ticks)| ticks)
+            .sum();
+        CpuTimes {
+            machine,
+            broker,
+            postgres,
+        }
+    }
+
+    fn since(&self, earlier: &CpuTimes) -> CpuTimes {
+        CpuTimes {
+            machine: self.machine.saturating_sub(earlier.machine),
+            broker: self.broker.saturating_sub(earlier.broker),
+            postgres: self.postgres.saturating_sub(earlier.postgres),
+        }
+    }
+
+    /// Percent of the machine's busy time.
+    fn share(&self, ticks: u64) -> f64 {
+        ticks as f64 * 100.0 / self.machine.max(1) as f64
+    }
+
+    /// Cores busy on average over `elapsed` (clock ticks are 1/100 s on Linux).
+    fn busy_cores(&self, elapsed: Duration) -> f64 {
+        self.machine as f64 / 100.0 / elapsed.as_secs_f64()
+    }
+}
+
+/// Two brokers sharing one PostgreSQL database (one issuer, one master key, as replicas behind
+/// a load balancer): the time from `CompleteTask` returning on the first until the second's
+/// `WatchRevocations` subscriber, and separately its introspection, know of the revocation.
+async fn replica_propagation(base: &str) -> Vec<Row> {
+    let database_url = fresh_postgres(base).await;
+    let issuer = "http://warrant-replicas.invalid";
+    let first = Server::broker_with(
+        tempfile::tempdir().expect("temporary directory"),
+        Some(&database_url),
+        &[("WARRANT_ISSUER", issuer)],
+    );
+    let master_key = std::fs::read_to_string(
+        first
+            .data
+            .as_ref()
+            .expect("broker data")
+            .path()
+            .join("master.key"),
+    )
+    .expect("master key");
+    let second = Server::broker_with(
+        tempfile::tempdir().expect("temporary directory"),
+        Some(&database_url),
+        &[
+            ("WARRANT_ISSUER", issuer),
+            ("WARRANT_MASTER_KEY", master_key.trim()),
+        ],
+    );
+    let admin_credential = first.admin_credential.clone().expect("admin credential");
+    let admin = Connection::open(&first.grpc, Some(&admin_credential), None)
+        .await
+        .expect("connect");
+    let agent_credential = admin
+        .admin()
+        .create_workload(proto::CreateWorkloadRequest {
+            name: "replica-agent".into(),
+            roles: vec![proto::Role::Agent as i32],
+        })
+        .await
+        .expect("create workload")
+        .into_inner()
+        .credential;
+    let mut tasks = Connection::open(&first.grpc, Some(&agent_credential), None)
+        .await
+        .expect("connect")
+        .tasks();
+    let other = Connection::open(&second.grpc, Some(&admin_credential), None)
+        .await
+        .expect("connect");
+    let mut stream = other
+        .tokens()
+        .watch_revocations(proto::WatchRevocationsRequest { cursor: 0 })
+        .await
+        .expect("watch")
+        .into_inner();
+    while !stream
+        .message()
+        .await
+        .expect("feed")
+        .expect("open")
+        .caught_up
+    {}
+    let (seen, mut seen_receiver) = mpsc::unbounded_channel::<(String, Instant)>();
+    tokio::spawn(async move {
+        while let Ok(Some(batch)) = stream.message().await {
+            let now = Instant::now();
+            for event in batch
+                .events
+                .into_iter()
+                .filter(|event| event.lease_id.is_empty())
+            {
+                let _ = seen.send((event.task_id, now));
+            }
+        }
+    });
+    let mut introspection = other.tokens();
+    let (mut feed_latencies, mut introspection_latencies) = (Vec::new(), Vec::new());
+    let mut early: HashMap<String, Instant> = HashMap::new();
+    let started = Instant::now();
+    for _ in 0..200 {
+        let task = tasks
+            .begin_task(begin_request(&["crm.contacts:read"], 3600))
+            .await
+            .expect("task")
+            .into_inner();
+        let request = proto::IntrospectRequest {
+            token: task.leases[0].credential.clone(),
+            audience: CRM_AUDIENCE.into(),
+        };
+        assert!(
+            introspection
+                .introspect(request.clone())
+                .await
+                .expect("introspect")
+                .into_inner()
+                .active,
+            "the other replica accepts the token before the revocation"
+        );
+        tasks
+            .complete_task(proto::CompleteTaskRequest {
+                task_id: task.task_id.clone(),
+            })
+            .await
+            .expect("complete");
+        let returned = Instant::now();
+        while introspection
+            .introspect(request.clone())
+            .await
+            .expect("introspect")
+            .into_inner()
+            .active
+        {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        introspection_latencies.push(returned.elapsed());
+        let seen_at = loop {
+            if let Some(at) = early.remove(&task.task_id) {
+                break at;
+            }
+            let (task_id, at) = seen_receiver.recv().await.expect("feed open");
+            early.insert(task_id, at);
+        };
+        feed_latencies.push(seen_at.saturating_duration_since(returned));
+    }
+    let elapsed = started.elapsed();
+    drop((first, second));
+    drop_postgres(base, &database_url).await;
+    let measurement = |latencies: Vec<Duration>| Measurement {
+        operations: latencies.len() as u64,
+        elapsed,
+        latencies,
+    };
+    vec![
+        measurement(feed_latencies).row(
+            "revocation seen by the other replica's WatchRevocations subscriber",
+            "postgres",
+            1,
+            None,
+        ),
+        measurement(introspection_latencies).row(
+            "revocation seen by the other replica's introspection",
+            "postgres",
+            1,
+            None,
+        ),
+    ]
 }
 
 /// Time from `CompleteTask` returning until a `WatchRevocations` subscriber, and separately the

@@ -203,6 +203,7 @@ impl Broker {
         }
         let now = UnixMillis::now();
         let task_id = TaskId::generate(now);
+        let context_json = request.context.to_json();
         let mut events = Vec::new();
         let mut definitions = Vec::new();
         for (index, scope) in request.scopes.iter().enumerate() {
@@ -211,7 +212,7 @@ impl Broker {
                 .authorize(caller, &format!("scopes[{index}]"), scope);
             let event = self
                 .decision_event(caller, &task_id, scope, &decision)
-                .context(&request.context);
+                .context(&context_json);
             events.push(event);
             match decision {
                 Ok(definition) => definitions.push(definition),
@@ -219,7 +220,7 @@ impl Broker {
                     let refused = AuditEvent::new("task.refused", "denied", caller.name.as_str())
                         .workload(&caller.name)
                         .task(&task_id)
-                        .context(&request.context)
+                        .context(&context_json)
                         .with("purpose", request.purpose.as_str())
                         .with("reason", refusal.to_string());
                     events.push(refused);
@@ -249,7 +250,7 @@ impl Broker {
             AuditEvent::new("task.begun", "ok", caller.name.as_str())
                 .workload(&caller.name)
                 .task(&task.id)
-                .context(&task.context)
+                .context(&context_json)
                 .with("purpose", task.purpose.as_str())
                 .with("deadline", task.deadline.0)
                 .with(
@@ -268,7 +269,7 @@ impl Broker {
             .collect();
         events.extend(leases.iter().map(|lease| {
             self.issuance_event(caller, "lease.issued", lease)
-                .context(&task.context)
+                .context(&context_json)
         }));
         let records: Vec<LeaseRecord> = leases.iter().map(|lease| lease.record.clone()).collect();
         if !self
@@ -332,7 +333,7 @@ impl Broker {
         let events = vec![
             decision_event,
             self.issuance_event(caller, "lease.issued", &lease)
-                .context(&task.context),
+                .context(&task.context.to_json()),
         ];
         match self
             .timed(

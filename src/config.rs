@@ -22,6 +22,8 @@ pub const ENV_HTTP_ADDR: &str = "WARRANT_HTTP_ADDR";
 pub const ENV_DATABASE_URL: &str = "WARRANT_DATABASE_URL";
 /// The master key itself, base64 (takes precedence over a master key file).
 pub const ENV_MASTER_KEY: &str = "WARRANT_MASTER_KEY";
+/// The token issuer (`iss`); replicas behind one address must share it.
+pub const ENV_ISSUER: &str = "WARRANT_ISSUER";
 
 const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:7400";
 const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7401";
@@ -253,6 +255,18 @@ impl Config {
         }
         if let Some(key) = env(ENV_MASTER_KEY) {
             self.master_key = MasterKeySource::Inline(key);
+        }
+        if let Some(issuer) = env(ENV_ISSUER) {
+            // Plain HTTP only for a broker that serves plaintext itself (dev).
+            let scheme_ok = issuer.starts_with("https://")
+                || (self.tls.is_none() && issuer.starts_with("http://"));
+            if !scheme_ok {
+                return Err(error(
+                    ENV_ISSUER,
+                    "must be an https:// URL (http:// only in --dev)",
+                ));
+            }
+            self.issuer = Some(issuer.trim_end_matches('/').to_owned());
         }
         if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres"))
         {

@@ -2,8 +2,6 @@
 //! sequence of stored events is checked. Pure functions, so the rules can be read and tested
 //! apart from the database.
 
-use serde_json::json;
-
 /// The `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -26,28 +24,35 @@ pub struct SealedEvent {
     pub hash: String,
 }
 
-/// SHA-256 (hex) over the event's fields and its predecessor's hash, serialized as a JSON array
-/// so that no two different events share an encoding.
+/// SHA-256 (hex) over the event's fields and its predecessor's hash, serialized as a compact
+/// JSON array so that no two different events share an encoding.
 pub fn event_hash(event: &SealedEvent) -> String {
-    let canonical = json!([
+    crate::domain::ids::hex(
+        ring::digest::digest(&ring::digest::SHA256, &canonical_form(event)).as_ref(),
+    )
+}
+
+/// The bytes an event's hash covers: `["warrant-audit-event/v1", seq, id, .., prev_hash]`,
+/// written straight from the fields (a tuple is a JSON array to serde).
+fn canonical_form(event: &SealedEvent) -> Vec<u8> {
+    let fields = (
         "warrant-audit-event/v1",
         event.seq,
-        event.id,
+        &event.id,
         event.occurred_at,
-        event.event_type,
-        event.outcome,
-        event.actor,
-        event.workload,
-        event.task_id,
-        event.scope,
-        event.lease_id,
-        event.detail_json,
-        event.context_json,
-        event.prev_hash,
-    ]);
-    crate::domain::ids::hex(
-        ring::digest::digest(&ring::digest::SHA256, canonical.to_string().as_bytes()).as_ref(),
-    )
+        &event.event_type,
+        &event.outcome,
+        &event.actor,
+        &event.workload,
+        &event.task_id,
+        &event.scope,
+        &event.lease_id,
+        &event.detail_json,
+        &event.context_json,
+        &event.prev_hash,
+    );
+    // Strings, integers and options of strings always serialize.
+    serde_json::to_vec(&fields).expect("an audit event serializes")
 }
 
 /// The bytes a checkpoint signature covers.
@@ -180,6 +185,32 @@ mod tests {
     fn first_problem(events: &[SealedEvent]) -> Option<Problem> {
         let mut walk = ChainWalk::new([]);
         events.iter().find_map(|event| walk.check(event).err())
+    }
+
+    #[test]
+    fn the_canonical_form_is_the_v1_json_array() {
+        // Chains already stored were hashed over this exact encoding; it must never change.
+        let mut event = chain(1).remove(0);
+        event.detail_json = r#"{"reason":"quote \" and \\ and \u00e9"}"#.into();
+        event.scope = Some("crm:read".into());
+        let expected = serde_json::json!([
+            "warrant-audit-event/v1",
+            event.seq,
+            event.id,
+            event.occurred_at,
+            event.event_type,
+            event.outcome,
+            event.actor,
+            event.workload,
+            event.task_id,
+            event.scope,
+            event.lease_id,
+            event.detail_json,
+            event.context_json,
+            event.prev_hash,
+        ])
+        .to_string();
+        assert_eq!(String::from_utf8(canonical_form(&event)).unwrap(), expected);
     }
 
     #[test]

@@ -14,11 +14,12 @@ pub mod sealer;
 pub mod verify;
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde_json::Value;
 
-use crate::domain::{TaskContext, UnixMillis};
+use crate::domain::UnixMillis;
 
 /// The actor name of the expiry reaper.
 pub const REAPER: &str = "warrant/reaper";
@@ -39,8 +40,9 @@ pub struct AuditEvent {
     pub scope: Option<String>,
     pub lease_id: Option<String>,
     pub detail: Value,
-    /// `None` fills in the context recorded with the task.
-    pub context: Option<TaskContext>,
+    /// The task's context as JSON ([`TaskContext::to_json`]); `None` fills in the context
+    /// recorded with the task.
+    pub context: Option<Arc<str>>,
 }
 
 impl AuditEvent {
@@ -82,8 +84,8 @@ impl AuditEvent {
         self
     }
 
-    pub fn context(mut self, context: &TaskContext) -> Self {
-        self.context = Some(context.clone());
+    pub fn context(mut self, context_json: &Arc<str>) -> Self {
+        self.context = Some(context_json.clone());
         self
     }
 

@@ -87,6 +87,15 @@ pub struct TaskContext {
 }
 
 impl TaskContext {
+    /// The context as JSON, the form the store and the audit trail keep; made once per request
+    /// and shared by every event that records it.
+    pub fn to_json(&self) -> std::sync::Arc<str> {
+        // A struct of strings, a list and a string map always serializes.
+        serde_json::to_string(self)
+            .expect("a task context serializes")
+            .into()
+    }
+
     /// Validates the context fields of a request.
     pub fn parse(
         prompt_digest: &str,

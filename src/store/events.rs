@@ -8,7 +8,6 @@ use super::records::FeedEvent;
 use crate::audit::AuditEvent;
 use crate::audit::chain::SealedEvent;
 use crate::domain::RevocationReason;
-use crate::error::{Error, Result};
 
 /// Task id -> (owner's workload name, task context as JSON), for events that name a task only.
 pub type TaskOwners = HashMap<String, (String, String)>;
@@ -24,13 +23,13 @@ pub fn tasks_needing_owner<'e>(events: impl IntoIterator<Item = &'e AuditEvent>)
 }
 
 /// The stored form of `event`, not yet sealed (`seq` 0, no hashes).
-pub fn audit_row(event: &AuditEvent, owners: &TaskOwners) -> Result<SealedEvent> {
+pub fn audit_row(event: &AuditEvent, owners: &TaskOwners) -> SealedEvent {
     let owner = event.task_id.as_ref().and_then(|task| owners.get(task));
     let context_json = match &event.context {
-        Some(context) => Some(serde_json::to_string(context).map_err(Error::internal)?),
+        Some(context) => Some(context.to_string()),
         None => owner.map(|(_, context)| context.clone()),
     };
-    Ok(SealedEvent {
+    SealedEvent {
         seq: 0,
         id: event.id.clone(),
         occurred_at: event.occurred_at.0,
@@ -48,7 +47,7 @@ pub fn audit_row(event: &AuditEvent, owners: &TaskOwners) -> Result<SealedEvent>
         context_json,
         prev_hash: String::new(),
         hash: String::new(),
-    })
+    }
 }
 
 /// The audit event that records feed event `event`, caused by `actor`.

@@ -47,6 +47,7 @@ backend_tests!(
     jobs_are_claimed_once_retried_with_backoff_and_finished_by_their_claim,
     a_job_whose_runner_died_is_taken_again_after_its_claim_lapses,
     a_stalled_database_refuses_writes_instead_of_queueing_them,
+    a_failing_write_fails_alone_and_the_writes_beside_it_commit,
 );
 
 /// A fresh store with two workloads, `agent-a` and `agent-b`.
@@ -1448,6 +1449,66 @@ async fn a_stalled_database_refuses_writes_instead_of_queueing_them(backend: Bac
         })
         .await,
         "writes succeed again once the database answers"
+    );
+}
+
+async fn a_failing_write_fails_alone_and_the_writes_beside_it_commit(backend: Backend) {
+    let fixture = Fixture::new(backend).await;
+    let (_, existing) = fixture
+        .task_with_lease(&fixture.agent_a, Duration::from_secs(60))
+        .await;
+    // A task whose lease reuses a stored lease's id: its task row inserts, then its lease
+    // violates the primary key, so the write fails half-way and must leave nothing behind.
+    let broken = task(&fixture.agent_a, Duration::from_secs(600), None);
+    let clashing = LeaseRecord {
+        task_id: broken.id.clone(),
+        ..existing.clone()
+    };
+    let tasks: Vec<(TaskRecord, LeaseRecord)> = (0..8)
+        .map(|_| {
+            let task = task(&fixture.agent_a, Duration::from_secs(600), None);
+            let lease = lease(&task, Duration::from_secs(60));
+            (task, lease)
+        })
+        .collect();
+    let events_before = count_rows(&fixture.data, "audit_events").await;
+
+    let (failed, inserted) = tokio::join!(
+        fixture.store.insert_task(
+            broken.clone(),
+            vec![clashing],
+            vec![event("task.begun", &broken)]
+        ),
+        join_all(tasks.iter().map(|(task, lease)| {
+            fixture.store.insert_task(
+                task.clone(),
+                vec![lease.clone()],
+                vec![event("task.begun", task)],
+            )
+        })),
+    );
+
+    assert!(failed.is_err(), "a clashing lease id is refused");
+    assert!(
+        fixture
+            .store
+            .find_task(&broken.id, &fixture.agent_a)
+            .await
+            .unwrap()
+            .is_none(),
+        "the failed write's task row was rolled back with it"
+    );
+    for ((task, _), outcome) in tasks.iter().zip(inserted) {
+        assert!(outcome.unwrap(), "the other writes commit");
+        assert_eq!(
+            fixture.store.leases_of_task(&task.id).await.unwrap().len(),
+            1
+        );
+    }
+    assert_eq!(
+        count_rows(&fixture.data, "audit_events").await,
+        events_before + 8,
+        "only the committed writes' events"
     );
 }
 

@@ -34,10 +34,10 @@ pub async fn insert_events(connection: &mut PgConnection, events: &[&AuditEvent]
         return Ok(());
     }
     let owners = task_owners(connection, tasks_needing_owner(events.iter().copied())).await?;
-    let rows = events
+    let rows: Vec<SealedEvent> = events
         .iter()
         .map(|event| audit_row(event, &owners))
-        .collect::<Result<Vec<_>>>()?;
+        .collect();
     let column = |pick: fn(&SealedEvent) -> String| rows.iter().map(pick).collect::<Vec<_>>();
     let optional =
         |pick: fn(&SealedEvent) -> Option<String>| rows.iter().map(pick).collect::<Vec<_>>();

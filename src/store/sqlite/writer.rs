@@ -2,11 +2,17 @@
 //!
 //! SQLite serializes writers, so the store has exactly one write connection, owned by a thread
 //! of its own. Writes are closures sent to that thread through a bounded queue. The thread takes
-//! every write waiting, applies them one after another in one transaction (each inside a
-//! savepoint, so a failing write rolls back alone), commits once, and only then records the
-//! batch's endings in the revocation state, announces its changes and answers each caller: one
-//! hand-off per batch, one disk flush per batch, statements run synchronously with cached
-//! prepared statements, and no caller is answered before its changes are durable.
+//! every write waiting, applies them one after another in one transaction, commits once, and
+//! only then records the batch's endings in the revocation state, announces its changes and
+//! answers each caller: one hand-off per batch, one disk flush per batch, statements run
+//! synchronously with cached prepared statements, and no caller is answered before its changes
+//! are durable.
+//!
+//! A write that fails must roll back alone. Savepoints would give that, but they cost every
+//! write a statement journal of the pages it touches; since a failing write is rare, a batch is
+//! first applied without them, and only if one of its writes fails is it rolled back and applied
+//! again with a savepoint around each write (writes are closures that can run twice: they decide
+//! on the same rolled-back state both times).
 //!
 //! Being the only writer, the thread also knows the audit chain's head at all times, so events
 //! are chained as they are written (see `audit::insert_events`).
@@ -38,14 +44,15 @@ pub struct Write<'c> {
 
 /// A write waiting for its batch.
 trait Job: Send {
-    /// Runs the write; whether it succeeded (its outcome is kept until the commit).
+    /// Runs the write; whether it succeeded (its outcome is kept until the commit). May run
+    /// again after its batch was rolled back.
     fn apply(&mut self, write: &mut Write<'_>) -> bool;
     /// Answers the caller once the batch's fate is known.
     fn finish(self: Box<Self>, commit: Result<(), &Error>);
 }
 
 struct TypedJob<T, F> {
-    work: Option<F>,
+    work: F,
     outcome: Option<Result<T>>,
     reply: oneshot::Sender<Result<T>>,
 }
@@ -53,13 +60,10 @@ struct TypedJob<T, F> {
 impl<T, F> Job for TypedJob<T, F>
 where
     T: Send,
-    F: FnOnce(&mut Write<'_>) -> Result<T> + Send,
+    F: FnMut(&mut Write<'_>) -> Result<T> + Send,
 {
     fn apply(&mut self, write: &mut Write<'_>) -> bool {
-        let outcome = match self.work.take() {
-            Some(work) => work(write),
-            None => Err(Error::internal("a write was applied twice")),
-        };
+        let outcome = (self.work)(write);
         let is_ok = outcome.is_ok();
         self.outcome = Some(outcome);
         is_ok
@@ -128,11 +132,11 @@ impl Writer {
     pub async fn run<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Write<'_>) -> Result<T> + Send + 'static,
+        F: FnMut(&mut Write<'_>) -> Result<T> + Send + 'static,
     {
         let (reply, outcome) = oneshot::channel();
         let job = TypedJob {
-            work: Some(work),
+            work,
             outcome: None,
             reply,
         };
@@ -237,38 +241,84 @@ fn commit_batch(
     }
 }
 
-/// Applies `batch` in one transaction, each write in its own savepoint, and commits; returns the
-/// endings and changes of the writes that succeeded.
+/// Applies `batch` in one transaction and commits; returns the endings and changes of the writes
+/// that succeeded. Without savepoints first; if a write fails, again with one around each.
 fn apply_and_commit(
     connection: &mut Connection,
     head: &mut AuditHead,
     batch: &mut [Box<dyn Job>],
 ) -> Result<(Vec<FeedEvent>, Vec<Topic>)> {
+    if let Some(applied) = apply(connection, head, batch, Isolation::Batch)? {
+        return Ok(applied);
+    }
+    apply(connection, head, batch, Isolation::EachWrite)?
+        .ok_or_else(|| Error::internal("a write failed inside its own savepoint"))
+}
+
+/// What a write that succeeded leaves for its batch.
+struct Applied {
+    head: AuditHead,
+    ended: Vec<FeedEvent>,
+    topics: Vec<Topic>,
+}
+
+/// Runs one write on `connection` from `head`; `None` when it failed.
+fn run_write(job: &mut dyn Job, connection: &Connection, head: &AuditHead) -> Option<Applied> {
+    let mut write = Write {
+        connection,
+        head: head.clone(),
+        ended: Vec::new(),
+        topics: Vec::new(),
+    };
+    job.apply(&mut write).then_some(Applied {
+        head: write.head,
+        ended: write.ended,
+        topics: write.topics,
+    })
+}
+
+/// How a batch's writes are kept apart.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isolation {
+    /// All in the one transaction: a failing write fails the batch.
+    Batch,
+    /// Each in a savepoint: a failing write rolls back alone.
+    EachWrite,
+}
+
+/// One attempt at a batch; `None` (nothing committed) when a write failed and the batch must be
+/// applied again with each write isolated.
+fn apply(
+    connection: &mut Connection,
+    head: &mut AuditHead,
+    batch: &mut [Box<dyn Job>],
+    isolation: Isolation,
+) -> Result<Option<(Vec<FeedEvent>, Vec<Topic>)>> {
     let mut transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut batch_head = head.clone();
     let (mut ended, mut topics) = (Vec::new(), Vec::new());
     for job in batch.iter_mut() {
-        let savepoint = transaction.savepoint()?;
-        let mut write = Write {
-            connection: &savepoint,
-            head: batch_head.clone(),
-            ended: Vec::new(),
-            topics: Vec::new(),
+        let applied = match isolation {
+            Isolation::Batch => run_write(job.as_mut(), &transaction, &batch_head),
+            Isolation::EachWrite => {
+                let savepoint = transaction.savepoint()?;
+                let applied = run_write(job.as_mut(), &savepoint, &batch_head);
+                match applied {
+                    Some(_) => savepoint.commit()?,
+                    None => savepoint.finish()?,
+                }
+                applied
+            }
         };
-        let is_ok = job.apply(&mut write);
-        let Write {
-            head: write_head,
-            ended: write_ended,
-            topics: write_topics,
-            ..
-        } = write;
-        if is_ok {
-            savepoint.commit()?;
-            batch_head = write_head;
-            ended.extend(write_ended);
-            topics.extend(write_topics);
-        } else {
-            savepoint.finish()?;
+        match applied {
+            Some(write) => {
+                batch_head = write.head;
+                ended.extend(write.ended);
+                topics.extend(write.topics);
+            }
+            // Dropping the transaction rolls the whole batch back.
+            None if isolation == Isolation::Batch => return Ok(None),
+            None => {}
         }
     }
     if batch_head != *head {
@@ -276,5 +326,5 @@ fn apply_and_commit(
     }
     transaction.commit()?;
     *head = batch_head;
-    Ok((ended, topics))
+    Ok(Some((ended, topics)))
 }
