@@ -1620,6 +1620,8 @@ async fn postgres_replicas_competing_for_jobs_claim_each_once() {
                     return claimed;
                 }
                 claimed.extend(batch.into_iter().map(|job| job.id));
+                // As a runner busy with its jobs would, leaving the other replica its turn.
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         })
     };
