@@ -147,47 +147,29 @@ pub async fn seal(pool: &PgPool, limit: usize) -> Result<usize> {
     if sealed.is_empty() {
         return Ok(0);
     }
-    let mut transaction = pool.begin().await?;
-    let claimed = sqlx::query(
-        "UPDATE audit_head SET last_seq = $1, last_hash = $2, last_tx = $3, last_pos = $4 \
-         WHERE id = 1 AND last_seq = $5",
+    // One statement claims the head and inserts the chain rows: a sealing holds a transaction
+    // id only while it executes, so it never holds the horizon (and the feed) back for longer.
+    let inserted = sqlx::query(
+        "WITH claimed AS (UPDATE audit_head SET last_seq = $1, last_hash = $2, last_tx = $3, last_pos = $4 \
+         WHERE id = 1 AND last_seq = $5 RETURNING id) \
+         INSERT INTO audit_chain (seq, event_id, prev_hash, hash) \
+         SELECT * FROM UNNEST($6::bigint[], $7::text[], $8::text[], $9::text[]) WHERE EXISTS (SELECT 1 FROM claimed)",
     )
     .bind(seq)
     .bind(&previous_hash)
     .bind(last_tx)
     .bind(last_pos)
     .bind(head.seq)
-    .execute(&mut *transaction)
+    .bind(sealed.iter().map(|event| event.seq).collect::<Vec<_>>())
+    .bind(sealed.iter().map(|event| event.id.clone()).collect::<Vec<_>>())
+    .bind(sealed.iter().map(|event| event.prev_hash.clone()).collect::<Vec<_>>())
+    .bind(sealed.iter().map(|event| event.hash.clone()).collect::<Vec<_>>())
+    .execute(pool)
     .await?;
-    if claimed.rows_affected() == 0 {
+    if inserted.rows_affected() == 0 {
+        // Another sealer moved the head first: nothing written, the events wait for next round.
         return Ok(0);
     }
-    sqlx::query(
-        "INSERT INTO audit_chain (seq, event_id, prev_hash, hash) \
-         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[])",
-    )
-    .bind(sealed.iter().map(|event| event.seq).collect::<Vec<_>>())
-    .bind(
-        sealed
-            .iter()
-            .map(|event| event.id.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        sealed
-            .iter()
-            .map(|event| event.prev_hash.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        sealed
-            .iter()
-            .map(|event| event.hash.clone())
-            .collect::<Vec<_>>(),
-    )
-    .execute(&mut *transaction)
-    .await?;
-    transaction.commit().await?;
     Ok(sealed.len())
 }
 
