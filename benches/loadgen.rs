@@ -29,6 +29,27 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const CRM_AUDIENCE: &str = "https://crm.example.internal";
 
+/// The scope catalog of every broker the load generator starts: the demo catalog's scopes, with
+/// lifetimes longer than a run, so that leases issued by one scenario do not all expire (and keep
+/// the reaper busy) in the middle of a later one.
+const CATALOG: &str = r#"
+[[scope]]
+name = "crm.contacts:read"
+audience = "https://crm.example.internal"
+kind = "jwt"
+default_ttl = "1h"
+max_ttl = "2h"
+workloads = ["*"]
+
+[[scope]]
+name = "tickets:write"
+audience = "https://tickets.example.internal"
+kind = "jwt"
+default_ttl = "1h"
+max_ttl = "2h"
+workloads = ["*"]
+"#;
+
 /// One measured figure, as printed and as written to JSON.
 #[derive(Serialize)]
 struct Row {
@@ -208,6 +229,10 @@ impl Server {
         database_url: Option<&str>,
         extra_env: &[(&str, &str)],
     ) -> Server {
+        let catalog = data.path().join("scopes.toml");
+        if !catalog.exists() {
+            std::fs::write(&catalog, CATALOG).expect("write the scope catalog");
+        }
         let mut command = Command::new(env!("CARGO_BIN_EXE_warrant"));
         command
             .args(["serve", "--dev"])
@@ -455,7 +480,7 @@ async fn fresh_postgres(base: &str) -> String {
         "warrant_bench_{}",
         warrant::domain::ids::hex(&warrant::issuer::random::bytes::<6>())
     );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+    sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
         .execute(&mut admin)
         .await
         .expect("create database");
@@ -477,12 +502,10 @@ async fn drop_postgres(base: &str, url: &str) {
     let mut admin = sqlx::PgConnection::connect(base)
         .await
         .expect("PostgreSQL reachable");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await
-    .expect("drop database");
+    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .expect("drop database");
 }
 
 /// Opens a one-scope task per call, spread over `agents`: the durable issuance scenario.

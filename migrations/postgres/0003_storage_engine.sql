@@ -50,7 +50,9 @@ UPDATE audit_events e SET pos = u.pos FROM (
     SELECT id, (SELECT COALESCE(MAX(seq), 0) FROM audit_events) + ROW_NUMBER() OVER (ORDER BY id) AS pos
     FROM audit_events WHERE seq IS NULL
 ) u WHERE e.id = u.id;
-CREATE SEQUENCE audit_events_pos_seq OWNED BY audit_events.pos;
+-- Positions only order the events of one transaction (transactions are ordered by tx_id), so
+-- each connection may take them from a cache of its own instead of the shared sequence page.
+CREATE SEQUENCE audit_events_pos_seq CACHE 64 OWNED BY audit_events.pos;
 SELECT setval('audit_events_pos_seq', (SELECT COALESCE(MAX(pos), 0) + 1 FROM audit_events), false);
 ALTER TABLE audit_events ALTER COLUMN pos SET DEFAULT nextval('audit_events_pos_seq');
 ALTER TABLE audit_events ALTER COLUMN pos SET NOT NULL;

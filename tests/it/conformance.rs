@@ -1540,7 +1540,7 @@ async fn stall_writes(data: &TestData) -> Box<dyn std::any::Any + Send> {
     let (release, released) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let _ = released.await;
-        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut connection).await;
+        let _ = sqlx::query("ROLLBACK").execute(&mut connection).await;
     });
     Box::new(release)
 }
@@ -1653,10 +1653,10 @@ async fn postgres_feed_holds_later_events_back_behind_a_transaction_still_runnin
         .await
         .unwrap();
     let late_task = TaskId::generate(UnixMillis::now());
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+    sqlx::raw_sql(&format!(
         "BEGIN; INSERT INTO revocation_feed (ordinal, task_id, reason, not_after, occurred_at) \
          VALUES (0, '{late_task}', 'revoked', 0, 0)"
-    )))
+    ))
     .execute(&mut late)
     .await
     .unwrap();

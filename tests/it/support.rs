@@ -117,7 +117,7 @@ async fn fresh_postgres_database() -> String {
         "warrant_it_{}",
         warrant::domain::ids::hex(&warrant::issuer::random::bytes::<8>())
     );
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+    sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut admin)
         .await
         .expect("create test database");
@@ -356,10 +356,7 @@ pub async fn count_rows(data: &TestData, table: &str) -> i64 {
     let mut connection = sqlx::PgConnection::connect(&data.database_url)
         .await
         .expect("open test database");
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .fetch_one(&mut connection)
-        .await
-        .unwrap();
+    let row = sqlx::query(&sql).fetch_one(&mut connection).await.unwrap();
     sqlx::Row::get::<i64, _>(&row, 0)
 }
 
@@ -374,7 +371,7 @@ pub async fn execute_sql(data: &TestData, sql: &str) {
     let mut connection = sqlx::PgConnection::connect(&data.database_url)
         .await
         .expect("open test database");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+    sqlx::raw_sql(sql)
         .execute(&mut connection)
         .await
         .unwrap_or_else(|error| panic!("{sql}: {error}"));
