@@ -21,6 +21,11 @@ use crate::metrics::Metrics;
 use crate::store::StoreError;
 use crate::{audit, grpc, http, jobs, reaper};
 
+/// How often the server pings an idle client connection, and how long it waits for the answer
+/// before closing it: a vanished client does not keep its streams (and their feed readers).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How soon after commit an audit event is chained.
 const AUDIT_SEAL_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -98,6 +103,7 @@ impl App {
             issuer,
             trust_domain: config.trust_domain.clone(),
             max_task_ttl: config.max_task_ttl,
+            feed_heartbeat_interval: config.feed_heartbeat_interval,
         };
         let broker = Arc::new(Broker::new(
             store, audit_key, keyring, catalog, settings, metrics,
@@ -150,7 +156,9 @@ impl App {
         let (routes, health) = grpc::routes(self.broker.clone(), stop.clone())
             .await
             .map_err(|error| StartError::Serve(error.to_string()))?;
-        let mut server = tonic::transport::Server::builder();
+        let mut server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
         let observe = grpc::ObserveLayer::new(self.broker.clone());
         if let Some(tls) = &self.tls {
             let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);

@@ -29,6 +29,9 @@ use crate::store::{
 /// The policy that decides today: the scope catalog (policy-as-code will join it).
 const CATALOG_POLICY: &str = "scope-catalog";
 
+/// The `scope` label of a refused request for a scope the catalog does not define.
+pub const UNKNOWN_SCOPE_LABEL: &str = "unknown";
+
 /// Fixed settings the broker decides with.
 #[derive(Clone, Debug)]
 pub struct BrokerSettings {
@@ -37,6 +40,8 @@ pub struct BrokerSettings {
     pub trust_domain: TrustDomain,
     /// The longest task lifetime a request may ask for.
     pub max_task_ttl: Duration,
+    /// How often an idle revocation feed subscriber receives a heartbeat.
+    pub feed_heartbeat_interval: Duration,
 }
 
 /// The broker: catalog, keys and store, shared by every request.
@@ -114,7 +119,11 @@ impl Broker {
     ) -> Self {
         Broker {
             credentials: CredentialCache::new(store.clone()),
-            feed: Feed::new(store.clone(), metrics.clone()),
+            feed: Feed::new(
+                store.clone(),
+                metrics.clone(),
+                settings.feed_heartbeat_interval,
+            ),
             store,
             audit_key,
             keyring,
@@ -151,12 +160,18 @@ impl Broker {
         self.metrics.credentials_issued.get_or_create(&labels).inc();
     }
 
+    /// Counts a refused request by scope. A scope the catalog does not define counts as
+    /// `unknown`: a label takes only catalog values, so a client inventing names cannot
+    /// create one series per name.
     fn count_denied(&self, scope: &ScopeName) {
+        let scope = if self.catalog.contains(scope) {
+            scope.to_string()
+        } else {
+            UNKNOWN_SCOPE_LABEL.to_owned()
+        };
         self.metrics
             .credentials_denied
-            .get_or_create(&ScopeLabels {
-                scope: scope.to_string(),
-            })
+            .get_or_create(&ScopeLabels { scope })
             .inc();
     }
 
@@ -378,12 +393,10 @@ impl Broker {
                 }
             )));
         }
-        let window = lease.window.renewed(now, ttl).ok_or_else(|| {
-            Error::FailedPrecondition(format!(
-                "lease_id: lease {lease_id} cannot be extended: it has reached its scope's maximum TTL or its \
-                 task's deadline"
-            ))
-        })?;
+        let window = lease
+            .window
+            .renewed(now, ttl)
+            .ok_or_else(|| not_extended(lease_id, lease.window, now, ttl))?;
         let key = self.keyring.current();
         let record = LeaseRecord {
             window,
@@ -838,6 +851,26 @@ fn ensure_task_active(task: &TaskRecord, now: UnixMillis) -> Result<()> {
     } else {
         Err(task_not_active(&task.id))
     }
+}
+
+/// Why renewing at `now` for `ttl` would not make the lease end any later. A renewal runs from
+/// now, so right after issuance the scope's default TTL does not extend the lease.
+fn not_extended(lease_id: &LeaseId, window: LeaseWindow, now: UnixMillis, ttl: Duration) -> Error {
+    if window.expires_at >= window.renewable_until {
+        return Error::FailedPrecondition(format!(
+            "lease_id: lease {lease_id} cannot be extended: it already expires at its limit, {} \
+             (its scope's max_ttl from first issuance, or its task's deadline)",
+            window.expires_at
+        ));
+    }
+    Error::FailedPrecondition(format!(
+        "ttl_seconds: a renewal runs from now, so {}s would end at {}, not after the lease's \
+         current expiry {}; ask for a longer TTL (it can run until {})",
+        ttl.as_secs(),
+        now.floor_to_second().plus(ttl),
+        window.expires_at,
+        window.renewable_until
+    ))
 }
 
 fn task_not_active(task_id: &TaskId) -> Error {

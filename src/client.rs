@@ -1,6 +1,8 @@
 //! Connecting to a broker: a channel (TLS when the address is `https://`) and clients that send
 //! the workload credential on every call. Used by the CLI, the verifier and the tests.
 
+use std::time::Duration;
+
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -9,6 +11,14 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use crate::proto::admin_client::AdminClient;
 use crate::proto::tasks_client::TasksClient;
 use crate::proto::tokens_client::TokensClient;
+
+/// How often an idle connection pings the broker, and how long it waits for the answer before
+/// it treats the connection as dead: a stopped broker or a half-open connection ends the calls
+/// on it (a revocation feed then reconnects) instead of leaving them waiting forever.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A failure to reach a broker.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +83,11 @@ impl Connection {
         ca_pem: Option<&[u8]>,
     ) -> Result<Self, ClientError> {
         let mut endpoint = Endpoint::from_shared(address.to_owned())
-            .map_err(|_| ClientError::Address(address.into()))?;
+            .map_err(|_| ClientError::Address(address.into()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         if address.starts_with("https://") {
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = ca_pem {

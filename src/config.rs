@@ -24,6 +24,8 @@ pub const ENV_DATABASE_URL: &str = "WARRANT_DATABASE_URL";
 pub const ENV_MASTER_KEY: &str = "WARRANT_MASTER_KEY";
 /// The token issuer (`iss`); replicas behind one address must share it.
 pub const ENV_ISSUER: &str = "WARRANT_ISSUER";
+/// How often an idle revocation feed subscriber receives a heartbeat (`limits.feed_heartbeat`).
+pub const ENV_FEED_HEARTBEAT: &str = "WARRANT_FEED_HEARTBEAT";
 
 const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:7400";
 const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7401";
@@ -33,6 +35,7 @@ const DEFAULT_MAX_TASK_TTL: Duration = Duration::from_secs(8 * 3600);
 const DEFAULT_REAPER_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 const DEFAULT_AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+const DEFAULT_FEED_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// Where the master key comes from. `Debug` never shows an inline key.
 #[derive(Clone)]
@@ -89,6 +92,9 @@ pub struct Config {
     /// How often the audit chain head is signed.
     pub audit_checkpoint_interval: Duration,
     pub drain_timeout: Duration,
+    /// How often an idle revocation feed subscriber receives a heartbeat; verifiers refuse
+    /// tokens after a few intervals of silence.
+    pub feed_heartbeat_interval: Duration,
     /// How the store paces writes (its queue bound and commit timeout).
     pub store: StoreSettings,
 }
@@ -147,6 +153,7 @@ impl Config {
             reaper_interval: DEFAULT_REAPER_INTERVAL,
             audit_checkpoint_interval: DEFAULT_AUDIT_CHECKPOINT_INTERVAL,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            feed_heartbeat_interval: DEFAULT_FEED_HEARTBEAT,
             store: StoreSettings::default(),
         };
         config.apply_environment(env)?;
@@ -226,6 +233,11 @@ impl Config {
                 file.limits.drain_timeout.as_deref(),
                 DEFAULT_DRAIN_TIMEOUT,
             )?,
+            feed_heartbeat_interval: parse_duration(
+                "limits.feed_heartbeat",
+                file.limits.feed_heartbeat.as_deref(),
+                DEFAULT_FEED_HEARTBEAT,
+            )?,
             store: StoreSettings {
                 write_queue: match file.limits.write_queue {
                     None => StoreSettings::default().write_queue,
@@ -255,6 +267,10 @@ impl Config {
         }
         if let Some(key) = env(ENV_MASTER_KEY) {
             self.master_key = MasterKeySource::Inline(key);
+        }
+        if let Some(interval) = env(ENV_FEED_HEARTBEAT) {
+            self.feed_heartbeat_interval =
+                parse_duration(ENV_FEED_HEARTBEAT, Some(&interval), DEFAULT_FEED_HEARTBEAT)?;
         }
         if let Some(issuer) = env(ENV_ISSUER) {
             // Plain HTTP only for a broker that serves plaintext itself (dev).
@@ -346,6 +362,7 @@ struct LimitsSection {
     drain_timeout: Option<String>,
     write_queue: Option<usize>,
     write_timeout: Option<String>,
+    feed_heartbeat: Option<String>,
 }
 
 /// Creates `dir` (and parents) if missing; the directory itself is readable only by its owner,

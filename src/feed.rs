@@ -5,9 +5,14 @@
 //! PostgreSQL the other replicas' through `LISTEN/NOTIFY`) and read the store, so the store
 //! stays the single source of truth and a slow subscriber never holds memory for others. A
 //! periodic re-read covers a notification lost while a listener reconnected.
+//!
+//! While there is nothing to deliver, a subscriber still receives a heartbeat (an empty batch
+//! with the current cursor) every heartbeat interval, each sent right after a read of the store
+//! that found nothing new. A verifier that stops hearing them knows its revocation state may be
+//! stale (a stopped broker, a half-open connection) instead of silently trusting it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
@@ -27,6 +32,7 @@ const HELD_BACK_RETRY: Duration = Duration::from_millis(2);
 pub struct Feed {
     store: SharedStore,
     metrics: Arc<Metrics>,
+    heartbeat_interval: Duration,
 }
 
 /// A page of the feed for one subscriber.
@@ -40,13 +46,23 @@ pub struct FeedBatch {
 }
 
 impl Feed {
-    pub fn new(store: SharedStore, metrics: Arc<Metrics>) -> Self {
-        Feed { store, metrics }
+    pub fn new(store: SharedStore, metrics: Arc<Metrics>, heartbeat_interval: Duration) -> Self {
+        Feed {
+            store,
+            metrics,
+            heartbeat_interval,
+        }
+    }
+
+    /// How often an idle subscriber receives a heartbeat.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval
     }
 
     /// Streams batches after `cursor` until the receiver is dropped or `shutdown` turns true.
     /// The first batch that reaches the end of what the store can vouch for has `caught_up`
-    /// set (it may be empty); later batches follow new revocations.
+    /// set (it may be empty); later batches follow new revocations, with an empty batch every
+    /// heartbeat interval while there are none.
     pub fn subscribe(
         &self,
         mut cursor: u64,
@@ -56,8 +72,10 @@ impl Feed {
         let store = self.store.clone();
         let mut changes = store.changes().subscribe(Topic::Feed);
         let metrics = self.metrics.clone();
+        let heartbeat_interval = self.heartbeat_interval;
         tokio::spawn(async move {
             let mut has_caught_up = false;
+            let mut last_sent = Instant::now();
             loop {
                 changes.mark_unchanged();
                 let page = match store.feed_after(cursor, PAGE_SIZE).await {
@@ -77,8 +95,11 @@ impl Feed {
                         metrics.feed_delivery_seconds.observe(delay);
                     }
                 }
-                let announce_catch_up = is_last_page && !page.is_held_back && !has_caught_up;
-                if !page.records.is_empty() || announce_catch_up {
+                let is_complete = is_last_page && !page.is_held_back;
+                let announce_catch_up = is_complete && !has_caught_up;
+                // A heartbeat only when the read just made vouches for everything committed.
+                let heartbeat_due = is_complete && last_sent.elapsed() >= heartbeat_interval;
+                if !page.records.is_empty() || announce_catch_up || heartbeat_due {
                     has_caught_up |= announce_catch_up;
                     let batch = FeedBatch {
                         records: page.records,
@@ -88,12 +109,13 @@ impl Feed {
                     if sender.send(Ok(batch)).await.is_err() {
                         return;
                     }
+                    last_sent = Instant::now();
                 }
                 if is_last_page {
                     let wait = if page.is_held_back {
                         HELD_BACK_RETRY
                     } else {
-                        POLL_INTERVAL
+                        POLL_INTERVAL.min(heartbeat_interval.saturating_sub(last_sent.elapsed()))
                     };
                     tokio::select! {
                         _ = changes.changed() => {}

@@ -5,6 +5,13 @@
 //! broker. It refetches the JWKS when a token names a key it does not know (a rotation), at most
 //! once per [`KEY_REFRESH_INTERVAL`], and resumes the feed from its cursor after a reconnect.
 //!
+//! It fails closed when the feed goes quiet. The broker sends a heartbeat while it has no
+//! revocations to send; once nothing has been heard for the staleness bound (by default three
+//! of the broker's heartbeat intervals), a revocation may be on its way that the verifier
+//! cannot see, so it refuses every token with [`VerifyError::Stale`], or, with
+//! [`WhenStale::Introspect`], asks the broker about each token instead. HTTP/2 keepalive on the
+//! connection turns a half-open connection into a reconnect.
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use warrant::verifier::{Verifier, VerifierConfig};
@@ -37,6 +44,22 @@ pub const KEY_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// How long [`Verifier::connect`] waits for the revocation feed to catch up.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(5);
+/// How many heartbeat intervals of silence make the revocation state stale by default.
+pub const HEARTBEATS_BEFORE_STALE: u32 = 3;
+/// The heartbeat interval assumed until the broker announces its own (and for a broker that
+/// announces none): the broker's default.
+const ASSUMED_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What [`Verifier::verify`] does with a token while the revocation feed is stale.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WhenStale {
+    /// Refuse every token with [`VerifyError::Stale`] (fail closed).
+    #[default]
+    Refuse,
+    /// Ask the broker (`Tokens.Introspect`, which needs a credential allowed to introspect this
+    /// audience); refuse with [`VerifyError::Stale`] if it cannot answer either.
+    Introspect,
+}
 
 /// How to reach the broker and what tokens must match. `Debug` never shows the credential.
 #[derive(Clone)]
@@ -53,6 +76,11 @@ pub struct VerifierConfig {
     pub leeway: Duration,
     /// CA certificate (PEM) of an `https://` broker.
     pub ca_pem: Option<Vec<u8>>,
+    /// How long the feed may stay silent before the revocation state counts as stale; `None`
+    /// takes [`HEARTBEATS_BEFORE_STALE`] of the broker's heartbeat intervals.
+    pub staleness_bound: Option<Duration>,
+    /// What to do with tokens while the revocation state is stale.
+    pub when_stale: WhenStale,
 }
 
 impl VerifierConfig {
@@ -68,6 +96,8 @@ impl VerifierConfig {
             issuer: None,
             leeway: Duration::from_secs(5),
             ca_pem: None,
+            staleness_bound: None,
+            when_stale: WhenStale::Refuse,
         }
     }
 }
@@ -80,6 +110,8 @@ impl std::fmt::Debug for VerifierConfig {
             .field("credential", &"[redacted]")
             .field("issuer", &self.issuer)
             .field("leeway", &self.leeway)
+            .field("staleness_bound", &self.staleness_bound)
+            .field("when_stale", &self.when_stale)
             .finish()
     }
 }
@@ -89,8 +121,16 @@ impl std::fmt::Debug for VerifierConfig {
 pub enum VerifyError {
     #[error("invalid token: {0}")]
     Invalid(#[from] TokenError),
+    /// Revoked, as the feed reported, or inactive, as the broker answered when asked.
     #[error("token revoked")]
     Revoked,
+    /// Nothing was heard from the revocation feed for longer than the staleness bound, so a
+    /// revocation may have been missed; the token itself was otherwise valid.
+    #[error(
+        "cannot check revocation: no word from the broker's revocation feed for {}s",
+        silent_for.as_secs()
+    )]
+    Stale { silent_for: Duration },
 }
 
 /// Why a verifier could not start.
@@ -105,12 +145,29 @@ pub enum VerifierError {
 }
 
 /// Revocations known from the feed, each kept until the tokens concerned expire anyway.
-#[derive(Default)]
 struct Revocations {
     leases: HashMap<String, UnixMillis>,
     tasks: HashMap<String, UnixMillis>,
     cursor: u64,
     caught_up: bool,
+    /// When the last message arrived that left this state complete: a caught-up batch of the
+    /// current subscription, not a page of a backlog still being replayed.
+    last_vouched: Instant,
+    /// The broker's heartbeat interval, as it last announced it.
+    heartbeat_interval: Duration,
+}
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Revocations {
+            leases: HashMap::new(),
+            tasks: HashMap::new(),
+            cursor: 0,
+            caught_up: false,
+            last_vouched: Instant::now(),
+            heartbeat_interval: ASSUMED_HEARTBEAT_INTERVAL,
+        }
+    }
 }
 
 struct Shared {
@@ -122,6 +179,8 @@ struct Shared {
     last_key_refresh: Mutex<Option<Instant>>,
     connection: Connection,
     fixed_issuer: bool,
+    staleness_bound: Option<Duration>,
+    when_stale: WhenStale,
 }
 
 /// Validates Warrant tokens offline. Stops following the feed when dropped.
@@ -154,6 +213,8 @@ impl Verifier {
             revocations: RwLock::new(Revocations::default()),
             last_key_refresh: Mutex::new(None),
             connection,
+            staleness_bound: config.staleness_bound,
+            when_stale: config.when_stale,
         });
         shared.refresh_keys().await?;
         let follower = tokio::spawn(follow_feed(shared.clone())).abort_handle();
@@ -169,9 +230,10 @@ impl Verifier {
     }
 
     /// Checks `token` with the cached keys and revocations, refetching the keys once if the
-    /// token names an unknown key.
+    /// token names an unknown key. While the feed is stale, asks the broker instead if so
+    /// configured ([`WhenStale::Introspect`]).
     pub async fn verify(&self, token: &str) -> Result<AccessTokenClaims, VerifyError> {
-        match self.verify_cached(token) {
+        let outcome = match self.verify_cached(token) {
             Err(VerifyError::Invalid(TokenError::UnknownKey(_)))
                 if self.shared.may_refresh_keys() =>
             {
@@ -181,11 +243,28 @@ impl Verifier {
                 self.verify_cached(token)
             }
             outcome => outcome,
+        };
+        match outcome {
+            Err(VerifyError::Stale { silent_for })
+                if self.shared.when_stale == WhenStale::Introspect =>
+            {
+                self.introspect(token, silent_for).await
+            }
+            outcome => outcome,
         }
     }
 
     /// Checks `token` with the cached keys and revocations only: no I/O, for hot paths.
     pub fn verify_cached(&self, token: &str) -> Result<AccessTokenClaims, VerifyError> {
+        let claims = self.check_signed_and_unrevoked(token)?;
+        match self.shared.silence() {
+            Some(silent_for) => Err(VerifyError::Stale { silent_for }),
+            None => Ok(claims),
+        }
+    }
+
+    /// The token's signature, header and claims, and the revocations known so far.
+    fn check_signed_and_unrevoked(&self, token: &str) -> Result<AccessTokenClaims, VerifyError> {
         let decoded = jwt::decode(token)?;
         let key = self
             .shared
@@ -216,9 +295,46 @@ impl Verifier {
         }
         Ok(claims)
     }
+
+    /// The fallback while the feed is stale: the token passed every local check, and the
+    /// broker says whether it is still active.
+    async fn introspect(
+        &self,
+        token: &str,
+        silent_for: Duration,
+    ) -> Result<AccessTokenClaims, VerifyError> {
+        let claims = self.check_signed_and_unrevoked(token)?;
+        let answer = self
+            .shared
+            .connection
+            .tokens()
+            .introspect(proto::IntrospectRequest {
+                token: token.to_owned(),
+                audience: self.shared.audience.clone(),
+            })
+            .await;
+        match answer {
+            Ok(response) if response.get_ref().active => Ok(claims),
+            Ok(_) => Err(VerifyError::Revoked),
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), "introspection fallback failed");
+                Err(VerifyError::Stale { silent_for })
+            }
+        }
+    }
 }
 
 impl Shared {
+    /// How long the feed has been silent, if longer than the staleness bound.
+    fn silence(&self) -> Option<Duration> {
+        let revocations = self.read_revocations();
+        let bound = self
+            .staleness_bound
+            .unwrap_or(revocations.heartbeat_interval * HEARTBEATS_BEFORE_STALE);
+        let silent_for = revocations.last_vouched.elapsed();
+        (silent_for > bound).then_some(silent_for)
+    }
+
     fn read_revocations(&self) -> std::sync::RwLockReadGuard<'_, Revocations> {
         self.revocations
             .read()
@@ -303,6 +419,13 @@ impl Shared {
             .retain(|_, not_after| *not_after > horizon);
         revocations.cursor = batch.cursor.max(revocations.cursor);
         revocations.caught_up |= batch.caught_up;
+        if batch.caught_up {
+            revocations.last_vouched = Instant::now();
+        }
+        if batch.heartbeat_interval_ms > 0 {
+            revocations.heartbeat_interval =
+                Duration::from_millis(u64::from(batch.heartbeat_interval_ms));
+        }
     }
 }
 

@@ -16,8 +16,10 @@ pub enum AdminCommand {
     Workload(WorkloadCommand),
     /// Revoke a lease, or a task with all its leases.
     Revoke {
+        /// Revoke this task and every lease it holds.
         #[arg(long, conflicts_with = "lease", required_unless_present = "lease")]
         task: Option<String>,
+        /// Revoke only this lease.
         #[arg(long)]
         lease: Option<String>,
     },
@@ -29,6 +31,7 @@ pub enum AdminCommand {
 pub enum WorkloadCommand {
     /// Register a workload and print its credential (shown only once).
     Create {
+        /// A name for the workload, unique in this broker (its SPIFFE ID ends with it).
         name: String,
         /// Role (repeatable).
         #[arg(long = "role", value_enum, default_values_t = [RoleArg::Agent])]

@@ -8,17 +8,20 @@ use serde_json::{Value, json};
 
 use super::output::{Format, emit, text, time};
 use super::{Cli, CommandError, EXIT_FAILURE};
+use crate::domain::UnixMillis;
 use crate::proto;
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
     /// Events matching filters, oldest first.
     Query {
+        /// Events of this task.
         #[arg(long)]
         task: Option<String>,
         /// Events concerning or caused by this workload.
         #[arg(long)]
         workload: Option<String>,
+        /// Events concerning this scope.
         #[arg(long)]
         scope: Option<String>,
         /// Event type, such as lease.issued or grant.decided.
@@ -30,20 +33,28 @@ pub enum AuditCommand {
         /// Up to this instant, same forms.
         #[arg(long)]
         until: Option<String>,
+        /// At most this many events.
         #[arg(long, default_value_t = 1000)]
         limit: u32,
     },
     /// A task's whole decision path as a timeline.
-    Task { task_id: String },
+    Task {
+        /// The task, as `task begin` printed it.
+        task_id: String,
+    },
     /// Every sealed event as JSON lines, for a SIEM; resume with --after the last seq seen.
     Export {
+        /// Start after this sequence number (0: from the first event).
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
     /// Check the hash chain and signed checkpoints; exits 1 and names the first problem.
     Verify,
     /// The HMAC the trail holds for a secret (token, credential), to search for it.
-    Hash { value: String },
+    Hash {
+        /// The secret; the trail never holds it, only this keyed hash.
+        value: String,
+    },
 }
 
 pub async fn run(
@@ -197,9 +208,12 @@ fn timeline_line(event: &Value) -> String {
     }
     if let Some(detail) = event["detail"].as_object() {
         for (key, value) in detail {
-            let shown = value
-                .as_str()
-                .map_or_else(|| value.to_string(), str::to_owned);
+            let shown = match (value.as_i64(), is_instant_field(key)) {
+                (Some(millis), true) => UnixMillis(millis).to_string(),
+                _ => value
+                    .as_str()
+                    .map_or_else(|| value.to_string(), str::to_owned),
+            };
             line.push_str(&format!("  {key}={shown}"));
         }
     }
@@ -208,6 +222,12 @@ fn timeline_line(event: &Value) -> String {
     }
     line.push('\n');
     line
+}
+
+/// Detail fields that hold an instant in Unix milliseconds: shown in RFC 3339 to people, kept
+/// raw in `--json`.
+fn is_instant_field(key: &str) -> bool {
+    matches!(key, "deadline" | "not_after") || key.ends_with("_at")
 }
 
 /// RFC 3339 with milliseconds, so a timeline keeps the order of events within a second.

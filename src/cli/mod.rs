@@ -14,10 +14,13 @@ use clap::{Parser, Subcommand};
 
 use crate::client::Connection;
 
-/// Exit code for a refused or failed call to the broker.
+/// Exit code for a refused or failed call to the broker, and for an invalid token.
 const EXIT_FAILURE: u8 = 1;
 /// Exit code for bad configuration or usage (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
+/// Exit code when the broker could not be reached or could not answer, so nothing was decided
+/// (sysexits EX_UNAVAILABLE): a token that "could not be checked" is not an invalid one.
+const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser)]
 #[command(
@@ -114,7 +117,16 @@ impl CommandError {
     fn exit_code(&self) -> u8 {
         match self {
             CommandError::Usage(_) => EXIT_USAGE,
-            _ => EXIT_FAILURE,
+            CommandError::Connect(_) | CommandError::Verifier(_) => EXIT_UNAVAILABLE,
+            CommandError::Rpc(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                ) =>
+            {
+                EXIT_UNAVAILABLE
+            }
+            CommandError::Rpc(_) => EXIT_FAILURE,
         }
     }
 }
@@ -143,9 +155,55 @@ impl Cli {
     }
 }
 
-/// Parses a duration such as `10m` into whole seconds for a request field.
+/// Parses a duration such as `10m` into whole seconds for a request field, refusing in words
+/// what the broker would refuse or misread (0 means "the default" on the wire).
 fn ttl_seconds(flag: &str, text: &str) -> Result<u32, CommandError> {
-    let duration = humantime::parse_duration(text)
-        .map_err(|error| CommandError::Usage(format!("{flag}: {error}")))?;
-    u32::try_from(duration.as_secs()).map_err(|_| CommandError::Usage(format!("{flag}: too long")))
+    let refuse = |why: &str| {
+        CommandError::Usage(format!(
+            "{flag} {text}: {why}; give a positive duration such as 90s, 10m or 1h"
+        ))
+    };
+    if text.trim_start().starts_with('-') {
+        return Err(refuse("a duration cannot be negative"));
+    }
+    let duration = humantime::parse_duration(text.trim()).map_err(|_| refuse("not a duration"))?;
+    match u32::try_from(duration.as_secs()) {
+        Ok(0) => Err(refuse("shorter than one second")),
+        Ok(seconds) => Ok(seconds),
+        Err(_) => Err(refuse("too long")),
+    }
+}
+
+/// Refuses a text flag longer than the broker accepts, before sending it: a much longer one
+/// would otherwise be cut off by the transport's message limit with an error naming no field.
+fn check_length(flag: &str, text: &str, max_bytes: usize) -> Result<(), CommandError> {
+    if text.len() > max_bytes {
+        return Err(CommandError::Usage(format!(
+            "{flag}: {} bytes is longer than the {max_bytes} bytes the broker accepts",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_refused_in_words() {
+        assert_eq!(ttl_seconds("--ttl", "10m").unwrap(), 600);
+        for (text, why) in [
+            ("-1", "negative"),
+            ("-5m", "negative"),
+            ("0", "shorter than one second"),
+            ("500ms", "shorter than one second"),
+            ("ten", "not a duration"),
+            ("10", "not a duration"),
+        ] {
+            let message = ttl_seconds("--ttl", text).unwrap_err().to_string();
+            assert!(message.starts_with(&format!("--ttl {text}: ")), "{message}");
+            assert!(message.contains(why), "{text}: {message}");
+        }
+    }
 }

@@ -6,21 +6,22 @@ use clap::Subcommand;
 use serde_json::{Value, json};
 
 use super::output::{Format, text, time};
-use super::{Cli, CommandError, ttl_seconds};
+use super::{Cli, CommandError, check_length, ttl_seconds};
+use crate::domain::task::MAX_PURPOSE_BYTES;
 use crate::proto;
 
 #[derive(Subcommand)]
 pub enum TaskCommand {
     /// Open a task and receive a credential for each scope.
     Begin {
-        /// Why the task exists.
+        /// Why the task exists (recorded in the audit trail; at most 512 bytes).
         #[arg(long)]
         purpose: String,
         /// A scope to receive a credential for (repeatable).
         #[arg(long = "scope")]
         scopes: Vec<String>,
-        /// The task's lifetime, e.g. 10m.
-        #[arg(long, default_value = "15m")]
+        /// The task's lifetime, e.g. 10m: every credential of the task ends by then.
+        #[arg(long, default_value = "15m", allow_hyphen_values = true)]
         ttl: String,
         /// sha256:<hex> digest of the prompt behind the task.
         #[arg(long, default_value = "")]
@@ -37,21 +38,29 @@ pub enum TaskCommand {
     },
     /// Add a credential for one more scope to an active task.
     Grant {
+        /// The task, as `task begin` printed it.
         task_id: String,
+        /// The scope to receive a credential for, from the catalog.
         #[arg(long)]
         scope: String,
         /// Lifetime, e.g. 5m (default: the scope's).
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         ttl: Option<String>,
     },
-    /// Extend a lease and receive a fresh credential for it.
+    /// Extend a lease and receive a fresh credential for it. The new expiry is now plus the
+    /// TTL, never past the scope's max_ttl from first issuance or the task's deadline.
     Renew {
+        /// The lease, as `task begin` or `task grant` printed it.
         lease_id: String,
-        #[arg(long)]
+        /// How long from now the lease should last, e.g. 10m (default: the scope's default TTL).
+        #[arg(long, allow_hyphen_values = true)]
         ttl: Option<String>,
     },
     /// Complete a task: every credential it holds is revoked.
-    Complete { task_id: String },
+    Complete {
+        /// The task, as `task begin` printed it.
+        task_id: String,
+    },
 }
 
 pub async fn run(
@@ -82,6 +91,7 @@ pub async fn run(
                         })
                 })
                 .collect::<Result<_, _>>()?;
+            check_length("--purpose", purpose, MAX_PURPOSE_BYTES)?;
             let request = proto::BeginTaskRequest {
                 purpose: purpose.clone(),
                 scopes: scopes.clone(),
@@ -160,6 +170,12 @@ pub async fn run(
                 "already_completed": response.already_completed,
             });
             format.print(&value, |value| {
+                if value["already_completed"] == true {
+                    return format!(
+                        "task {} was already completed; nothing more to revoke\n",
+                        text(value, "task_id")
+                    );
+                }
                 let revoked = value["revoked_lease_ids"].as_array().map_or(0, Vec::len);
                 let mut out = format!(
                     "task {} completed; revoked {revoked} lease(s)\n",

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::output::{Format, text};
 use super::{Cli, CommandError};
 use crate::proto;
-use crate::verifier::{Verifier, VerifierConfig};
+use crate::verifier::{Verifier, VerifierConfig, VerifyError};
 
 #[derive(Subcommand)]
 pub enum TokenCommand {
@@ -19,16 +19,18 @@ pub enum TokenCommand {
         /// The token, or - to read it from standard input.
         #[arg(value_name = "TOKEN")]
         access_token: String,
-        /// The audience your API serves.
+        /// The audience your API serves (a URL from the scope catalog).
         #[arg(long)]
         audience: String,
     },
     /// Verify a token offline against the broker's JWKS and revocation feed, as the verifier
-    /// library does. Exits 0 when valid, 1 when not.
+    /// library does. Exits 0 when valid, 1 when not, 69 when it could not be checked (broker
+    /// unreachable, or its revocation feed silent).
     Verify {
         /// The token, or - to read it from standard input.
         #[arg(value_name = "TOKEN")]
         access_token: String,
+        /// The audience your API serves; tokens for another audience are invalid.
         #[arg(long)]
         audience: String,
         /// Tolerated clock difference.
@@ -111,6 +113,10 @@ pub async fn run(
                     json!({ "valid": true, "claims": claims }),
                     ExitCode::SUCCESS,
                 ),
+                Err(error @ VerifyError::Stale { .. }) => (
+                    json!({ "valid": false, "checked": false, "reason": error.to_string() }),
+                    ExitCode::from(super::EXIT_UNAVAILABLE),
+                ),
                 Err(error) => (
                     json!({ "valid": false, "reason": error.to_string() }),
                     ExitCode::from(super::EXIT_FAILURE),
@@ -126,6 +132,8 @@ pub async fn run(
                         text(claims, "task_id"),
                         remaining(claims["exp"].as_i64().unwrap_or_default()),
                     )
+                } else if value["checked"] == false {
+                    format!("not checked: {}\n", text(value, "reason"))
                 } else {
                     format!("invalid: {}\n", text(value, "reason"))
                 }

@@ -168,6 +168,11 @@ impl Catalog {
         }
     }
 
+    /// Whether the catalog defines `scope`.
+    pub fn contains(&self, scope: &ScopeName) -> bool {
+        self.scopes.contains_key(scope)
+    }
+
     /// The longest `max_ttl` of any scope: how long a token signed now may remain valid.
     pub fn longest_max_ttl(&self) -> Duration {
         self.scopes

@@ -11,7 +11,8 @@ use super::time::UnixMillis;
 use crate::error::Error;
 
 /// Longest purpose text, in bytes.
-const MAX_PURPOSE_BYTES: usize = 512;
+/// The longest `purpose` a task may have (the CLI checks it before sending).
+pub const MAX_PURPOSE_BYTES: usize = 512;
 const MAX_SCOPES_PER_REQUEST: usize = 32;
 const MAX_PLANNED_TOOLS: usize = 32;
 const MAX_TOOL_BYTES: usize = 128;

@@ -35,3 +35,12 @@ impl UnixMillis {
         UnixMillis(seconds.saturating_mul(1000))
     }
 }
+
+/// RFC 3339 in UTC to the second, for messages people read (`2026-12-02T06:14:36Z`).
+impl std::fmt::Display for UnixMillis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seconds = u64::try_from(self.as_seconds()).unwrap_or(0);
+        let instant = UNIX_EPOCH + Duration::from_secs(seconds);
+        write!(f, "{}", humantime::format_rfc3339_seconds(instant))
+    }
+}

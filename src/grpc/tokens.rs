@@ -100,13 +100,17 @@ impl proto::tokens_server::Tokens for TokensService {
     ) -> Result<Response<RevocationStream>, Status> {
         authenticate(self.broker.credentials(), &request).await?;
         let cursor = request.get_ref().cursor;
-        let batches = self.broker.feed().subscribe(cursor, self.shutdown.clone());
-        let stream = ReceiverStream::new(batches).map(|batch| {
+        let feed = self.broker.feed();
+        let heartbeat_interval_ms =
+            u32::try_from(feed.heartbeat_interval().as_millis()).unwrap_or(u32::MAX);
+        let batches = feed.subscribe(cursor, self.shutdown.clone());
+        let stream = ReceiverStream::new(batches).map(move |batch| {
             let batch = batch.map_err(Status::from)?;
             Ok(proto::WatchRevocationsResponse {
                 events: batch.records.into_iter().map(revocation_event).collect(),
                 cursor: batch.cursor,
                 caught_up: batch.caught_up,
+                heartbeat_interval_ms,
             })
         });
         Ok(Response::new(Box::pin(stream)))

@@ -2,7 +2,10 @@
 //!
 //! Verification is strict because anything a downstream API feeds it may be hostile: the
 //! algorithm must be the one the key id's key was made for (no algorithm confusion, no `none`),
-//! critical headers are refused, the size is bounded, and every time claim is checked.
+//! critical headers are refused, the size is bounded, and every time claim is checked. Claims
+//! this version does not know are ignored, so a later issuer adding one (`cnf`, `act`) does not
+//! break deployed verifiers; a header that marks an extension critical is refused whatever its
+//! value, since this version cannot honour it.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,7 +19,6 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 /// The claims of a Warrant access token (RFC 9068 plus `task_id`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AccessTokenClaims {
     pub iss: String,
     /// The workload's SPIFFE ID.
@@ -68,6 +70,8 @@ pub enum TokenError {
     Expired,
     #[error("not valid yet")]
     NotYetValid,
+    #[error("issued in the future")]
+    IssuedInFuture,
 }
 
 /// What a valid token must match.
@@ -85,7 +89,15 @@ struct Header {
     alg: String,
     typ: Option<String>,
     kid: Option<String>,
-    crit: Option<serde_json::Value>,
+    /// Whether the header names `crit` at all: `"crit": null` counts, since a verifier that
+    /// read null as absent would skip an extension its issuer meant to be mandatory.
+    #[serde(default, deserialize_with = "is_present")]
+    crit: bool,
+}
+
+fn is_present<'de, D: serde::Deserializer<'de>>(value: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(value)?;
+    Ok(true)
 }
 
 /// The parts of a token after decoding but before any check against keys or time.
@@ -122,7 +134,7 @@ pub fn decode(token: &str) -> Result<DecodedToken, TokenError> {
     };
     let header: Header = serde_json::from_slice(&base64(header)?)
         .map_err(|_| TokenError::Malformed("header is not JSON"))?;
-    if header.crit.is_some() {
+    if header.crit {
         return Err(TokenError::UnsupportedHeader("crit"));
     }
     if !matches!(header.typ.as_deref(), Some("at+jwt" | "application/at+jwt")) {
@@ -201,6 +213,9 @@ fn check_claims(
     }
     if now < claims.nbf.saturating_sub(expected.leeway_seconds) {
         return Err(TokenError::NotYetValid);
+    }
+    if now < claims.iat.saturating_sub(expected.leeway_seconds) {
+        return Err(TokenError::IssuedInFuture);
     }
     Ok(claims)
 }
@@ -287,6 +302,35 @@ mod tests {
     }
 
     #[test]
+    fn ignores_unknown_claims_and_refuses_an_iat_in_the_future() {
+        let (key, _) = SigningKey::generate(KeyAlgorithm::EdDsa);
+        let vk = key.verifying_key();
+        let mut payload = serde_json::to_value(claims(1000)).unwrap();
+        payload["cnf"] = serde_json::json!({"x5t#S256": "abc"});
+        payload["act"] = serde_json::json!({"sub": "spiffe://test/workload/parent"});
+        let mut token = key.encoded_header().to_owned();
+        token.push('.');
+        token.push_str(&URL_SAFE_NO_PAD.encode(serde_json::to_vec(&payload).unwrap()));
+        let signature = URL_SAFE_NO_PAD.encode(key.sign(token.as_bytes()));
+        token = format!("{token}.{signature}");
+        assert_eq!(verify(&token, vk, expect(1000)).unwrap(), claims(1000));
+
+        let mut early = claims(1000);
+        early.iat = 1030;
+        early.nbf = 990;
+        let token = sign(&key, &early);
+        assert_eq!(
+            verify(&token, vk, expect(1000)),
+            Err(TokenError::IssuedInFuture)
+        );
+        let leeway = Expectations {
+            leeway_seconds: 30,
+            ..expect(1000)
+        };
+        assert!(verify(&token, vk, leeway).is_ok());
+    }
+
+    #[test]
     fn refuses_forged_altered_and_algorithm_confused_tokens() {
         let (key, _) = SigningKey::generate(KeyAlgorithm::EdDsa);
         let (attacker, _) = SigningKey::generate(KeyAlgorithm::EdDsa);
@@ -336,6 +380,19 @@ mod tests {
         ));
         let id_token_shaped = format!("{plain_jwt}.{}.{}", parts[1], parts[2]);
         assert!(verify(&id_token_shaped, vk, expect(1000)).is_err());
+
+        for crit in ["null", r#"["exp"]"#, "[]", r#""x""#] {
+            let header = URL_SAFE_NO_PAD.encode(format!(
+                r#"{{"alg":"EdDSA","typ":"at+jwt","kid":"{}","crit":{crit}}}"#,
+                vk.kid
+            ));
+            let critical = format!("{header}.{}.{}", parts[1], parts[2]);
+            assert_eq!(
+                decode(&critical).err(),
+                Some(TokenError::UnsupportedHeader("crit")),
+                "crit: {crit}"
+            );
+        }
 
         for junk in [
             "",

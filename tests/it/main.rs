@@ -30,6 +30,7 @@ mod support;
 mod audit;
 mod auth;
 mod conformance;
+mod feed_silence;
 mod interop;
 mod jobs;
 mod lifecycle;

@@ -110,3 +110,39 @@ async fn metrics_count_issuance_denial_revocation_and_introspection_in_prometheu
         "client-chosen paths never become labels"
     );
 }
+
+/// Scope names a client makes up never become label values: a thousand refused requests for
+/// invented scopes add one `unknown` series, not a thousand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_scope_names_are_counted_as_unknown() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let app = TestApp::spawn(&data).await;
+    let mut agent = app.agent("crm-agent").await.tasks();
+    for index in 0..1000 {
+        let scope = format!("made.up{index}:{}", index * 7919);
+        let refused = agent.begin_task(begin(&[&scope])).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    }
+    agent
+        .begin_task(begin(&["payments:refund"]))
+        .await
+        .unwrap_err();
+
+    let (_, text) = http_get(app.http_addr, "/metrics");
+    let denied: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("warrant_credentials_denied_total{"))
+        .collect();
+    assert_eq!(
+        denied.len(),
+        2,
+        "one series per catalog scope refused, plus unknown: {denied:?}"
+    );
+    assert!(
+        denied
+            .iter()
+            .any(|line| line.contains(r#"scope="unknown""#) && line.ends_with(" 1000")),
+        "{denied:?}"
+    );
+    assert!(!text.contains("made.up"), "no invented name in /metrics");
+}

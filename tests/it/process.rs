@@ -48,7 +48,7 @@ impl BrokerProcess {
     }
 
     /// Starts in `dir` with its data in `data_dir`, on fixed (gRPC, HTTP) addresses, with
-    /// `extra_env` set.
+    /// `extra_env` set (it may set the database URL and master key too).
     pub(crate) fn start_in(
         args: &[&str],
         dir: &Path,
@@ -60,7 +60,6 @@ impl BrokerProcess {
         let mut child = Command::new(warrant_binary())
             .args(args)
             .current_dir(dir)
-            .envs(extra_env.iter().copied())
             .env("WARRANT_DATA_DIR", data_dir)
             .env("WARRANT_GRPC_ADDR", grpc)
             .env("WARRANT_HTTP_ADDR", http)
@@ -68,6 +67,7 @@ impl BrokerProcess {
             .env("RUST_LOG", log_level)
             .env_remove("WARRANT_DATABASE_URL")
             .env_remove("WARRANT_MASTER_KEY")
+            .envs(extra_env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -449,6 +449,39 @@ async fn grpc_health_and_reflection_are_served() {
             "{service} missing from {names:?}"
         );
     }
+}
+
+/// Python's reflection clients, grpc-requests and older grpcurl speak only v1alpha.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1alpha_describes_the_services() {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    let data = TestData::new(Backend::Sqlite).await;
+    let app = TestApp::spawn(&data).await;
+    let channel = tonic::transport::Endpoint::from_shared(app.address())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "warrant.v1.Tokens".into(),
+        )),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("v1alpha reflection is served")
+        .into_inner();
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected the file that defines warrant.v1.Tokens");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
 }
 
 /// The shell blocks of README.md between `<!-- walkthrough:start -->` and

@@ -101,6 +101,7 @@ impl TestData {
             reaper_interval: Duration::from_millis(200),
             audit_checkpoint_interval: Duration::from_millis(500),
             drain_timeout: Duration::from_secs(5),
+            feed_heartbeat_interval: Duration::from_secs(5),
             store: warrant::store::StoreSettings::default(),
         }
     }
