@@ -9,6 +9,13 @@ const PROTOS: &[&str] = &[
     "warrant/v1/admin.proto",
 ];
 
+/// Must match the `Debug` impls in src/proto.rs.
+const SECRET_BEARING_MESSAGES: &[&str] = &[
+    "warrant.v1.Lease",
+    "warrant.v1.CreateWorkloadResponse",
+    "warrant.v1.IntrospectRequest",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     // Tests that need PostgreSQL are compiled as `#[ignore]`d unless this is set, so that
@@ -29,6 +36,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("warrant_descriptor.bin"),
         compiler.encode_file_descriptor_set(),
     )?;
-    tonic_prost_build::configure().compile_fds(compiler.file_descriptor_set())?;
+    // Messages that carry a secret get a hand-written, redacting `Debug` (src/proto.rs), so a
+    // `{:?}` in a log line or an error never prints a credential.
+    tonic_prost_build::configure()
+        .skip_debug(SECRET_BEARING_MESSAGES)
+        .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

@@ -42,9 +42,13 @@ impl BearerAuth {
     pub fn new(credential: Option<&str>) -> Result<Self, ClientError> {
         credential
             .map(|credential| {
-                format!("Bearer {credential}")
+                let mut value: MetadataValue<Ascii> = format!("Bearer {credential}")
                     .parse()
-                    .map_err(|_| ClientError::Credential)
+                    .map_err(|_| ClientError::Credential)?;
+                // Marked sensitive, so HTTP/2 never puts it in a compression table and
+                // `Debug` of the request shows no credential.
+                value.set_sensitive(true);
+                Ok(value)
             })
             .transpose()
             .map(BearerAuth)

@@ -36,6 +36,8 @@ const DEFAULT_REAPER_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 const DEFAULT_AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_FEED_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Next to the configuration file unless `keys.first_admin_file` says otherwise.
+const DEFAULT_FIRST_ADMIN_FILE: &str = "first-admin.credential";
 
 /// Where the master key comes from. `Debug` never shows an inline key.
 #[derive(Clone)]
@@ -72,8 +74,8 @@ impl std::fmt::Debug for TlsIdentity {
     }
 }
 
-/// Everything the broker needs to start.
-#[derive(Clone, Debug)]
+/// Everything the broker needs to start. `Debug` hides the database password.
+#[derive(Clone)]
 pub struct Config {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
@@ -95,8 +97,65 @@ pub struct Config {
     /// How often an idle revocation feed subscriber receives a heartbeat; verifiers refuse
     /// tokens after a few intervals of silence.
     pub feed_heartbeat_interval: Duration,
+    /// Where a fresh store's first admin credential is written (mode 0600), so that it never
+    /// reaches a log stream; `None` prints it on standard output (dev only).
+    pub first_admin_file: Option<PathBuf>,
     /// How the store paces writes (its queue bound and commit timeout).
     pub store: StoreSettings,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("http_addr", &self.http_addr)
+            .field("database_url", &without_password(&self.database_url))
+            .field("master_key", &self.master_key)
+            .field("catalog_file", &self.catalog_file)
+            .field("create_demo_catalog", &self.create_demo_catalog)
+            .field("issuer", &self.issuer)
+            .field("trust_domain", &self.trust_domain)
+            .field("signing_algorithm", &self.signing_algorithm)
+            .field("tls", &self.tls)
+            .field("max_task_ttl", &self.max_task_ttl)
+            .field("reaper_interval", &self.reaper_interval)
+            .field("audit_checkpoint_interval", &self.audit_checkpoint_interval)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("feed_heartbeat_interval", &self.feed_heartbeat_interval)
+            .field("first_admin_file", &self.first_admin_file)
+            .field("store", &self.store)
+            .finish()
+    }
+}
+
+/// `url` with the password of its user info (`scheme://user:password@host`) replaced, for
+/// output; a password may also sit in a query parameter, which is dropped whole.
+pub fn without_password(url: &str) -> String {
+    let (url, had_query) = match url.split_once('?') {
+        Some((base, query)) if query.contains("password") => (base, true),
+        _ => (url, false),
+    };
+    let shown = match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((user_info, host)) => {
+                let user = user_info
+                    .split_once(':')
+                    .map_or(user_info, |(user, _)| user);
+                if user_info.contains(':') {
+                    format!("{scheme}://{user}:[redacted]@{host}")
+                } else {
+                    format!("{scheme}://{user}@{host}")
+                }
+            }
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    };
+    if had_query {
+        format!("{shown}?[redacted]")
+    } else {
+        shown
+    }
 }
 
 /// A configuration error naming its field, such as `tls.cert_file`.
@@ -154,6 +213,7 @@ impl Config {
             audit_checkpoint_interval: DEFAULT_AUDIT_CHECKPOINT_INTERVAL,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             feed_heartbeat_interval: DEFAULT_FEED_HEARTBEAT,
+            first_admin_file: None,
             store: StoreSettings::default(),
         };
         config.apply_environment(env)?;
@@ -238,6 +298,12 @@ impl Config {
                 file.limits.feed_heartbeat.as_deref(),
                 DEFAULT_FEED_HEARTBEAT,
             )?,
+            first_admin_file: Some(resolve(
+                &file
+                    .keys
+                    .first_admin_file
+                    .unwrap_or_else(|| DEFAULT_FIRST_ADMIN_FILE.into()),
+            )),
             store: StoreSettings {
                 write_queue: match file.limits.write_queue {
                     None => StoreSettings::default().write_queue,
@@ -332,6 +398,7 @@ struct StorageSection {
 #[serde(deny_unknown_fields)]
 struct KeysSection {
     master_key_file: Option<PathBuf>,
+    first_admin_file: Option<PathBuf>,
     #[serde(default = "default_algorithm")]
     signing_algorithm: String,
 }
@@ -515,6 +582,22 @@ mod tests {
                 Config::from_file(&write(dir.path(), "bad.toml", &text), &no_env).unwrap_err();
             assert_eq!(error.field, field, "{error}");
         }
+    }
+
+    #[test]
+    fn debug_output_hides_the_database_password() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "server.crt", "cert");
+        write(dir.path(), "server.key", "key");
+        let text = VALID.replace("warrant@db", "warrant:s3cret-pw@db");
+        let config = Config::from_file(&write(dir.path(), "warrant.toml", &text), &no_env).unwrap();
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("s3cret-pw"), "{printed}");
+        assert!(printed.contains("postgres://warrant:[redacted]@db/warrant"));
+        assert_eq!(
+            without_password("postgres://db/warrant?user=w&password=s3cret-pw"),
+            "postgres://db/warrant?[redacted]"
+        );
     }
 
     #[test]

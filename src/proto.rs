@@ -6,3 +6,85 @@ tonic::include_proto!("warrant.v1");
 /// The encoded descriptor set of `warrant.v1`, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/warrant_descriptor.bin"));
+
+/// Stands in for a secret in `Debug` output: says whether one is there, never what it is.
+fn redacted(secret: &str) -> &'static str {
+    if secret.is_empty() { "" } else { "[redacted]" }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("lease_id", &self.lease_id)
+            .field("scope", &self.scope)
+            .field("kind", &self.kind())
+            .field("state", &self.state())
+            .field("audience", &self.audience)
+            .field("issued_at", &self.issued_at)
+            .field("expires_at", &self.expires_at)
+            .field("credential", &redacted(&self.credential))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for CreateWorkloadResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateWorkloadResponse")
+            .field("workload", &self.workload)
+            .field("credential", &redacted(&self.credential))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for IntrospectRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntrospectRequest")
+            .field("token", &redacted(&self.token))
+            .field("audience", &self.audience)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_of_secret_bearing_messages_hides_the_secret() {
+        let secret = "eyJhbGciOiJFZERTQSJ9.c2VjcmV0.c2ln";
+        let lease = Lease {
+            lease_id: "lease_1".into(),
+            credential: secret.into(),
+            ..Default::default()
+        };
+        let printed = [
+            format!("{lease:?}"),
+            format!(
+                "{:?}",
+                BeginTaskResponse {
+                    leases: vec![lease.clone()],
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                CreateWorkloadResponse {
+                    credential: secret.into(),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                IntrospectRequest {
+                    token: secret.into(),
+                    audience: "https://crm.test".into(),
+                }
+            ),
+        ];
+        for text in printed {
+            assert!(!text.contains("c2VjcmV0"), "{text}");
+            assert!(text.contains("[redacted]"), "{text}");
+        }
+        assert!(format!("{lease:?}").contains("lease_1"));
+    }
+}

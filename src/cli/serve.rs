@@ -1,7 +1,7 @@
 //! `warrant serve`: run a broker until SIGTERM or SIGINT, then drain.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
@@ -43,25 +43,61 @@ pub async fn run(args: &ServeArgs) -> ExitCode {
 }
 
 async fn serve(config: Result<Config, StartError>, is_dev: bool) -> Result<(), StartError> {
-    let mut app = App::build(config?).await?;
+    let config = config?;
+    let first_admin_file = config.first_admin_file.clone();
+    let mut app = App::build(config).await?;
     if is_dev {
         tracing::warn!(
             "dev mode: plaintext listeners on loopback, keys in the data directory; not for production"
         );
     }
     if let Some(credential) = app.take_first_admin_credential() {
-        let mut stdout = std::io::stdout().lock();
-        // Shown once: the store keeps only its hash. A closed stdout must not stop the broker.
-        let _ = writeln!(
-            stdout,
-            "\nFirst start: created the admin credential. It is shown only now; Warrant keeps only its hash.\n\
-             Use it in another terminal:\n\n    export WARRANT_TOKEN={}\n",
-            credential.expose()
-        );
-        let _ = stdout.flush();
+        match &first_admin_file {
+            Some(path) => write_first_admin(path, credential.expose())?,
+            None => print_first_admin(credential.expose()),
+        }
     }
     tracing::info!(grpc = %app.grpc_addr(), http = %app.http_addr(), issuer = app.issuer(), "Warrant is serving");
     app.run_until_stopped(shutdown_signal()).await
+}
+
+/// Dev only: the credential on standard output, for the walk-through. Shown once: the store
+/// keeps only its hash. A closed stdout must not stop the broker.
+fn print_first_admin(credential: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(
+        stdout,
+        "\nFirst start: created the admin credential. It is shown only now; Warrant keeps only its hash.\n\
+         Use it in another terminal:\n\n    export WARRANT_TOKEN={credential}\n"
+    );
+    let _ = stdout.flush();
+}
+
+/// Outside dev: the credential goes to a file only its owner can read, never to standard
+/// output or the logs, where a log collector would keep it. An existing file is not
+/// overwritten (it may hold the credential of an earlier deployment).
+fn write_first_admin(path: &Path, credential: &str) -> Result<(), StartError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let written = options
+        .open(path)
+        .and_then(|mut file| writeln!(file, "{credential}").and_then(|()| file.sync_all()));
+    match written {
+        Ok(()) => {
+            tracing::warn!(
+                file = %path.display(),
+                "first start: created the admin credential and wrote it to this file (mode 0600); \
+                 move it to your secret store and delete the file"
+            );
+            Ok(())
+        }
+        Err(error) => Err(StartError::Serve(format!(
+            "keys.first_admin_file: cannot write the first admin credential to {}: {error}",
+            path.display()
+        ))),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -358,9 +358,7 @@ async fn config_mode_serves_grpc_and_http_over_tls_only() {
     std::fs::write(dir.path().join("warrant.toml"), config).unwrap();
     let mut broker = BrokerProcess::start(&["serve", "--config", "warrant.toml"], dir.path());
     let (grpc, http) = broker.wait_until_serving();
-    let admin = broker
-        .admin_credential()
-        .expect("first start prints the admin credential");
+    let admin = first_admin_from_file(&broker, &dir.path().join("first-admin.credential"));
 
     let tls_address = format!("https://localhost:{}", grpc.port());
     let connection = Connection::open(
@@ -484,6 +482,42 @@ async fn reflection_v1alpha_describes_the_services() {
     assert!(!files.file_descriptor_proto.is_empty());
 }
 
+/// Outside `--dev` the first admin credential is written to a file only its owner can read,
+/// and appears in neither standard output nor the logs.
+fn first_admin_from_file(broker: &BrokerProcess, path: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let credential = eventually_read(path);
+    let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the credential file is private");
+    let output = format!("{}{}", broker.stdout(), broker.stderr());
+    assert!(
+        !output.contains(&credential),
+        "the credential reached the output"
+    );
+    assert!(
+        output.contains("first-admin.credential"),
+        "the log says where it is"
+    );
+    credential
+}
+
+fn eventually_read(path: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if !text.trim().is_empty() {
+                return text.trim().to_owned();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no credential in {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The shell blocks of README.md between `<!-- walkthrough:start -->` and
 /// `<!-- walkthrough:end -->`, joined.
 fn readme_walkthrough() -> String {
@@ -546,7 +580,7 @@ async fn readme_walkthrough_works_verbatim() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_audit_trail_or_the_logs() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProcess::start_logging(&["serve", "--dev"], dir.path(), "debug");
+    let mut broker = BrokerProcess::start_logging(&["serve", "--dev"], dir.path(), "trace");
     let (grpc, _) = broker.wait_until_serving();
     let address = format!("http://{grpc}");
     let admin_credential = broker.admin_credential().unwrap();
