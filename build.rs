@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
 const SECRET_BEARING_MESSAGES: &[&str] = &[
     "warrant.v1.Lease",
     "warrant.v1.CreateWorkloadResponse",
+    "warrant.v1.RotateWorkloadCredentialResponse",
     "warrant.v1.IntrospectRequest",
 ];
 

@@ -565,6 +565,49 @@ impl Broker {
         Ok((workload, credential))
     }
 
+    /// Gives workload `name` a new credential and revokes its others, in one transaction.
+    pub async fn rotate_workload_credential(
+        &self,
+        caller: &Caller,
+        name: &WorkloadName,
+    ) -> Result<(WorkloadRecord, BearerCredential)> {
+        let (credential, stored) = BearerCredential::generate();
+        let event = AuditEvent::new("workload.credential_rotated", "ok", caller.name.as_str())
+            .workload(name)
+            .with("credential_id", stored.id.as_str())
+            .with("credential_hmac", self.audit_key.hash(credential.expose()));
+        let workload = self
+            .store
+            .replace_workload_credentials(name, Some(stored), UnixMillis::now(), vec![event])
+            .await?
+            .ok_or_else(|| no_such_workload(name))?;
+        tracing::info!(workload = %workload.name, "workload credential rotated");
+        Ok((workload, credential))
+    }
+
+    /// Revokes every credential of workload `name`; refused for the caller's own workload.
+    pub async fn revoke_workload_credentials(
+        &self,
+        caller: &Caller,
+        name: &WorkloadName,
+    ) -> Result<WorkloadRecord> {
+        if *name == caller.name {
+            return Err(Error::FailedPrecondition(format!(
+                "name: '{name}' is the calling workload; revoking its own credentials could leave \
+                 no admin (ask another admin, or rotate instead)"
+            )));
+        }
+        let event = AuditEvent::new("workload.credentials_revoked", "ok", caller.name.as_str())
+            .workload(name);
+        let workload = self
+            .store
+            .replace_workload_credentials(name, None, UnixMillis::now(), vec![event])
+            .await?
+            .ok_or_else(|| no_such_workload(name))?;
+        tracing::info!(workload = %workload.name, "workload credentials revoked");
+        Ok(workload)
+    }
+
     /// On a store with no workloads, registers the `admin` workload; see [`crate::bootstrap`].
     pub async fn create_first_admin(&self, name: WorkloadName) -> Result<BearerCredential> {
         self.create_workload(BOOTSTRAP, name, vec![Role::Admin])
@@ -850,6 +893,13 @@ fn ensure_task_active(task: &TaskRecord, now: UnixMillis) -> Result<()> {
         Ok(())
     } else {
         Err(task_not_active(&task.id))
+    }
+}
+
+fn no_such_workload(name: &WorkloadName) -> Error {
+    Error::NotFound {
+        kind: "workload",
+        id: name.to_string(),
     }
 }
 

@@ -36,6 +36,15 @@ impl std::fmt::Debug for CreateWorkloadResponse {
     }
 }
 
+impl std::fmt::Debug for RotateWorkloadCredentialResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RotateWorkloadCredentialResponse")
+            .field("workload", &self.workload)
+            .field("credential", &redacted(&self.credential))
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for IntrospectRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IntrospectRequest")
@@ -69,6 +78,13 @@ mod tests {
             format!(
                 "{:?}",
                 CreateWorkloadResponse {
+                    credential: secret.into(),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                RotateWorkloadCredentialResponse {
                     credential: secret.into(),
                     ..Default::default()
                 }

@@ -39,6 +39,16 @@ pub enum WorkloadCommand {
     },
     /// List registered workloads.
     List,
+    /// Give a workload a new credential (shown only once); its earlier ones stop working now.
+    Rotate {
+        /// The workload's name.
+        name: String,
+    },
+    /// Revoke every credential of a workload: its calls are refused from now on.
+    Revoke {
+        /// The workload's name.
+        name: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -78,6 +88,38 @@ pub async fn run(
                     text(value, "name"),
                     text(value, "spiffe_id"),
                     text(value, "credential")
+                )
+            })?;
+        }
+        AdminCommand::Workload(WorkloadCommand::Rotate { name }) => {
+            let response = admin
+                .rotate_workload_credential(proto::RotateWorkloadCredentialRequest {
+                    name: name.clone(),
+                })
+                .await?
+                .into_inner();
+            let mut value = workload_json(&response.workload.unwrap_or_default());
+            value["credential"] = json!(response.credential);
+            format.print(&value, |value| {
+                format!(
+                    "workload   {}\ncredential {}\n(shown only now; every earlier credential of this workload is revoked)\n",
+                    text(value, "name"),
+                    text(value, "credential")
+                )
+            })?;
+        }
+        AdminCommand::Workload(WorkloadCommand::Revoke { name }) => {
+            let response = admin
+                .revoke_workload_credentials(proto::RevokeWorkloadCredentialsRequest {
+                    name: name.clone(),
+                })
+                .await?
+                .into_inner();
+            let value = workload_json(&response.workload.unwrap_or_default());
+            format.print(&value, |value| {
+                format!(
+                    "workload {}: every credential revoked; its calls are refused from now on\n",
+                    text(value, "name")
                 )
             })?;
         }

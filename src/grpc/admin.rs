@@ -84,6 +84,37 @@ impl proto::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn rotate_workload_credential(
+        &self,
+        request: Request<proto::RotateWorkloadCredentialRequest>,
+    ) -> Result<Response<proto::RotateWorkloadCredentialResponse>, Status> {
+        let caller = self.admin(&request).await?;
+        let name = WorkloadName::parse("name", &request.get_ref().name)?;
+        let (workload, credential) = self
+            .broker
+            .rotate_workload_credential(&caller, &name)
+            .await?;
+        Ok(Response::new(proto::RotateWorkloadCredentialResponse {
+            workload: Some(convert::workload(workload)),
+            credential: credential.expose().to_owned(),
+        }))
+    }
+
+    async fn revoke_workload_credentials(
+        &self,
+        request: Request<proto::RevokeWorkloadCredentialsRequest>,
+    ) -> Result<Response<proto::RevokeWorkloadCredentialsResponse>, Status> {
+        let caller = self.admin(&request).await?;
+        let name = WorkloadName::parse("name", &request.get_ref().name)?;
+        let workload = self
+            .broker
+            .revoke_workload_credentials(&caller, &name)
+            .await?;
+        Ok(Response::new(proto::RevokeWorkloadCredentialsResponse {
+            workload: Some(convert::workload(workload)),
+        }))
+    }
+
     async fn revoke(
         &self,
         request: Request<proto::RevokeRequest>,

@@ -41,7 +41,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::audit::AuditEvent;
-use crate::domain::{LeaseId, TaskId, UnixMillis};
+use crate::domain::{LeaseId, TaskId, UnixMillis, WorkloadName};
 use crate::error::Result;
 use crate::issuer::KeyAlgorithm;
 use crate::issuer::credential::StoredCredential;
@@ -285,6 +285,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<(Vec<u8>, WorkloadRecord)>>;
 
     async fn list_workloads(&self) -> Result<Vec<WorkloadRecord>>;
+
+    /// Revokes every credential of the workload named `name` at `now` and stores `replacement`
+    /// (if any) as its only valid one, with `events`, in one transaction: a rotation, or with
+    /// `None` a revocation. `None` when no such workload exists (nothing is written).
+    async fn replace_workload_credentials(
+        &self,
+        name: &WorkloadName,
+        replacement: Option<StoredCredential>,
+        now: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<Option<WorkloadRecord>>;
 
     // --- the job queue ---
 

@@ -8,6 +8,7 @@ use crate::support::*;
 backend_tests!(
     calls_without_a_valid_credential_are_unauthenticated,
     agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks,
+    workload_credentials_are_rotated_and_revoked_at_once,
 );
 
 async fn calls_without_a_valid_credential_are_unauthenticated(backend: Backend) {
@@ -169,4 +170,133 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
         "{}",
         bad_role.message()
     );
+}
+
+/// A rotation hands out a new credential and the old one stops working on the next call (the
+/// credential cache is invalidated, not left to expire); a revocation stops every credential;
+/// an admin cannot revoke itself; unknown workloads are NOT_FOUND.
+async fn workload_credentials_are_rotated_and_revoked_at_once(backend: Backend) {
+    let data = TestData::new(backend).await;
+    let app = TestApp::spawn(&data).await;
+    let old = app.workload("crm-agent", &[proto::Role::Agent]).await;
+    let opens_tasks = |credential: String| {
+        let app = &app;
+        async move {
+            app.connect(Some(&credential))
+                .await
+                .tasks()
+                .begin_task(begin(&["crm.contacts:read"]))
+                .await
+                .map(|_| ())
+                .map_err(|status| status.code())
+        }
+    };
+    assert_eq!(opens_tasks(old.clone()).await, Ok(()), "cached as valid");
+
+    let mut admin = app.admin().await.admin();
+    let rotated = admin
+        .rotate_workload_credential(proto::RotateWorkloadCredentialRequest {
+            name: "crm-agent".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(rotated.credential, old);
+    assert_eq!(
+        opens_tasks(old.clone()).await,
+        Err(Code::Unauthenticated),
+        "the old credential stops at once"
+    );
+    assert_eq!(opens_tasks(rotated.credential.clone()).await, Ok(()));
+
+    let listed = admin
+        .list_workloads(proto::ListWorkloadsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workloads;
+    assert!(listed.iter().any(|workload| workload.name == "crm-agent"));
+
+    admin
+        .revoke_workload_credentials(proto::RevokeWorkloadCredentialsRequest {
+            name: "crm-agent".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        opens_tasks(rotated.credential.clone()).await,
+        Err(Code::Unauthenticated)
+    );
+
+    let refused = admin
+        .revoke_workload_credentials(proto::RevokeWorkloadCredentialsRequest {
+            name: "admin".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::FailedPrecondition,
+        "{}",
+        refused.message()
+    );
+    for name in ["no-such-workload", "Not A Name"] {
+        let missing = admin
+            .rotate_workload_credential(proto::RotateWorkloadCredentialRequest {
+                name: name.into(),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(missing.code(), Code::NotFound | Code::InvalidArgument),
+            "{name}: {missing:?}"
+        );
+        assert!(missing.message().contains("name") || missing.message().contains("workload"));
+    }
+    let agent = app.connect(Some(&old)).await;
+    let not_admin = agent
+        .admin()
+        .rotate_workload_credential(proto::RotateWorkloadCredentialRequest {
+            name: "crm-agent".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(not_admin.code(), Code::Unauthenticated);
+}
+
+/// A credential revoked on one replica stops working on the other within a second, although
+/// the other had it cached as valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(warrant_postgres_tests),
+    ignore = "set WARRANT_TEST_DATABASE_URL to run the PostgreSQL tests"
+)]
+async fn a_credential_revoked_on_one_replica_is_refused_by_the_other_within_a_second() {
+    let (_data, first, second) = postgres_replicas().await;
+    let credential = first.workload("crm-agent", &[proto::Role::Agent]).await;
+    let mut on_second = second.connect(Some(&credential)).await.tasks();
+    on_second
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .expect("valid, and now cached on the second replica");
+    first
+        .admin()
+        .await
+        .admin()
+        .revoke_workload_credentials(proto::RevokeWorkloadCredentialsRequest {
+            name: "crm-agent".into(),
+        })
+        .await
+        .unwrap();
+    let refused = eventually(std::time::Duration::from_secs(1), || {
+        let mut tasks = on_second.clone();
+        async move {
+            tasks
+                .begin_task(begin(&["crm.contacts:read"]))
+                .await
+                .is_err_and(|status| status.code() == Code::Unauthenticated)
+        }
+    })
+    .await;
+    assert!(refused, "the second replica still accepted it after 1 s");
 }

@@ -1231,6 +1231,48 @@ async fn workloads_and_credentials(backend: Backend) {
         3,
         "nothing of the refused duplicate"
     );
+
+    // A rotation leaves the new credential the only valid one; a revocation leaves none.
+    let name = WorkloadName::parse("name", "agent-c").unwrap();
+    changes.mark_unchanged();
+    let rotated = StoredCredential {
+        id: "cred_agent-c-2".into(),
+        secret_sha256: vec![8; 32],
+    };
+    let found = fixture
+        .store
+        .replace_workload_credentials(&name, Some(rotated), UnixMillis::now(), vec![])
+        .await
+        .unwrap()
+        .expect("agent-c exists");
+    assert_eq!(found.name, name);
+    assert!(changes.has_changed().unwrap(), "a rotation is announced");
+    let valid = |id: &'static str| {
+        let store = fixture.store.clone();
+        async move { store.find_credential(id).await.unwrap().is_some() }
+    };
+    assert!(
+        !valid("cred_agent-c").await,
+        "the old credential is revoked"
+    );
+    assert!(valid("cred_agent-c-2").await);
+    fixture
+        .store
+        .replace_workload_credentials(&name, None, UnixMillis::now(), vec![])
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!valid("cred_agent-c-2").await);
+    assert!(valid("cred_agent-a").await, "other workloads keep theirs");
+    let unknown = WorkloadName::parse("name", "agent-z").unwrap();
+    assert!(
+        fixture
+            .store
+            .replace_workload_credentials(&unknown, None, UnixMillis::now(), vec![])
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 async fn jobs_are_claimed_once_retried_with_backoff_and_finished_by_their_claim(backend: Backend) {

@@ -56,7 +56,7 @@ use super::{
     StoreSettings, Topic,
 };
 use crate::audit::{AuditEvent, REAPER};
-use crate::domain::{LeaseId, TaskId, UnixMillis};
+use crate::domain::{LeaseId, TaskId, UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
 use crate::issuer::KeyAlgorithm;
 use crate::issuer::credential::StoredCredential;
@@ -479,6 +479,29 @@ impl Store for PostgresStore {
 
     async fn list_workloads(&self) -> Result<Vec<WorkloadRecord>> {
         workloads::list(&self.pool).await
+    }
+
+    async fn replace_workload_credentials(
+        &self,
+        name: &WorkloadName,
+        replacement: Option<StoredCredential>,
+        now: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<Option<WorkloadRecord>> {
+        self.write(Topic::Workloads, |connection| {
+            let (name, replacement, events) = (name.clone(), replacement.clone(), events.clone());
+            Box::pin(async move {
+                workloads::replace_credentials(
+                    connection,
+                    &name,
+                    replacement.as_ref(),
+                    now,
+                    &events,
+                )
+                .await
+            })
+        })
+        .await
     }
 
     async fn enqueue_jobs(&self, jobs: Vec<NewJob>, events: Vec<AuditEvent>) -> Result<()> {

@@ -5,6 +5,7 @@ use sqlx::{PgConnection, PgPool, Row};
 
 use super::audit;
 use crate::audit::AuditEvent;
+use crate::domain::{UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
 use crate::issuer::credential::StoredCredential;
 use crate::store::records::{WorkloadColumns, WorkloadRecord, roles_text};
@@ -49,6 +50,49 @@ pub async fn create(
     .execute(&mut *connection)
     .await?;
     audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await
+}
+
+/// See [`crate::store::Store::replace_workload_credentials`]. The workload row is locked, so
+/// two rotations of one workload on two replicas leave exactly one valid credential.
+pub async fn replace_credentials(
+    connection: &mut PgConnection,
+    name: &WorkloadName,
+    replacement: Option<&StoredCredential>,
+    now: UnixMillis,
+    events: &[AuditEvent],
+) -> Result<Option<WorkloadRecord>> {
+    let Some(row) = sqlx::query(concat!(
+        "SELECT ",
+        workload_columns!(),
+        " FROM workloads w WHERE w.name = $1 FOR UPDATE"
+    ))
+    .bind(name.as_str())
+    .fetch_optional(&mut *connection)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let workload = workload_columns(&row)?.into_record()?;
+    sqlx::query(
+        "UPDATE workload_credentials SET revoked_at = $1 WHERE workload_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(now.0)
+    .bind(&workload.id)
+    .execute(&mut *connection)
+    .await?;
+    if let Some(credential) = replacement {
+        sqlx::query(
+            "INSERT INTO workload_credentials (id, workload_id, secret_sha256, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&credential.id)
+        .bind(&workload.id)
+        .bind(&credential.secret_sha256)
+        .bind(now.0)
+        .execute(&mut *connection)
+        .await?;
+    }
+    audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await?;
+    Ok(Some(workload))
 }
 
 pub async fn has_any(pool: &PgPool) -> Result<bool> {

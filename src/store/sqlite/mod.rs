@@ -38,7 +38,7 @@ use super::{
     StoreSettings,
 };
 use crate::audit::{AuditEvent, REAPER};
-use crate::domain::{LeaseId, TaskId, UnixMillis};
+use crate::domain::{LeaseId, TaskId, UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
 use crate::issuer::KeyAlgorithm;
 use crate::issuer::credential::StoredCredential;
@@ -412,6 +412,21 @@ impl Store for SqliteStore {
 
     async fn list_workloads(&self) -> Result<Vec<WorkloadRecord>> {
         self.readers.read_long(workloads::list).await
+    }
+
+    async fn replace_workload_credentials(
+        &self,
+        name: &WorkloadName,
+        replacement: Option<StoredCredential>,
+        now: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<Option<WorkloadRecord>> {
+        let name = name.clone();
+        self.writer
+            .run(move |write| {
+                workloads::replace_credentials(write, &name, replacement.as_ref(), now, &events)
+            })
+            .await
     }
 
     async fn enqueue_jobs(&self, jobs: Vec<NewJob>, events: Vec<AuditEvent>) -> Result<()> {

@@ -5,6 +5,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::audit;
 use super::writer::Write;
 use crate::audit::AuditEvent;
+use crate::domain::{UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
 use crate::issuer::credential::StoredCredential;
 use crate::store::Topic;
@@ -51,6 +52,50 @@ pub fn create(
     audit::insert_events(write, events)?;
     write.topics.push(Topic::Workloads);
     Ok(())
+}
+
+/// See [`crate::store::Store::replace_workload_credentials`].
+pub fn replace_credentials(
+    write: &mut Write<'_>,
+    name: &WorkloadName,
+    replacement: Option<&StoredCredential>,
+    now: UnixMillis,
+    events: &[AuditEvent],
+) -> Result<Option<WorkloadRecord>> {
+    let Some(workload) = write
+        .connection
+        .prepare_cached(&format!(
+            "SELECT {WORKLOAD_COLUMNS} FROM workloads w WHERE w.name = ?1"
+        ))?
+        .query_row([name.as_str()], workload_columns)
+        .optional()?
+        .map(WorkloadColumns::into_record)
+        .transpose()?
+    else {
+        return Ok(None);
+    };
+    write
+        .connection
+        .prepare_cached(
+            "UPDATE workload_credentials SET revoked_at = ?1 WHERE workload_id = ?2 AND revoked_at IS NULL",
+        )?
+        .execute(params![now.0, workload.id])?;
+    if let Some(credential) = replacement {
+        write
+            .connection
+            .prepare_cached(
+                "INSERT INTO workload_credentials (id, workload_id, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![
+                credential.id,
+                workload.id,
+                credential.secret_sha256,
+                now.0
+            ])?;
+    }
+    audit::insert_events(write, events)?;
+    write.topics.push(Topic::Workloads);
+    Ok(Some(workload))
 }
 
 pub fn has_any(connection: &Connection) -> Result<bool> {
