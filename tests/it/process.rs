@@ -504,10 +504,10 @@ fn first_admin_from_file(broker: &BrokerProcess, path: &Path) -> String {
 fn eventually_read(path: &Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if !text.trim().is_empty() {
-                return text.trim().to_owned();
-            }
+        if let Ok(text) = std::fs::read_to_string(path)
+            && !text.trim().is_empty()
+        {
+            return text.trim().to_owned();
         }
         assert!(
             Instant::now() < deadline,
