@@ -767,6 +767,19 @@ async fn broker_scenarios(
         .create_workload(proto::CreateWorkloadRequest {
             name: "load-agent".into(),
             roles: vec![proto::Role::Agent as i32],
+            audiences: Vec::new(),
+        })
+        .await
+        .expect("create workload")
+        .into_inner()
+        .credential;
+    // The downstream API's credential, for the verifier: a resource server of the CRM audience.
+    let api_credential = admin
+        .admin()
+        .create_workload(proto::CreateWorkloadRequest {
+            name: "load-api".into(),
+            roles: vec![proto::Role::ResourceServer as i32],
+            audiences: vec![CRM_AUDIENCE.into()],
         })
         .await
         .expect("create workload")
@@ -951,7 +964,7 @@ async fn broker_scenarios(
             .leases[0]
             .credential
             .clone();
-        let config = VerifierConfig::new(&broker.grpc, CRM_AUDIENCE, agent_credential.clone());
+        let config = VerifierConfig::new(&broker.grpc, CRM_AUDIENCE, api_credential.clone());
         let verifier = Verifier::connect(config).await.expect("verifier");
         let started = Instant::now();
         let mut operations = 0;
@@ -978,7 +991,7 @@ async fn broker_scenarios(
 
     if options.runs("propagation") {
         eprintln!("{backend}: revocation propagation");
-        rows.extend(revocation_propagation(broker, backend, &agents[0], &agent_credential).await);
+        rows.extend(revocation_propagation(broker, backend, &agents[0], &api_credential).await);
     }
     rows
 }
@@ -1094,6 +1107,7 @@ async fn replica_propagation(base: &str) -> Vec<Row> {
         .create_workload(proto::CreateWorkloadRequest {
             name: "replica-agent".into(),
             roles: vec![proto::Role::Agent as i32],
+            audiences: Vec::new(),
         })
         .await
         .expect("create workload")
@@ -1206,14 +1220,15 @@ async fn replica_propagation(base: &str) -> Vec<Row> {
 }
 
 /// Time from `CompleteTask` returning until a `WatchRevocations` subscriber, and separately the
-/// verifier library's cache, know of the revocation.
+/// verifier library's cache, know of the revocation. The subscriber is an admin (it sees the
+/// task-level events); the verifier holds `api_credential`, a resource server's.
 async fn revocation_propagation(
     broker: &Server,
     backend: &str,
     agent: &Connection,
-    credential: &str,
+    api_credential: &str,
 ) -> Vec<Row> {
-    let watcher = Connection::open(&broker.grpc, Some(credential), None)
+    let watcher = Connection::open(&broker.grpc, broker.admin_credential.as_deref(), None)
         .await
         .expect("connect");
     let mut stream = watcher
@@ -1242,9 +1257,13 @@ async fn revocation_propagation(
             }
         }
     });
-    let verifier = Verifier::connect(VerifierConfig::new(&broker.grpc, CRM_AUDIENCE, credential))
-        .await
-        .expect("verifier");
+    let verifier = Verifier::connect(VerifierConfig::new(
+        &broker.grpc,
+        CRM_AUDIENCE,
+        api_credential,
+    ))
+    .await
+    .expect("verifier");
     let mut tasks = agent.tasks();
     let (mut feed_latencies, mut cache_latencies) = (Vec::new(), Vec::new());
     let mut early: HashMap<String, Instant> = HashMap::new();
@@ -1343,6 +1362,7 @@ async fn scale(
     let request = proto::CreateWorkloadRequest {
         name: "scale-agent".into(),
         roles: vec![proto::Role::Agent as i32],
+        audiences: Vec::new(),
     };
     let credential = admin
         .admin()

@@ -29,6 +29,9 @@ use crate::store::{
 /// The policy that decides today: the scope catalog (policy-as-code will join it).
 const CATALOG_POLICY: &str = "scope-catalog";
 
+/// The most audiences one resource server may serve.
+const MAX_AUDIENCES_PER_WORKLOAD: usize = 16;
+
 /// The `scope` label of a refused request for a scope the catalog does not define.
 pub const UNKNOWN_SCOPE_LABEL: &str = "unknown";
 
@@ -532,7 +535,9 @@ impl Broker {
         actor: &str,
         name: WorkloadName,
         roles: Vec<Role>,
+        audiences: Vec<String>,
     ) -> Result<(WorkloadRecord, BearerCredential)> {
+        self.check_audiences(&roles, &audiences)?;
         let now = UnixMillis::now();
         let workload = WorkloadRecord {
             id: format!(
@@ -542,6 +547,7 @@ impl Broker {
             spiffe_id: SpiffeId::for_workload(&self.settings.trust_domain, &name),
             name,
             roles,
+            audiences,
             created_at: now,
         };
         let (credential, stored) = BearerCredential::generate();
@@ -556,6 +562,7 @@ impl Broker {
                     .map(|role| role.as_str())
                     .collect::<Vec<_>>(),
             )
+            .with("audiences", workload.audiences.clone())
             .with("credential_id", stored.id.as_str())
             .with("credential_hmac", self.audit_key.hash(credential.expose()));
         self.store
@@ -563,6 +570,44 @@ impl Broker {
             .await?;
         tracing::info!(workload = %workload.name, "workload registered");
         Ok((workload, credential))
+    }
+
+    /// A resource server serves at least one audience, each one a scope of the catalog issues
+    /// tokens for (so a typo cannot leave it serving nothing); no other role has audiences.
+    fn check_audiences(&self, roles: &[Role], audiences: &[String]) -> Result<()> {
+        if !roles.contains(&Role::ResourceServer) {
+            return match audiences.is_empty() {
+                true => Ok(()),
+                false => Err(Error::invalid(
+                    "audiences",
+                    "only a resource_server serves audiences",
+                )),
+            };
+        }
+        if audiences.is_empty() {
+            return Err(Error::invalid(
+                "audiences",
+                "a resource_server needs at least one audience it serves",
+            ));
+        }
+        if audiences.len() > MAX_AUDIENCES_PER_WORKLOAD {
+            return Err(Error::invalid(
+                "audiences",
+                format!("holds more than {MAX_AUDIENCES_PER_WORKLOAD} audiences"),
+            ));
+        }
+        for (index, audience) in audiences.iter().enumerate() {
+            if !self.catalog.has_audience(audience) {
+                return Err(Error::invalid(
+                    format!("audiences[{index}]"),
+                    format!(
+                        "no scope of the catalog issues tokens for '{}'",
+                        audience.chars().take(100).collect::<String>()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Gives workload `name` a new credential and revokes its others, in one transaction.
@@ -610,7 +655,7 @@ impl Broker {
 
     /// On a store with no workloads, registers the `admin` workload; see [`crate::bootstrap`].
     pub async fn create_first_admin(&self, name: WorkloadName) -> Result<BearerCredential> {
-        self.create_workload(BOOTSTRAP, name, vec![Role::Admin])
+        self.create_workload(BOOTSTRAP, name, vec![Role::Admin], Vec::new())
             .await
             .map(|(_, credential)| credential)
     }

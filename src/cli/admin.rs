@@ -33,9 +33,13 @@ pub enum WorkloadCommand {
     Create {
         /// A name for the workload, unique in this broker (its SPIFFE ID ends with it).
         name: String,
-        /// Role (repeatable).
+        /// Role (repeatable): agent opens tasks; resource-server is a downstream API that
+        /// introspects and follows revocations of its --audience; admin manages the broker.
         #[arg(long = "role", value_enum, default_values_t = [RoleArg::Agent])]
         roles: Vec<RoleArg>,
+        /// An audience a resource-server serves (repeatable; required for that role).
+        #[arg(long = "audience")]
+        audiences: Vec<String>,
     },
     /// List registered workloads.
     List,
@@ -55,6 +59,7 @@ pub enum WorkloadCommand {
 pub enum RoleArg {
     Agent,
     Admin,
+    ResourceServer,
 }
 
 pub async fn run(
@@ -65,18 +70,24 @@ pub async fn run(
     cli.require_token()?;
     let mut admin = cli.connect().await?.admin();
     match command {
-        AdminCommand::Workload(WorkloadCommand::Create { name, roles }) => {
+        AdminCommand::Workload(WorkloadCommand::Create {
+            name,
+            roles,
+            audiences,
+        }) => {
             let roles = roles
                 .iter()
                 .map(|role| match role {
                     RoleArg::Agent => proto::Role::Agent as i32,
                     RoleArg::Admin => proto::Role::Admin as i32,
+                    RoleArg::ResourceServer => proto::Role::ResourceServer as i32,
                 })
                 .collect();
             let response = admin
                 .create_workload(proto::CreateWorkloadRequest {
                     name: name.clone(),
                     roles,
+                    audiences: audiences.clone(),
                 })
                 .await?
                 .into_inner();
@@ -198,5 +209,6 @@ fn workload_json(workload: &proto::Workload) -> Value {
         "spiffe_id": workload.spiffe_id,
         "roles": workload.roles().map(|role| role.as_str_name()).collect::<Vec<_>>(),
         "created_at": time(workload.created_at.as_ref()),
+        "audiences": workload.audiences,
     })
 }

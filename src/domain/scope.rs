@@ -168,6 +168,11 @@ impl Catalog {
         }
     }
 
+    /// Whether some scope of the catalog issues tokens for `audience`.
+    pub fn has_audience(&self, audience: &str) -> bool {
+        self.scopes.values().any(|scope| scope.audience == audience)
+    }
+
     /// Whether the catalog defines `scope`.
     pub fn contains(&self, scope: &ScopeName) -> bool {
         self.scopes.contains_key(scope)
@@ -260,6 +265,7 @@ mod tests {
 
     fn caller(name: &str) -> Caller {
         Caller {
+            audiences: Vec::new(),
             workload_id: "w".into(),
             name: WorkloadName::parse("name", name).unwrap(),
             spiffe_id: SpiffeId::from_stored(format!("spiffe://test/workload/{name}")),

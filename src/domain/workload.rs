@@ -92,6 +92,9 @@ pub enum Role {
     Agent,
     /// Registers workloads, revokes, rotates keys.
     Admin,
+    /// A downstream API: introspects tokens of its own audiences and follows the revocation
+    /// feed filtered to them, nothing else.
+    ResourceServer,
 }
 
 impl Role {
@@ -99,6 +102,7 @@ impl Role {
         match self {
             Role::Agent => "agent",
             Role::Admin => "admin",
+            Role::ResourceServer => "resource_server",
         }
     }
 
@@ -106,6 +110,7 @@ impl Role {
         match text {
             "agent" => Some(Role::Agent),
             "admin" => Some(Role::Admin),
+            "resource_server" => Some(Role::ResourceServer),
             _ => None,
         }
     }
@@ -119,20 +124,15 @@ pub struct Caller {
     pub name: WorkloadName,
     pub spiffe_id: SpiffeId,
     pub roles: Vec<Role>,
+    /// The audiences it serves as a `resource_server`.
+    pub audiences: Vec<String>,
 }
 
 impl Caller {
-    /// Refuses the call unless the caller holds `role`.
-    pub fn require(&self, role: Role) -> Result<(), Error> {
-        if self.roles.contains(&role) {
-            Ok(())
-        } else {
-            Err(Error::PermissionDenied(format!(
-                "workload '{}' lacks the '{}' role this call needs",
-                self.name,
-                role.as_str()
-            )))
-        }
+    /// Whether the caller serves `audience` as a resource server.
+    pub fn serves(&self, audience: &str) -> bool {
+        self.roles.contains(&Role::ResourceServer)
+            && self.audiences.iter().any(|served| served == audience)
     }
 }
 

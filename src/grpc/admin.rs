@@ -4,11 +4,12 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::authenticate;
+use super::access::Rpc;
+use super::auth::authorize;
 use super::convert;
 use crate::audit::chain::Problem;
 use crate::broker::{Broker, RevocationTarget};
-use crate::domain::{Caller, LeaseId, Role, TaskId, WorkloadName};
+use crate::domain::{Caller, LeaseId, TaskId, WorkloadName};
 use crate::error::Error;
 use crate::proto;
 use crate::proto::revoke_request::Target;
@@ -31,11 +32,9 @@ impl AdminService {
         AdminService { broker }
     }
 
-    /// The caller, if it holds the admin role.
-    async fn admin<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let caller = authenticate(self.broker.credentials(), request).await?;
-        caller.require(Role::Admin)?;
-        Ok(caller)
+    /// The caller, if its roles allow `rpc` (admin only).
+    async fn admin<T>(&self, request: &Request<T>, rpc: Rpc) -> Result<Caller, Status> {
+        Ok(authorize(self.broker.credentials(), request, rpc).await?)
     }
 }
 
@@ -45,7 +44,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::CreateWorkloadRequest>,
     ) -> Result<Response<proto::CreateWorkloadResponse>, Status> {
-        let caller = self.admin(&request).await?;
+        let caller = self.admin(&request, Rpc::CreateWorkload).await?;
         let message = request.into_inner();
         let name = WorkloadName::parse("name", &message.name)?;
         let mut roles = Vec::new();
@@ -65,7 +64,7 @@ impl proto::admin_server::Admin for AdminService {
         }
         let (workload, credential) = self
             .broker
-            .create_workload(caller.name.as_str(), name, roles)
+            .create_workload(caller.name.as_str(), name, roles, message.audiences)
             .await?;
         Ok(Response::new(proto::CreateWorkloadResponse {
             workload: Some(convert::workload(workload)),
@@ -77,7 +76,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::ListWorkloadsRequest>,
     ) -> Result<Response<proto::ListWorkloadsResponse>, Status> {
-        self.admin(&request).await?;
+        self.admin(&request, Rpc::ListWorkloads).await?;
         let workloads = self.broker.store().list_workloads().await?;
         Ok(Response::new(proto::ListWorkloadsResponse {
             workloads: workloads.into_iter().map(convert::workload).collect(),
@@ -88,7 +87,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::RotateWorkloadCredentialRequest>,
     ) -> Result<Response<proto::RotateWorkloadCredentialResponse>, Status> {
-        let caller = self.admin(&request).await?;
+        let caller = self.admin(&request, Rpc::RotateWorkloadCredential).await?;
         let name = WorkloadName::parse("name", &request.get_ref().name)?;
         let (workload, credential) = self
             .broker
@@ -104,7 +103,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::RevokeWorkloadCredentialsRequest>,
     ) -> Result<Response<proto::RevokeWorkloadCredentialsResponse>, Status> {
-        let caller = self.admin(&request).await?;
+        let caller = self.admin(&request, Rpc::RevokeWorkloadCredentials).await?;
         let name = WorkloadName::parse("name", &request.get_ref().name)?;
         let workload = self
             .broker
@@ -119,7 +118,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::RevokeRequest>,
     ) -> Result<Response<proto::RevokeResponse>, Status> {
-        let caller = self.admin(&request).await?;
+        let caller = self.admin(&request, Rpc::Revoke).await?;
         let target = match &request.get_ref().target {
             Some(Target::LeaseId(id)) => RevocationTarget::Lease(LeaseId::parse("lease_id", id)?),
             Some(Target::TaskId(id)) => RevocationTarget::Task(TaskId::parse("task_id", id)?),
@@ -135,7 +134,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::RotateSigningKeyRequest>,
     ) -> Result<Response<proto::RotateSigningKeyResponse>, Status> {
-        let caller = self.admin(&request).await?;
+        let caller = self.admin(&request, Rpc::RotateSigningKey).await?;
         let rotation = self.broker.rotate_signing_key(&caller).await?;
         Ok(Response::new(proto::RotateSigningKeyResponse {
             new_kid: rotation.new_kid,
@@ -150,7 +149,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::QueryAuditRequest>,
     ) -> Result<Response<proto::QueryAuditResponse>, Status> {
-        self.admin(&request).await?;
+        self.admin(&request, Rpc::QueryAudit).await?;
         let message = request.into_inner();
         let text = |value: String| Some(value).filter(|value| !value.is_empty());
         let filter = AuditFilter {
@@ -178,7 +177,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::ExportAuditRequest>,
     ) -> Result<Response<AuditStream>, Status> {
-        self.admin(&request).await?;
+        self.admin(&request, Rpc::ExportAudit).await?;
         let mut after = i64::try_from(request.get_ref().after_seq)
             .map_err(|_| Error::invalid("after_seq", "is beyond the trail"))?;
         let store = self.broker.store().clone();
@@ -213,7 +212,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::VerifyAuditRequest>,
     ) -> Result<Response<proto::VerifyAuditResponse>, Status> {
-        self.admin(&request).await?;
+        self.admin(&request, Rpc::VerifyAudit).await?;
         let report = crate::audit::verify::verify(self.broker.store().as_ref()).await?;
         let count = |n: i64| u64::try_from(n).unwrap_or_default();
         let problem = report.problem.unwrap_or_else(|| Problem {
@@ -237,7 +236,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::AuditHashRequest>,
     ) -> Result<Response<proto::AuditHashResponse>, Status> {
-        self.admin(&request).await?;
+        self.admin(&request, Rpc::AuditHash).await?;
         let value = &request.get_ref().value;
         if value.is_empty() {
             return Err(Error::invalid("value", "is required").into());

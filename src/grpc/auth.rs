@@ -4,10 +4,22 @@
 use tonic::Request;
 
 use super::CredentialCache;
+use super::access::{self, Rpc};
 use crate::domain::Caller;
 use crate::error::{Error, Result};
 use crate::issuer::BearerCredential;
 use crate::issuer::credential::digests_match;
+
+/// The workload behind the request's bearer credential, if its roles allow `rpc`.
+pub async fn authorize<T>(
+    credentials: &CredentialCache,
+    request: &Request<T>,
+    rpc: Rpc,
+) -> Result<Caller> {
+    let caller = authenticate(credentials, request).await?;
+    access::authorize(&caller, rpc)?;
+    Ok(caller)
+}
 
 /// The workload behind the request's bearer credential.
 pub async fn authenticate<T>(
@@ -40,6 +52,7 @@ pub async fn authenticate<T>(
         name: workload.name,
         spiffe_id: workload.spiffe_id,
         roles: workload.roles,
+        audiences: workload.audiences,
     })
 }
 

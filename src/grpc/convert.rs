@@ -84,6 +84,7 @@ pub fn role(role: Role) -> proto::Role {
     match role {
         Role::Agent => proto::Role::Agent,
         Role::Admin => proto::Role::Admin,
+        Role::ResourceServer => proto::Role::ResourceServer,
     }
 }
 
@@ -91,6 +92,7 @@ pub fn role_from_proto(role: proto::Role) -> Option<Role> {
     match role {
         proto::Role::Agent => Some(Role::Agent),
         proto::Role::Admin => Some(Role::Admin),
+        proto::Role::ResourceServer => Some(Role::ResourceServer),
         proto::Role::Unspecified => None,
     }
 }
@@ -118,5 +120,6 @@ pub fn workload(workload: WorkloadRecord) -> proto::Workload {
         spiffe_id: workload.spiffe_id.as_str().to_owned(),
         roles: workload.roles.into_iter().map(|r| role(r).into()).collect(),
         created_at: Some(timestamp(workload.created_at)),
+        audiences: workload.audiences,
     }
 }

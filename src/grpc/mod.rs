@@ -2,6 +2,7 @@
 //! authenticates, parses the request into domain values (errors name the field), calls the
 //! broker, and converts the answer.
 
+pub mod access;
 mod admin;
 mod auth;
 mod convert;

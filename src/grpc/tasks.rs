@@ -4,11 +4,12 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::authenticate;
+use super::access::Rpc;
+use super::auth::authorize;
 use super::convert;
 use crate::broker::Broker;
 use crate::domain::task::NewTask;
-use crate::domain::{LeaseId, Role, ScopeName, TaskContext, TaskId};
+use crate::domain::{LeaseId, ScopeName, TaskContext, TaskId};
 use crate::proto;
 
 pub struct TasksService {
@@ -20,10 +21,12 @@ impl TasksService {
         TasksService { broker }
     }
 
-    async fn agent<T>(&self, request: &Request<T>) -> Result<crate::domain::Caller, Status> {
-        let caller = authenticate(self.broker.credentials(), request).await?;
-        caller.require(Role::Agent)?;
-        Ok(caller)
+    async fn agent<T>(
+        &self,
+        request: &Request<T>,
+        rpc: Rpc,
+    ) -> Result<crate::domain::Caller, Status> {
+        Ok(authorize(self.broker.credentials(), request, rpc).await?)
     }
 }
 
@@ -33,7 +36,7 @@ impl proto::tasks_server::Tasks for TasksService {
         &self,
         request: Request<proto::BeginTaskRequest>,
     ) -> Result<Response<proto::BeginTaskResponse>, Status> {
-        let caller = self.agent(&request).await?;
+        let caller = self.agent(&request, Rpc::BeginTask).await?;
         let message = request.into_inner();
         let context = message.context.unwrap_or_default();
         let context = TaskContext::parse(
@@ -63,7 +66,7 @@ impl proto::tasks_server::Tasks for TasksService {
         &self,
         request: Request<proto::RequestGrantRequest>,
     ) -> Result<Response<proto::RequestGrantResponse>, Status> {
-        let caller = self.agent(&request).await?;
+        let caller = self.agent(&request, Rpc::RequestGrant).await?;
         let message = request.into_inner();
         let task_id = TaskId::parse("task_id", &message.task_id)?;
         record_task(task_id.as_str());
@@ -81,7 +84,7 @@ impl proto::tasks_server::Tasks for TasksService {
         &self,
         request: Request<proto::RenewLeaseRequest>,
     ) -> Result<Response<proto::RenewLeaseResponse>, Status> {
-        let caller = self.agent(&request).await?;
+        let caller = self.agent(&request, Rpc::RenewLease).await?;
         let message = request.into_inner();
         let lease_id = LeaseId::parse("lease_id", &message.lease_id)?;
         let lease = self
@@ -98,7 +101,7 @@ impl proto::tasks_server::Tasks for TasksService {
         &self,
         request: Request<proto::CompleteTaskRequest>,
     ) -> Result<Response<proto::CompleteTaskResponse>, Status> {
-        let caller = self.agent(&request).await?;
+        let caller = self.agent(&request, Rpc::CompleteTask).await?;
         let task_id = TaskId::parse("task_id", &request.get_ref().task_id)?;
         record_task(task_id.as_str());
         let completed = self.broker.complete_task(&caller, &task_id).await?;

@@ -9,10 +9,11 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::auth::authenticate;
+use super::access::Rpc;
+use super::auth::authorize;
 use super::convert;
 use crate::broker::Broker;
-use crate::domain::UnixMillis;
+use crate::domain::{Role, UnixMillis};
 use crate::error::Error;
 use crate::proto;
 
@@ -36,12 +37,20 @@ impl proto::tokens_server::Tokens for TokensService {
         &self,
         request: Request<proto::IntrospectRequest>,
     ) -> Result<Response<proto::IntrospectResponse>, Status> {
-        let caller = authenticate(self.broker.credentials(), &request).await?;
+        let caller = authorize(self.broker.credentials(), &request, Rpc::Introspect).await?;
         let message = request.into_inner();
         if message.audience.is_empty() {
             return Err(
                 Error::invalid("audience", "is required: the audience your API serves").into(),
             );
+        }
+        if !caller.roles.contains(&Role::Admin) && !caller.serves(&message.audience) {
+            return Err(Error::PermissionDenied(format!(
+                "audience: workload '{}' does not serve this audience; a resource server may \
+                 introspect only tokens of the audiences it was registered with",
+                caller.name
+            ))
+            .into());
         }
         let response = match self
             .broker
@@ -98,7 +107,11 @@ impl proto::tokens_server::Tokens for TokensService {
         &self,
         request: Request<proto::WatchRevocationsRequest>,
     ) -> Result<Response<RevocationStream>, Status> {
-        authenticate(self.broker.credentials(), &request).await?;
+        let caller = authorize(self.broker.credentials(), &request, Rpc::WatchRevocations).await?;
+        // An admin follows every revocation; a resource server only those of its audiences
+        // (lease events: task-level events name no audience, and each lease a task held has
+        // its own event).
+        let audiences = (!caller.roles.contains(&Role::Admin)).then_some(caller.audiences);
         let cursor = request.get_ref().cursor;
         let feed = self.broker.feed();
         let heartbeat_interval_ms =
@@ -106,8 +119,21 @@ impl proto::tokens_server::Tokens for TokensService {
         let batches = feed.subscribe(cursor, self.shutdown.clone());
         let stream = ReceiverStream::new(batches).map(move |batch| {
             let batch = batch.map_err(Status::from)?;
+            let concerns_caller = |record: &crate::store::FeedRecord| match &audiences {
+                None => true,
+                Some(served) => record
+                    .event
+                    .audience
+                    .as_ref()
+                    .is_some_and(|audience| served.contains(audience)),
+            };
             Ok(proto::WatchRevocationsResponse {
-                events: batch.records.into_iter().map(revocation_event).collect(),
+                events: batch
+                    .records
+                    .into_iter()
+                    .filter(concerns_caller)
+                    .map(revocation_event)
+                    .collect(),
                 cursor: batch.cursor,
                 caught_up: batch.caught_up,
                 heartbeat_interval_ms,

@@ -17,6 +17,8 @@ pub struct WorkloadRecord {
     pub name: WorkloadName,
     pub spiffe_id: SpiffeId,
     pub roles: Vec<Role>,
+    /// The audiences a `resource_server` serves; empty for other workloads.
+    pub audiences: Vec<String>,
     pub created_at: UnixMillis,
 }
 
@@ -325,6 +327,8 @@ pub struct WorkloadColumns {
     pub spiffe_id: String,
     pub roles: String,
     pub created_at: i64,
+    /// Space-separated.
+    pub audiences: String,
 }
 
 impl WorkloadColumns {
@@ -335,6 +339,11 @@ impl WorkloadColumns {
                 .map_err(|_| corrupt("workloads.name", &self.name))?,
             spiffe_id: SpiffeId::from_stored(self.spiffe_id),
             roles: parse_roles(&self.roles)?,
+            audiences: self
+                .audiences
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
             created_at: UnixMillis(self.created_at),
         })
     }

@@ -86,6 +86,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
         .create_workload(proto::CreateWorkloadRequest {
             name: "sneaky".into(),
             roles: vec![proto::Role::Admin as i32],
+            audiences: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -105,7 +106,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
     for status in [create, rotate, revoke] {
         assert_eq!(status.code(), Code::PermissionDenied);
         assert!(
-            status.message().contains("'admin' role"),
+            status.message().contains("needs the role admin"),
             "{}",
             status.message()
         );
@@ -130,6 +131,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
         .create_workload(proto::CreateWorkloadRequest {
             name: "crm-agent".into(),
             roles: vec![proto::Role::Agent as i32],
+            audiences: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -138,6 +140,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
         .create_workload(proto::CreateWorkloadRequest {
             name: "x".into(),
             roles: vec![],
+            audiences: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -150,6 +153,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
         .create_workload(proto::CreateWorkloadRequest {
             name: "Bad Name".into(),
             roles: vec![1],
+            audiences: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -162,6 +166,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
         .create_workload(proto::CreateWorkloadRequest {
             name: "y".into(),
             roles: vec![99],
+            audiences: Vec::new(),
         })
         .await
         .unwrap_err();

@@ -113,6 +113,7 @@ async fn create_workload(store: &SharedStore, name: &str) -> String {
         name: WorkloadName::parse("name", name).unwrap(),
         spiffe_id: SpiffeId::from_stored(format!("spiffe://test/workload/{name}")),
         roles: vec![Role::Agent],
+        audiences: Vec::new(),
         created_at: UnixMillis::now(),
     };
     let credential = StoredCredential {
@@ -1180,6 +1181,7 @@ async fn workloads_and_credentials(backend: Backend) {
                 name: WorkloadName::parse("name", "agent-c").unwrap(),
                 spiffe_id: SpiffeId::from_stored("spiffe://test/workload/other".into()),
                 roles: vec![Role::Admin],
+                audiences: Vec::new(),
                 created_at: UnixMillis::now(),
             },
             StoredCredential {

@@ -69,6 +69,7 @@ async fn create_workload(broker: &Broker, admin: &str, name: &str) -> String {
         .create_workload(proto::CreateWorkloadRequest {
             name: name.into(),
             roles: vec![proto::Role::Agent as i32],
+            audiences: Vec::new(),
         })
         .await
         .unwrap()

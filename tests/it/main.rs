@@ -27,6 +27,7 @@ macro_rules! backend_tests {
 
 mod support;
 
+mod access;
 mod audit;
 mod auth;
 mod conformance;

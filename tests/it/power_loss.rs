@@ -109,6 +109,7 @@ async fn issue_then_cut_power(extra_env: &[(&str, &str)]) -> Option<Outcome> {
         .create_workload(proto::CreateWorkloadRequest {
             name: "crm-agent".into(),
             roles: vec![proto::Role::Agent as i32],
+            audiences: Vec::new(),
         })
         .await
         .unwrap()

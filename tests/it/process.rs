@@ -592,6 +592,7 @@ async fn secrets_never_reach_the_audit_trail_or_the_logs() {
         .create_workload(proto::CreateWorkloadRequest {
             name: "crm-agent".into(),
             roles: vec![proto::Role::Agent as i32],
+            audiences: Vec::new(),
         })
         .await
         .unwrap()
@@ -714,6 +715,7 @@ async fn credentials_received_before_sigkill_are_stored_and_revocable_after_rest
     let request = proto::CreateWorkloadRequest {
         name: "crm-agent".into(),
         roles: vec![proto::Role::Agent as i32],
+        audiences: Vec::new(),
     };
     let agent_credential = admin
         .admin()

@@ -185,9 +185,20 @@ impl TestApp {
 
     /// Registers a workload with the given roles and returns its credential.
     pub async fn workload(&self, name: &str, roles: &[proto::Role]) -> String {
+        self.register(name, roles, &[]).await
+    }
+
+    /// Registers a resource server of `audiences` and returns its credential.
+    pub async fn resource_server(&self, name: &str, audiences: &[&str]) -> String {
+        self.register(name, &[proto::Role::ResourceServer], audiences)
+            .await
+    }
+
+    async fn register(&self, name: &str, roles: &[proto::Role], audiences: &[&str]) -> String {
         let request = proto::CreateWorkloadRequest {
             name: name.into(),
             roles: roles.iter().map(|r| *r as i32).collect(),
+            audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
         };
         self.admin()
             .await

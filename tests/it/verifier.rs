@@ -14,7 +14,7 @@ async fn verifier_validates_offline_and_learns_revocations_and_rotations_from_th
 ) {
     let data = TestData::new(backend).await;
     let app = TestApp::spawn(&data).await;
-    let downstream = app.workload("crm-api", &[proto::Role::Agent]).await;
+    let downstream = app.resource_server("crm-api", &[CRM]).await;
     let verifier = Verifier::connect(VerifierConfig::new(app.address(), CRM, downstream))
         .await
         .unwrap();

@@ -35,6 +35,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "storage engine",
         sql: include_str!("../../../migrations/postgres/0003_storage_engine.sql"),
     },
+    Migration {
+        version: 4,
+        description: "resource servers",
+        sql: include_str!("../../../migrations/postgres/0004_resource_servers.sql"),
+    },
 ];
 
 /// The advisory lock that makes replicas starting together migrate one at a time.

@@ -13,7 +13,7 @@ use crate::store::records::{WorkloadColumns, WorkloadRecord, roles_text};
 /// The workload columns, in the order [`workload_columns`] decodes them.
 macro_rules! workload_columns {
     () => {
-        "w.id, w.name, w.spiffe_id, w.roles, w.created_at"
+        "w.id, w.name, w.spiffe_id, w.roles, w.created_at, w.audiences"
     };
 }
 
@@ -24,14 +24,15 @@ pub async fn create(
     events: &[AuditEvent],
 ) -> Result<()> {
     let inserted = sqlx::query(
-        "INSERT INTO workloads (id, name, spiffe_id, roles, created_at) VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT DO NOTHING",
+        "INSERT INTO workloads (id, name, spiffe_id, roles, created_at, audiences) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
     )
     .bind(&workload.id)
     .bind(workload.name.as_str())
     .bind(workload.spiffe_id.as_str())
     .bind(roles_text(&workload.roles))
     .bind(workload.created_at.0)
+    .bind(workload.audiences.join(" "))
     .execute(&mut *connection)
     .await?;
     if inserted.rows_affected() == 0 {
@@ -115,7 +116,7 @@ pub async fn find_credential(
     .bind(credential_id)
     .fetch_optional(pool)
     .await?
-    .map(|row| Ok((row.try_get(5)?, workload_columns(&row)?.into_record()?)))
+    .map(|row| Ok((row.try_get(6)?, workload_columns(&row)?.into_record()?)))
     .transpose()
 }
 
@@ -139,5 +140,6 @@ fn workload_columns(row: &PgRow) -> Result<WorkloadColumns> {
         spiffe_id: row.try_get(2)?,
         roles: row.try_get(3)?,
         created_at: row.try_get(4)?,
+        audiences: row.try_get(5)?,
     })
 }

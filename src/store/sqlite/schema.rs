@@ -19,6 +19,9 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!(
             "../../../migrations/sqlite/0003_storage_engine.sql"
         )),
+        M::up(include_str!(
+            "../../../migrations/sqlite/0004_resource_servers.sql"
+        )),
     ])
 }
 

@@ -11,7 +11,7 @@ use crate::issuer::credential::StoredCredential;
 use crate::store::Topic;
 use crate::store::records::{WorkloadColumns, WorkloadRecord, roles_text};
 
-const WORKLOAD_COLUMNS: &str = "w.id, w.name, w.spiffe_id, w.roles, w.created_at";
+const WORKLOAD_COLUMNS: &str = "w.id, w.name, w.spiffe_id, w.roles, w.created_at, w.audiences";
 
 pub fn create(
     write: &mut Write<'_>,
@@ -22,8 +22,8 @@ pub fn create(
     let inserted = write
         .connection
         .prepare_cached(
-            "INSERT INTO workloads (id, name, spiffe_id, roles, created_at) VALUES (?1, ?2, ?3, ?4, ?5) \
-             ON CONFLICT DO NOTHING",
+            "INSERT INTO workloads (id, name, spiffe_id, roles, created_at, audiences) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
         )?
         .execute(params![
             workload.id,
@@ -31,6 +31,7 @@ pub fn create(
             workload.spiffe_id.as_str(),
             roles_text(&workload.roles),
             workload.created_at.0,
+            workload.audiences.join(" "),
         ])?;
     if inserted == 0 {
         return Err(Error::AlreadyExists(format!(
@@ -114,7 +115,7 @@ pub fn find_credential(
              JOIN workloads w ON w.id = c.workload_id WHERE c.id = ?1 AND c.revoked_at IS NULL"
         ))?
         .query_row([credential_id], |row| {
-            Ok((row.get(5)?, workload_columns(row)?))
+            Ok((row.get(6)?, workload_columns(row)?))
         })
         .optional()?
         .map(|(secret, columns)| Ok((secret, columns.into_record()?)))
@@ -138,5 +139,6 @@ fn workload_columns(row: &Row<'_>) -> rusqlite::Result<WorkloadColumns> {
         spiffe_id: row.get(2)?,
         roles: row.get(3)?,
         created_at: row.get(4)?,
+        audiences: row.get(5)?,
     })
 }

@@ -1,0 +1,93 @@
+//! Which role may call which RPC: one table, deny by default. Every authenticated handler asks
+//! [`authorize`] with its own [`Rpc`]; an RPC missing from the table is refused to every role.
+
+use crate::domain::{Caller, Role};
+use crate::error::Error;
+
+/// Every RPC that needs an identity. `Tokens.GetJwks` is not here: the keys are public (they
+/// are served over HTTP too) and need no credential.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rpc {
+    BeginTask,
+    RequestGrant,
+    RenewLease,
+    CompleteTask,
+    Introspect,
+    WatchRevocations,
+    CreateWorkload,
+    ListWorkloads,
+    RotateWorkloadCredential,
+    RevokeWorkloadCredentials,
+    Revoke,
+    RotateSigningKey,
+    QueryAudit,
+    ExportAudit,
+    VerifyAudit,
+    AuditHash,
+}
+
+impl Rpc {
+    /// Its gRPC name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rpc::BeginTask => "Tasks.BeginTask",
+            Rpc::RequestGrant => "Tasks.RequestGrant",
+            Rpc::RenewLease => "Tasks.RenewLease",
+            Rpc::CompleteTask => "Tasks.CompleteTask",
+            Rpc::Introspect => "Tokens.Introspect",
+            Rpc::WatchRevocations => "Tokens.WatchRevocations",
+            Rpc::CreateWorkload => "Admin.CreateWorkload",
+            Rpc::ListWorkloads => "Admin.ListWorkloads",
+            Rpc::RotateWorkloadCredential => "Admin.RotateWorkloadCredential",
+            Rpc::RevokeWorkloadCredentials => "Admin.RevokeWorkloadCredentials",
+            Rpc::Revoke => "Admin.Revoke",
+            Rpc::RotateSigningKey => "Admin.RotateSigningKey",
+            Rpc::QueryAudit => "Admin.QueryAudit",
+            Rpc::ExportAudit => "Admin.ExportAudit",
+            Rpc::VerifyAudit => "Admin.VerifyAudit",
+            Rpc::AuditHash => "Admin.AuditHash",
+        }
+    }
+}
+
+/// The roles that may call `rpc`. Agents work on their own tasks only; a resource server
+/// checks tokens of its own audiences (the handlers narrow it to them); admins manage the
+/// broker and may check any token, but open no tasks.
+pub fn allowed_roles(rpc: Rpc) -> &'static [Role] {
+    match rpc {
+        Rpc::BeginTask | Rpc::RequestGrant | Rpc::RenewLease | Rpc::CompleteTask => &[Role::Agent],
+        Rpc::Introspect | Rpc::WatchRevocations => &[Role::ResourceServer, Role::Admin],
+        Rpc::CreateWorkload
+        | Rpc::ListWorkloads
+        | Rpc::RotateWorkloadCredential
+        | Rpc::RevokeWorkloadCredentials
+        | Rpc::Revoke
+        | Rpc::RotateSigningKey
+        | Rpc::QueryAudit
+        | Rpc::ExportAudit
+        | Rpc::VerifyAudit
+        | Rpc::AuditHash => &[Role::Admin],
+    }
+}
+
+/// Refuses `rpc` unless one of the caller's roles may call it.
+pub fn authorize(caller: &Caller, rpc: Rpc) -> Result<(), Error> {
+    let allowed = allowed_roles(rpc);
+    if caller.roles.iter().any(|role| allowed.contains(role)) {
+        return Ok(());
+    }
+    let names = |roles: &[Role]| {
+        roles
+            .iter()
+            .map(|role| role.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(Error::PermissionDenied(format!(
+        "workload '{}' (roles: {}) may not call {}: it needs the role {}",
+        caller.name,
+        names(&caller.roles),
+        rpc.name(),
+        names(allowed).replace(", ", " or ")
+    )))
+}

@@ -1,0 +1,288 @@
+//! The role x RPC matrix, cell by cell: every role calls every RPC of every service, and only
+//! the cells the README's table allows get past authorization. The list of RPCs is checked
+//! against the served descriptors, so a new RPC without a row here fails the test.
+
+use prost::Message;
+use tonic::Code;
+use warrant::client::Connection;
+use warrant::proto;
+
+use crate::support::*;
+
+const AGENT: &str = "agent";
+const RESOURCE_SERVER: &str = "resource_server";
+const ADMIN: &str = "admin";
+
+/// (RPC, the roles that may call it). Deny by default: a role not listed must be refused.
+const MATRIX: &[(&str, &[&str])] = &[
+    ("warrant.v1.Tasks/BeginTask", &[AGENT]),
+    ("warrant.v1.Tasks/RequestGrant", &[AGENT]),
+    ("warrant.v1.Tasks/RenewLease", &[AGENT]),
+    ("warrant.v1.Tasks/CompleteTask", &[AGENT]),
+    ("warrant.v1.Tokens/Introspect", &[RESOURCE_SERVER, ADMIN]),
+    (
+        "warrant.v1.Tokens/GetJwks",
+        &[AGENT, RESOURCE_SERVER, ADMIN],
+    ),
+    (
+        "warrant.v1.Tokens/WatchRevocations",
+        &[RESOURCE_SERVER, ADMIN],
+    ),
+    ("warrant.v1.Admin/CreateWorkload", &[ADMIN]),
+    ("warrant.v1.Admin/ListWorkloads", &[ADMIN]),
+    ("warrant.v1.Admin/RotateWorkloadCredential", &[ADMIN]),
+    ("warrant.v1.Admin/RevokeWorkloadCredentials", &[ADMIN]),
+    ("warrant.v1.Admin/Revoke", &[ADMIN]),
+    ("warrant.v1.Admin/RotateSigningKey", &[ADMIN]),
+    ("warrant.v1.Admin/QueryAudit", &[ADMIN]),
+    ("warrant.v1.Admin/ExportAudit", &[ADMIN]),
+    ("warrant.v1.Admin/VerifyAudit", &[ADMIN]),
+    ("warrant.v1.Admin/AuditHash", &[ADMIN]),
+];
+
+/// Calls `rpc` with a harmless request (nothing it could change exists) and returns the status
+/// of the first answer.
+async fn call(connection: &Connection, rpc: &str) -> Result<(), tonic::Status> {
+    let no_task = format!("task_{}", "0".repeat(32));
+    let no_lease = format!("lease_{}", "0".repeat(32));
+    let (mut tasks, mut tokens, mut admin) =
+        (connection.tasks(), connection.tokens(), connection.admin());
+    match rpc {
+        "warrant.v1.Tasks/BeginTask" => tasks.begin_task(begin(&["no.such:scope"])).await.map(drop),
+        "warrant.v1.Tasks/RequestGrant" => tasks
+            .request_grant(grant_request(&no_task, "crm.contacts:read", 0))
+            .await
+            .map(drop),
+        "warrant.v1.Tasks/RenewLease" => tasks
+            .renew_lease(renew_request(&no_lease, 60))
+            .await
+            .map(drop),
+        "warrant.v1.Tasks/CompleteTask" => tasks
+            .complete_task(complete_request(&no_task))
+            .await
+            .map(drop),
+        "warrant.v1.Tokens/Introspect" => tokens
+            .introspect(proto::IntrospectRequest {
+                token: "not.a.token".into(),
+                audience: CRM.into(),
+            })
+            .await
+            .map(drop),
+        "warrant.v1.Tokens/GetJwks" => tokens.get_jwks(proto::GetJwksRequest {}).await.map(drop),
+        "warrant.v1.Tokens/WatchRevocations" => {
+            let mut stream = tokens
+                .watch_revocations(proto::WatchRevocationsRequest { cursor: 0 })
+                .await?
+                .into_inner();
+            stream.message().await.map(drop)
+        }
+        "warrant.v1.Admin/CreateWorkload" => admin
+            .create_workload(proto::CreateWorkloadRequest {
+                name: "Not A Name".into(),
+                roles: vec![proto::Role::Agent as i32],
+                audiences: Vec::new(),
+            })
+            .await
+            .map(drop),
+        "warrant.v1.Admin/ListWorkloads" => admin
+            .list_workloads(proto::ListWorkloadsRequest {})
+            .await
+            .map(drop),
+        "warrant.v1.Admin/RotateWorkloadCredential" => admin
+            .rotate_workload_credential(proto::RotateWorkloadCredentialRequest {
+                name: "nobody".into(),
+            })
+            .await
+            .map(drop),
+        "warrant.v1.Admin/RevokeWorkloadCredentials" => admin
+            .revoke_workload_credentials(proto::RevokeWorkloadCredentialsRequest {
+                name: "nobody".into(),
+            })
+            .await
+            .map(drop),
+        "warrant.v1.Admin/Revoke" => admin
+            .revoke(proto::RevokeRequest {
+                target: Some(proto::revoke_request::Target::TaskId(no_task)),
+            })
+            .await
+            .map(drop),
+        "warrant.v1.Admin/RotateSigningKey" => admin
+            .rotate_signing_key(proto::RotateSigningKeyRequest {})
+            .await
+            .map(drop),
+        "warrant.v1.Admin/QueryAudit" => admin
+            .query_audit(proto::QueryAuditRequest {
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "warrant.v1.Admin/ExportAudit" => {
+            let mut stream = admin
+                .export_audit(proto::ExportAuditRequest {
+                    after_seq: u64::MAX - 1,
+                })
+                .await?
+                .into_inner();
+            stream.message().await.map(drop)
+        }
+        "warrant.v1.Admin/VerifyAudit" => admin
+            .verify_audit(proto::VerifyAuditRequest {})
+            .await
+            .map(drop),
+        "warrant.v1.Admin/AuditHash" => admin
+            .audit_hash(proto::AuditHashRequest { value: "x".into() })
+            .await
+            .map(drop),
+        other => panic!("no call for {other}: add it to MATRIX and to call()"),
+    }
+}
+
+/// Every RPC the broker serves in `warrant.v1`, from its own descriptors.
+fn served_rpcs() -> Vec<String> {
+    let descriptors = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET).unwrap();
+    descriptors
+        .file
+        .iter()
+        .filter(|file| file.package() == "warrant.v1")
+        .flat_map(|file| {
+            file.service.iter().flat_map(|service| {
+                service
+                    .method
+                    .iter()
+                    .map(|method| format!("warrant.v1.{}/{}", service.name(), method.name()))
+            })
+        })
+        .collect()
+}
+
+backend_tests!(
+    every_role_reaches_exactly_the_rpcs_of_its_row,
+    a_resource_server_sees_only_its_own_audiences,
+);
+
+async fn every_role_reaches_exactly_the_rpcs_of_its_row(backend: Backend) {
+    let mut served = served_rpcs();
+    let mut listed: Vec<String> = MATRIX.iter().map(|(rpc, _)| (*rpc).to_owned()).collect();
+    served.sort();
+    listed.sort();
+    assert_eq!(served, listed, "every served RPC has a row, and only those");
+
+    let data = TestData::new(backend).await;
+    let app = TestApp::spawn(&data).await;
+    let callers = [
+        (
+            AGENT,
+            app.workload("crm-agent", &[proto::Role::Agent]).await,
+        ),
+        (
+            RESOURCE_SERVER,
+            app.resource_server("crm-api", &[CRM]).await,
+        ),
+        (ADMIN, app.admin_token.clone()),
+    ];
+    for (role, credential) in &callers {
+        let connection = app.connect(Some(credential)).await;
+        for (rpc, allowed) in MATRIX {
+            let outcome = call(&connection, rpc).await;
+            let code = outcome.as_ref().err().map(tonic::Status::code);
+            if allowed.contains(role) {
+                assert!(
+                    !matches!(code, Some(Code::PermissionDenied | Code::Unauthenticated)),
+                    "{role} must reach {rpc}: {outcome:?}"
+                );
+            } else {
+                assert_eq!(
+                    code,
+                    Some(Code::PermissionDenied),
+                    "{role} must be refused {rpc}"
+                );
+            }
+        }
+    }
+}
+
+/// A resource server introspects only tokens of its audiences and follows only their
+/// revocations: nothing of another workload's other tasks, leases or scopes reaches it.
+async fn a_resource_server_sees_only_its_own_audiences(backend: Backend) {
+    let data = TestData::new(backend).await;
+    let app = TestApp::spawn(&data).await;
+    let crm_api = app.resource_server("crm-api", &[CRM]).await;
+    let mut agent = app.agent("crm-agent").await.tasks();
+    let task = agent
+        .begin_task(begin(&["crm.contacts:read", "tickets:write"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tokens = app.connect(Some(&crm_api)).await.tokens();
+
+    let own = tokens
+        .introspect(proto::IntrospectRequest {
+            token: task.leases[0].credential.clone(),
+            audience: CRM.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(own.active);
+    let other = tokens
+        .introspect(proto::IntrospectRequest {
+            token: task.leases[1].credential.clone(),
+            audience: "https://tickets.test".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::PermissionDenied);
+    assert!(
+        other.message().starts_with("audience:"),
+        "{}",
+        other.message()
+    );
+
+    agent
+        .complete_task(complete_request(&task.task_id))
+        .await
+        .unwrap();
+    let mut feed = tokens
+        .watch_revocations(proto::WatchRevocationsRequest { cursor: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    loop {
+        let batch = feed.message().await.unwrap().unwrap();
+        seen.extend(batch.events);
+        if batch.caught_up {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 1, "only the CRM lease's revocation: {seen:?}");
+    assert_eq!(seen[0].lease_id, task.leases[0].lease_id);
+    assert_eq!(seen[0].audience, CRM);
+
+    let mut admin = app.admin().await.admin();
+    for (roles, audiences, field) in [
+        (vec![proto::Role::ResourceServer], vec![], "audiences"),
+        (
+            vec![proto::Role::ResourceServer],
+            vec!["https://unknown.test".to_owned()],
+            "audiences[0]",
+        ),
+        (vec![proto::Role::Agent], vec![CRM.to_owned()], "audiences"),
+    ] {
+        let refused = admin
+            .create_workload(proto::CreateWorkloadRequest {
+                name: "misconfigured".into(),
+                roles: roles.iter().map(|role| *role as i32).collect(),
+                audiences,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(
+            refused.message().starts_with(&format!("{field}:")),
+            "{}",
+            refused.message()
+        );
+    }
+}
