@@ -26,6 +26,15 @@ use crate::{audit, grpc, http, jobs, reaper};
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Calls one HTTP/2 connection may have open at once; beyond, the client's new streams are
+/// refused, so one connection cannot hold unbounded broker memory.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// The largest block of request headers (a bearer credential is under 100 bytes).
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// A call not answered by then fails with CANCELLED; a stream's messages are not bounded by it
+/// (only the wait for its first answer).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How soon after commit an audit event is chained.
 const AUDIT_SEAL_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -158,7 +167,10 @@ impl App {
             .map_err(|error| StartError::Serve(error.to_string()))?;
         let mut server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+            .timeout(REQUEST_TIMEOUT);
         let observe = grpc::ObserveLayer::new(self.broker.clone());
         if let Some(tls) = &self.tls {
             let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);

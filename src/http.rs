@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -23,6 +23,11 @@ use crate::domain::UnixMillis;
 const JWKS_MAX_AGE_SECONDS: u32 = 60;
 /// A TLS handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that has not sent a request's headers within this is dropped (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Open HTTP connections at most; beyond, new connections are closed at once. The endpoints
+/// are small and cacheable, so this bounds what idle or slow clients can hold.
+pub const MAX_HTTP_CONNECTIONS: usize = 1024;
 
 pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
@@ -84,6 +89,7 @@ pub async fn serve(
     drain_timeout: Duration,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -99,10 +105,18 @@ pub async fn serve(
             },
             _ = shutdown.wait_for(|stopping| *stopping) => break,
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(
+                limit = MAX_HTTP_CONNECTIONS,
+                "HTTP connection limit reached; closing a new connection"
+            );
+            continue;
+        };
         let service = TowerToHyperService::new(router.clone());
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             match tls {
                 None => serve_connection(stream, service, watcher).await,
                 Some(acceptor) => {
@@ -130,7 +144,11 @@ async fn serve_connection<Io>(
 ) where
     Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     let connection = builder
         .serve_connection(TokioIo::new(io), service)
         .into_owned();

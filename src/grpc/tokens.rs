@@ -1,7 +1,8 @@
 //! The `Tokens` service: what downstream APIs call to validate credentials.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use tokio_stream::Stream;
@@ -13,18 +14,73 @@ use super::access::Rpc;
 use super::auth::authorize;
 use super::convert;
 use crate::broker::Broker;
-use crate::domain::{Role, UnixMillis};
+use crate::domain::{Caller, Role, UnixMillis};
 use crate::error::Error;
 use crate::proto;
+
+/// The longest audience an introspection may name.
+pub const MAX_AUDIENCE_BYTES: usize = 512;
+
+/// Revocation streams one workload may hold open at once: a verifier needs one per process,
+/// and each stream costs the broker a reader task.
+pub const MAX_SUBSCRIPTIONS_PER_CALLER: usize = 16;
 
 pub struct TokensService {
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
+    subscriptions: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl TokensService {
     pub fn new(broker: Arc<Broker>, shutdown: watch::Receiver<bool>) -> Self {
-        TokensService { broker, shutdown }
+        TokensService {
+            broker,
+            shutdown,
+            subscriptions: Arc::default(),
+        }
+    }
+
+    /// Takes one of the caller's subscription slots, held until the stream is dropped.
+    fn subscription_slot(&self, caller: &Caller) -> Result<SubscriptionSlot, Status> {
+        let mut counts = self
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = counts.entry(caller.workload_id.clone()).or_default();
+        if *count >= MAX_SUBSCRIPTIONS_PER_CALLER {
+            return Err(Error::ResourceExhausted(format!(
+                "workload '{}' already holds {MAX_SUBSCRIPTIONS_PER_CALLER} revocation streams; \
+                 close one first",
+                caller.name
+            ))
+            .into());
+        }
+        *count += 1;
+        Ok(SubscriptionSlot {
+            counts: self.subscriptions.clone(),
+            workload_id: caller.workload_id.clone(),
+        })
+    }
+}
+
+/// One open revocation stream of a workload; gives its slot back when dropped.
+struct SubscriptionSlot {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    workload_id: String,
+}
+
+impl Drop for SubscriptionSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = counts.get_mut(&self.workload_id) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.workload_id);
+            }
+        }
     }
 }
 
@@ -43,6 +99,14 @@ impl proto::tokens_server::Tokens for TokensService {
             return Err(
                 Error::invalid("audience", "is required: the audience your API serves").into(),
             );
+        }
+        if message.audience.len() > MAX_AUDIENCE_BYTES {
+            // The audience goes into the use record of the audit trail.
+            return Err(Error::invalid(
+                "audience",
+                format!("is longer than {MAX_AUDIENCE_BYTES} bytes"),
+            )
+            .into());
         }
         if !caller.roles.contains(&Role::Admin) && !caller.serves(&message.audience) {
             return Err(Error::PermissionDenied(format!(
@@ -111,6 +175,7 @@ impl proto::tokens_server::Tokens for TokensService {
         // An admin follows every revocation; a resource server only those of its audiences
         // (lease events: task-level events name no audience, and each lease a task held has
         // its own event).
+        let slot = self.subscription_slot(&caller)?;
         let audiences = (!caller.roles.contains(&Role::Admin)).then_some(caller.audiences);
         let cursor = request.get_ref().cursor;
         let feed = self.broker.feed();
@@ -118,6 +183,7 @@ impl proto::tokens_server::Tokens for TokensService {
             u32::try_from(feed.heartbeat_interval().as_millis()).unwrap_or(u32::MAX);
         let batches = feed.subscribe(cursor, self.shutdown.clone());
         let stream = ReceiverStream::new(batches).map(move |batch| {
+            let _held_while_streaming = &slot;
             let batch = batch.map_err(Status::from)?;
             let concerns_caller = |record: &crate::store::FeedRecord| match &audiences {
                 None => true,

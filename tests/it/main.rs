@@ -35,6 +35,7 @@ mod feed_silence;
 mod interop;
 mod jobs;
 mod lifecycle;
+mod limits;
 mod lossy_fs;
 mod metrics;
 mod power_loss;
