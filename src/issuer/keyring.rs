@@ -1,5 +1,10 @@
-//! The broker's signing keys in memory: the current key (parsed once, shared by every request)
-//! and the public keys still published. Rotation stores the new key first, then swaps it in.
+//! The broker's signing keys in memory: the current key (parsed once, shared by every request),
+//! the next key, and the public keys still published.
+//!
+//! The next key is published in the JWKS before it signs anything: a rotation promotes it and
+//! makes a new next key, so a verifier that fetched the JWKS a moment before a rotation already
+//! knows the key that signs after it. A reload takes the current key from the store's state
+//! (activated, not retired), so it can never put a retired key back into use.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -15,6 +20,8 @@ use crate::store::{Store, StoredSigningKey};
 /// The keys as of the last load or rotation.
 struct KeySet {
     current: Arc<SigningKey>,
+    /// The key the next rotation promotes.
+    next: Arc<SigningKey>,
     /// Every published key by kid, with the instant it stops being published (`None`: current).
     published: HashMap<String, (VerifyingKey, Option<UnixMillis>)>,
 }
@@ -50,17 +57,27 @@ impl Keyring {
     ) -> Result<Self> {
         let now = UnixMillis::now();
         let mut stored = store.published_signing_keys(now).await?;
-        if !stored.iter().any(|key| key.retired_at.is_none()) {
-            let (key, record) = new_key(&master_key, algorithm, now);
+        // A fresh store gets both keys; a store from before next keys existed gets a next key.
+        for (role, missing) in [
+            ("current", !stored.iter().any(StoredSigningKey::is_current)),
+            ("next", !stored.iter().any(StoredSigningKey::is_next)),
+        ] {
+            if !missing {
+                continue;
+            }
+            let activated_at = (role == "current").then_some(now);
+            let (key, record) = new_key(&master_key, algorithm, now, activated_at);
             let event = AuditEvent::new("signing_key.generated", "ok", BOOTSTRAP)
                 .with("kid", key.kid())
-                .with("algorithm", algorithm.jws_name());
+                .with("algorithm", algorithm.jws_name())
+                .with("role", role);
             store
                 .insert_signing_key(record.clone(), vec![event])
                 .await?;
             tracing::info!(
                 kid = key.kid(),
                 algorithm = algorithm.jws_name(),
+                role,
                 "generated signing key"
             );
             stored.insert(0, record);
@@ -77,12 +94,17 @@ impl Keyring {
     /// Re-reads the published keys from the store, adopting a key another replica rotated to.
     pub async fn reload(&self, store: &dyn Store) -> Result<()> {
         let stored = store.published_signing_keys(UnixMillis::now()).await?;
-        let current_kid = stored
-            .iter()
-            .find(|key| key.retired_at.is_none())
-            .map(|key| key.kid.as_str());
+        let kid_of = |is: fn(&StoredSigningKey) -> bool| {
+            stored
+                .iter()
+                .find(|key| is(key))
+                .map(|key| key.kid.as_str())
+        };
         let snapshot = self.snapshot();
-        if current_kid == Some(snapshot.current.kid()) && stored.len() == snapshot.published.len() {
+        if kid_of(StoredSigningKey::is_current) == Some(snapshot.current.kid())
+            && kid_of(StoredSigningKey::is_next) == Some(snapshot.next.kid())
+            && stored.len() == snapshot.published.len()
+        {
             return Ok(());
         }
         let keys = key_set(&self.master_key, &stored)?;
@@ -135,22 +157,28 @@ impl Keyring {
         until.is_none_or(|until| now < until).then(|| key.clone())
     }
 
-    /// The JWKS at `now`: the current key first, then retired keys still published.
+    /// The JWKS at `now`: the current key first, the next key second, then every other key
+    /// still published.
     pub fn jwks(&self, now: UnixMillis) -> Vec<Jwk> {
         let keys = self.snapshot();
-        let mut jwks = vec![keys.current.verifying_key().to_jwk()];
+        let mut jwks = vec![
+            keys.current.verifying_key().to_jwk(),
+            keys.next.verifying_key().to_jwk(),
+        ];
         jwks.extend(
             keys.published
                 .values()
                 .filter(|(key, until)| {
-                    key.kid != keys.current.kid() && until.is_some_and(|until| now < until)
+                    key.kid != keys.current.kid()
+                        && key.kid != keys.next.kid()
+                        && until.is_none_or(|until| now < until)
                 })
                 .map(|(key, _)| key.to_jwk()),
         );
         jwks
     }
 
-    /// Makes a new current key. The retired key stays published until every token it may have
+    /// Promotes the next key to current and makes a new next key. The retired key stays published until every token it may have
     /// signed has expired: the later of the latest lease it signed and `longest_token_ttl` from
     /// now (which covers tokens being signed while the rotation runs).
     /// `actor` (an admin) is recorded as the cause.
@@ -161,28 +189,36 @@ impl Keyring {
         actor: &str,
     ) -> Result<Rotation> {
         let now = UnixMillis::now();
-        let retired = self.current();
+        let snapshot = self.snapshot();
+        let (retired, promoted) = (snapshot.current.clone(), snapshot.next.clone());
         let latest_signed = store
             .latest_expiry_signed_by(retired.kid())
             .await?
             .unwrap_or(now);
         let publish_until = latest_signed.max(now.plus(longest_token_ttl));
-        let (key, record) = new_key(&self.master_key, self.algorithm, now);
+        let (next, record) = new_key(&self.master_key, self.algorithm, now, None);
         let event = AuditEvent::new("signing_key.rotated", "ok", actor)
-            .with("new_kid", key.kid())
+            .with("new_kid", promoted.kid())
+            .with("next_kid", next.kid())
             .with("retired_kid", retired.kid())
             .with("retired_key_published_until", publish_until.0);
         store
-            .rotate_signing_key(record, retired.kid(), publish_until, vec![event])
+            .rotate_signing_key(
+                record,
+                promoted.kid(),
+                retired.kid(),
+                publish_until,
+                vec![event],
+            )
             .await?;
-        let mut published = self.snapshot().published.clone();
+        let mut published = snapshot.published.clone();
         published.insert(
             retired.kid().to_owned(),
             (retired.verifying_key().clone(), Some(publish_until)),
         );
-        published.insert(key.kid().to_owned(), (key.verifying_key().clone(), None));
+        published.insert(next.kid().to_owned(), (next.verifying_key().clone(), None));
         let rotation = Rotation {
-            new_kid: key.kid().to_owned(),
+            new_kid: promoted.kid().to_owned(),
             retired_kid: retired.kid().to_owned(),
             retired_key_published_until: publish_until,
         };
@@ -190,7 +226,8 @@ impl Keyring {
             .keys
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(KeySet {
-            current: Arc::new(key),
+            current: promoted,
+            next: Arc::new(next),
             published,
         });
         tracing::info!(new_kid = %rotation.new_kid, retired_kid = %rotation.retired_kid, "rotated signing key");
@@ -207,10 +244,12 @@ impl Keyring {
     }
 }
 
+/// A fresh key, stored as current when `activated_at` is set, else as the next key.
 fn new_key(
     master_key: &MasterKey,
     algorithm: KeyAlgorithm,
     now: UnixMillis,
+    activated_at: Option<UnixMillis>,
 ) -> (SigningKey, StoredSigningKey) {
     let (key, pkcs8) = SigningKey::generate(algorithm);
     let record = StoredSigningKey {
@@ -219,33 +258,36 @@ fn new_key(
         public_key: key.verifying_key().public_key.clone(),
         sealed_private_key: master_key.seal(key.kid().as_bytes(), &pkcs8),
         created_at: now,
+        activated_at,
         retired_at: None,
         publish_until: None,
     };
     (key, record)
 }
 
-/// Builds the in-memory key set from stored keys (newest first): unseals the current key and
-/// checks that each stored public key matches its kid.
+/// Builds the in-memory key set from stored keys (newest first): unseals the current and the
+/// next key and checks that each stored public key matches its kid.
 fn key_set(master_key: &MasterKey, stored: &[StoredSigningKey]) -> Result<KeySet> {
-    let current_record = stored
-        .iter()
-        .find(|key| key.retired_at.is_none())
-        .ok_or_else(|| Error::internal("no current signing key in the store"))?;
-    let pkcs8 = master_key
-        .open(
-            current_record.kid.as_bytes(),
-            &current_record.sealed_private_key,
-        )
-        .map_err(Error::internal)?;
-    let current =
-        SigningKey::from_pkcs8(current_record.algorithm, &pkcs8).map_err(Error::internal)?;
-    if current.kid() != current_record.kid {
-        return Err(Error::internal(format!(
-            "signing key {} does not match its kid",
-            current_record.kid
-        )));
-    }
+    let unseal = |role: &str, is: fn(&StoredSigningKey) -> bool| -> Result<SigningKey> {
+        let record = stored
+            .iter()
+            .filter(|key| is(key))
+            .max_by_key(|key| (key.activated_at, key.created_at))
+            .ok_or_else(|| Error::internal(format!("no {role} signing key in the store")))?;
+        let pkcs8 = master_key
+            .open(record.kid.as_bytes(), &record.sealed_private_key)
+            .map_err(Error::internal)?;
+        let key = SigningKey::from_pkcs8(record.algorithm, &pkcs8).map_err(Error::internal)?;
+        if key.kid() != record.kid {
+            return Err(Error::internal(format!(
+                "signing key {} does not match its kid",
+                record.kid
+            )));
+        }
+        Ok(key)
+    };
+    let current = unseal("current", StoredSigningKey::is_current)?;
+    let next = unseal("next", StoredSigningKey::is_next)?;
     let mut published = HashMap::new();
     for record in stored {
         let key = VerifyingKey::new(record.algorithm, record.public_key.clone());
@@ -264,6 +306,7 @@ fn key_set(master_key: &MasterKey, stored: &[StoredSigningKey]) -> Result<KeySet
     }
     Ok(KeySet {
         current: Arc::new(current),
+        next: Arc::new(next),
         published,
     })
 }

@@ -244,8 +244,8 @@ pub trait Store: Send + Sync + 'static {
         events: Vec<AuditEvent>,
     ) -> Result<()>;
 
-    /// Keys that belong in the JWKS at `now`: the current key and retired keys whose
-    /// publication window is still open, newest first.
+    /// Keys that belong in the JWKS at `now`: the current key, the next key, and retired keys
+    /// whose publication window is still open, newest first.
     async fn published_signing_keys(&self, now: UnixMillis) -> Result<Vec<StoredSigningKey>>;
 
     /// The algorithm and public key of `kid`, current, retired or expired.
@@ -254,11 +254,13 @@ pub trait Store: Send + Sync + 'static {
     /// The latest expiry of any lease whose current token `kid` signed.
     async fn latest_expiry_signed_by(&self, kid: &str) -> Result<Option<UnixMillis>>;
 
-    /// Retires `retired_kid` (published until `publish_until`) and stores `new` as the current
-    /// key, atomically; fails if `retired_kid` is no longer current (a concurrent rotation).
+    /// Retires `retired_kid` (published until `publish_until`), makes `promoted_kid` (the next
+    /// key) current and stores `new` as the next key, atomically; fails if `retired_kid` is no
+    /// longer current or `promoted_kid` no longer next (a concurrent rotation).
     async fn rotate_signing_key(
         &self,
         new: StoredSigningKey,
+        promoted_kid: &str,
         retired_kid: &str,
         publish_until: UnixMillis,
         events: Vec<AuditEvent>,

@@ -30,8 +30,22 @@ pub struct StoredSigningKey {
     pub public_key: Vec<u8>,
     pub sealed_private_key: Vec<u8>,
     pub created_at: UnixMillis,
+    /// When it started signing; `None` for the next key (published, not yet signing).
+    pub activated_at: Option<UnixMillis>,
     pub retired_at: Option<UnixMillis>,
     pub publish_until: Option<UnixMillis>,
+}
+
+impl StoredSigningKey {
+    /// The key that signs: activated and not retired.
+    pub fn is_current(&self) -> bool {
+        self.activated_at.is_some() && self.retired_at.is_none()
+    }
+
+    /// The key published ahead of the next rotation: never activated.
+    pub fn is_next(&self) -> bool {
+        self.activated_at.is_none() && self.retired_at.is_none()
+    }
 }
 
 /// A task.
@@ -358,6 +372,7 @@ pub struct KeyColumns {
     pub created_at: i64,
     pub retired_at: Option<i64>,
     pub publish_until: Option<i64>,
+    pub activated_at: Option<i64>,
 }
 
 impl KeyColumns {
@@ -372,6 +387,7 @@ impl KeyColumns {
             public_key: self.public_key,
             sealed_private_key: self.sealed_private_key,
             created_at: UnixMillis(self.created_at),
+            activated_at: self.activated_at.map(UnixMillis),
             retired_at: self.retired_at.map(UnixMillis),
             publish_until: self.publish_until.map(UnixMillis),
         })

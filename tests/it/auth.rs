@@ -73,7 +73,7 @@ async fn calls_without_a_valid_credential_are_unauthenticated(backend: Backend) 
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(public.keys.len(), 1, "the JWKS is public");
+    assert_eq!(public.keys.len(), 2, "the JWKS is public");
 }
 
 async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Backend) {

@@ -1081,7 +1081,8 @@ async fn audit_queries_filter_and_checkpoints_keep_the_first_copy(backend: Backe
     assert_eq!((stored.len(), stored[0].signature.clone()), (1, vec![1]));
 }
 
-fn stored_key(created_at: UnixMillis) -> (SigningKey, StoredSigningKey) {
+/// A key created at `created_at`: current when `activated` (it signs), else a next key.
+fn stored_key(created_at: UnixMillis, activated: bool) -> (SigningKey, StoredSigningKey) {
     let (key, _) = SigningKey::generate(KeyAlgorithm::EdDsa);
     let record = StoredSigningKey {
         kid: key.kid().to_owned(),
@@ -1089,6 +1090,7 @@ fn stored_key(created_at: UnixMillis) -> (SigningKey, StoredSigningKey) {
         public_key: key.verifying_key().public_key.clone(),
         sealed_private_key: vec![1, 2, 3],
         created_at,
+        activated_at: activated.then_some(created_at),
         retired_at: None,
         publish_until: None,
     };
@@ -1099,48 +1101,59 @@ async fn signing_keys_publish_rotate_and_refuse_a_stale_rotation(backend: Backen
     let fixture = Fixture::new(backend).await;
     let key_changes = fixture.store.changes().subscribe(Topic::Keys);
     let now = UnixMillis::now();
-    let (_, first) = stored_key(now);
-    let (_, second) = stored_key(now.plus(Duration::from_millis(1)));
-    let (_, third) = stored_key(now.plus(Duration::from_millis(2)));
-    fixture
-        .store
-        .insert_signing_key(first.clone(), vec![])
-        .await
-        .unwrap();
+    let (_, first) = stored_key(now, true);
+    let (_, second) = stored_key(now.plus(Duration::from_millis(1)), false);
+    let (_, third) = stored_key(now.plus(Duration::from_millis(2)), false);
+    let (_, fourth) = stored_key(now.plus(Duration::from_millis(3)), false);
+    for key in [&first, &second] {
+        fixture
+            .store
+            .insert_signing_key(key.clone(), vec![])
+            .await
+            .unwrap();
+    }
     assert!(key_changes.has_changed().unwrap(), "a new key is announced");
 
+    // The next key (second) becomes current, the current (first) retires, third is next.
     fixture
         .store
         .rotate_signing_key(
-            second.clone(),
+            third.clone(),
+            &second.kid,
             &first.kid,
             now.plus(Duration::from_secs(60)),
             vec![],
         )
         .await
         .unwrap();
-    let stale = fixture
-        .store
-        .rotate_signing_key(third, &first.kid, now, vec![])
-        .await;
-
-    assert!(
-        matches!(stale, Err(Error::FailedPrecondition(_))),
-        "{stale:?}"
-    );
+    for (promoted, retired) in [(&second, &first), (&third, &first), (&second, &second)] {
+        let stale = fixture
+            .store
+            .rotate_signing_key(fourth.clone(), &promoted.kid, &retired.kid, now, vec![])
+            .await;
+        assert!(
+            matches!(stale, Err(Error::FailedPrecondition(_))),
+            "{stale:?}"
+        );
+    }
     let published = fixture.store.published_signing_keys(now).await.unwrap();
     let kids: Vec<&str> = published.iter().map(|key| key.kid.as_str()).collect();
     assert_eq!(
         kids,
-        vec![second.kid.as_str(), first.kid.as_str()],
-        "newest first"
+        vec![third.kid.as_str(), second.kid.as_str(), first.kid.as_str()],
+        "newest first, nothing of the refused rotations"
     );
+    let states: Vec<(bool, bool)> = published
+        .iter()
+        .map(|key| (key.is_current(), key.is_next()))
+        .collect();
+    assert_eq!(states, vec![(false, true), (true, false), (false, false)]);
     let later = fixture
         .store
         .published_signing_keys(now.plus(Duration::from_secs(61)))
         .await
         .unwrap();
-    assert_eq!(later.len(), 1, "a retired key leaves after its window");
+    assert_eq!(later.len(), 2, "a retired key leaves after its window");
     let public = fixture.store.signing_public_key(&first.kid).await.unwrap();
     assert_eq!(
         public,

@@ -21,6 +21,10 @@ async fn rotation_signs_with_a_new_key_and_keeps_old_tokens_valid_until_they_exp
         .into_inner();
     let old_token = before.leases[0].credential.clone();
     let old_kid = header_of(&old_token)["kid"].as_str().unwrap().to_owned();
+    // What a verifier holds when the rotation happens: the JWKS fetched just before it.
+    let jwks_before = published_kids(&app);
+    assert_eq!(jwks_before.len(), 2, "the current key and the next key");
+    assert_eq!(jwks_before[0], old_kid, "the current key first");
 
     let rotation = app
         .admin()
@@ -46,19 +50,16 @@ async fn rotation_signs_with_a_new_key_and_keeps_old_tokens_valid_until_they_exp
         .into_inner();
     let new_token = &after.leases[0].credential;
     assert_eq!(header_of(new_token)["kid"], rotation.new_kid);
-
-    let jwks = app.http("/.well-known/jwks.json");
-    let kids: Vec<&str> = jwks["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        kids,
-        vec![rotation.new_kid.as_str(), old_kid.as_str()],
-        "current key first, retired key kept"
+    assert!(
+        jwks_before.contains(&rotation.new_kid),
+        "the key signing after the rotation was published before it: {jwks_before:?}"
     );
+
+    let kids = published_kids(&app);
+    assert_eq!(kids.len(), 3, "{kids:?}");
+    assert_eq!(kids[0], rotation.new_kid, "the current key first");
+    assert!(!jwks_before.contains(&kids[1]), "a fresh next key second");
+    assert_eq!(kids[2], old_kid, "the retired key kept");
 
     let mut tokens = app.admin().await.tokens();
     for token in [&old_token, new_token] {
@@ -85,9 +86,21 @@ async fn rotation_signs_with_a_new_key_and_keeps_old_tokens_valid_until_they_exp
     // A restart loads both keys back from the store.
     app.stop().await;
     let restarted = TestApp::spawn(&data).await;
-    let jwks = restarted.http("/.well-known/jwks.json");
-    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
-    assert_eq!(jwks["keys"][0]["kid"], rotation.new_kid);
+    assert_eq!(
+        published_kids(&restarted),
+        kids,
+        "current, next and retired keys, in that order"
+    );
+}
+
+/// The kids of the served JWKS, in order.
+fn published_kids(app: &TestApp) -> Vec<String> {
+    app.http("/.well-known/jwks.json")["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|key| key["kid"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

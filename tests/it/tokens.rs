@@ -339,7 +339,7 @@ async fn jwks_over_http_and_grpc_publish_the_signing_key(backend: Backend) {
         format!("{}/.well-known/jwks.json", app.issuer)
     );
     let keys = jwks["keys"].as_array().unwrap();
-    assert_eq!(keys.len(), 1);
+    assert_eq!(keys.len(), 2, "the current key and the next key");
     assert_eq!(keys[0]["kid"], kid);
     assert_eq!(keys[0]["kty"], "OKP");
     assert_eq!(keys[0]["crv"], "Ed25519");

@@ -13,7 +13,7 @@ use crate::store::records::{KeyColumns, StoredSigningKey, parse_stored};
 /// The key columns, in the order [`key_columns`] decodes them.
 macro_rules! key_columns {
     () => {
-        "kid, algorithm, public_key, sealed_private_key, created_at, retired_at, publish_until"
+        "kid, algorithm, public_key, sealed_private_key, created_at, retired_at, publish_until, activated_at"
     };
 }
 
@@ -25,7 +25,7 @@ pub async fn insert(
     sqlx::query(concat!(
         "INSERT INTO signing_keys (",
         key_columns!(),
-        ") VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
     ))
     .bind(&key.kid)
     .bind(key.algorithm.jws_name())
@@ -34,29 +34,39 @@ pub async fn insert(
     .bind(key.created_at.0)
     .bind(key.retired_at.map(|at| at.0))
     .bind(key.publish_until.map(|at| at.0))
+    .bind(key.activated_at.map(|at| at.0))
     .execute(&mut *connection)
     .await?;
     audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await
 }
 
-/// Retires `retired_kid` and stores `new` as the current key; fails if `retired_kid` is no
-/// longer current (a concurrent rotation, possibly on another replica).
+/// Retires `retired_kid`, activates `promoted_kid` and stores `new` as the next key; fails if
+/// either has changed state since the caller read them (a concurrent rotation, possibly on
+/// another replica). Both keys change in one statement; a deadlock between two rotations is
+/// retried by the committer like any other.
 pub async fn rotate(
     connection: &mut PgConnection,
     new: &StoredSigningKey,
+    promoted_kid: &str,
     retired_kid: &str,
     publish_until: UnixMillis,
     events: &[AuditEvent],
 ) -> Result<()> {
-    let retired = sqlx::query(
-        "UPDATE signing_keys SET retired_at = $1, publish_until = $2 WHERE kid = $3 AND retired_at IS NULL",
+    let changed = sqlx::query(
+        "UPDATE signing_keys SET \
+           retired_at = CASE WHEN kid = $3 THEN $1 ELSE retired_at END, \
+           publish_until = CASE WHEN kid = $3 THEN $2 ELSE publish_until END, \
+           activated_at = CASE WHEN kid = $4 THEN $1 ELSE activated_at END \
+         WHERE (kid = $3 AND retired_at IS NULL AND activated_at IS NOT NULL) \
+            OR (kid = $4 AND retired_at IS NULL AND activated_at IS NULL)",
     )
     .bind(new.created_at.0)
     .bind(publish_until.0)
     .bind(retired_kid)
+    .bind(promoted_kid)
     .execute(&mut *connection)
     .await?;
-    if retired.rows_affected() != 1 {
+    if changed.rows_affected() != 2 {
         return Err(Error::FailedPrecondition(
             "the signing key changed during rotation (another rotation ran); retry".into(),
         ));
@@ -112,5 +122,6 @@ fn key_columns(row: &PgRow) -> Result<KeyColumns> {
         created_at: row.try_get(4)?,
         retired_at: row.try_get(5)?,
         publish_until: row.try_get(6)?,
+        activated_at: row.try_get(7)?,
     })
 }

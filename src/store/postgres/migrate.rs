@@ -37,8 +37,8 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 4,
-        description: "resource servers",
-        sql: include_str!("../../../migrations/postgres/0004_resource_servers.sql"),
+        description: "roles and next keys",
+        sql: include_str!("../../../migrations/postgres/0004_roles_and_next_keys.sql"),
     },
 ];
 

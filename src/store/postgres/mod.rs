@@ -437,14 +437,28 @@ impl Store for PostgresStore {
     async fn rotate_signing_key(
         &self,
         new: StoredSigningKey,
+        promoted_kid: &str,
         retired_kid: &str,
         publish_until: UnixMillis,
         events: Vec<AuditEvent>,
     ) -> Result<()> {
         self.write(Topic::Keys, |connection| {
-            let (new, retired_kid, events) = (new.clone(), retired_kid.to_owned(), events.clone());
+            let (new, promoted_kid, retired_kid, events) = (
+                new.clone(),
+                promoted_kid.to_owned(),
+                retired_kid.to_owned(),
+                events.clone(),
+            );
             Box::pin(async move {
-                keys::rotate(connection, &new, &retired_kid, publish_until, &events).await
+                keys::rotate(
+                    connection,
+                    &new,
+                    &promoted_kid,
+                    &retired_kid,
+                    publish_until,
+                    &events,
+                )
+                .await
             })
         })
         .await

@@ -11,14 +11,13 @@ use crate::issuer::KeyAlgorithm;
 use crate::store::Topic;
 use crate::store::records::{KeyColumns, StoredSigningKey, parse_stored};
 
-const KEY_COLUMNS: &str =
-    "kid, algorithm, public_key, sealed_private_key, created_at, retired_at, publish_until";
+const KEY_COLUMNS: &str = "kid, algorithm, public_key, sealed_private_key, created_at, retired_at, publish_until, activated_at";
 
 pub fn insert(write: &mut Write<'_>, key: &StoredSigningKey, events: &[AuditEvent]) -> Result<()> {
     write
         .connection
         .prepare_cached(&format!(
-            "INSERT INTO signing_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+            "INSERT INTO signing_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
         ))?
         .execute(params![
             key.kid,
@@ -28,17 +27,19 @@ pub fn insert(write: &mut Write<'_>, key: &StoredSigningKey, events: &[AuditEven
             key.created_at.0,
             key.retired_at.map(|at| at.0),
             key.publish_until.map(|at| at.0),
+            key.activated_at.map(|at| at.0),
         ])?;
     audit::insert_events(write, events)?;
     write.topics.push(Topic::Keys);
     Ok(())
 }
 
-/// Retires `retired_kid` and stores `new` as the current key; fails if `retired_kid` is no
-/// longer current.
+/// Retires `retired_kid`, activates `promoted_kid` and stores `new` as the next key; fails if
+/// either has changed state since the caller read them.
 pub fn rotate(
     write: &mut Write<'_>,
     new: &StoredSigningKey,
+    promoted_kid: &str,
     retired_kid: &str,
     publish_until: UnixMillis,
     events: &[AuditEvent],
@@ -46,10 +47,18 @@ pub fn rotate(
     let retired = write
         .connection
         .prepare_cached(
-            "UPDATE signing_keys SET retired_at = ?1, publish_until = ?2 WHERE kid = ?3 AND retired_at IS NULL",
+            "UPDATE signing_keys SET retired_at = ?1, publish_until = ?2 \
+             WHERE kid = ?3 AND retired_at IS NULL AND activated_at IS NOT NULL",
         )?
         .execute(params![new.created_at.0, publish_until.0, retired_kid])?;
-    if retired != 1 {
+    let promoted = write
+        .connection
+        .prepare_cached(
+            "UPDATE signing_keys SET activated_at = ?1 \
+             WHERE kid = ?2 AND retired_at IS NULL AND activated_at IS NULL",
+        )?
+        .execute(params![new.created_at.0, promoted_kid])?;
+    if retired != 1 || promoted != 1 {
         return Err(Error::FailedPrecondition(
             "the signing key changed during rotation (another rotation ran); retry".into(),
         ));
@@ -101,5 +110,6 @@ fn key_columns(row: &Row<'_>) -> rusqlite::Result<KeyColumns> {
         created_at: row.get(4)?,
         retired_at: row.get(5)?,
         publish_until: row.get(6)?,
+        activated_at: row.get(7)?,
     })
 }

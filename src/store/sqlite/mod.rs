@@ -376,13 +376,23 @@ impl Store for SqliteStore {
     async fn rotate_signing_key(
         &self,
         new: StoredSigningKey,
+        promoted_kid: &str,
         retired_kid: &str,
         publish_until: UnixMillis,
         events: Vec<AuditEvent>,
     ) -> Result<()> {
-        let retired_kid = retired_kid.to_owned();
+        let (promoted_kid, retired_kid) = (promoted_kid.to_owned(), retired_kid.to_owned());
         self.writer
-            .run(move |write| keys::rotate(write, &new, &retired_kid, publish_until, &events))
+            .run(move |write| {
+                keys::rotate(
+                    write,
+                    &new,
+                    &promoted_kid,
+                    &retired_kid,
+                    publish_until,
+                    &events,
+                )
+            })
             .await
     }
 

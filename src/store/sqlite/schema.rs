@@ -20,7 +20,7 @@ fn migrations() -> Migrations<'static> {
             "../../../migrations/sqlite/0003_storage_engine.sql"
         )),
         M::up(include_str!(
-            "../../../migrations/sqlite/0004_resource_servers.sql"
+            "../../../migrations/sqlite/0004_roles_and_next_keys.sql"
         )),
     ])
 }
