@@ -7,6 +7,34 @@ tonic::include_proto!("warrant.v1");
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/warrant_descriptor.bin"));
 
+impl From<crate::issuer::Jwk> for Jwk {
+    fn from(jwk: crate::issuer::Jwk) -> Self {
+        Jwk {
+            kty: jwk.kty,
+            crv: jwk.crv,
+            x: jwk.x,
+            y: jwk.y.unwrap_or_default(),
+            kid: jwk.kid,
+            alg: jwk.alg,
+            r#use: jwk.key_use,
+        }
+    }
+}
+
+impl From<Jwk> for crate::issuer::Jwk {
+    fn from(jwk: Jwk) -> Self {
+        crate::issuer::Jwk {
+            kty: jwk.kty,
+            crv: jwk.crv,
+            x: jwk.x,
+            y: Some(jwk.y).filter(|y| !y.is_empty()),
+            kid: jwk.kid,
+            alg: jwk.alg,
+            key_use: jwk.r#use,
+        }
+    }
+}
+
 /// Stands in for a secret in `Debug` output: says whether one is there, never what it is.
 fn redacted(secret: &str) -> &'static str {
     if secret.is_empty() { "" } else { "[redacted]" }

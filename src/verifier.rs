@@ -365,15 +365,7 @@ impl Shared {
             .keys
             .into_iter()
             .filter_map(|key| {
-                let jwk = Jwk {
-                    kty: key.kty,
-                    crv: key.crv,
-                    x: key.x,
-                    y: Some(key.y).filter(|y| !y.is_empty()),
-                    kid: key.kid,
-                    alg: key.alg,
-                    key_use: key.r#use,
-                };
+                let jwk = Jwk::from(key);
                 VerifyingKey::from_jwk(&jwk)
                     .map_err(|error| tracing::warn!(%error, kid = %jwk.kid, "ignoring JWK"))
                     .ok()

@@ -1,6 +1,10 @@
 //! `warrant audit ...`: investigating what happened, and checking that the record is intact.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
@@ -9,6 +13,7 @@ use serde_json::{Value, json};
 use super::output::{Format, emit, text, time};
 use super::{Cli, CommandError, EXIT_FAILURE};
 use crate::domain::UnixMillis;
+use crate::issuer::Jwk;
 use crate::proto;
 
 #[derive(Subcommand)]
@@ -49,7 +54,15 @@ pub enum AuditCommand {
         after: u64,
     },
     /// Check the hash chain and signed checkpoints; exits 1 and names the first problem.
-    Verify,
+    Verify {
+        /// A trust anchor written earlier by `audit anchor` and kept outside the database.
+        /// Without it, the checkpoints and keys stored in the database are trusted.
+        #[arg(long, value_name = "FILE")]
+        anchor: Option<PathBuf>,
+    },
+    /// Print a trust anchor (the latest signed checkpoint and the public keys) as JSON: keep
+    /// it outside the database, and give it to `audit verify --anchor` later.
+    Anchor,
     /// The HMAC the trail holds for a secret (token, credential), to search for it.
     Hash {
         /// The secret; the trail never holds it, only this keyed hash.
@@ -116,9 +129,17 @@ pub async fn run(
                 }
             }
         }
-        AuditCommand::Verify => {
+        AuditCommand::Anchor => {
+            let anchor = admin
+                .get_audit_anchor(proto::GetAuditAnchorRequest {})
+                .await?
+                .into_inner();
+            emit(&format!("{}\n", anchor_json(&anchor)));
+        }
+        AuditCommand::Verify { anchor } => {
+            let anchor = anchor.as_deref().map(read_anchor).transpose()?;
             let report = admin
-                .verify_audit(proto::VerifyAuditRequest {})
+                .verify_audit(proto::VerifyAuditRequest { anchor })
                 .await?
                 .into_inner();
             let value = json!({
@@ -129,16 +150,28 @@ pub async fn run(
                 "problem_seq": report.problem_seq,
                 "problem_event_id": report.problem_event_id,
                 "problem": report.problem,
+                "anchored": report.anchored,
+                "trusted_through_seq": report.trusted_through_seq,
+                "events_after_trusted": report.events_after_trusted,
             });
             format.print(&value, |value| {
-                if value["intact"] == true {
-                    format!(
-                        "intact: {} events chained, {} signed checkpoints verified ({} awaiting sealing)\n",
-                        value["events_checked"], value["checkpoints_checked"], value["unsealed"]
-                    )
-                } else {
-                    format!("TAMPERED: {}\n", text(value, "problem"))
+                if value["intact"] != true {
+                    return format!("TAMPERED: {}\n", text(value, "problem"));
                 }
+                let trust = if value["anchored"] == true {
+                    "a key of the anchor"
+                } else {
+                    "a key stored in the database (no --anchor: someone who can write the database could have rewritten both)"
+                };
+                format!(
+                    "intact: {} events chained, {} signed checkpoints verified ({} awaiting sealing)\n\
+                     events 1 to {} are vouched for by {trust}; the last {} rely on the hash chain and the stored head only\n",
+                    value["events_checked"],
+                    value["checkpoints_checked"],
+                    value["unsealed"],
+                    value["trusted_through_seq"],
+                    value["events_after_trusted"],
+                )
             })?;
             if !report.intact {
                 return Ok(ExitCode::from(EXIT_FAILURE));
@@ -158,6 +191,52 @@ pub async fn run(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The anchor as a file keeps it: JSON with the signature in base64 and the keys as JWKs.
+fn anchor_json(anchor: &proto::AuditAnchor) -> Value {
+    let checkpoint = anchor.checkpoint.clone().unwrap_or_default();
+    let keys: Vec<Jwk> = anchor.keys.iter().cloned().map(Jwk::from).collect();
+    json!({
+        "warrant_audit_anchor": 1,
+        "checkpoint": {
+            "seq": checkpoint.seq,
+            "head_hash": checkpoint.head_hash,
+            "kid": checkpoint.kid,
+            "signature": STANDARD.encode(&checkpoint.signature),
+        },
+        "keys": keys,
+    })
+}
+
+/// Reads an anchor file written by `audit anchor`.
+fn read_anchor(path: &Path) -> Result<proto::AuditAnchor, CommandError> {
+    let bad = |why: String| CommandError::Usage(format!("--anchor {}: {why}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|error| bad(error.to_string()))?;
+    let value: Value = serde_json::from_str(&text).map_err(|error| bad(error.to_string()))?;
+    let checkpoint = &value["checkpoint"];
+    let field = |name: &str| {
+        checkpoint[name]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| bad(format!("checkpoint.{name} is missing")))
+    };
+    let signature = STANDARD
+        .decode(field("signature")?)
+        .map_err(|_| bad("checkpoint.signature is not base64".into()))?;
+    let keys: Vec<Jwk> = serde_json::from_value(value["keys"].clone())
+        .map_err(|error| bad(format!("keys: {error}")))?;
+    Ok(proto::AuditAnchor {
+        checkpoint: Some(proto::AuditCheckpoint {
+            seq: checkpoint["seq"]
+                .as_u64()
+                .ok_or_else(|| bad("checkpoint.seq is missing".into()))?,
+            head_hash: field("head_hash")?,
+            kid: field("kid")?,
+            signature,
+        }),
+        keys: keys.into_iter().map(proto::Jwk::from).collect(),
+    })
 }
 
 fn event_json(event: &proto::AuditEvent) -> Value {

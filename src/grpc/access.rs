@@ -23,6 +23,7 @@ pub enum Rpc {
     QueryAudit,
     ExportAudit,
     VerifyAudit,
+    GetAuditAnchor,
     AuditHash,
 }
 
@@ -45,6 +46,7 @@ impl Rpc {
             Rpc::QueryAudit => "Admin.QueryAudit",
             Rpc::ExportAudit => "Admin.ExportAudit",
             Rpc::VerifyAudit => "Admin.VerifyAudit",
+            Rpc::GetAuditAnchor => "Admin.GetAuditAnchor",
             Rpc::AuditHash => "Admin.AuditHash",
         }
     }
@@ -66,6 +68,7 @@ pub fn allowed_roles(rpc: Rpc) -> &'static [Role] {
         | Rpc::QueryAudit
         | Rpc::ExportAudit
         | Rpc::VerifyAudit
+        | Rpc::GetAuditAnchor
         | Rpc::AuditHash => &[Role::Admin],
     }
 }

@@ -9,7 +9,7 @@ use super::auth::authorize;
 use super::convert;
 use crate::audit::chain::Problem;
 use crate::broker::{Broker, RevocationTarget};
-use crate::domain::{Caller, LeaseId, TaskId, WorkloadName};
+use crate::domain::{Caller, LeaseId, TaskId, UnixMillis, WorkloadName};
 use crate::error::Error;
 use crate::proto;
 use crate::proto::revoke_request::Target;
@@ -213,7 +213,13 @@ impl proto::admin_server::Admin for AdminService {
         request: Request<proto::VerifyAuditRequest>,
     ) -> Result<Response<proto::VerifyAuditResponse>, Status> {
         self.admin(&request, Rpc::VerifyAudit).await?;
-        let report = crate::audit::verify::verify(self.broker.store().as_ref()).await?;
+        let anchor = request
+            .into_inner()
+            .anchor
+            .map(convert::audit_anchor)
+            .transpose()?;
+        let report =
+            crate::audit::verify::verify(self.broker.store().as_ref(), anchor.as_ref()).await?;
         let count = |n: i64| u64::try_from(n).unwrap_or_default();
         let problem = report.problem.unwrap_or_else(|| Problem {
             seq: 0,
@@ -229,6 +235,42 @@ impl proto::admin_server::Admin for AdminService {
             problem_event_id: problem.event_id,
             problem: problem.description,
             last_checkpoint_seq: count(report.last_checkpoint_seq),
+            anchored: anchor.is_some(),
+            trusted_through_seq: count(report.trusted_through_seq),
+            events_after_trusted: count(report.events_checked - report.trusted_through_seq),
+        }))
+    }
+
+    async fn get_audit_anchor(
+        &self,
+        request: Request<proto::GetAuditAnchorRequest>,
+    ) -> Result<Response<proto::AuditAnchor>, Status> {
+        self.admin(&request, Rpc::GetAuditAnchor).await?;
+        let checkpoint = self
+            .broker
+            .store()
+            .checkpoints()
+            .await?
+            .pop()
+            .ok_or_else(|| {
+                Error::FailedPrecondition(
+                    "no checkpoint has been signed yet; try again in a few seconds".into(),
+                )
+            })?;
+        Ok(Response::new(proto::AuditAnchor {
+            checkpoint: Some(proto::AuditCheckpoint {
+                seq: u64::try_from(checkpoint.seq).unwrap_or_default(),
+                head_hash: checkpoint.head_hash,
+                kid: checkpoint.kid,
+                signature: checkpoint.signature,
+            }),
+            keys: self
+                .broker
+                .keyring()
+                .jwks(UnixMillis::now())
+                .into_iter()
+                .map(proto::Jwk::from)
+                .collect(),
         }))
     }
 

@@ -1,11 +1,16 @@
 //! Conversions between domain values and protobuf messages.
 
+use std::collections::HashMap;
+
 use prost_types::Timestamp;
 
+use crate::audit::verify::Anchor;
 use crate::broker::IssuedLease;
 use crate::domain::{CredentialKind, LeaseState, RevocationReason, Role, TaskState, UnixMillis};
+use crate::error::Error;
+use crate::issuer::{Jwk, VerifyingKey};
 use crate::proto;
-use crate::store::{AuditRecord, WorkloadRecord};
+use crate::store::{AuditRecord, Checkpoint, WorkloadRecord};
 
 pub fn timestamp(at: UnixMillis) -> Timestamp {
     Timestamp {
@@ -122,4 +127,33 @@ pub fn workload(workload: WorkloadRecord) -> proto::Workload {
         created_at: Some(timestamp(workload.created_at)),
         audiences: workload.audiences,
     }
+}
+
+/// A trust anchor from a `VerifyAudit` request; errors name the field.
+pub fn audit_anchor(anchor: proto::AuditAnchor) -> Result<Anchor, Error> {
+    let checkpoint = anchor
+        .checkpoint
+        .ok_or_else(|| Error::invalid("anchor.checkpoint", "is required"))?;
+    let mut keys = HashMap::new();
+    for (index, jwk) in anchor.keys.into_iter().enumerate() {
+        let key = VerifyingKey::from_jwk(&Jwk::from(jwk))
+            .map_err(|error| Error::invalid(format!("anchor.keys[{index}]"), error))?;
+        keys.insert(key.kid.clone(), key);
+    }
+    if keys.is_empty() {
+        return Err(Error::invalid(
+            "anchor.keys",
+            "at least one key is required",
+        ));
+    }
+    Ok(Anchor {
+        checkpoint: Checkpoint {
+            seq: i64::try_from(checkpoint.seq)
+                .map_err(|_| Error::invalid("anchor.checkpoint.seq", "is out of range"))?,
+            head_hash: checkpoint.head_hash,
+            kid: checkpoint.kid,
+            signature: checkpoint.signature,
+        },
+        keys,
+    })
 }

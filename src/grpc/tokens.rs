@@ -149,15 +149,7 @@ impl proto::tokens_server::Tokens for TokensService {
             .keyring()
             .jwks(UnixMillis::now())
             .into_iter()
-            .map(|jwk| proto::Jwk {
-                kty: jwk.kty,
-                crv: jwk.crv,
-                x: jwk.x,
-                y: jwk.y.unwrap_or_default(),
-                kid: jwk.kid,
-                alg: jwk.alg,
-                r#use: jwk.key_use,
-            })
+            .map(proto::Jwk::from)
             .collect();
         Ok(Response::new(proto::GetJwksResponse {
             keys,

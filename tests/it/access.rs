@@ -37,6 +37,7 @@ const MATRIX: &[(&str, &[&str])] = &[
     ("warrant.v1.Admin/QueryAudit", &[ADMIN]),
     ("warrant.v1.Admin/ExportAudit", &[ADMIN]),
     ("warrant.v1.Admin/VerifyAudit", &[ADMIN]),
+    ("warrant.v1.Admin/GetAuditAnchor", &[ADMIN]),
     ("warrant.v1.Admin/AuditHash", &[ADMIN]),
 ];
 
@@ -127,7 +128,11 @@ async fn call(connection: &Connection, rpc: &str) -> Result<(), tonic::Status> {
             stream.message().await.map(drop)
         }
         "warrant.v1.Admin/VerifyAudit" => admin
-            .verify_audit(proto::VerifyAuditRequest {})
+            .verify_audit(proto::VerifyAuditRequest::default())
+            .await
+            .map(drop),
+        "warrant.v1.Admin/GetAuditAnchor" => admin
+            .get_audit_anchor(proto::GetAuditAnchorRequest {})
             .await
             .map(drop),
         "warrant.v1.Admin/AuditHash" => admin

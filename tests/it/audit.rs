@@ -18,6 +18,9 @@ backend_tests!(
     verify_names_reordered_events,
     verify_detects_a_truncated_trail,
     verify_detects_a_rewritten_chain_through_the_signed_checkpoint,
+    an_external_anchor_catches_a_rewrite_with_deleted_checkpoints_and_a_forged_key,
+    an_external_anchor_catches_deleted_checkpoints,
+    verify_under_load_never_reports_a_false_truncation,
     a_failing_audit_write_fails_the_action_and_issues_nothing,
 );
 
@@ -44,10 +47,27 @@ async fn task_events(app: &TestApp, task_id: &str) -> Vec<proto::AuditEvent> {
 }
 
 async fn verify(app: &TestApp) -> proto::VerifyAuditResponse {
+    verify_against(app, None).await
+}
+
+async fn verify_against(
+    app: &TestApp,
+    anchor: Option<proto::AuditAnchor>,
+) -> proto::VerifyAuditResponse {
     app.admin()
         .await
         .admin()
-        .verify_audit(proto::VerifyAuditRequest {})
+        .verify_audit(proto::VerifyAuditRequest { anchor })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn anchor_of(app: &TestApp) -> proto::AuditAnchor {
+    app.admin()
+        .await
+        .admin()
+        .get_audit_anchor(proto::GetAuditAnchorRequest {})
         .await
         .unwrap()
         .into_inner()
@@ -383,7 +403,106 @@ async fn verify_detects_a_truncated_trail(backend: Backend) {
 
 async fn verify_detects_a_rewritten_chain_through_the_signed_checkpoint(backend: Backend) {
     let (data, app) = busy_trail(backend).await;
-    // An attacker with write access alters event 2 and recomputes every later hash and the head.
+    rewrite_chain(backend, &data, &app).await;
+
+    let report = verify(&app).await;
+
+    assert!(!report.intact, "{report:?}");
+    assert!(report.problem.contains("checkpoint"), "{}", report.problem);
+}
+
+/// An attacker who can write the database rewrites the trail and the proof together: alters an
+/// event, recomputes the chain, deletes every checkpoint and signs a new one over the forged
+/// head with a key row of their own. The stored state is then consistent, so only an anchor
+/// kept elsewhere can tell.
+async fn an_external_anchor_catches_a_rewrite_with_deleted_checkpoints_and_a_forged_key(
+    backend: Backend,
+) {
+    let (data, app) = busy_trail(backend).await;
+    let anchor = anchor_of(&app).await;
+    let (head_seq, head_hash) = rewrite_chain(backend, &data, &app).await;
+    let (forged_key, _) =
+        warrant::issuer::SigningKey::generate(warrant::issuer::KeyAlgorithm::EdDsa);
+    let signature = forged_key.sign(&warrant::audit::chain::checkpoint_message(
+        head_seq, &head_hash,
+    ));
+    let bytes = |value: &[u8]| match backend {
+        Backend::Sqlite => format!("X'{}'", warrant::domain::ids::hex(value)),
+        Backend::Postgres => format!("'\\x{}'::bytea", warrant::domain::ids::hex(value)),
+    };
+    execute_sql(
+        &data,
+        &format!(
+            "DELETE FROM audit_checkpoints; \
+             INSERT INTO signing_keys (kid, algorithm, public_key, sealed_private_key, created_at, retired_at, publish_until, activated_at) \
+               VALUES ('{kid}', 'EdDSA', {public}, {sealed}, 0, 1, 1, 0); \
+             INSERT INTO audit_checkpoints (seq, head_hash, kid, signature, created_at) \
+               VALUES ({head_seq}, '{head_hash}', '{kid}', {signature}, 0)",
+            kid = forged_key.kid(),
+            public = bytes(&forged_key.verifying_key().public_key),
+            sealed = bytes(&[0]),
+            signature = bytes(&signature),
+        ),
+    )
+    .await;
+
+    let unanchored = verify(&app).await;
+    assert!(
+        unanchored.intact && !unanchored.anchored,
+        "without an anchor the forgery passes, as the README says: {unanchored:?}"
+    );
+    let anchored = verify_against(&app, Some(anchor)).await;
+    assert!(!anchored.intact, "{anchored:?}");
+    assert!(anchored.anchored);
+    assert!(
+        anchored.problem.contains("rewritten"),
+        "{}",
+        anchored.problem
+    );
+}
+
+async fn an_external_anchor_catches_deleted_checkpoints(backend: Backend) {
+    let (data, app) = busy_trail(backend).await;
+    let anchor = anchor_of(&app).await;
+    let intact = verify_against(&app, Some(anchor.clone())).await;
+    assert!(intact.intact && intact.anchored, "{intact:?}");
+    assert_eq!(intact.trusted_through_seq, intact.events_checked);
+
+    execute_sql(&data, "DELETE FROM audit_checkpoints").await;
+    let report = verify_against(&app, Some(anchor)).await;
+    assert!(!report.intact, "{report:?}");
+    assert!(report.problem.contains("deleted"), "{}", report.problem);
+}
+
+/// `audit verify` reads the head first and walks up to it, so events sealed while it walks
+/// never make a busy trail look truncated.
+async fn verify_under_load_never_reports_a_false_truncation(backend: Backend) {
+    let (_data, app) = busy_trail(backend).await;
+    let credential = app.workload("load-agent", &[proto::Role::Agent]).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let mut tasks = app.connect(Some(&credential)).await.tasks();
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = tasks.begin_task(begin(&["crm.contacts:read"])).await;
+            }
+        }));
+    }
+    for _ in 0..20 {
+        let report = verify(&app).await;
+        assert!(report.intact, "{report:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+}
+
+/// Alters event 2 and recomputes every later hash and the stored head, as an attacker with
+/// write access would; returns the forged head (seq, hash).
+async fn rewrite_chain(backend: Backend, data: &TestData, app: &TestApp) -> (i64, String) {
     let all = app
         .admin()
         .await
@@ -443,12 +562,8 @@ async fn verify_detects_a_rewritten_chain_through_the_signed_checkpoint(backend:
     statements.push(format!(
         "UPDATE audit_head SET last_hash = '{previous}' WHERE id = 1"
     ));
-    execute_sql(&data, &statements.join("; ")).await;
-
-    let report = verify(&app).await;
-
-    assert!(!report.intact, "{report:?}");
-    assert!(report.problem.contains("checkpoint"), "{}", report.problem);
+    execute_sql(data, &statements.join("; ")).await;
+    (sealed.last().unwrap().seq as i64, previous)
 }
 
 async fn a_failing_audit_write_fails_the_action_and_issues_nothing(backend: Backend) {
