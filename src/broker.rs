@@ -29,6 +29,9 @@ use crate::store::{
 /// The policy that decides today: the scope catalog (policy-as-code will join it).
 const CATALOG_POLICY: &str = "scope-catalog";
 
+/// The longest audience an introspection may name.
+pub const MAX_AUDIENCE_BYTES: usize = 512;
+
 /// The most audiences one resource server may serve.
 const MAX_AUDIENCES_PER_WORKLOAD: usize = 16;
 
@@ -492,6 +495,7 @@ impl Broker {
         token: &str,
         audience: &str,
     ) -> Result<Option<AccessTokenClaims>> {
+        check_introspection_audience(caller, audience)?;
         let outcome = self.check_token(token, audience).await?;
         let mut event = AuditEvent::new("token.introspected", "inactive", caller.name.as_str())
             .with("audience", audience)
@@ -939,6 +943,31 @@ fn ensure_task_active(task: &TaskRecord, now: UnixMillis) -> Result<()> {
     } else {
         Err(task_not_active(&task.id))
     }
+}
+
+/// The audience of an introspection: given, bounded (it goes into the use record), and, for
+/// a resource server, one it serves; admins may ask about any audience.
+fn check_introspection_audience(caller: &Caller, audience: &str) -> Result<()> {
+    if audience.is_empty() {
+        return Err(Error::invalid(
+            "audience",
+            "is required: the audience your API serves",
+        ));
+    }
+    if audience.len() > MAX_AUDIENCE_BYTES {
+        return Err(Error::invalid(
+            "audience",
+            format!("is longer than {MAX_AUDIENCE_BYTES} bytes"),
+        ));
+    }
+    if !caller.roles.contains(&Role::Admin) && !caller.serves(audience) {
+        return Err(Error::PermissionDenied(format!(
+            "audience: workload '{}' does not serve this audience; a resource server may \
+             introspect only tokens of the audiences it was registered with",
+            caller.name
+        )));
+    }
+    Ok(())
 }
 
 fn no_such_workload(name: &WorkloadName) -> Error {

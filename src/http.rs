@@ -1,14 +1,15 @@
 //! HTTP endpoints beside gRPC: JWKS and OpenID discovery, so ordinary JWT libraries can validate
-//! Warrant tokens, health probes, and Prometheus metrics. Served over TLS when the broker has a TLS identity.
+//! Warrant tokens, RFC 7662 introspection, so they can check revocation with a plain HTTP POST,
+//! health probes, and Prometheus metrics. Served over TLS when the broker has a TLS identity.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -18,7 +19,12 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::broker::Broker;
 use crate::domain::UnixMillis;
+use crate::error::Error;
+use crate::grpc::access::Rpc;
+use crate::grpc::authorize_header;
 
+/// Where RFC 7662 introspection is served (announced in the discovery document).
+pub const INTROSPECTION_PATH: &str = "/oauth2/introspect";
 /// How long a client may cache the JWKS; a verifier meeting an unknown kid refetches anyway.
 const JWKS_MAX_AGE_SECONDS: u32 = 60;
 /// A TLS handshake that takes longer than this is dropped.
@@ -33,6 +39,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(discovery))
+        .route(INTROSPECTION_PATH, post(introspect))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readiness))
         .route("/metrics", get(metrics))
@@ -55,10 +62,89 @@ async fn discovery(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
     Json(serde_json::json!({
         "issuer": issuer,
         "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
+        "introspection_endpoint": format!("{issuer}{INTROSPECTION_PATH}"),
         "response_types_supported": ["token"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["EdDSA", "ES256"],
     }))
+}
+
+/// The fields of an RFC 7662 introspection request (form-encoded).
+#[derive(serde::Deserialize)]
+struct IntrospectionForm {
+    token: String,
+    /// The audience to check the token for; a resource server serving one audience may leave
+    /// it out.
+    audience: Option<String>,
+}
+
+/// RFC 7662 over HTTP, with the same rules as `Tokens.Introspect`: a resource server's
+/// credential (or an admin's) in `authorization: Bearer`, `active: false` for any token not
+/// valid for the audience right now.
+async fn introspect(
+    State(broker): State<Arc<Broker>>,
+    headers: axum::http::HeaderMap,
+    Form(form): Form<IntrospectionForm>,
+) -> Response {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .map(|value| value.to_str().unwrap_or_default());
+    let answer = async {
+        let caller = authorize_header(broker.credentials(), header, Rpc::Introspect).await?;
+        let audience = match (form.audience, caller.audiences.as_slice()) {
+            (Some(audience), _) => audience,
+            (None, [only]) => only.clone(),
+            (None, _) => {
+                return Err(Error::invalid(
+                    "audience",
+                    "is required unless the caller serves exactly one audience",
+                ));
+            }
+        };
+        let claims = broker.introspect(&caller, &form.token, &audience).await?;
+        Ok(match claims {
+            None => serde_json::json!({ "active": false }),
+            Some(claims) => serde_json::json!({
+                "active": true, "scope": claims.scope, "client_id": claims.client_id,
+                "sub": claims.sub, "aud": claims.aud, "iss": claims.iss, "exp": claims.exp,
+                "iat": claims.iat, "nbf": claims.nbf, "jti": claims.jti,
+                "task_id": claims.task_id, "token_type": "Bearer",
+            }),
+        })
+    };
+    match answer.await {
+        Ok(body) => ([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response(),
+        Err(error) => error_response(&error),
+    }
+}
+
+/// An error as RFC 6749 shapes it: a status, and `error` with `error_description`.
+fn error_response(error: &Error) -> Response {
+    let (status, code) = match error {
+        Error::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "invalid_client"),
+        Error::PermissionDenied(_) => (StatusCode::FORBIDDEN, "access_denied"),
+        Error::InvalidArgument { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+        Error::ResourceExhausted(_) | Error::Unavailable(_) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
+        }
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+    };
+    let description = match status {
+        StatusCode::INTERNAL_SERVER_ERROR => "internal error".to_owned(),
+        _ => error.to_string(),
+    };
+    let mut response = (
+        status,
+        Json(serde_json::json!({ "error": code, "error_description": description })),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
 }
 
 async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoResponse {

@@ -22,19 +22,37 @@ pub async fn authorize<T>(
 }
 
 /// The workload behind the request's bearer credential.
-pub async fn authenticate<T>(
+async fn authenticate<T>(credentials: &CredentialCache, request: &Request<T>) -> Result<Caller> {
+    let header = request
+        .metadata()
+        .get("authorization")
+        .map(|value| value.to_str().unwrap_or_default());
+    authenticate_header(credentials, header).await
+}
+
+/// [`authorize`] for an `authorization` header that did not come through gRPC (the HTTP
+/// introspection endpoint).
+pub async fn authorize_header(
     credentials: &CredentialCache,
-    request: &Request<T>,
+    header: Option<&str>,
+    rpc: Rpc,
 ) -> Result<Caller> {
-    let header = request.metadata().get("authorization").ok_or_else(|| {
+    let caller = authenticate_header(credentials, header).await?;
+    access::authorize(&caller, rpc)?;
+    Ok(caller)
+}
+
+/// The workload behind an `authorization: Bearer <workload credential>` header value.
+async fn authenticate_header(
+    credentials: &CredentialCache,
+    header: Option<&str>,
+) -> Result<Caller> {
+    let header = header.ok_or_else(|| {
         Error::Unauthenticated(
-            "missing 'authorization' metadata: send 'Bearer <workload credential>'".into(),
+            "missing 'authorization': send 'Bearer <workload credential>'".into(),
         )
     })?;
-    let presented = header
-        .to_str()
-        .ok()
-        .and_then(bearer_value)
+    let presented = bearer_value(header)
         .and_then(|credential| BearerCredential::parse(credential.trim()))
         .ok_or_else(|| {
             Error::Unauthenticated(

@@ -20,6 +20,7 @@ use crate::broker::Broker;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::tasks_server::TasksServer;
 use crate::proto::tokens_server::TokensServer;
+pub(crate) use auth::authorize_header;
 pub use credentials::CredentialCache;
 pub use observe::ObserveLayer;
 

@@ -479,6 +479,42 @@ pub fn python_venv() -> Option<PathBuf> {
     python
 }
 
+/// A directory with Node's `jose` installed (npm, once per target directory), for the README's
+/// JavaScript example. `None` (the caller skips) when Node or the registry is unavailable;
+/// under CI that fails the test instead.
+pub fn node_env() -> Option<PathBuf> {
+    use std::process::Command;
+    use std::sync::Mutex;
+    static ENV: Mutex<Option<Option<PathBuf>>> = Mutex::new(None);
+    let mut cached = ENV.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let dir = cached
+        .get_or_insert_with(|| {
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("node-env");
+            if !dir.join("node_modules/jose/package.json").exists() {
+                std::fs::create_dir_all(&dir).ok()?;
+                let installed = Command::new("npm")
+                    .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                    .arg(&dir)
+                    .arg("jose@6")
+                    .status()
+                    .is_ok_and(|status| status.success());
+                if !installed {
+                    return None;
+                }
+            }
+            Some(dir)
+        })
+        .clone();
+    if dir.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to install Node's jose for the README example"
+        );
+        eprintln!("skipped: no Node environment (npm install jose failed)");
+    }
+    dir
+}
+
 /// Two brokers sharing one fresh PostgreSQL database and issuer, as replicas behind a load
 /// balancer would; the second answers to the first's admin credential.
 pub async fn postgres_replicas() -> (TestData, TestApp, TestApp) {
