@@ -1429,7 +1429,7 @@ async fn preload(database_url: &str, leases: i64) {
                     "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?1) \
                      INSERT INTO leases (id, task_id, scope, kind, audience, state, kid, issued_at, expires_at, renewable_until) \
                      SELECT printf('lease_%032x', i), printf('task_%032x', i / 1000), 'crm.contacts:read', 'jwt', ?2, \
-                     'issued', (SELECT kid FROM signing_keys WHERE retired_at IS NULL), ?3, ?4, ?4 FROM n",
+                     'issued', (SELECT kid FROM signing_keys WHERE retired_at IS NULL AND activated_at IS NOT NULL), ?3, ?4, ?4 FROM n",
                     rusqlite::params![leases, CRM_AUDIENCE, now, expires],
                 )
                 .expect("preload leases");
@@ -1456,7 +1456,7 @@ async fn preload(database_url: &str, leases: i64) {
     sqlx::query(
         "INSERT INTO leases (id, task_id, scope, kind, audience, state, kid, issued_at, expires_at, renewable_until) \
          SELECT 'lease_' || lpad(to_hex(i), 32, '0'), 'task_' || lpad(to_hex(i / 1000), 32, '0'), 'crm.contacts:read', \
-         'jwt', $2, 'issued', (SELECT kid FROM signing_keys WHERE retired_at IS NULL), $3, $4, $4 \
+         'jwt', $2, 'issued', (SELECT kid FROM signing_keys WHERE retired_at IS NULL AND activated_at IS NOT NULL), $3, $4, $4 \
          FROM generate_series(0, $1 - 1) AS i",
     )
     .bind(leases)

@@ -1,7 +1,8 @@
 //! Housekeeping on a timer: the expiry reaper marks leases and tasks whose time has passed as
 //! expired and reports them on the revocation feed (it also runs once at start, for everything
 //! that expired while the broker was down); signing keys are reloaded when a replica sharing
-//! the database rotates them; and endings whose tokens have all expired are forgotten.
+//! the database rotates them; and endings whose tokens have all expired are forgotten, in
+//! memory and in the revocation feed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +56,7 @@ pub async fn run(broker: Arc<Broker>, interval: Duration, mut shutdown: watch::R
             Chore::Prune => {
                 let horizon = UnixMillis(UnixMillis::now().0 - PRUNE_MARGIN.as_millis() as i64);
                 broker.store().revocations().prune(horizon);
+                prune_feed(&broker, horizon).await;
             }
         }
     }
@@ -65,6 +67,35 @@ enum Chore {
     Sweep,
     ReloadKeys,
     Prune,
+}
+
+/// Events deleted from the revocation feed per statement, so pruning never holds the writer
+/// for long.
+const FEED_PRUNE_BATCH: usize = 2000;
+
+/// Deletes the feed events whose tokens all expired before `horizon`, a batch at a time.
+async fn prune_feed(broker: &Broker, horizon: UnixMillis) {
+    let mut pruned = 0;
+    loop {
+        match broker.store().prune_feed(horizon, FEED_PRUNE_BATCH).await {
+            Ok(deleted) => {
+                pruned += deleted;
+                if deleted < FEED_PRUNE_BATCH as u64 {
+                    break;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "pruning the revocation feed failed; retrying later");
+                break;
+            }
+        }
+    }
+    if pruned > 0 {
+        tracing::debug!(
+            pruned,
+            "pruned revocation feed events whose tokens have expired"
+        );
+    }
 }
 
 async fn reload_keys(broker: &Broker) {

@@ -209,6 +209,12 @@ pub trait Store: Send + Sync + 'static {
     /// The cursor of the latest event a reader can see now (0 for an empty feed).
     async fn feed_head(&self) -> Result<u64>;
 
+    /// Deletes up to `limit` feed events whose tokens all expired before `horizon`, returning
+    /// how many it deleted. What remains is every revocation still in force, so a subscriber
+    /// starting from 0 (or from any cursor older than what is kept) receives exactly that
+    /// snapshot and then follows live, without replaying all history.
+    async fn prune_feed(&self, horizon: UnixMillis, limit: usize) -> Result<u64>;
+
     // --- the audit trail ---
 
     /// Writes events that record no other change (refusals, use checks) in a shared batch.

@@ -39,6 +39,7 @@ backend_tests!(
     admin_revocation_of_a_lease_or_a_task,
     the_reaper_expires_leases_and_tasks_whose_time_has_passed,
     the_feed_resumes_after_any_cursor_without_skipping_or_repeating,
+    pruning_keeps_exactly_the_revocations_still_in_force,
     endings_reach_introspection_before_the_write_returns_and_survive_a_restart,
     every_audit_event_is_chained_once,
     audit_queries_filter_and_checkpoints_keep_the_first_copy,
@@ -806,6 +807,56 @@ async fn the_reaper_expires_leases_and_tasks_whose_time_has_passed(backend: Back
     assert!(events.iter().any(|record| record.event.lease_id.is_none()
         && record.event.task_id == ending.id.as_str()
         && record.event.reason == RevocationReason::TaskExpired));
+}
+
+/// Pruning drops the events whose tokens have all expired and nothing else, so reading from 0,
+/// or from a cursor that was pruned away, yields exactly the revocations still in force.
+async fn pruning_keeps_exactly_the_revocations_still_in_force(backend: Backend) {
+    let fixture = Fixture::new(backend).await;
+    let (short, _) = fixture
+        .task_with_lease(&fixture.agent_a, Duration::from_secs(60))
+        .await;
+    let (long, long_lease) = fixture
+        .task_with_lease(&fixture.agent_a, Duration::from_secs(7200))
+        .await;
+    for task in [&short, &long] {
+        fixture
+            .store
+            .complete_task(&task.id, &fixture.agent_a, UnixMillis::now(), "agent-a")
+            .await
+            .unwrap();
+    }
+    let before = feed_after(&fixture.store, 0).await;
+    assert_eq!(before.len(), 4, "a lease and a task event per completion");
+
+    // An hour from now the short task's tokens have expired, the long one's have not.
+    let horizon = UnixMillis::now().plus(Duration::from_secs(3600));
+    assert_eq!(
+        fixture.store.prune_feed(horizon, 1).await.unwrap(),
+        1,
+        "bounded by the limit"
+    );
+    assert_eq!(fixture.store.prune_feed(horizon, 100).await.unwrap(), 1);
+    assert_eq!(fixture.store.prune_feed(horizon, 100).await.unwrap(), 0);
+
+    for cursor in [0, before[0].cursor, before[1].cursor] {
+        let kept = feed_after(&fixture.store, cursor).await;
+        assert_eq!(kept.len(), 2, "from {cursor}: {kept:?}");
+        assert!(
+            kept.iter()
+                .all(|record| record.event.task_id == long.id.as_str())
+        );
+        assert!(
+            kept.iter()
+                .any(|record| record.event.lease_id.as_deref() == Some(long_lease.id.as_str()))
+        );
+    }
+    assert_eq!(fixture.store.feed_head().await.unwrap(), before[3].cursor);
+
+    // The newest event stays even once expired, so the head never moves back.
+    let far = UnixMillis::now().plus(Duration::from_secs(86_400));
+    fixture.store.prune_feed(far, 100).await.unwrap();
+    assert_eq!(fixture.store.feed_head().await.unwrap(), before[3].cursor);
 }
 
 async fn the_feed_resumes_after_any_cursor_without_skipping_or_repeating(backend: Backend) {

@@ -153,3 +153,52 @@ async fn replicas_sharing_postgres_follow_each_others_rotation() {
         "a completion on one replica is seen by the other"
     );
 }
+
+/// A token signed before a rotation stays valid until its own expiry, then stops; its retired
+/// key leaves the JWKS once every token it signed has expired (here within seconds: the only
+/// scope lives at most 3 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_token_stops_at_its_expiry_and_its_retired_key_then_leaves_the_jwks() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let flash_only = TEST_CATALOG
+        .split("[[scope]]")
+        .filter(|entry| entry.contains("flash:read"))
+        .map(|entry| format!("[[scope]]{entry}"))
+        .collect::<String>();
+    std::fs::write(data.path().join("scopes.toml"), flash_only).unwrap();
+    let app = TestApp::spawn(&data).await;
+    let task = app.begin_as("flash-agent", &["flash:read"]).await;
+    let old_token = task.leases[0].credential.clone();
+    let old_kid = header_of(&old_token)["kid"].as_str().unwrap().to_owned();
+    app.admin()
+        .await
+        .admin()
+        .rotate_signing_key(proto::RotateSigningKeyRequest {})
+        .await
+        .unwrap();
+
+    assert!(
+        app.is_active(&old_token, "https://flash.test").await,
+        "valid until its expiry"
+    );
+    assert!(published_kids(&app).contains(&old_kid));
+    let expired = eventually(Duration::from_secs(5), || async {
+        !app.is_active(&old_token, "https://flash.test").await
+    })
+    .await;
+    assert!(expired, "the old token stops at its expiry");
+    let key_gone = eventually(Duration::from_secs(10), || async {
+        !published_kids(&app).contains(&old_kid)
+    })
+    .await;
+    assert!(
+        key_gone,
+        "the retired key leaves the JWKS: {:?}",
+        published_kids(&app)
+    );
+    assert_eq!(
+        published_kids(&app).len(),
+        2,
+        "the current and the next key remain"
+    );
+}

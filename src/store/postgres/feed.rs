@@ -157,6 +157,23 @@ pub async fn after(pool: &PgPool, cursor_after: u64, limit: usize) -> Result<Fee
     Ok(page)
 }
 
+/// See [`crate::store::Store::prune_feed`]. The newest event stays, so the feed's head never
+/// moves back.
+pub async fn prune(pool: &PgPool, horizon: UnixMillis, limit: usize) -> Result<u64> {
+    let deleted = sqlx::query(
+        "DELETE FROM revocation_feed WHERE (tx_id, ordinal) IN ( \
+           SELECT tx_id, ordinal FROM revocation_feed WHERE not_after < $1 \
+           AND (tx_id, ordinal) < (SELECT tx_id, ordinal FROM revocation_feed \
+                                   ORDER BY tx_id DESC, ordinal DESC LIMIT 1) \
+           ORDER BY not_after LIMIT $2)",
+    )
+    .bind(horizon.0)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .execute(pool)
+    .await?;
+    Ok(deleted.rows_affected())
+}
+
 pub async fn head(pool: &PgPool) -> Result<u64> {
     let row = sqlx::query(HEAD).fetch_optional(pool).await?;
     match row {

@@ -375,6 +375,10 @@ impl Store for PostgresStore {
         feed::head(&self.pool).await
     }
 
+    async fn prune_feed(&self, horizon: UnixMillis, limit: usize) -> Result<u64> {
+        feed::prune(&self.pool, horizon, limit).await
+    }
+
     async fn record_events(&self, events: Vec<AuditEvent>) -> Result<()> {
         match self.committer.submit(Write::Events(events)).await? {
             Outcome::Stored => Ok(()),

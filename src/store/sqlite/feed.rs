@@ -53,6 +53,20 @@ pub fn append(write: &mut Write<'_>, events: Vec<FeedEvent>, actor: &str) -> Res
     Ok(())
 }
 
+/// See [`crate::store::Store::prune_feed`].
+pub fn prune(write: &mut Write<'_>, horizon: UnixMillis, limit: usize) -> Result<u64> {
+    let deleted = write
+        .connection
+        .prepare_cached(
+            // The newest event stays, so the feed's head never moves back.
+            "DELETE FROM revocation_feed WHERE seq IN \
+             (SELECT seq FROM revocation_feed WHERE not_after < ?1 \
+              AND seq < (SELECT MAX(seq) FROM revocation_feed) ORDER BY not_after LIMIT ?2)",
+        )?
+        .execute(params![horizon.0, i64::try_from(limit).unwrap_or(i64::MAX)])?;
+    Ok(deleted as u64)
+}
+
 pub fn after(connection: &Connection, cursor: u64, limit: usize) -> Result<FeedPage> {
     let cursor_seq = i64::try_from(cursor).unwrap_or(i64::MAX);
     let records: Vec<FeedRecord> = connection

@@ -303,6 +303,12 @@ impl Store for SqliteStore {
         self.readers.read(feed::head).await
     }
 
+    async fn prune_feed(&self, horizon: UnixMillis, limit: usize) -> Result<u64> {
+        self.writer
+            .run(move |write| feed::prune(write, horizon, limit))
+            .await
+    }
+
     async fn record_events(&self, events: Vec<AuditEvent>) -> Result<()> {
         self.writer
             .run(move |write| audit::insert_events(write, &events))
