@@ -1120,32 +1120,7 @@ async fn replica_propagation(base: &str) -> Vec<Row> {
     let other = Connection::open(&second.grpc, Some(&admin_credential), None)
         .await
         .expect("connect");
-    let mut stream = other
-        .tokens()
-        .watch_revocations(proto::WatchRevocationsRequest { cursor: 0 })
-        .await
-        .expect("watch")
-        .into_inner();
-    while !stream
-        .message()
-        .await
-        .expect("feed")
-        .expect("open")
-        .caught_up
-    {}
-    let (seen, mut seen_receiver) = mpsc::unbounded_channel::<(String, Instant)>();
-    tokio::spawn(async move {
-        while let Ok(Some(batch)) = stream.message().await {
-            let now = Instant::now();
-            for event in batch
-                .events
-                .into_iter()
-                .filter(|event| event.lease_id.is_empty())
-            {
-                let _ = seen.send((event.task_id, now));
-            }
-        }
-    });
+    let mut seen_receiver = watch_task_endings(&other).await;
     let mut introspection = other.tokens();
     let (mut feed_latencies, mut introspection_latencies) = (Vec::new(), Vec::new());
     let mut early: HashMap<String, Instant> = HashMap::new();
@@ -1219,19 +1194,10 @@ async fn replica_propagation(base: &str) -> Vec<Row> {
     ]
 }
 
-/// Time from `CompleteTask` returning until a `WatchRevocations` subscriber, and separately the
-/// verifier library's cache, know of the revocation. The subscriber is an admin (it sees the
-/// task-level events); the verifier holds `api_credential`, a resource server's.
-async fn revocation_propagation(
-    broker: &Server,
-    backend: &str,
-    agent: &Connection,
-    api_credential: &str,
-) -> Vec<Row> {
-    let watcher = Connection::open(&broker.grpc, broker.admin_credential.as_deref(), None)
-        .await
-        .expect("connect");
-    let mut stream = watcher
+/// Follows the revocation feed on `connection` from its start; once it has caught up, every
+/// task-level event arrives on the returned channel with the instant it was received.
+async fn watch_task_endings(connection: &Connection) -> mpsc::UnboundedReceiver<(String, Instant)> {
+    let mut stream = connection
         .tokens()
         .watch_revocations(proto::WatchRevocationsRequest { cursor: 0 })
         .await
@@ -1244,7 +1210,7 @@ async fn revocation_propagation(
         .expect("open")
         .caught_up
     {}
-    let (seen, mut seen_receiver) = mpsc::unbounded_channel::<(String, Instant)>();
+    let (seen, seen_receiver) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(Some(batch)) = stream.message().await {
             let now = Instant::now();
@@ -1257,6 +1223,22 @@ async fn revocation_propagation(
             }
         }
     });
+    seen_receiver
+}
+
+/// Time from `CompleteTask` returning until a `WatchRevocations` subscriber, and separately the
+/// verifier library's cache, know of the revocation. The subscriber is an admin (it sees the
+/// task-level events); the verifier holds `api_credential`, a resource server's.
+async fn revocation_propagation(
+    broker: &Server,
+    backend: &str,
+    agent: &Connection,
+    api_credential: &str,
+) -> Vec<Row> {
+    let watcher = Connection::open(&broker.grpc, broker.admin_credential.as_deref(), None)
+        .await
+        .expect("connect");
+    let mut seen_receiver = watch_task_endings(&watcher).await;
     let verifier = Verifier::connect(VerifierConfig::new(
         &broker.grpc,
         CRM_AUDIENCE,

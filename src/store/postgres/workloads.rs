@@ -41,15 +41,7 @@ pub async fn create(
             workload.name
         )));
     }
-    sqlx::query(
-        "INSERT INTO workload_credentials (id, workload_id, secret_sha256, created_at) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(&credential.id)
-    .bind(&workload.id)
-    .bind(&credential.secret_sha256)
-    .bind(workload.created_at.0)
-    .execute(&mut *connection)
-    .await?;
+    insert_credential(connection, &workload.id, credential, workload.created_at).await?;
     audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await
 }
 
@@ -82,18 +74,28 @@ pub async fn replace_credentials(
     .execute(&mut *connection)
     .await?;
     if let Some(credential) = replacement {
-        sqlx::query(
-            "INSERT INTO workload_credentials (id, workload_id, secret_sha256, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(&credential.id)
-        .bind(&workload.id)
-        .bind(&credential.secret_sha256)
-        .bind(now.0)
-        .execute(&mut *connection)
-        .await?;
+        insert_credential(connection, &workload.id, credential, now).await?;
     }
     audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await?;
     Ok(Some(workload))
+}
+
+async fn insert_credential(
+    connection: &mut PgConnection,
+    workload_id: &str,
+    credential: &StoredCredential,
+    at: UnixMillis,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO workload_credentials (id, workload_id, secret_sha256, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&credential.id)
+    .bind(workload_id)
+    .bind(&credential.secret_sha256)
+    .bind(at.0)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
 }
 
 pub async fn has_any(pool: &PgPool) -> Result<bool> {

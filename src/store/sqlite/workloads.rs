@@ -39,17 +39,7 @@ pub fn create(
             workload.name
         )));
     }
-    write
-        .connection
-        .prepare_cached(
-            "INSERT INTO workload_credentials (id, workload_id, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![
-            credential.id,
-            workload.id,
-            credential.secret_sha256,
-            workload.created_at.0
-        ])?;
+    insert_credential(write, &workload.id, credential, workload.created_at)?;
     audit::insert_events(write, events)?;
     write.topics.push(Topic::Workloads);
     Ok(())
@@ -82,21 +72,31 @@ pub fn replace_credentials(
         )?
         .execute(params![now.0, workload.id])?;
     if let Some(credential) = replacement {
-        write
-            .connection
-            .prepare_cached(
-                "INSERT INTO workload_credentials (id, workload_id, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![
-                credential.id,
-                workload.id,
-                credential.secret_sha256,
-                now.0
-            ])?;
+        insert_credential(write, &workload.id, credential, now)?;
     }
     audit::insert_events(write, events)?;
     write.topics.push(Topic::Workloads);
     Ok(Some(workload))
+}
+
+fn insert_credential(
+    write: &mut Write<'_>,
+    workload_id: &str,
+    credential: &StoredCredential,
+    at: UnixMillis,
+) -> Result<()> {
+    write
+        .connection
+        .prepare_cached(
+            "INSERT INTO workload_credentials (id, workload_id, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![
+            credential.id,
+            workload_id,
+            credential.secret_sha256,
+            at.0
+        ])?;
+    Ok(())
 }
 
 pub fn has_any(connection: &Connection) -> Result<bool> {
