@@ -91,16 +91,12 @@ pub async fn run(
                 })
                 .await?
                 .into_inner();
-            let mut value = workload_json(&response.workload.unwrap_or_default());
-            value["credential"] = json!(response.credential);
-            format.print(&value, |value| {
-                format!(
-                    "workload   {}\nspiffe id  {}\ncredential {}\n(shown only now; Warrant keeps only its hash)\n",
-                    text(value, "name"),
-                    text(value, "spiffe_id"),
-                    text(value, "credential")
-                )
-            })?;
+            print_credential(
+                format,
+                response.workload,
+                &response.credential,
+                "Warrant keeps only its hash",
+            )?;
         }
         AdminCommand::Workload(WorkloadCommand::Rotate { name }) => {
             let response = admin
@@ -109,15 +105,12 @@ pub async fn run(
                 })
                 .await?
                 .into_inner();
-            let mut value = workload_json(&response.workload.unwrap_or_default());
-            value["credential"] = json!(response.credential);
-            format.print(&value, |value| {
-                format!(
-                    "workload   {}\ncredential {}\n(shown only now; every earlier credential of this workload is revoked)\n",
-                    text(value, "name"),
-                    text(value, "credential")
-                )
-            })?;
+            print_credential(
+                format,
+                response.workload,
+                &response.credential,
+                "every earlier credential of this workload is revoked",
+            )?;
         }
         AdminCommand::Workload(WorkloadCommand::Revoke { name }) => {
             let response = admin
@@ -201,6 +194,25 @@ pub async fn run(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A workload with its new credential, which is shown only now.
+fn print_credential(
+    format: &Format,
+    workload: Option<proto::Workload>,
+    credential: &str,
+    note: &str,
+) -> Result<(), CommandError> {
+    let mut value = workload_json(&workload.unwrap_or_default());
+    value["credential"] = json!(credential);
+    format.print(&value, |value| {
+        format!(
+            "workload   {}\nspiffe id  {}\ncredential {}\n(shown only now; {note})\n",
+            text(value, "name"),
+            text(value, "spiffe_id"),
+            text(value, "credential")
+        )
+    })
 }
 
 fn workload_json(workload: &proto::Workload) -> Value {
