@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 
 use crate::bootstrap::{self, CatalogLoadError};
 use crate::broker::{Broker, BrokerSettings};
@@ -184,8 +183,10 @@ impl App {
                 .layer(observe)
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(
-                    // Without TCP_NODELAY, small responses wait for delayed ACKs (about 40 ms each).
-                    TcpIncoming::from(self.grpc_listener).with_nodelay(Some(true)),
+                    grpc::incoming::limited(
+                        self.grpc_listener,
+                        grpc::incoming::MAX_GRPC_CONNECTIONS,
+                    ),
                     async move {
                         let _ = grpc_stop.wait_for(|stopping| *stopping).await;
                     },

@@ -7,6 +7,7 @@ mod admin;
 mod auth;
 mod convert;
 mod credentials;
+pub mod incoming;
 mod observe;
 mod tasks;
 mod tokens;
