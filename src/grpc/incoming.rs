@@ -124,12 +124,18 @@ mod tests {
         }
         let mut refused = TcpStream::connect(address).await.unwrap();
         let next = tokio::time::timeout(std::time::Duration::from_millis(300), accepted.next());
-        assert!(next.await.is_err(), "the third connection is not handed to the server");
+        assert!(
+            next.await.is_err(),
+            "the third connection is not handed to the server"
+        );
         let mut buffer = [0u8; 1];
         assert_eq!(refused.read(&mut buffer).await.unwrap(), 0, "it was closed");
 
         held.pop();
         let _admitted = TcpStream::connect(address).await.unwrap();
-        assert!(accepted.next().await.unwrap().is_ok(), "a freed permit admits the next");
+        assert!(
+            accepted.next().await.unwrap().is_ok(),
+            "a freed permit admits the next"
+        );
     }
 }
