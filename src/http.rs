@@ -102,14 +102,14 @@ async fn introspect(
             }
         };
         let claims = broker.introspect(&caller, &form.token, &audience).await?;
-        Ok(match claims {
-            None => serde_json::json!({ "active": false }),
-            Some(claims) => serde_json::json!({
-                "active": true, "scope": claims.scope, "client_id": claims.client_id,
-                "sub": claims.sub, "aud": claims.aud, "iss": claims.iss, "exp": claims.exp,
-                "iat": claims.iat, "nbf": claims.nbf, "jti": claims.jti,
-                "task_id": claims.task_id, "token_type": "Bearer",
-            }),
+        // RFC 7662 names its members after the token's claims, so the claims are the answer.
+        Ok(match claims.map(serde_json::to_value) {
+            Some(Ok(serde_json::Value::Object(mut body))) => {
+                body.insert("active".into(), true.into());
+                body.insert("token_type".into(), "Bearer".into());
+                serde_json::Value::Object(body)
+            }
+            _ => serde_json::json!({ "active": false }),
         })
     };
     match answer.await {

@@ -233,24 +233,23 @@ impl Verifier {
     /// token names an unknown key. While the feed is stale, asks the broker instead if so
     /// configured ([`WhenStale::Introspect`]).
     pub async fn verify(&self, token: &str) -> Result<AccessTokenClaims, VerifyError> {
-        let outcome = match self.verify_cached(token) {
+        let claims = match self.check_signed_and_unrevoked(token) {
             Err(VerifyError::Invalid(TokenError::UnknownKey(_)))
                 if self.shared.may_refresh_keys() =>
             {
                 if let Err(error) = self.shared.refresh_keys().await {
                     tracing::warn!(%error, "JWKS refresh failed");
                 }
-                self.verify_cached(token)
+                self.check_signed_and_unrevoked(token)
             }
             outcome => outcome,
-        };
-        match outcome {
-            Err(VerifyError::Stale { silent_for })
-                if self.shared.when_stale == WhenStale::Introspect =>
-            {
-                self.introspect(token, silent_for).await
+        }?;
+        match self.shared.silence() {
+            None => Ok(claims),
+            Some(silent_for) if self.shared.when_stale == WhenStale::Introspect => {
+                self.introspect(token, claims, silent_for).await
             }
-            outcome => outcome,
+            Some(silent_for) => Err(VerifyError::Stale { silent_for }),
         }
     }
 
@@ -296,14 +295,14 @@ impl Verifier {
         Ok(claims)
     }
 
-    /// The fallback while the feed is stale: the token passed every local check, and the
-    /// broker says whether it is still active.
+    /// The fallback while the feed is stale: the token passed every local check (`claims`),
+    /// and the broker says whether it is still active.
     async fn introspect(
         &self,
         token: &str,
+        claims: AccessTokenClaims,
         silent_for: Duration,
     ) -> Result<AccessTokenClaims, VerifyError> {
-        let claims = self.check_signed_and_unrevoked(token)?;
         let answer = self
             .shared
             .connection

@@ -140,10 +140,10 @@ impl proto::tokens_server::Tokens for TokensService {
         request: Request<proto::WatchRevocationsRequest>,
     ) -> Result<Response<RevocationStream>, Status> {
         let caller = authorize(self.broker.credentials(), &request, Rpc::WatchRevocations).await?;
+        let slot = self.subscription_slot(&caller)?;
         // An admin follows every revocation; a resource server only those of its audiences
         // (lease events: task-level events name no audience, and each lease a task held has
         // its own event).
-        let slot = self.subscription_slot(&caller)?;
         let audiences = (!caller.roles.contains(&Role::Admin)).then_some(caller.audiences);
         let cursor = request.get_ref().cursor;
         let feed = self.broker.feed();

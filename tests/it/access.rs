@@ -291,3 +291,83 @@ async fn a_resource_server_sees_only_its_own_audiences(backend: Backend) {
         );
     }
 }
+
+/// `POST /oauth2/introspect` with `credential` (none when `None`); (status, body).
+fn http_introspect(
+    addr: std::net::SocketAddr,
+    credential: Option<&str>,
+    form: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let authorization = credential
+        .map(|credential| format!("Authorization: Bearer {credential}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "POST /oauth2/introspect HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{authorization}\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+        form.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
+}
+
+/// HTTP introspection follows the gRPC rules: no credential is 401, an agent is refused, a
+/// resource server only sees its own audience, and a revoked token is inactive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_introspection_applies_the_same_roles_and_audiences() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let app = TestApp::spawn(&data).await;
+    let crm_api = app.resource_server("crm-api", &[CRM]).await;
+    let agent_credential = app.workload("crm-agent", &[proto::Role::Agent]).await;
+    let mut agent = app.connect(Some(&agent_credential)).await.tasks();
+    let task = agent
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let token = task.leases[0].credential.clone();
+    let addr = app.http_addr;
+    let ask = move |credential: Option<String>, form: String| {
+        tokio::task::spawn_blocking(move || http_introspect(addr, credential.as_deref(), &form))
+    };
+    let form = format!("token={token}");
+
+    let (status, body) = ask(None, form.clone()).await.unwrap();
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = ask(Some(agent_credential.clone()), form.clone())
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    let other_audience = format!("{form}&audience=https%3A%2F%2Ftickets.test");
+    let (status, body) = ask(Some(crm_api.clone()), other_audience).await.unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("audience:"), "{body}");
+
+    let (status, body) = ask(Some(crm_api.clone()), form.clone()).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["active"], true);
+    assert_eq!(answer["jti"], task.leases[0].lease_id);
+
+    agent
+        .complete_task(complete_request(&task.task_id))
+        .await
+        .unwrap();
+    let (status, body) = ask(Some(crm_api), form).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.trim(), r#"{"active":false}"#);
+}
