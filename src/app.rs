@@ -112,6 +112,7 @@ impl App {
             trust_domain: config.trust_domain.clone(),
             max_task_ttl: config.max_task_ttl,
             feed_heartbeat_interval: config.feed_heartbeat_interval,
+            caller_limits: config.caller_limits,
         };
         let broker = Arc::new(Broker::new(
             store, audit_key, keyring, catalog, settings, metrics,
@@ -170,7 +171,10 @@ impl App {
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
             .timeout(REQUEST_TIMEOUT);
-        let observe = grpc::ObserveLayer::new(self.broker.clone());
+        // Observation outside admission, so refused calls are observed too.
+        let layers = tower::ServiceBuilder::new()
+            .layer(grpc::ObserveLayer::new(self.broker.clone()))
+            .layer(grpc::AdmissionLayer::new(self.broker.clone()));
         if let Some(tls) = &self.tls {
             let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
             server = server
@@ -180,7 +184,7 @@ impl App {
         let mut grpc_stop = stop.clone();
         let grpc = tokio::spawn(
             server
-                .layer(observe)
+                .layer(layers)
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(
                     grpc::incoming::limited(

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::audit::{AuditEvent, AuditKey, BOOTSTRAP};
+use crate::caller_limits::{Admitted, CallerLimitSettings, CallerLimits};
 use crate::domain::task::{LeaseWindow, NewTask, parse_ttl_seconds};
 use crate::domain::{
     Caller, Catalog, LeaseId, LeaseState, Role, ScopeDefinition, ScopeName, SpiffeId, TaskId,
@@ -20,7 +21,9 @@ use crate::issuer::jwt::{self, AccessTokenClaims, Expectations};
 use crate::issuer::keyring::Rotation;
 use crate::issuer::verified_tokens::VerifiedTokens;
 use crate::issuer::{BearerCredential, Keyring, SigningKey};
-use crate::metrics::{CredentialLabels, Metrics, OperationLabels, ResultLabels, ScopeLabels};
+use crate::metrics::{
+    CredentialLabels, LimitLabels, Metrics, OperationLabels, ResultLabels, ScopeLabels,
+};
 use crate::store::{
     CompletionOutcome, EndedLease, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
     SharedStore, TaskRecord, WorkloadRecord,
@@ -48,6 +51,8 @@ pub struct BrokerSettings {
     pub max_task_ttl: Duration,
     /// How often an idle revocation feed subscriber receives a heartbeat.
     pub feed_heartbeat_interval: Duration,
+    /// How much one caller may do.
+    pub caller_limits: CallerLimitSettings,
 }
 
 /// The broker: catalog, keys and store, shared by every request.
@@ -55,6 +60,8 @@ pub struct Broker {
     store: SharedStore,
     /// Authenticated workload credentials, kept until a workload changes.
     credentials: CredentialCache,
+    /// Each caller's rate and concurrency allowance.
+    caller_limits: CallerLimits,
     audit_key: AuditKey,
     keyring: Keyring,
     catalog: Catalog,
@@ -125,6 +132,7 @@ impl Broker {
     ) -> Self {
         Broker {
             credentials: CredentialCache::new(store.clone()),
+            caller_limits: CallerLimits::new(settings.caller_limits),
             feed: Feed::new(
                 store.clone(),
                 metrics.clone(),
@@ -193,6 +201,20 @@ impl Broker {
 
     pub fn credentials(&self) -> &CredentialCache {
         &self.credentials
+    }
+
+    /// Admits one call of `caller` under its rate and concurrency limits; the call holds the
+    /// answer until it has been answered. A refusal is counted by the limit it hit.
+    pub fn admit(&self, caller: &Caller) -> Result<Admitted> {
+        self.caller_limits
+            .admit(&caller.workload_id)
+            .map_err(|(limit, error)| {
+                let labels = LimitLabels {
+                    limit: limit.label().to_owned(),
+                };
+                self.metrics.calls_limited.get_or_create(&labels).inc();
+                error
+            })
     }
 
     pub fn feed(&self) -> &Feed {

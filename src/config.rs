@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::caller_limits::CallerLimitSettings;
 use crate::domain::TrustDomain;
 use crate::issuer::KeyAlgorithm;
 use crate::store::StoreSettings;
@@ -26,6 +27,12 @@ pub const ENV_MASTER_KEY: &str = "WARRANT_MASTER_KEY";
 pub const ENV_ISSUER: &str = "WARRANT_ISSUER";
 /// How often an idle revocation feed subscriber receives a heartbeat (`limits.feed_heartbeat`).
 pub const ENV_FEED_HEARTBEAT: &str = "WARRANT_FEED_HEARTBEAT";
+/// Calls per second one caller may sustain (`limits.caller_rate`).
+pub const ENV_CALLER_RATE: &str = "WARRANT_CALLER_RATE";
+/// Calls one caller may make at once after being idle (`limits.caller_burst`).
+pub const ENV_CALLER_BURST: &str = "WARRANT_CALLER_BURST";
+/// Calls of one caller in flight at once (`limits.caller_concurrency`).
+pub const ENV_CALLER_CONCURRENCY: &str = "WARRANT_CALLER_CONCURRENCY";
 
 const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:7400";
 const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7401";
@@ -36,6 +43,7 @@ const DEFAULT_REAPER_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 const DEFAULT_AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_FEED_HEARTBEAT: Duration = Duration::from_secs(5);
+const DEFAULT_CALLER_LIMITS: CallerLimitSettings = CallerLimitSettings::DEFAULT;
 /// Next to the configuration file unless `keys.first_admin_file` says otherwise.
 const DEFAULT_FIRST_ADMIN_FILE: &str = "first-admin.credential";
 
@@ -102,6 +110,8 @@ pub struct Config {
     pub first_admin_file: Option<PathBuf>,
     /// How the store paces writes (its queue bound and commit timeout).
     pub store: StoreSettings,
+    /// How much one caller may do.
+    pub caller_limits: CallerLimitSettings,
 }
 
 impl std::fmt::Debug for Config {
@@ -215,6 +225,7 @@ impl Config {
             feed_heartbeat_interval: DEFAULT_FEED_HEARTBEAT,
             first_admin_file: None,
             store: StoreSettings::default(),
+            caller_limits: DEFAULT_CALLER_LIMITS,
         };
         config.apply_environment(env)?;
         Ok(config)
@@ -316,6 +327,23 @@ impl Config {
                     StoreSettings::default().write_timeout,
                 )?,
             },
+            caller_limits: CallerLimitSettings {
+                rate_per_second: positive(
+                    "limits.caller_rate",
+                    file.limits.caller_rate,
+                    DEFAULT_CALLER_LIMITS.rate_per_second,
+                )?,
+                burst: positive(
+                    "limits.caller_burst",
+                    file.limits.caller_burst,
+                    DEFAULT_CALLER_LIMITS.burst,
+                )?,
+                concurrency: positive(
+                    "limits.caller_concurrency",
+                    file.limits.caller_concurrency,
+                    DEFAULT_CALLER_LIMITS.concurrency,
+                )?,
+            },
         };
         config.apply_environment(env)?;
         Ok(config)
@@ -338,6 +366,18 @@ impl Config {
             self.feed_heartbeat_interval =
                 parse_duration(ENV_FEED_HEARTBEAT, Some(&interval), DEFAULT_FEED_HEARTBEAT)?;
         }
+        let from_env = |name: &str, current: u32| match env(name) {
+            None => Ok(current),
+            Some(text) => text
+                .parse()
+                .ok()
+                .filter(|value| *value > 0)
+                .ok_or_else(|| error(name, format!("'{text}' is not a whole number above 0"))),
+        };
+        let limits = &mut self.caller_limits;
+        limits.rate_per_second = from_env(ENV_CALLER_RATE, limits.rate_per_second)?;
+        limits.burst = from_env(ENV_CALLER_BURST, limits.burst)?;
+        limits.concurrency = from_env(ENV_CALLER_CONCURRENCY, limits.concurrency)?;
         if let Some(issuer) = env(ENV_ISSUER) {
             // Plain HTTP only for a broker that serves plaintext itself (dev).
             let scheme_ok = issuer.starts_with("https://")
@@ -430,6 +470,9 @@ struct LimitsSection {
     write_queue: Option<usize>,
     write_timeout: Option<String>,
     feed_heartbeat: Option<String>,
+    caller_rate: Option<u32>,
+    caller_burst: Option<u32>,
+    caller_concurrency: Option<u32>,
 }
 
 /// Creates `dir` (and parents) if missing; the directory itself is readable only by its owner,
@@ -452,6 +495,15 @@ fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
             format!("'{text}' is not an address such as 127.0.0.1:7400"),
         )
     })
+}
+
+/// A count setting: `default` when absent, refused when 0.
+fn positive(field: &str, value: Option<u32>, default: u32) -> Result<u32, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(0) => Err(error(field, "must be at least 1")),
+        Some(value) => Ok(value),
+    }
 }
 
 fn parse_duration(
@@ -582,6 +634,28 @@ mod tests {
                 Config::from_file(&write(dir.path(), "bad.toml", &text), &no_env).unwrap_err();
             assert_eq!(error.field, field, "{error}");
         }
+    }
+
+    #[test]
+    fn caller_limits_come_from_the_file_then_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "server.crt", "cert");
+        write(dir.path(), "server.key", "key");
+        let text = format!("{VALID}\n[limits]\ncaller_rate = 5\ncaller_concurrency = 3\n");
+        let path = write(dir.path(), "warrant.toml", &text);
+        let limits = Config::from_file(&path, &no_env).unwrap().caller_limits;
+        assert_eq!((limits.rate_per_second, limits.burst), (5, 4_000));
+        assert_eq!(limits.concurrency, 3);
+        let env = |name: &str| (name == ENV_CALLER_RATE).then(|| "7".to_owned());
+        let limits = Config::from_file(&path, &env).unwrap().caller_limits;
+        assert_eq!(limits.rate_per_second, 7);
+
+        let zero = write(dir.path(), "zero.toml", &text.replace("= 3", "= 0"));
+        let error = Config::from_file(&zero, &no_env).unwrap_err();
+        assert_eq!(error.field, "limits.caller_concurrency", "{error}");
+        let words = |name: &str| (name == ENV_CALLER_BURST).then(|| "lots".to_owned());
+        let error = Config::from_file(&path, &words).unwrap_err();
+        assert_eq!(error.field, ENV_CALLER_BURST, "{error}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::extract::rejection::FormRejection;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -84,13 +85,20 @@ struct IntrospectionForm {
 async fn introspect(
     State(broker): State<Arc<Broker>>,
     headers: axum::http::HeaderMap,
-    Form(form): Form<IntrospectionForm>,
+    form: Result<Form<IntrospectionForm>, FormRejection>,
 ) -> Response {
+    let form = match form {
+        Ok(Form(form)) => form,
+        Err(rejection) => {
+            return error_response(&Error::invalid("form", rejection.body_text()));
+        }
+    };
     let header = headers
         .get(header::AUTHORIZATION)
         .map(|value| value.to_str().unwrap_or_default());
     let answer = async {
         let caller = authorize_header(broker.credentials(), header, Rpc::Introspect).await?;
+        let _admitted = broker.admit(&caller)?;
         let audience = match (form.audience, caller.audiences.as_slice()) {
             (Some(audience), _) => audience,
             (None, [only]) => only.clone(),
@@ -124,9 +132,8 @@ fn error_response(error: &Error) -> Response {
         Error::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "invalid_client"),
         Error::PermissionDenied(_) => (StatusCode::FORBIDDEN, "access_denied"),
         Error::InvalidArgument { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
-        Error::ResourceExhausted(_) | Error::Unavailable(_) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
-        }
+        Error::ResourceExhausted(_) => (StatusCode::TOO_MANY_REQUESTS, "temporarily_unavailable"),
+        Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
     };
     let description = match status {

@@ -13,6 +13,8 @@ pub mod audit;
 pub mod bootstrap;
 /// The broker's decisions: begin/complete tasks, grant, renew and revoke leases.
 pub mod broker;
+/// Per-caller rate and concurrency limits.
+pub mod caller_limits;
 /// The `warrant` command line.
 pub mod cli;
 /// Connecting to a broker as a gRPC client, with a workload credential.

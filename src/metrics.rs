@@ -39,6 +39,12 @@ pub struct MethodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// `rate` or `concurrency`.
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OperationLabels {
     pub operation: String,
 }
@@ -59,6 +65,8 @@ pub struct Metrics {
     pub credentials_revoked: Family<RevocationLabels, Counter>,
     pub introspections: Family<ResultLabels, Counter>,
     pub rpc_seconds: Histograms<MethodLabels>,
+    /// Calls refused because their caller was over a per-caller limit.
+    pub calls_limited: Family<LimitLabels, Counter>,
     pub store_seconds: Histograms<OperationLabels>,
     /// How long after its expiry the last expired lease was marked expired.
     pub reaper_lag_seconds: Gauge<f64, AtomicU64>,
@@ -83,6 +91,7 @@ impl Metrics {
             credentials_revoked: Family::default(),
             introspections: Family::default(),
             rpc_seconds: Family::new_with_constructor(latency_histogram),
+            calls_limited: Family::default(),
             store_seconds: Family::new_with_constructor(latency_histogram),
             reaper_lag_seconds: Gauge::default(),
             feed_delivery_seconds: latency_histogram(),
@@ -118,6 +127,11 @@ impl Metrics {
             "rpc_duration_seconds",
             "gRPC call latency, by method",
             metrics.rpc_seconds.clone(),
+        );
+        registry.register(
+            "calls_limited",
+            "Calls refused because their caller was over its rate or concurrency limit, by limit",
+            metrics.calls_limited.clone(),
         );
         registry.register(
             "store_duration_seconds",

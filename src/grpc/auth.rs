@@ -1,5 +1,6 @@
 //! Caller authentication: `authorization: Bearer <workload credential>` on every call that needs
-//! an identity. Attestation will add certificate-based identities beside this.
+//! an identity, done once per call by the admission layer. Attestation will add
+//! certificate-based identities beside this.
 
 use tonic::Request;
 
@@ -16,12 +17,16 @@ pub async fn authorize<T>(
     request: &Request<T>,
     rpc: Rpc,
 ) -> Result<Caller> {
-    let caller = authenticate(credentials, request).await?;
+    let caller = match request.extensions().get::<Caller>() {
+        Some(admitted) => admitted.clone(),
+        None => authenticate(credentials, request).await?,
+    };
     access::authorize(&caller, rpc)?;
     Ok(caller)
 }
 
-/// The workload behind the request's bearer credential.
+/// The workload behind the request's bearer credential, for a call the admission layer did
+/// not authenticate: it either had no credential or one that fails here again, with the error.
 async fn authenticate<T>(credentials: &CredentialCache, request: &Request<T>) -> Result<Caller> {
     let header = request
         .metadata()
@@ -43,7 +48,7 @@ pub async fn authorize_header(
 }
 
 /// The workload behind an `authorization: Bearer <workload credential>` header value.
-async fn authenticate_header(
+pub(super) async fn authenticate_header(
     credentials: &CredentialCache,
     header: Option<&str>,
 ) -> Result<Caller> {

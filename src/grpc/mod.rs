@@ -4,6 +4,7 @@
 
 pub mod access;
 mod admin;
+mod admission;
 mod auth;
 mod convert;
 mod credentials;
@@ -21,6 +22,7 @@ use crate::broker::Broker;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::tasks_server::TasksServer;
 use crate::proto::tokens_server::TokensServer;
+pub use admission::AdmissionLayer;
 pub(crate) use auth::authorize_header;
 pub use credentials::CredentialCache;
 pub use observe::ObserveLayer;

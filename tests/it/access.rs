@@ -292,39 +292,6 @@ async fn a_resource_server_sees_only_its_own_audiences(backend: Backend) {
     }
 }
 
-/// `POST /oauth2/introspect` with `credential` (none when `None`); (status, body).
-fn http_introspect(
-    addr: std::net::SocketAddr,
-    credential: Option<&str>,
-    form: &str,
-) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    let authorization = credential
-        .map(|credential| format!("Authorization: Bearer {credential}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "POST /oauth2/introspect HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{authorization}\
-         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
-        form.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
-    (status, body)
-}
-
 /// HTTP introspection follows the gRPC rules: no credential is 401, an agent is refused, a
 /// resource server only sees its own audience, and a revoked token is inactive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,6 +323,20 @@ async fn http_introspection_applies_the_same_roles_and_audiences() {
     let (status, body) = ask(Some(crm_api.clone()), other_audience).await.unwrap();
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("audience:"), "{body}");
+    // A form without its token is an RFC 6749 error naming what is wrong, not a bare 422.
+    let (status, body) = ask(Some(crm_api.clone()), "audience=x".into())
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"], "invalid_request", "{body}");
+    assert!(
+        error["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("token"),
+        "{body}"
+    );
 
     let (status, body) = ask(Some(crm_api.clone()), form.clone()).await.unwrap();
     assert_eq!(status, 200, "{body}");

@@ -1,10 +1,12 @@
 //! Cheap clients cannot wear the broker down: bounded strings, a cap on revocation streams per
-//! caller, and a header-read timeout on the HTTP listener.
+//! caller, per-caller rate and concurrency limits, and a header-read timeout on the HTTP
+//! listener.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use tonic::Code;
+use warrant::caller_limits::CallerLimitSettings;
 use warrant::proto;
 
 use crate::support::*;
@@ -119,5 +121,109 @@ async fn an_http_client_that_never_finishes_its_headers_is_disconnected() {
     assert!(
         closed_after < Duration::from_secs(15),
         "the connection was held for {closed_after:?}"
+    );
+}
+
+/// A caller over its rate is refused with RESOURCE_EXHAUSTED naming the setting, on gRPC and on
+/// HTTP introspection, and counted; other callers keep being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_over_its_rate_is_refused_while_others_are_served() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let mut config = data.config();
+    // Ten calls, then one every 100 s: nothing refills during the test.
+    config.caller_limits = CallerLimitSettings {
+        rate_per_second: 1,
+        burst: 10,
+        concurrency: 128,
+    };
+    let app = TestApp::spawn_with(config).await;
+    let busy = app.agent("busy-agent").await;
+    let quiet = app.agent("quiet-agent").await;
+    let unknown_task = || complete_request("0198c1f0-0000-7000-8000-000000000000");
+    for call in 0..10 {
+        let answer = busy.tasks().complete_task(unknown_task()).await;
+        assert_ne!(
+            answer.err().map(|status| status.code()),
+            Some(Code::ResourceExhausted),
+            "call {call} is within the burst"
+        );
+    }
+    let refused = busy
+        .tasks()
+        .complete_task(unknown_task())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("limits.caller_rate"),
+        "{}",
+        refused.message()
+    );
+    let served = quiet
+        .tasks()
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await;
+    assert!(served.is_ok(), "another caller is unaffected: {served:?}");
+
+    let api = app.resource_server("crm-api", &[CRM]).await;
+    let addr = app.http_addr;
+    let statuses = tokio::task::spawn_blocking(move || {
+        (0..11)
+            .map(|_| http_introspect(addr, Some(&api), "token=x").0)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(
+        statuses[..10].iter().all(|status| *status == 200),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses[10], 429, "{statuses:?}");
+
+    let metrics = http_get(app.http_addr, "/metrics").1;
+    assert!(
+        metrics.contains(r#"warrant_calls_limited_total{limit="rate"} 2"#),
+        "{metrics}"
+    );
+}
+
+/// A caller with more calls in flight than its concurrency limit has the excess refused at
+/// once, and is served again when its calls finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_over_its_concurrency_has_the_excess_refused() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let mut config = data.config();
+    config.caller_limits = CallerLimitSettings {
+        rate_per_second: 1_000_000,
+        burst: 1_000_000,
+        concurrency: 2,
+    };
+    let app = TestApp::spawn_with(config).await;
+    let agent = app.agent("parallel-agent").await;
+    let calls = (0..40).map(|_| {
+        let mut tasks = agent.tasks();
+        async move { tasks.begin_task(begin(&["crm.contacts:read"])).await }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let refused: Vec<_> = answers
+        .iter()
+        .filter_map(|answer| answer.as_ref().err())
+        .collect();
+    assert!(!refused.is_empty(), "40 calls at once, 2 allowed in flight");
+    assert!(refused.len() < 40, "the first calls were admitted");
+    for status in &refused {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("limits.caller_concurrency"),
+            "{status:?}"
+        );
+    }
+    let after = agent
+        .tasks()
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await;
+    assert!(
+        after.is_ok(),
+        "served again once the calls finished: {after:?}"
     );
 }

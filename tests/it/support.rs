@@ -104,6 +104,7 @@ impl TestData {
             feed_heartbeat_interval: Duration::from_secs(5),
             first_admin_file: None,
             store: warrant::store::StoreSettings::default(),
+            caller_limits: warrant::caller_limits::CallerLimitSettings::DEFAULT,
         }
     }
 }
@@ -290,6 +291,39 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_owned())
         .unwrap_or_default();
+    (status, body)
+}
+
+/// `POST /oauth2/introspect` with `credential` (none when `None`); (status, body).
+pub fn http_introspect(
+    addr: std::net::SocketAddr,
+    credential: Option<&str>,
+    form: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let authorization = credential
+        .map(|credential| format!("Authorization: Bearer {credential}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "POST /oauth2/introspect HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{authorization}\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+        form.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
     (status, body)
 }
 

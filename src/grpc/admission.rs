@@ -1,0 +1,95 @@
+//! The admission layer: authenticates a call's bearer credential once, before any handler runs,
+//! and admits it under its caller's rate and concurrency limits ([`CallerLimits`]). The caller
+//! it established travels in the request's extensions, where [`super::auth::authorize`] finds
+//! it. A call without a credential passes untouched (health, reflection and the JWKS need
+//! none); one with a credential that does not authenticate passes too, and its handler refuses
+//! it with the same error.
+//!
+//! [`CallerLimits`]: crate::caller_limits::CallerLimits
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::codegen::http;
+use tower::{Layer, Service};
+
+use super::auth;
+use crate::broker::Broker;
+
+/// Wraps the gRPC services with [`Admission`].
+#[derive(Clone)]
+pub struct AdmissionLayer {
+    broker: Arc<Broker>,
+}
+
+impl AdmissionLayer {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        AdmissionLayer { broker }
+    }
+}
+
+impl<S> Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
+
+    fn layer(&self, inner: S) -> Admission<S> {
+        Admission {
+            inner,
+            broker: self.broker.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Admission<S> {
+    inner: S,
+    broker: Arc<Broker>,
+}
+
+impl<S, Body, ResponseBody> Service<http::Request<Body>> for Admission<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<ResponseBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    Body: Send + 'static,
+    ResponseBody: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        // The clone is not ready yet; the one polled ready is taken for this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let broker = self.broker.clone();
+        Box::pin(async move {
+            let header = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(|value| value.to_str().unwrap_or_default().to_owned());
+            let Some(header) = header else {
+                return inner.call(request).await;
+            };
+            let Ok(caller) = auth::authenticate_header(broker.credentials(), Some(&header)).await
+            else {
+                return inner.call(request).await;
+            };
+            let admitted = match broker.admit(&caller) {
+                Ok(admitted) => admitted,
+                Err(error) => return Ok(tonic::Status::from(error).into_http()),
+            };
+            request.extensions_mut().insert(caller);
+            let response = inner.call(request).await;
+            // A stream's share ends once its handler has answered; streams have their own cap.
+            drop(admitted);
+            response
+        })
+    }
+}
