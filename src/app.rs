@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::bootstrap::{self, CatalogLoadError};
 use crate::broker::{Broker, BrokerSettings};
 use crate::config::{Config, TlsIdentity};
+use crate::identity::Ca;
 use crate::issuer::master_key::MasterKeyError;
 use crate::issuer::{BearerCredential, Keyring};
 use crate::jobs::Handlers;
@@ -105,6 +106,7 @@ impl App {
 
         let store = crate::store::open(&config.database_url, config.store).await?;
         let audit_key = master_key.audit_key();
+        let ca = Ca::load_or_create(store.as_ref(), &master_key, &config.trust_domain).await?;
         let keyring = Keyring::load(store.as_ref(), master_key, config.signing_algorithm).await?;
         let metrics = Arc::new(Metrics::new());
         let settings = BrokerSettings {
@@ -113,9 +115,11 @@ impl App {
             max_task_ttl: config.max_task_ttl,
             feed_heartbeat_interval: config.feed_heartbeat_interval,
             caller_limits: config.caller_limits,
+            svid_ttl: config.svid_ttl,
+            bearer_credentials: config.bearer_credentials,
         };
         let broker = Arc::new(Broker::new(
-            store, audit_key, keyring, catalog, settings, metrics,
+            store, audit_key, keyring, catalog, ca, settings, metrics,
         ));
         let first_admin_credential = bootstrap::first_admin(&broker).await?;
         // Whatever expired while the broker was down is reported before the first request.

@@ -2,6 +2,8 @@
 //! hands it validated domain values; it decides, persists the change together with its audit
 //! events in one transaction, and only then returns credentials. Refusals are recorded too.
 
+mod identity;
+
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::feed::Feed;
+use crate::identity::Ca;
+
 use crate::grpc::CredentialCache;
 use crate::issuer::jwt::{self, AccessTokenClaims, Expectations};
 use crate::issuer::keyring::Rotation;
@@ -28,6 +32,7 @@ use crate::store::{
     CompletionOutcome, EndedLease, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
     SharedStore, TaskRecord, WorkloadRecord,
 };
+pub use identity::RevokedIdentity;
 
 /// The policy that decides today: the scope catalog (policy-as-code will join it).
 const CATALOG_POLICY: &str = "scope-catalog";
@@ -53,6 +58,11 @@ pub struct BrokerSettings {
     pub feed_heartbeat_interval: Duration,
     /// How much one caller may do.
     pub caller_limits: CallerLimitSettings,
+    /// How long an X.509-SVID is valid.
+    pub svid_ttl: Duration,
+    /// Whether callers may authenticate with bearer credentials (the bootstrap a production
+    /// deployment can switch off once its workloads attest).
+    pub bearer_credentials: bool,
 }
 
 /// The broker: catalog, keys and store, shared by every request.
@@ -62,6 +72,10 @@ pub struct Broker {
     credentials: CredentialCache,
     /// Each caller's rate and concurrency allowance.
     caller_limits: CallerLimits,
+    /// Paces the audit records of refused attestations.
+    failure_audit: CallerLimits,
+    /// Signs X.509-SVIDs.
+    ca: Ca,
     audit_key: AuditKey,
     keyring: Keyring,
     catalog: Catalog,
@@ -127,10 +141,17 @@ impl Broker {
         audit_key: AuditKey,
         keyring: Keyring,
         catalog: Catalog,
+        ca: Ca,
         settings: BrokerSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
         Broker {
+            failure_audit: CallerLimits::new(CallerLimitSettings {
+                rate_per_second: identity::FAILED_ATTESTATIONS_AUDITED_PER_SECOND,
+                burst: 2 * identity::FAILED_ATTESTATIONS_AUDITED_PER_SECOND,
+                concurrency: u32::MAX,
+            }),
+            ca,
             credentials: CredentialCache::new(store.clone()),
             caller_limits: CallerLimits::new(settings.caller_limits),
             feed: Feed::new(
@@ -215,6 +236,10 @@ impl Broker {
                 self.metrics.calls_limited.get_or_create(&labels).inc();
                 error
             })
+    }
+
+    pub fn ca(&self) -> &Ca {
+        &self.ca
     }
 
     pub fn feed(&self) -> &Feed {
@@ -938,6 +963,12 @@ impl Broker {
             scope: lease.scope.as_str().to_owned(),
             client_id: caller.name.as_str().to_owned(),
             task_id: lease.task_id.as_str().to_owned(),
+            cnf: caller
+                .certificate_thumbprint
+                .as_ref()
+                .map(|thumbprint| jwt::Confirmation {
+                    x5t_s256: thumbprint.clone(),
+                }),
         };
         Credential(jwt::sign(key, &claims))
     }

@@ -43,6 +43,7 @@ const DEFAULT_REAPER_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 const DEFAULT_AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_FEED_HEARTBEAT: Duration = Duration::from_secs(5);
+const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_CALLER_LIMITS: CallerLimitSettings = CallerLimitSettings::DEFAULT;
 /// Next to the configuration file unless `keys.first_admin_file` says otherwise.
 const DEFAULT_FIRST_ADMIN_FILE: &str = "first-admin.credential";
@@ -112,6 +113,10 @@ pub struct Config {
     pub store: StoreSettings,
     /// How much one caller may do.
     pub caller_limits: CallerLimitSettings,
+    /// How long an X.509-SVID is valid.
+    pub svid_ttl: Duration,
+    /// Whether callers may authenticate with bearer credentials (`identity.bearer_credentials`).
+    pub bearer_credentials: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -226,6 +231,8 @@ impl Config {
             first_admin_file: None,
             store: StoreSettings::default(),
             caller_limits: DEFAULT_CALLER_LIMITS,
+            svid_ttl: DEFAULT_SVID_TTL,
+            bearer_credentials: true,
         };
         config.apply_environment(env)?;
         Ok(config)
@@ -327,6 +334,12 @@ impl Config {
                     StoreSettings::default().write_timeout,
                 )?,
             },
+            svid_ttl: parse_duration(
+                "identity.svid_ttl",
+                file.identity.svid_ttl.as_deref(),
+                DEFAULT_SVID_TTL,
+            )?,
+            bearer_credentials: file.identity.bearer_credentials.unwrap_or(true),
             caller_limits: CallerLimitSettings {
                 rate_per_second: positive(
                     "limits.caller_rate",
@@ -412,6 +425,15 @@ struct ConfigFile {
     catalog: CatalogSection,
     #[serde(default)]
     limits: LimitsSection,
+    #[serde(default)]
+    identity: IdentitySection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct IdentitySection {
+    svid_ttl: Option<String>,
+    bearer_credentials: Option<bool>,
 }
 
 #[derive(Deserialize)]

@@ -31,6 +31,8 @@ pub mod feed;
 pub mod grpc;
 /// HTTP endpoints: JWKS, OpenID discovery, health.
 pub mod http;
+/// Workload identity: the X.509 CA, SVIDs and join tokens.
+pub mod identity;
 /// Signing keys, the master key that seals them, and access-token minting and checking.
 pub mod issuer;
 /// Runs durable jobs from the store's queue, retrying failures with backoff.

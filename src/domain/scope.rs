@@ -270,6 +270,7 @@ mod tests {
             name: WorkloadName::parse("name", name).unwrap(),
             spiffe_id: SpiffeId::from_stored(format!("spiffe://test/workload/{name}")),
             roles: vec![Role::Agent],
+            certificate_thumbprint: None,
         }
     }
 

@@ -126,6 +126,8 @@ pub struct Caller {
     pub roles: Vec<Role>,
     /// The audiences it serves as a `resource_server`.
     pub audiences: Vec<String>,
+    /// The thumbprint of the X.509-SVID it authenticated with; `None` for a bearer credential.
+    pub certificate_thumbprint: Option<String>,
 }
 
 impl Caller {

@@ -76,6 +76,7 @@ pub(super) async fn authenticate_header(
         spiffe_id: workload.spiffe_id,
         roles: workload.roles,
         audiences: workload.audiences,
+        certificate_thumbprint: None,
     })
 }
 

@@ -1,5 +1,6 @@
 //! Workload bearer credentials: `wrt_` + a 32-hex-digit id + `_` + 32 random bytes (base64url).
-//! The broker keeps only the SHA-256 of the secret part, looked up by the id.
+//! The broker keeps only the SHA-256 of the secret part, looked up by the id. Join tokens have
+//! the same shape under their own prefix.
 
 use std::fmt;
 
@@ -24,37 +25,49 @@ pub struct StoredCredential {
 impl BearerCredential {
     /// A fresh credential and what the store keeps of it.
     pub fn generate() -> (Self, StoredCredential) {
-        let id = crate::domain::ids::hex(&super::random::bytes::<16>());
-        let secret = URL_SAFE_NO_PAD.encode(super::random::bytes::<32>());
-        let stored = StoredCredential {
-            id: id.clone(),
-            secret_sha256: sha256(secret.as_bytes()),
-        };
-        (BearerCredential(format!("{PREFIX}{id}_{secret}")), stored)
+        let (text, stored) = generate_secret(PREFIX);
+        (BearerCredential(text), stored)
     }
 
     /// Splits a presented credential into its id and the hash of its secret, or `None` when it
     /// does not have the credential's shape.
     pub fn parse(text: &str) -> Option<StoredCredential> {
-        let rest = text.strip_prefix(PREFIX)?;
-        if rest.len() != ID_LEN + 1 + SECRET_LEN || !rest.is_char_boundary(ID_LEN) {
-            return None;
-        }
-        let (id, secret) = rest.split_at(ID_LEN);
-        let secret = secret.strip_prefix('_')?;
-        if !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        Some(StoredCredential {
-            id: id.to_owned(),
-            secret_sha256: sha256(secret.as_bytes()),
-        })
+        parse_secret(PREFIX, text)
     }
 
     /// The credential text, for handing to its workload.
     pub fn expose(&self) -> &str {
         &self.0
     }
+}
+
+/// A fresh `<prefix><id>_<secret>` and what the store keeps of it.
+pub fn generate_secret(prefix: &str) -> (String, StoredCredential) {
+    let id = crate::domain::ids::hex(&super::random::bytes::<16>());
+    let secret = URL_SAFE_NO_PAD.encode(super::random::bytes::<32>());
+    let stored = StoredCredential {
+        id: id.clone(),
+        secret_sha256: sha256(secret.as_bytes()),
+    };
+    (format!("{prefix}{id}_{secret}"), stored)
+}
+
+/// The id and secret hash of a presented `<prefix><id>_<secret>`, or `None` when it does not
+/// have that shape.
+pub fn parse_secret(prefix: &str, text: &str) -> Option<StoredCredential> {
+    let rest = text.strip_prefix(prefix)?;
+    if rest.len() != ID_LEN + 1 + SECRET_LEN || !rest.is_char_boundary(ID_LEN) {
+        return None;
+    }
+    let (id, secret) = rest.split_at(ID_LEN);
+    let secret = secret.strip_prefix('_')?;
+    if !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(StoredCredential {
+        id: id.to_owned(),
+        secret_sha256: sha256(secret.as_bytes()),
+    })
 }
 
 impl fmt::Debug for BearerCredential {

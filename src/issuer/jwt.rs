@@ -34,6 +34,18 @@ pub struct AccessTokenClaims {
     /// The workload's registered name.
     pub client_id: String,
     pub task_id: String,
+    /// The client certificate the token is bound to (RFC 8705), for a caller that
+    /// authenticated with its X.509-SVID: only a request over that certificate may use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+/// RFC 8705's confirmation claim: the certificate's thumbprint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// Base64url SHA-256 of the certificate's DER.
+    #[serde(rename = "x5t#S256")]
+    pub x5t_s256: String,
 }
 
 /// Signs `claims` as a compact JWS with `key`.
@@ -236,6 +248,7 @@ mod tests {
             scope: "crm:read".into(),
             client_id: "agent".into(),
             task_id: "task_1".into(),
+            cnf: None,
         }
     }
 

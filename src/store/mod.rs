@@ -50,8 +50,8 @@ pub use changes::{Changes, Topic};
 pub use jobs::{ClaimedJob, JobOutcome, JobRecord, NewJob};
 pub use records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedEvent,
-    FeedPage, FeedRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, StoredSigningKey,
-    TaskRecord, WorkloadRecord,
+    FeedPage, FeedRecord, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
+    StoredCaKey, StoredSigningKey, SvidRecord, TaskRecord, WorkloadRecord,
 };
 pub use revocations::RevocationState;
 
@@ -294,9 +294,10 @@ pub trait Store: Send + Sync + 'static {
 
     async fn list_workloads(&self) -> Result<Vec<WorkloadRecord>>;
 
-    /// Revokes every credential of the workload named `name` at `now` and stores `replacement`
-    /// (if any) as its only valid one, with `events`, in one transaction: a rotation, or with
-    /// `None` a revocation. `None` when no such workload exists (nothing is written).
+    /// Revokes every bearer credential of the workload named `name` at `now` and stores
+    /// `replacement` (if any) as its only valid one, with `events`, in one transaction: a
+    /// rotation. With `None`, a revocation of every way it authenticates: its SVIDs and unused
+    /// join tokens too. `None` when no such workload exists (nothing is written).
     async fn replace_workload_credentials(
         &self,
         name: &WorkloadName,
@@ -304,6 +305,42 @@ pub trait Store: Send + Sync + 'static {
         now: UnixMillis,
         events: Vec<AuditEvent>,
     ) -> Result<Option<WorkloadRecord>>;
+
+    /// The ids of the workload's active tasks.
+    async fn active_tasks_of(&self, workload_id: &str) -> Result<Vec<TaskId>>;
+
+    // --- workload identity ---
+
+    /// Stores `key` unless a CA key with its id exists; the CA keys after, oldest first. Two
+    /// replicas starting together both get the one stored first.
+    async fn insert_ca_key(&self, key: StoredCaKey) -> Result<Vec<StoredCaKey>>;
+
+    /// Stores a join token with `events`.
+    async fn insert_join_token(
+        &self,
+        token: JoinTokenRecord,
+        events: Vec<AuditEvent>,
+    ) -> Result<()>;
+
+    /// The join token `id` and its workload, used or not.
+    async fn find_join_token(&self, id: &str) -> Result<Option<(JoinTokenRecord, WorkloadRecord)>>;
+
+    /// Marks the join token `id` used at `now` and stores `svid` with `events`, in one
+    /// transaction, if the token is still unused, unrevoked and unexpired; false (nothing
+    /// written) otherwise, so a token is used at most once across replicas.
+    async fn consume_join_token(
+        &self,
+        id: &str,
+        now: UnixMillis,
+        svid: SvidRecord,
+        events: Vec<AuditEvent>,
+    ) -> Result<bool>;
+
+    /// Stores an SVID handed out by renewal, with `events`.
+    async fn insert_svid(&self, svid: SvidRecord, events: Vec<AuditEvent>) -> Result<()>;
+
+    /// The unrevoked SVID with `thumbprint` and its workload.
+    async fn find_svid(&self, thumbprint: &str) -> Result<Option<(SvidRecord, WorkloadRecord)>>;
 
     // --- the job queue ---
 

@@ -22,6 +22,41 @@ pub struct WorkloadRecord {
     pub created_at: UnixMillis,
 }
 
+/// The X.509 CA as stored: its certificate in clear, its private key sealed under the master
+/// key.
+#[derive(Clone, Debug)]
+pub struct StoredCaKey {
+    pub id: String,
+    /// DER.
+    pub certificate: Vec<u8>,
+    pub sealed_private_key: Vec<u8>,
+    pub created_at: UnixMillis,
+    pub expires_at: UnixMillis,
+}
+
+/// A one-time join token as stored: only the hash of its secret.
+#[derive(Clone, Debug)]
+pub struct JoinTokenRecord {
+    pub id: String,
+    pub workload_id: String,
+    pub secret_sha256: Vec<u8>,
+    pub created_at: UnixMillis,
+    pub expires_at: UnixMillis,
+    /// When it was used; a used token is refused.
+    pub consumed_at: Option<UnixMillis>,
+}
+
+/// An X.509-SVID handed out, known by its thumbprint (base64url SHA-256 of its DER).
+#[derive(Clone, Debug)]
+pub struct SvidRecord {
+    pub thumbprint: String,
+    pub workload_id: String,
+    /// The certificate's serial number, hex.
+    pub serial: String,
+    pub issued_at: UnixMillis,
+    pub expires_at: UnixMillis,
+}
+
 /// A signing key as stored: public half in clear, private half sealed under the master key.
 #[derive(Clone, Debug)]
 pub struct StoredSigningKey {

@@ -105,6 +105,8 @@ impl TestData {
             first_admin_file: None,
             store: warrant::store::StoreSettings::default(),
             caller_limits: warrant::caller_limits::CallerLimitSettings::DEFAULT,
+            svid_ttl: Duration::from_secs(3600),
+            bearer_credentials: true,
         }
     }
 }

@@ -40,6 +40,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "roles and next keys",
         sql: include_str!("../../../migrations/postgres/0004_roles_and_next_keys.sql"),
     },
+    Migration {
+        version: 5,
+        description: "workload identity",
+        sql: include_str!("../../../migrations/postgres/0005_workload_identity.sql"),
+    },
 ];
 
 /// The advisory lock that makes replicas starting together migrate one at a time.

@@ -23,6 +23,7 @@ mod audit;
 mod batch;
 mod committer;
 mod feed;
+mod identity;
 mod jobs;
 mod keys;
 mod migrate;
@@ -48,8 +49,8 @@ use self::replicas::Announcer;
 use self::retry::in_transaction;
 use super::records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedEvent,
-    FeedPage, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, StoredSigningKey, TaskRecord,
-    WorkloadRecord, ended_leases,
+    FeedPage, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, StoredCaKey,
+    StoredSigningKey, SvidRecord, TaskRecord, WorkloadRecord, ended_leases,
 };
 use super::{
     Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
@@ -520,6 +521,58 @@ impl Store for PostgresStore {
             })
         })
         .await
+    }
+
+    async fn active_tasks_of(&self, workload_id: &str) -> Result<Vec<TaskId>> {
+        workloads::active_tasks_of(&self.pool, workload_id).await
+    }
+
+    async fn insert_ca_key(&self, key: StoredCaKey) -> Result<Vec<StoredCaKey>> {
+        identity::insert_ca_key(&self.pool, &key).await
+    }
+
+    async fn insert_join_token(
+        &self,
+        token: JoinTokenRecord,
+        events: Vec<AuditEvent>,
+    ) -> Result<()> {
+        in_transaction(&self.pool, |connection| {
+            let (token, events) = (token.clone(), events.clone());
+            Box::pin(async move { identity::insert_join_token(connection, &token, &events).await })
+        })
+        .await
+    }
+
+    async fn find_join_token(&self, id: &str) -> Result<Option<(JoinTokenRecord, WorkloadRecord)>> {
+        identity::find_join_token(&self.pool, id).await
+    }
+
+    async fn consume_join_token(
+        &self,
+        id: &str,
+        now: UnixMillis,
+        svid: SvidRecord,
+        events: Vec<AuditEvent>,
+    ) -> Result<bool> {
+        in_transaction(&self.pool, |connection| {
+            let (id, svid, events) = (id.to_owned(), svid.clone(), events.clone());
+            Box::pin(async move {
+                identity::consume_join_token(connection, &id, now, &svid, &events).await
+            })
+        })
+        .await
+    }
+
+    async fn insert_svid(&self, svid: SvidRecord, events: Vec<AuditEvent>) -> Result<()> {
+        in_transaction(&self.pool, |connection| {
+            let (svid, events) = (svid.clone(), events.clone());
+            Box::pin(async move { identity::insert_svid(connection, &svid, &events).await })
+        })
+        .await
+    }
+
+    async fn find_svid(&self, thumbprint: &str) -> Result<Option<(SvidRecord, WorkloadRecord)>> {
+        identity::find_svid(&self.pool, thumbprint).await
     }
 
     async fn enqueue_jobs(&self, jobs: Vec<NewJob>, events: Vec<AuditEvent>) -> Result<()> {

@@ -5,7 +5,7 @@ use sqlx::{PgConnection, PgPool, Row};
 
 use super::audit;
 use crate::audit::AuditEvent;
-use crate::domain::{UnixMillis, WorkloadName};
+use crate::domain::{TaskId, UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
 use crate::issuer::credential::StoredCredential;
 use crate::store::records::{WorkloadColumns, WorkloadRecord, roles_text};
@@ -16,6 +16,9 @@ macro_rules! workload_columns {
         "w.id, w.name, w.spiffe_id, w.roles, w.created_at, w.audiences"
     };
 }
+
+/// The same columns, for queries built with `format!`.
+pub(super) const WORKLOAD_COLUMNS: &str = workload_columns!();
 
 pub async fn create(
     connection: &mut PgConnection,
@@ -73,8 +76,21 @@ pub async fn replace_credentials(
     .bind(&workload.id)
     .execute(&mut *connection)
     .await?;
-    if let Some(credential) = replacement {
-        insert_credential(connection, &workload.id, credential, now).await?;
+    match replacement {
+        Some(credential) => insert_credential(connection, &workload.id, credential, now).await?,
+        None => {
+            for statement in [
+                "UPDATE svids SET revoked_at = $1 WHERE workload_id = $2 AND revoked_at IS NULL",
+                "UPDATE join_tokens SET revoked_at = $1 \
+                 WHERE workload_id = $2 AND revoked_at IS NULL AND consumed_at IS NULL",
+            ] {
+                sqlx::query(statement)
+                    .bind(now.0)
+                    .bind(&workload.id)
+                    .execute(&mut *connection)
+                    .await?;
+            }
+        }
     }
     audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await?;
     Ok(Some(workload))
@@ -122,6 +138,16 @@ pub async fn find_credential(
     .transpose()
 }
 
+pub async fn active_tasks_of(pool: &PgPool, workload_id: &str) -> Result<Vec<TaskId>> {
+    sqlx::query("SELECT id FROM tasks WHERE workload_id = $1 AND state = 'active'")
+        .bind(workload_id)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|row| Ok(TaskId::from_stored(row.try_get(0)?)))
+        .collect()
+}
+
 pub async fn list(pool: &PgPool) -> Result<Vec<WorkloadRecord>> {
     sqlx::query(concat!(
         "SELECT ",
@@ -135,7 +161,7 @@ pub async fn list(pool: &PgPool) -> Result<Vec<WorkloadRecord>> {
     .collect()
 }
 
-fn workload_columns(row: &PgRow) -> Result<WorkloadColumns> {
+pub(super) fn workload_columns(row: &PgRow) -> Result<WorkloadColumns> {
     Ok(WorkloadColumns {
         id: row.try_get(0)?,
         name: row.try_get(1)?,

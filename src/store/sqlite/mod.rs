@@ -11,6 +11,7 @@
 mod audit;
 mod connection;
 mod feed;
+mod identity;
 mod jobs;
 mod keys;
 mod readers;
@@ -30,8 +31,8 @@ use self::readers::Readers;
 use self::writer::{AfterCommit, Writer};
 use super::records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedPage,
-    LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, StoredSigningKey, TaskRecord,
-    WorkloadRecord,
+    JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, StoredCaKey,
+    StoredSigningKey, SvidRecord, TaskRecord, WorkloadRecord,
 };
 use super::{
     Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
@@ -442,6 +443,62 @@ impl Store for SqliteStore {
             .run(move |write| {
                 workloads::replace_credentials(write, &name, replacement.as_ref(), now, &events)
             })
+            .await
+    }
+
+    async fn active_tasks_of(&self, workload_id: &str) -> Result<Vec<TaskId>> {
+        self.readers
+            .read(|connection| workloads::active_tasks_of(connection, workload_id))
+            .await
+    }
+
+    async fn insert_ca_key(&self, key: StoredCaKey) -> Result<Vec<StoredCaKey>> {
+        self.writer
+            .run(move |write| {
+                identity::insert_ca_key(write, &key)?;
+                identity::ca_keys(write.connection)
+            })
+            .await
+    }
+
+    async fn insert_join_token(
+        &self,
+        token: JoinTokenRecord,
+        events: Vec<AuditEvent>,
+    ) -> Result<()> {
+        self.writer
+            .run(move |write| identity::insert_join_token(write, &token, &events))
+            .await
+    }
+
+    async fn find_join_token(&self, id: &str) -> Result<Option<(JoinTokenRecord, WorkloadRecord)>> {
+        self.readers
+            .read(|connection| identity::find_join_token(connection, id))
+            .await
+    }
+
+    async fn consume_join_token(
+        &self,
+        id: &str,
+        now: UnixMillis,
+        svid: SvidRecord,
+        events: Vec<AuditEvent>,
+    ) -> Result<bool> {
+        let id = id.to_owned();
+        self.writer
+            .run(move |write| identity::consume_join_token(write, &id, now, &svid, &events))
+            .await
+    }
+
+    async fn insert_svid(&self, svid: SvidRecord, events: Vec<AuditEvent>) -> Result<()> {
+        self.writer
+            .run(move |write| identity::insert_svid(write, &svid, &events))
+            .await
+    }
+
+    async fn find_svid(&self, thumbprint: &str) -> Result<Option<(SvidRecord, WorkloadRecord)>> {
+        self.readers
+            .read(|connection| identity::find_svid(connection, thumbprint))
             .await
     }
 

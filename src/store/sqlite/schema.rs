@@ -22,6 +22,9 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!(
             "../../../migrations/sqlite/0004_roles_and_next_keys.sql"
         )),
+        M::up(include_str!(
+            "../../../migrations/sqlite/0005_workload_identity.sql"
+        )),
     ])
 }
 

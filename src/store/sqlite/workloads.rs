@@ -5,13 +5,14 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::audit;
 use super::writer::Write;
 use crate::audit::AuditEvent;
-use crate::domain::{UnixMillis, WorkloadName};
+use crate::domain::{TaskId, UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
 use crate::issuer::credential::StoredCredential;
 use crate::store::Topic;
 use crate::store::records::{WorkloadColumns, WorkloadRecord, roles_text};
 
-const WORKLOAD_COLUMNS: &str = "w.id, w.name, w.spiffe_id, w.roles, w.created_at, w.audiences";
+pub(super) const WORKLOAD_COLUMNS: &str =
+    "w.id, w.name, w.spiffe_id, w.roles, w.created_at, w.audiences";
 
 pub fn create(
     write: &mut Write<'_>,
@@ -71,8 +72,20 @@ pub fn replace_credentials(
             "UPDATE workload_credentials SET revoked_at = ?1 WHERE workload_id = ?2 AND revoked_at IS NULL",
         )?
         .execute(params![now.0, workload.id])?;
-    if let Some(credential) = replacement {
-        insert_credential(write, &workload.id, credential, now)?;
+    match replacement {
+        Some(credential) => insert_credential(write, &workload.id, credential, now)?,
+        None => {
+            for statement in [
+                "UPDATE svids SET revoked_at = ?1 WHERE workload_id = ?2 AND revoked_at IS NULL",
+                "UPDATE join_tokens SET revoked_at = ?1 \
+                 WHERE workload_id = ?2 AND revoked_at IS NULL AND consumed_at IS NULL",
+            ] {
+                write
+                    .connection
+                    .prepare_cached(statement)?
+                    .execute(params![now.0, workload.id])?;
+            }
+        }
     }
     audit::insert_events(write, events)?;
     write.topics.push(Topic::Workloads);
@@ -122,6 +135,14 @@ pub fn find_credential(
         .transpose()
 }
 
+pub fn active_tasks_of(connection: &Connection, workload_id: &str) -> Result<Vec<TaskId>> {
+    connection
+        .prepare_cached("SELECT id FROM tasks WHERE workload_id = ?1 AND state = 'active'")?
+        .query_map([workload_id], |row| row.get(0))?
+        .map(|id| Ok(TaskId::from_stored(id?)))
+        .collect()
+}
+
 pub fn list(connection: &Connection) -> Result<Vec<WorkloadRecord>> {
     connection
         .prepare_cached(&format!(
@@ -132,7 +153,7 @@ pub fn list(connection: &Connection) -> Result<Vec<WorkloadRecord>> {
         .collect()
 }
 
-fn workload_columns(row: &Row<'_>) -> rusqlite::Result<WorkloadColumns> {
+pub(super) fn workload_columns(row: &Row<'_>) -> rusqlite::Result<WorkloadColumns> {
     Ok(WorkloadColumns {
         id: row.get(0)?,
         name: row.get(1)?,

@@ -1,0 +1,34 @@
+-- Workload identity: the X.509 CA that signs SVIDs, one-time join tokens, and every SVID issued.
+
+-- The CA. Its private key is sealed under the master key (AES-256-GCM, bound to the id); the
+-- oldest unretired row signs.
+CREATE TABLE ca_keys (
+    id                  TEXT PRIMARY KEY,
+    certificate         BLOB NOT NULL,   -- DER
+    sealed_private_key  BLOB NOT NULL,
+    created_at          INTEGER NOT NULL,
+    expires_at          INTEGER NOT NULL
+);
+
+-- One-time bootstrap tokens bound to a workload; only the SHA-256 of the secret is kept.
+CREATE TABLE join_tokens (
+    id             TEXT PRIMARY KEY,
+    workload_id    TEXT NOT NULL REFERENCES workloads (id),
+    secret_sha256  BLOB NOT NULL,
+    created_at     INTEGER NOT NULL,
+    expires_at     INTEGER NOT NULL,
+    consumed_at    INTEGER,
+    revoked_at     INTEGER
+);
+
+-- Every X.509-SVID handed out, by the SHA-256 of its DER (its RFC 8705 thumbprint). A caller
+-- presenting a certificate is authenticated by this row, so revoking it stops the certificate.
+CREATE TABLE svids (
+    thumbprint   TEXT PRIMARY KEY,
+    workload_id  TEXT NOT NULL REFERENCES workloads (id),
+    serial       TEXT NOT NULL,
+    issued_at    INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL,
+    revoked_at   INTEGER
+);
+CREATE INDEX svids_by_workload ON svids (workload_id);

@@ -1,0 +1,212 @@
+//! The broker's identity operations: join tokens, attestation into an X.509-SVID, SVID renewal
+//! and the kill switch that ends an identity and everything it holds.
+
+use std::time::Duration;
+
+use super::{Broker, no_such_workload};
+use crate::audit::AuditEvent;
+use crate::domain::{Caller, TaskId, UnixMillis, WorkloadName};
+use crate::error::{Error, Result};
+use crate::identity::{IssuedSvid, JoinToken};
+use crate::issuer::credential::digests_match;
+use crate::store::{JoinTokenRecord, SvidRecord};
+
+/// The longest a join token may wait for its use.
+pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Failed attestations recorded per second at most, so a flood cannot fill the trail.
+pub const FAILED_ATTESTATIONS_AUDITED_PER_SECOND: u32 = 10;
+
+/// What the kill switch ended.
+#[derive(Debug)]
+pub struct RevokedIdentity {
+    pub revoked_tasks: Vec<TaskId>,
+    pub revoked_leases: usize,
+}
+
+impl Broker {
+    /// A one-time join token for workload `name`, usable within `ttl`.
+    pub async fn create_join_token(
+        &self,
+        caller: &Caller,
+        name: &WorkloadName,
+        ttl: Duration,
+    ) -> Result<(JoinToken, UnixMillis)> {
+        if ttl.is_zero() || ttl > MAX_JOIN_TOKEN_TTL {
+            return Err(Error::invalid(
+                "ttl_seconds",
+                format!(
+                    "must be between 1 and {} seconds",
+                    MAX_JOIN_TOKEN_TTL.as_secs()
+                ),
+            ));
+        }
+        let workload = self
+            .store
+            .list_workloads()
+            .await?
+            .into_iter()
+            .find(|workload| workload.name == *name)
+            .ok_or_else(|| no_such_workload(name))?;
+        let (token, stored) = JoinToken::generate();
+        let now = UnixMillis::now();
+        let expires_at = UnixMillis(now.0 + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        let event = AuditEvent::new("identity.join_token_created", "ok", caller.name.as_str())
+            .workload(name)
+            .with("join_token_id", stored.id.as_str())
+            .with("expires_at", expires_at.0);
+        let record = JoinTokenRecord {
+            id: stored.id,
+            workload_id: workload.id,
+            secret_sha256: stored.secret_sha256,
+            created_at: now,
+            expires_at,
+            consumed_at: None,
+        };
+        self.store.insert_join_token(record, vec![event]).await?;
+        Ok((token, expires_at))
+    }
+
+    /// Trades a join token for an X.509-SVID of its workload. The token is consumed and the
+    /// SVID recorded in one transaction before the SVID is returned, so a token works once, on
+    /// any replica. Every refusal reads the same to the caller; the trail says why.
+    pub async fn attest_with_join_token(&self, presented: &str) -> Result<IssuedSvid> {
+        let refused =
+            || Error::Unauthenticated("join_token: unknown, already used or expired".into());
+        let Some(parsed) = JoinToken::parse(presented.trim()) else {
+            self.record_failed_attestation("malformed", None).await;
+            return Err(refused());
+        };
+        let now = UnixMillis::now();
+        let Some((token, workload)) = self.store.find_join_token(&parsed.id).await? else {
+            self.record_failed_attestation("unknown", Some(&parsed.id))
+                .await;
+            return Err(refused());
+        };
+        let reason = if !digests_match(&parsed.secret_sha256, &token.secret_sha256) {
+            Some("wrong_secret")
+        } else if token.consumed_at.is_some() {
+            Some("already_used")
+        } else if token.expires_at <= now {
+            Some("expired")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.record_failed_attestation(reason, Some(&token.id))
+                .await;
+            return Err(refused());
+        }
+        let svid = self
+            .ca
+            .issue(&workload.spiffe_id, self.settings.svid_ttl, now)?;
+        let event = AuditEvent::new("identity.attested", "ok", workload.name.as_str())
+            .workload(&workload.name)
+            .with("method", "join_token")
+            .with("join_token_id", token.id.as_str())
+            .with("spiffe_id", svid.spiffe_id.as_str())
+            .with("svid_serial", svid.serial.as_str())
+            .with("svid_expires_at", svid.expires_at.0);
+        let consumed = self
+            .store
+            .consume_join_token(
+                &token.id,
+                now,
+                svid_record(&svid, &workload.id),
+                vec![event],
+            )
+            .await?;
+        if !consumed {
+            // Another call (here or on another replica) used it first.
+            self.record_failed_attestation("already_used", Some(&token.id))
+                .await;
+            return Err(refused());
+        }
+        tracing::info!(workload = %workload.name, serial = %svid.serial, "workload attested");
+        Ok(svid)
+    }
+
+    /// A fresh X.509-SVID for a caller that authenticated with its current one.
+    pub async fn renew_svid(&self, caller: &Caller) -> Result<IssuedSvid> {
+        let Some(current) = &caller.certificate_thumbprint else {
+            return Err(Error::Unauthenticated(
+                "renewal needs the caller's current X.509-SVID as its TLS client certificate"
+                    .into(),
+            ));
+        };
+        let svid = self
+            .ca
+            .issue(&caller.spiffe_id, self.settings.svid_ttl, UnixMillis::now())?;
+        let event = AuditEvent::new("identity.svid_renewed", "ok", caller.name.as_str())
+            .workload(&caller.name)
+            .with("previous_thumbprint", current.as_str())
+            .with("svid_serial", svid.serial.as_str())
+            .with("svid_expires_at", svid.expires_at.0);
+        self.store
+            .insert_svid(svid_record(&svid, &caller.workload_id), vec![event])
+            .await?;
+        Ok(svid)
+    }
+
+    /// The kill switch: refuses every credential, SVID and join token of workload `name` from
+    /// now on (at once here, within the change notification on other replicas), then revokes
+    /// each of its open tasks, which the revocation feed reports.
+    pub async fn revoke_identity(
+        &self,
+        caller: &Caller,
+        name: &WorkloadName,
+    ) -> Result<RevokedIdentity> {
+        let workload = self.revoke_workload_credentials(caller, name).await?;
+        let mut revoked = RevokedIdentity {
+            revoked_tasks: Vec::new(),
+            revoked_leases: 0,
+        };
+        for task in self.store.active_tasks_of(&workload.id).await? {
+            match self
+                .revoke(caller, &super::RevocationTarget::Task(task.clone()))
+                .await
+            {
+                Ok(leases) => {
+                    revoked.revoked_leases += leases.len();
+                    revoked.revoked_tasks.push(task);
+                }
+                // It ended meanwhile (completed, expired, or revoked by another call).
+                Err(Error::FailedPrecondition(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        tracing::info!(workload = %name, tasks = revoked.revoked_tasks.len(), "identity revoked");
+        Ok(revoked)
+    }
+
+    /// Records a refused attestation, at most [`FAILED_ATTESTATIONS_AUDITED_PER_SECOND`] a
+    /// second; beyond, refusals are only counted in the log.
+    async fn record_failed_attestation(&self, reason: &'static str, token_id: Option<&str>) {
+        if self.failure_audit.admit("attestation").is_err() {
+            tracing::warn!(
+                reason,
+                "attestation refused (not audited: too many refusals)"
+            );
+            return;
+        }
+        let mut event = AuditEvent::new("identity.attestation_refused", "refused", "unknown")
+            .with("method", "join_token")
+            .with("reason", reason);
+        if let Some(id) = token_id {
+            event = event.with("join_token_id", id);
+        }
+        tracing::info!(reason, "attestation refused");
+        if let Err(error) = self.store.record_events(vec![event]).await {
+            tracing::warn!(%error, "could not record a refused attestation");
+        }
+    }
+}
+
+fn svid_record(svid: &IssuedSvid, workload_id: &str) -> SvidRecord {
+    SvidRecord {
+        thumbprint: svid.thumbprint.clone(),
+        workload_id: workload_id.to_owned(),
+        serial: svid.serial.clone(),
+        issued_at: svid.issued_at,
+        expires_at: svid.expires_at,
+    }
+}

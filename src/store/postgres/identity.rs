@@ -1,0 +1,154 @@
+//! Workload identity on PostgreSQL: the CA key, join tokens and issued SVIDs.
+
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgPool, Row};
+
+use super::audit;
+use super::workloads::{WORKLOAD_COLUMNS, workload_columns};
+use crate::audit::AuditEvent;
+use crate::domain::UnixMillis;
+use crate::error::Result;
+use crate::store::records::{JoinTokenRecord, StoredCaKey, SvidRecord, WorkloadRecord};
+
+pub async fn insert_ca_key(pool: &PgPool, key: &StoredCaKey) -> Result<Vec<StoredCaKey>> {
+    sqlx::query(
+        "INSERT INTO ca_keys (id, certificate, sealed_private_key, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )
+    .bind(&key.id)
+    .bind(&key.certificate)
+    .bind(&key.sealed_private_key)
+    .bind(key.created_at.0)
+    .bind(key.expires_at.0)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "SELECT id, certificate, sealed_private_key, created_at, expires_at FROM ca_keys \
+         ORDER BY created_at, id",
+    )
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(|row| {
+        Ok(StoredCaKey {
+            id: row.try_get(0)?,
+            certificate: row.try_get(1)?,
+            sealed_private_key: row.try_get(2)?,
+            created_at: UnixMillis(row.try_get(3)?),
+            expires_at: UnixMillis(row.try_get(4)?),
+        })
+    })
+    .collect()
+}
+
+pub async fn insert_join_token(
+    connection: &mut PgConnection,
+    token: &JoinTokenRecord,
+    events: &[AuditEvent],
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO join_tokens (id, workload_id, secret_sha256, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&token.id)
+    .bind(&token.workload_id)
+    .bind(&token.secret_sha256)
+    .bind(token.created_at.0)
+    .bind(token.expires_at.0)
+    .execute(&mut *connection)
+    .await?;
+    audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await
+}
+
+pub async fn find_join_token(
+    pool: &PgPool,
+    id: &str,
+) -> Result<Option<(JoinTokenRecord, WorkloadRecord)>> {
+    let query = format!(
+        "SELECT {WORKLOAD_COLUMNS}, t.id, t.secret_sha256, t.created_at, t.expires_at, \
+         t.consumed_at FROM join_tokens t JOIN workloads w ON w.id = t.workload_id \
+         WHERE t.id = $1 AND t.revoked_at IS NULL"
+    );
+    let Some(row) = sqlx::query(&query).bind(id).fetch_optional(pool).await? else {
+        return Ok(None);
+    };
+    let token = JoinTokenRecord {
+        id: row.try_get(6)?,
+        workload_id: row.try_get(0)?,
+        secret_sha256: row.try_get(7)?,
+        created_at: UnixMillis(row.try_get(8)?),
+        expires_at: UnixMillis(row.try_get(9)?),
+        consumed_at: row.try_get::<Option<i64>, _>(10)?.map(UnixMillis),
+    };
+    Ok(Some((token, workload_columns(&row)?.into_record()?)))
+}
+
+/// Consumes the token with a conditional update, so of two replicas racing on one token exactly
+/// one sees its row change.
+pub async fn consume_join_token(
+    connection: &mut PgConnection,
+    id: &str,
+    now: UnixMillis,
+    svid: &SvidRecord,
+    events: &[AuditEvent],
+) -> Result<bool> {
+    let consumed = sqlx::query(
+        "UPDATE join_tokens SET consumed_at = $1 WHERE id = $2 AND consumed_at IS NULL \
+         AND revoked_at IS NULL AND expires_at > $1",
+    )
+    .bind(now.0)
+    .bind(id)
+    .execute(&mut *connection)
+    .await?;
+    if consumed.rows_affected() == 0 {
+        return Ok(false);
+    }
+    insert_svid(connection, svid, events).await?;
+    Ok(true)
+}
+
+pub async fn insert_svid(
+    connection: &mut PgConnection,
+    svid: &SvidRecord,
+    events: &[AuditEvent],
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO svids (thumbprint, workload_id, serial, issued_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&svid.thumbprint)
+    .bind(&svid.workload_id)
+    .bind(&svid.serial)
+    .bind(svid.issued_at.0)
+    .bind(svid.expires_at.0)
+    .execute(&mut *connection)
+    .await?;
+    audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await
+}
+
+pub async fn find_svid(
+    pool: &PgPool,
+    thumbprint: &str,
+) -> Result<Option<(SvidRecord, WorkloadRecord)>> {
+    let query = format!(
+        "SELECT {WORKLOAD_COLUMNS}, s.thumbprint, s.serial, s.issued_at, s.expires_at \
+         FROM svids s JOIN workloads w ON w.id = s.workload_id \
+         WHERE s.thumbprint = $1 AND s.revoked_at IS NULL"
+    );
+    sqlx::query(&query)
+        .bind(thumbprint)
+        .fetch_optional(pool)
+        .await?
+        .map(|row| Ok((svid_columns(&row)?, workload_columns(&row)?.into_record()?)))
+        .transpose()
+}
+
+fn svid_columns(row: &PgRow) -> Result<SvidRecord> {
+    Ok(SvidRecord {
+        workload_id: row.try_get(0)?,
+        thumbprint: row.try_get(6)?,
+        serial: row.try_get(7)?,
+        issued_at: UnixMillis(row.try_get(8)?),
+        expires_at: UnixMillis(row.try_get(9)?),
+    })
+}

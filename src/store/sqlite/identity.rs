@@ -1,0 +1,160 @@
+//! Workload identity on SQLite: the CA key, join tokens and issued SVIDs.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::audit;
+use super::workloads::{WORKLOAD_COLUMNS, workload_columns};
+use super::writer::Write;
+use crate::audit::AuditEvent;
+use crate::domain::UnixMillis;
+use crate::error::Result;
+use crate::store::records::{JoinTokenRecord, StoredCaKey, SvidRecord, WorkloadRecord};
+
+pub fn insert_ca_key(write: &mut Write<'_>, key: &StoredCaKey) -> Result<()> {
+    write
+        .connection
+        .prepare_cached(
+            "INSERT INTO ca_keys (id, certificate, sealed_private_key, created_at, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![
+            key.id,
+            key.certificate,
+            key.sealed_private_key,
+            key.created_at.0,
+            key.expires_at.0
+        ])?;
+    Ok(())
+}
+
+pub fn ca_keys(connection: &Connection) -> Result<Vec<StoredCaKey>> {
+    connection
+        .prepare_cached(
+            "SELECT id, certificate, sealed_private_key, created_at, expires_at FROM ca_keys \
+             ORDER BY created_at, id",
+        )?
+        .query_map([], |row| {
+            Ok(StoredCaKey {
+                id: row.get(0)?,
+                certificate: row.get(1)?,
+                sealed_private_key: row.get(2)?,
+                created_at: UnixMillis(row.get(3)?),
+                expires_at: UnixMillis(row.get(4)?),
+            })
+        })?
+        .map(|key| Ok(key?))
+        .collect()
+}
+
+pub fn insert_join_token(
+    write: &mut Write<'_>,
+    token: &JoinTokenRecord,
+    events: &[AuditEvent],
+) -> Result<()> {
+    write
+        .connection
+        .prepare_cached(
+            "INSERT INTO join_tokens (id, workload_id, secret_sha256, created_at, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            token.id,
+            token.workload_id,
+            token.secret_sha256,
+            token.created_at.0,
+            token.expires_at.0
+        ])?;
+    audit::insert_events(write, events)
+}
+
+pub fn find_join_token(
+    connection: &Connection,
+    id: &str,
+) -> Result<Option<(JoinTokenRecord, WorkloadRecord)>> {
+    connection
+        .prepare_cached(&format!(
+            "SELECT {WORKLOAD_COLUMNS}, t.id, t.secret_sha256, t.created_at, t.expires_at, \
+             t.consumed_at FROM join_tokens t JOIN workloads w ON w.id = t.workload_id \
+             WHERE t.id = ?1 AND t.revoked_at IS NULL"
+        ))?
+        .query_row([id], |row| {
+            let token = JoinTokenRecord {
+                id: row.get(6)?,
+                workload_id: row.get(0)?,
+                secret_sha256: row.get(7)?,
+                created_at: UnixMillis(row.get(8)?),
+                expires_at: UnixMillis(row.get(9)?),
+                consumed_at: row.get::<_, Option<i64>>(10)?.map(UnixMillis),
+            };
+            Ok((token, workload_columns(row)?))
+        })
+        .optional()?
+        .map(|(token, columns)| Ok((token, columns.into_record()?)))
+        .transpose()
+}
+
+pub fn consume_join_token(
+    write: &mut Write<'_>,
+    id: &str,
+    now: UnixMillis,
+    svid: &SvidRecord,
+    events: &[AuditEvent],
+) -> Result<bool> {
+    let consumed = write
+        .connection
+        .prepare_cached(
+            "UPDATE join_tokens SET consumed_at = ?1 WHERE id = ?2 AND consumed_at IS NULL \
+             AND revoked_at IS NULL AND expires_at > ?1",
+        )?
+        .execute(params![now.0, id])?;
+    if consumed == 0 {
+        return Ok(false);
+    }
+    insert_svid(write, svid, events)?;
+    Ok(true)
+}
+
+pub fn insert_svid(write: &mut Write<'_>, svid: &SvidRecord, events: &[AuditEvent]) -> Result<()> {
+    write
+        .connection
+        .prepare_cached(
+            "INSERT INTO svids (thumbprint, workload_id, serial, issued_at, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            svid.thumbprint,
+            svid.workload_id,
+            svid.serial,
+            svid.issued_at.0,
+            svid.expires_at.0
+        ])?;
+    audit::insert_events(write, events)
+}
+
+pub fn find_svid(
+    connection: &Connection,
+    thumbprint: &str,
+) -> Result<Option<(SvidRecord, WorkloadRecord)>> {
+    connection
+        .prepare_cached(&format!(
+            "SELECT {WORKLOAD_COLUMNS}, s.thumbprint, s.serial, s.issued_at, s.expires_at \
+             FROM svids s JOIN workloads w ON w.id = s.workload_id \
+             WHERE s.thumbprint = ?1 AND s.revoked_at IS NULL"
+        ))?
+        .query_row([thumbprint], |row| {
+            Ok((svid_columns(row)?, workload_columns(row)?))
+        })
+        .optional()?
+        .map(|(svid, columns)| Ok((svid, columns.into_record()?)))
+        .transpose()
+}
+
+fn svid_columns(row: &Row<'_>) -> rusqlite::Result<SvidRecord> {
+    Ok(SvidRecord {
+        workload_id: row.get(0)?,
+        thumbprint: row.get(6)?,
+        serial: row.get(7)?,
+        issued_at: UnixMillis(row.get(8)?),
+        expires_at: UnixMillis(row.get(9)?),
+    })
+}
