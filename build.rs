@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "warrant/v1/tasks.proto",
     "warrant/v1/tokens.proto",
     "warrant/v1/admin.proto",
+    "warrant/v1/attestation.proto",
 ];
 
 /// Must match the `Debug` impls in src/proto.rs.
@@ -15,6 +16,10 @@ const SECRET_BEARING_MESSAGES: &[&str] = &[
     "warrant.v1.CreateWorkloadResponse",
     "warrant.v1.RotateWorkloadCredentialResponse",
     "warrant.v1.IntrospectRequest",
+    "warrant.v1.AttestRequest",
+    "warrant.v1.AttestRequest.method",
+    "warrant.v1.X509Svid",
+    "warrant.v1.CreateJoinTokenResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

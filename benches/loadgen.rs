@@ -948,6 +948,7 @@ async fn broker_scenarios(
             let request = proto::IntrospectRequest {
                 token: sample_tokens[index].clone(),
                 audience: CRM_AUDIENCE.into(),
+                ..Default::default()
             };
             Box::pin(async move { tokens.introspect(request).await.map(|_| ()) })
         });
@@ -1139,6 +1140,7 @@ async fn replica_propagation(base: &str) -> Vec<Row> {
         let request = proto::IntrospectRequest {
             token: task.leases[0].credential.clone(),
             audience: CRM_AUDIENCE.into(),
+            ..Default::default()
         };
         assert!(
             introspection

@@ -181,8 +181,17 @@ impl App {
             .layer(grpc::AdmissionLayer::new(self.broker.clone()));
         if let Some(tls) = &self.tls {
             let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+            // Client certificates are optional at the handshake: a workload attests (with a
+            // join token) before it holds an SVID. Each call then needs an identity, and a
+            // certificate presented must chain to Warrant's CA.
+            let client_ca = tonic::transport::Certificate::from_pem(self.broker.ca().bundle_pem());
             server = server
-                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .tls_config(
+                    tonic::transport::ServerTlsConfig::new()
+                        .identity(identity)
+                        .client_ca_root(client_ca)
+                        .client_auth_optional(true),
+                )
                 .map_err(|error| StartError::Tls(error.to_string()))?;
         }
         let mut grpc_stop = stop.clone();

@@ -152,7 +152,7 @@ impl Broker {
                 concurrency: u32::MAX,
             }),
             ca,
-            credentials: CredentialCache::new(store.clone()),
+            credentials: CredentialCache::new(store.clone(), settings.bearer_credentials),
             caller_limits: CallerLimits::new(settings.caller_limits),
             feed: Feed::new(
                 store.clone(),
@@ -541,9 +541,13 @@ impl Broker {
         caller: &Caller,
         token: &str,
         audience: &str,
+        client_certificate_thumbprint: Option<&str>,
     ) -> Result<Option<AccessTokenClaims>> {
         check_introspection_audience(caller, audience)?;
-        let outcome = self.check_token(token, audience).await?;
+        let outcome = self
+            .check_token(token, audience)
+            .await?
+            .and_then(|claims| check_binding(claims, client_certificate_thumbprint));
         let mut event = AuditEvent::new("token.introspected", "inactive", caller.name.as_str())
             .with("audience", audience)
             .with("token_hmac", self.audit_key.hash(token));
@@ -1021,6 +1025,29 @@ fn check_introspection_audience(caller: &Caller, audience: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A token bound to a certificate (`cnf`) is used only with that certificate: presented without
+/// it, or with another, it is inactive (RFC 8705), as a stolen token would be.
+fn check_binding(
+    claims: AccessTokenClaims,
+    presented: Option<&str>,
+) -> std::result::Result<AccessTokenClaims, Inactive> {
+    let matches = match (&claims.cnf, presented) {
+        (None, _) => true,
+        (Some(bound), Some(presented)) => crate::issuer::credential::digests_match(
+            bound.x5t_s256.as_bytes(),
+            presented.as_bytes(),
+        ),
+        (Some(_), None) => false,
+    };
+    if matches {
+        return Ok(claims);
+    }
+    Err(Inactive {
+        reason: "certificate_mismatch",
+        verified_claims: Some(claims),
+    })
 }
 
 fn no_such_workload(name: &WorkloadName) -> Error {

@@ -6,9 +6,10 @@ use std::time::Duration;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::proto::admin_client::AdminClient;
+use crate::proto::attestation_client::AttestationClient;
 use crate::proto::tasks_client::TasksClient;
 use crate::proto::tokens_client::TokensClient;
 
@@ -69,6 +70,12 @@ impl Interceptor for BearerAuth {
     }
 }
 
+/// A client certificate and its key (PEM), such as an X.509-SVID from attestation.
+pub struct ClientIdentity {
+    pub certificate_pem: Vec<u8>,
+    pub private_key_pem: Vec<u8>,
+}
+
 /// A channel with credentials, from which service clients are made.
 #[derive(Clone)]
 pub struct Connection {
@@ -86,6 +93,17 @@ impl Connection {
         credential: Option<&str>,
         ca_pem: Option<&[u8]>,
     ) -> Result<Self, ClientError> {
+        Self::open_as(address, credential, ca_pem, None).await
+    }
+
+    /// [`Connection::open`], presenting `identity` (an X.509-SVID) as TLS client certificate
+    /// on an `https://` address.
+    pub async fn open_as(
+        address: &str,
+        credential: Option<&str>,
+        ca_pem: Option<&[u8]>,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<Self, ClientError> {
         let mut endpoint = Endpoint::from_shared(address.to_owned())
             .map_err(|_| ClientError::Address(address.into()))?
             .connect_timeout(CONNECT_TIMEOUT)
@@ -96,6 +114,12 @@ impl Connection {
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = ca_pem {
                 tls = tls.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some(identity) = identity {
+                tls = tls.identity(Identity::from_pem(
+                    &identity.certificate_pem,
+                    &identity.private_key_pem,
+                ));
             }
             endpoint = endpoint
                 .tls_config(tls)
@@ -132,5 +156,9 @@ impl Connection {
 
     pub fn admin(&self) -> AdminClient<Authenticated> {
         AdminClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    pub fn attestation(&self) -> AttestationClient<Authenticated> {
+        AttestationClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 }

@@ -77,6 +77,9 @@ struct IntrospectionForm {
     /// The audience to check the token for; a resource server serving one audience may leave
     /// it out.
     audience: Option<String>,
+    /// The `x5t#S256` of the client certificate the token came with, for certificate-bound
+    /// tokens (RFC 8705).
+    client_certificate_thumbprint: Option<String>,
 }
 
 /// RFC 7662 over HTTP, with the same rules as `Tokens.Introspect`: a resource server's
@@ -109,7 +112,14 @@ async fn introspect(
                 ));
             }
         };
-        let claims = broker.introspect(&caller, &form.token, &audience).await?;
+        let claims = broker
+            .introspect(
+                &caller,
+                &form.token,
+                &audience,
+                form.client_certificate_thumbprint.as_deref(),
+            )
+            .await?;
         // RFC 7662 names its members after the token's claims, so the claims are the answer.
         Ok(match claims.map(serde_json::to_value) {
             Some(Ok(serde_json::Value::Object(mut body))) => {

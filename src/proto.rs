@@ -78,6 +78,10 @@ impl std::fmt::Debug for IntrospectRequest {
         f.debug_struct("IntrospectRequest")
             .field("token", &redacted(&self.token))
             .field("audience", &self.audience)
+            .field(
+                "client_certificate_thumbprint",
+                &self.client_certificate_thumbprint,
+            )
             .finish()
     }
 }
@@ -122,6 +126,7 @@ mod tests {
                 IntrospectRequest {
                     token: secret.into(),
                     audience: "https://crm.test".into(),
+                    ..Default::default()
                 }
             ),
         ];
@@ -130,5 +135,45 @@ mod tests {
             assert!(text.contains("[redacted]"), "{text}");
         }
         assert!(format!("{lease:?}").contains("lease_1"));
+    }
+}
+
+impl std::fmt::Debug for AttestRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttestRequest")
+            .field("method", &self.method)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for attest_request::Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            attest_request::Method::JoinToken(token) => {
+                f.debug_tuple("JoinToken").field(&redacted(token)).finish()
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for X509Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("X509Svid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("certificate_pem", &self.certificate_pem)
+            .field("private_key_pem", &redacted(&self.private_key_pem))
+            .field("bundle_pem", &self.bundle_pem)
+            .field("expires_at", &self.expires_at)
+            .field("thumbprint", &self.thumbprint)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for CreateJoinTokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateJoinTokenResponse")
+            .field("join_token", &redacted(&self.join_token))
+            .field("expires_at", &self.expires_at)
+            .finish()
     }
 }

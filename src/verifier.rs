@@ -124,6 +124,10 @@ pub enum VerifyError {
     /// Revoked, as the feed reported, or inactive, as the broker answered when asked.
     #[error("token revoked")]
     Revoked,
+    /// The token is bound to a client certificate (RFC 8705 `cnf`) other than the one it came
+    /// with, or came without one.
+    #[error("token bound to another client certificate")]
+    CertificateMismatch,
     /// Nothing was heard from the revocation feed for longer than the staleness bound, so a
     /// revocation may have been missed; the token itself was otherwise valid.
     #[error(
@@ -231,23 +235,37 @@ impl Verifier {
 
     /// Checks `token` with the cached keys and revocations, refetching the keys once if the
     /// token names an unknown key. While the feed is stale, asks the broker instead if so
-    /// configured ([`WhenStale::Introspect`]).
+    /// configured ([`WhenStale::Introspect`]). A token bound to a client certificate is
+    /// refused: use [`Verifier::verify_from_client`] for those.
     pub async fn verify(&self, token: &str) -> Result<AccessTokenClaims, VerifyError> {
-        let claims = match self.check_signed_and_unrevoked(token) {
+        self.verify_from_client(token, None).await
+    }
+
+    /// [`Verifier::verify`] for a token that arrived over mTLS with the client certificate
+    /// `client_certificate` (DER): a certificate-bound token (RFC 8705 `cnf`) is accepted only
+    /// with the certificate it is bound to.
+    pub async fn verify_from_client(
+        &self,
+        token: &str,
+        client_certificate: Option<&[u8]>,
+    ) -> Result<AccessTokenClaims, VerifyError> {
+        let thumbprint = client_certificate.map(crate::identity::thumbprint);
+        let claims = match self.check_signed_and_unrevoked(token, thumbprint.as_deref()) {
             Err(VerifyError::Invalid(TokenError::UnknownKey(_)))
                 if self.shared.may_refresh_keys() =>
             {
                 if let Err(error) = self.shared.refresh_keys().await {
                     tracing::warn!(%error, "JWKS refresh failed");
                 }
-                self.check_signed_and_unrevoked(token)
+                self.check_signed_and_unrevoked(token, thumbprint.as_deref())
             }
             outcome => outcome,
         }?;
         match self.shared.silence() {
             None => Ok(claims),
             Some(silent_for) if self.shared.when_stale == WhenStale::Introspect => {
-                self.introspect(token, claims, silent_for).await
+                self.introspect(token, thumbprint.as_deref(), claims, silent_for)
+                    .await
             }
             Some(silent_for) => Err(VerifyError::Stale { silent_for }),
         }
@@ -255,7 +273,7 @@ impl Verifier {
 
     /// Checks `token` with the cached keys and revocations only: no I/O, for hot paths.
     pub fn verify_cached(&self, token: &str) -> Result<AccessTokenClaims, VerifyError> {
-        let claims = self.check_signed_and_unrevoked(token)?;
+        let claims = self.check_signed_and_unrevoked(token, None)?;
         match self.shared.silence() {
             Some(silent_for) => Err(VerifyError::Stale { silent_for }),
             None => Ok(claims),
@@ -263,7 +281,11 @@ impl Verifier {
     }
 
     /// The token's signature, header and claims, and the revocations known so far.
-    fn check_signed_and_unrevoked(&self, token: &str) -> Result<AccessTokenClaims, VerifyError> {
+    fn check_signed_and_unrevoked(
+        &self,
+        token: &str,
+        client_thumbprint: Option<&str>,
+    ) -> Result<AccessTokenClaims, VerifyError> {
         let decoded = jwt::decode(token)?;
         let key = self
             .shared
@@ -292,6 +314,14 @@ impl Verifier {
         {
             return Err(VerifyError::Revoked);
         }
+        let bound_elsewhere = match (&claims.cnf, client_thumbprint) {
+            (None, _) => false,
+            (Some(bound), Some(presented)) => bound.x5t_s256 != presented,
+            (Some(_), None) => true,
+        };
+        if bound_elsewhere {
+            return Err(VerifyError::CertificateMismatch);
+        }
         Ok(claims)
     }
 
@@ -300,6 +330,7 @@ impl Verifier {
     async fn introspect(
         &self,
         token: &str,
+        client_thumbprint: Option<&str>,
         claims: AccessTokenClaims,
         silent_for: Duration,
     ) -> Result<AccessTokenClaims, VerifyError> {
@@ -310,6 +341,7 @@ impl Verifier {
             .introspect(proto::IntrospectRequest {
                 token: token.to_owned(),
                 audience: self.shared.audience.clone(),
+                client_certificate_thumbprint: client_thumbprint.unwrap_or_default().to_owned(),
             })
             .await;
         match answer {

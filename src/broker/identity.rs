@@ -9,7 +9,7 @@ use crate::domain::{Caller, TaskId, UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
 use crate::identity::{IssuedSvid, JoinToken};
 use crate::issuer::credential::digests_match;
-use crate::store::{JoinTokenRecord, SvidRecord};
+use crate::store::{JoinTokenRecord, SvidRecord, WorkloadRecord};
 
 /// The longest a join token may wait for its use.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -19,6 +19,7 @@ pub const FAILED_ATTESTATIONS_AUDITED_PER_SECOND: u32 = 10;
 /// What the kill switch ended.
 #[derive(Debug)]
 pub struct RevokedIdentity {
+    pub workload: WorkloadRecord,
     pub revoked_tasks: Vec<TaskId>,
     pub revoked_leases: usize,
 }
@@ -156,11 +157,13 @@ impl Broker {
         name: &WorkloadName,
     ) -> Result<RevokedIdentity> {
         let workload = self.revoke_workload_credentials(caller, name).await?;
+        let tasks = self.store.active_tasks_of(&workload.id).await?;
         let mut revoked = RevokedIdentity {
+            workload,
             revoked_tasks: Vec::new(),
             revoked_leases: 0,
         };
-        for task in self.store.active_tasks_of(&workload.id).await? {
+        for task in tasks {
             match self
                 .revoke(caller, &super::RevocationTarget::Task(task.clone()))
                 .await

@@ -53,6 +53,7 @@ pub async fn run(
             let request = proto::IntrospectRequest {
                 token: read_token(access_token)?,
                 audience: audience.clone(),
+                client_certificate_thumbprint: String::new(),
             };
             let response = cli
                 .connect()

@@ -4,8 +4,8 @@
 use crate::domain::{Caller, Role};
 use crate::error::Error;
 
-/// Every RPC that needs an identity. `Tokens.GetJwks` is not here: the keys are public (they
-/// are served over HTTP too) and need no credential.
+/// Every RPC that needs an identity. `Tokens.GetJwks` and `Attestation.Attest` are not here:
+/// the keys are public (they are served over HTTP too), and attestation is itself the proof.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rpc {
     BeginTask,
@@ -25,6 +25,9 @@ pub enum Rpc {
     VerifyAudit,
     GetAuditAnchor,
     AuditHash,
+    CreateJoinToken,
+    RevokeIdentity,
+    RenewSvid,
 }
 
 impl Rpc {
@@ -48,6 +51,9 @@ impl Rpc {
             Rpc::VerifyAudit => "Admin.VerifyAudit",
             Rpc::GetAuditAnchor => "Admin.GetAuditAnchor",
             Rpc::AuditHash => "Admin.AuditHash",
+            Rpc::CreateJoinToken => "Admin.CreateJoinToken",
+            Rpc::RevokeIdentity => "Admin.RevokeIdentity",
+            Rpc::RenewSvid => "Attestation.RenewSvid",
         }
     }
 }
@@ -59,6 +65,8 @@ pub fn allowed_roles(rpc: Rpc) -> &'static [Role] {
     match rpc {
         Rpc::BeginTask | Rpc::RequestGrant | Rpc::RenewLease | Rpc::CompleteTask => &[Role::Agent],
         Rpc::Introspect | Rpc::WatchRevocations => &[Role::ResourceServer, Role::Admin],
+        // Any identity may renew its own SVID.
+        Rpc::RenewSvid => &[Role::Agent, Role::ResourceServer, Role::Admin],
         Rpc::CreateWorkload
         | Rpc::ListWorkloads
         | Rpc::RotateWorkloadCredential
@@ -69,7 +77,9 @@ pub fn allowed_roles(rpc: Rpc) -> &'static [Role] {
         | Rpc::ExportAudit
         | Rpc::VerifyAudit
         | Rpc::GetAuditAnchor
-        | Rpc::AuditHash => &[Role::Admin],
+        | Rpc::AuditHash
+        | Rpc::CreateJoinToken
+        | Rpc::RevokeIdentity => &[Role::Admin],
     }
 }
 

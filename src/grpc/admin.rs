@@ -114,6 +114,39 @@ impl proto::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn create_join_token(
+        &self,
+        request: Request<proto::CreateJoinTokenRequest>,
+    ) -> Result<Response<proto::CreateJoinTokenResponse>, Status> {
+        let caller = self.admin(&request, Rpc::CreateJoinToken).await?;
+        let message = request.get_ref();
+        let name = WorkloadName::parse("name", &message.name)?;
+        let ttl = std::time::Duration::from_secs(message.ttl_seconds.into());
+        let (token, expires_at) = self.broker.create_join_token(&caller, &name, ttl).await?;
+        Ok(Response::new(proto::CreateJoinTokenResponse {
+            join_token: token.expose().to_owned(),
+            expires_at: Some(convert::timestamp(expires_at)),
+        }))
+    }
+
+    async fn revoke_identity(
+        &self,
+        request: Request<proto::RevokeIdentityRequest>,
+    ) -> Result<Response<proto::RevokeIdentityResponse>, Status> {
+        let caller = self.admin(&request, Rpc::RevokeIdentity).await?;
+        let name = WorkloadName::parse("name", &request.get_ref().name)?;
+        let revoked = self.broker.revoke_identity(&caller, &name).await?;
+        Ok(Response::new(proto::RevokeIdentityResponse {
+            workload: Some(convert::workload(revoked.workload)),
+            revoked_task_ids: revoked
+                .revoked_tasks
+                .iter()
+                .map(|task| task.as_str().to_owned())
+                .collect(),
+            revoked_leases: u32::try_from(revoked.revoked_leases).unwrap_or(u32::MAX),
+        }))
+    }
+
     async fn revoke(
         &self,
         request: Request<proto::RevokeRequest>,

@@ -1,9 +1,10 @@
-//! The admission layer: authenticates a call's bearer credential once, before any handler runs,
-//! and admits it under its caller's rate and concurrency limits ([`CallerLimits`]). The caller
-//! it established travels in the request's extensions, where [`super::auth::authorize`] finds
-//! it. A call without a credential passes untouched (health, reflection and the JWKS need
-//! none); one with a credential that does not authenticate passes too, and its handler refuses
-//! it with the same error.
+//! The admission layer: authenticates a call once, before any handler runs, and admits it
+//! under its caller's rate and concurrency limits ([`CallerLimits`]). The caller is the
+//! X.509-SVID presented as TLS client certificate (refused at once if it is not a current one),
+//! or else the bearer credential. The caller travels in the request's extensions, where
+//! [`super::auth::authorize`] finds it. A call with neither passes untouched (health,
+//! reflection, the JWKS and attestation need none); one with a bearer credential that does not
+//! authenticate passes too, and its handler refuses it with the same error.
 //!
 //! [`CallerLimits`]: crate::caller_limits::CallerLimits
 
@@ -12,10 +13,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tonic::codegen::http;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
 use super::auth;
 use crate::broker::Broker;
+use crate::domain::Caller;
 
 /// Wraps the gRPC services with [`Admission`].
 #[derive(Clone)]
@@ -64,12 +67,25 @@ where
         self.inner.poll_ready(context)
     }
 
-    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         // The clone is not ready yet; the one polled ready is taken for this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let broker = self.broker.clone();
         Box::pin(async move {
+            let certificate = request
+                .extensions()
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(TlsConnectInfo::peer_certs)
+                .and_then(|chain| chain.first().cloned());
+            if let Some(certificate) = certificate {
+                return match auth::authenticate_certificate(broker.credentials(), &certificate)
+                    .await
+                {
+                    Ok(caller) => admit(&broker, caller, inner, request).await,
+                    Err(error) => Ok(tonic::Status::from(error).into_http()),
+                };
+            }
             let header = request
                 .headers()
                 .get(http::header::AUTHORIZATION)
@@ -81,15 +97,29 @@ where
             else {
                 return inner.call(request).await;
             };
-            let admitted = match broker.admit(&caller) {
-                Ok(admitted) => admitted,
-                Err(error) => return Ok(tonic::Status::from(error).into_http()),
-            };
-            request.extensions_mut().insert(caller);
-            let response = inner.call(request).await;
-            // A stream's share ends once its handler has answered; streams have their own cap.
-            drop(admitted);
-            response
+            admit(&broker, caller, inner, request).await
         })
     }
+}
+
+/// Runs the call as `caller` if its limits admit it; answers RESOURCE_EXHAUSTED otherwise.
+async fn admit<S, Body, ResponseBody>(
+    broker: &Broker,
+    caller: Caller,
+    mut inner: S,
+    mut request: http::Request<Body>,
+) -> Result<S::Response, S::Error>
+where
+    S: Service<http::Request<Body>, Response = http::Response<ResponseBody>>,
+    ResponseBody: Default,
+{
+    let admitted = match broker.admit(&caller) {
+        Ok(admitted) => admitted,
+        Err(error) => return Ok(tonic::Status::from(error).into_http()),
+    };
+    request.extensions_mut().insert(caller);
+    let response = inner.call(request).await;
+    // A stream's share ends once its handler has answered; streams have their own cap.
+    drop(admitted);
+    response
 }

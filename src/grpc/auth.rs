@@ -1,6 +1,6 @@
-//! Caller authentication: `authorization: Bearer <workload credential>` on every call that needs
-//! an identity, done once per call by the admission layer. Attestation will add
-//! certificate-based identities beside this.
+//! Caller authentication, done once per call by the admission layer: the X.509-SVID a caller
+//! presented as its TLS client certificate, or else `authorization: Bearer <workload
+//! credential>` (unless bearer credentials are switched off).
 
 use tonic::Request;
 
@@ -10,6 +10,7 @@ use crate::domain::Caller;
 use crate::error::{Error, Result};
 use crate::issuer::BearerCredential;
 use crate::issuer::credential::digests_match;
+use crate::store::WorkloadRecord;
 
 /// The workload behind the request's bearer credential, if its roles allow `rpc`.
 pub async fn authorize<T>(
@@ -57,6 +58,13 @@ pub(super) async fn authenticate_header(
             "missing 'authorization': send 'Bearer <workload credential>'".into(),
         )
     })?;
+    if !credentials.bearer_allowed() {
+        return Err(Error::Unauthenticated(
+            "authorization: bearer credentials are switched off here \
+             (identity.bearer_credentials = false); present your X.509-SVID over mTLS"
+                .into(),
+        ));
+    }
     let presented = bearer_value(header)
         .and_then(|credential| BearerCredential::parse(credential.trim()))
         .ok_or_else(|| {
@@ -69,15 +77,37 @@ pub(super) async fn authenticate_header(
     if !digests_match(&presented.secret_sha256, &stored_hash) {
         return Err(unknown());
     }
+    Ok(caller(workload, None))
+}
+
+/// The workload behind the X.509-SVID whose DER is `certificate`: the TLS handshake checked
+/// its chain to Warrant's CA and its validity; this checks that Warrant issued it and has not
+/// revoked it, and that it has not expired since the connection opened.
+pub(super) async fn authenticate_certificate(
+    credentials: &CredentialCache,
+    certificate: &[u8],
+) -> Result<Caller> {
+    let thumbprint = crate::identity::thumbprint(certificate);
+    let workload = credentials.find_svid(&thumbprint).await?.ok_or_else(|| {
+        Error::Unauthenticated(
+            "client certificate: not a current X.509-SVID of this broker (unknown, expired or \
+             revoked)"
+                .into(),
+        )
+    })?;
+    Ok(caller(workload, Some(thumbprint)))
+}
+
+fn caller(workload: WorkloadRecord, certificate_thumbprint: Option<String>) -> Caller {
     tracing::Span::current().record("caller", workload.name.as_str());
-    Ok(Caller {
+    Caller {
         workload_id: workload.id,
         name: workload.name,
         spiffe_id: workload.spiffe_id,
         roles: workload.roles,
         audiences: workload.audiences,
-        certificate_thumbprint: None,
-    })
+        certificate_thumbprint,
+    }
 }
 
 /// The credential after the `Bearer` scheme, which RFC 7235 makes case-insensitive.

@@ -5,6 +5,7 @@
 pub mod access;
 mod admin;
 mod admission;
+mod attestation;
 mod auth;
 mod convert;
 mod credentials;
@@ -20,6 +21,7 @@ use tonic::service::Routes;
 
 use crate::broker::Broker;
 use crate::proto::admin_server::AdminServer;
+use crate::proto::attestation_server::AttestationServer;
 use crate::proto::tasks_server::TasksServer;
 use crate::proto::tokens_server::TokensServer;
 pub use admission::AdmissionLayer;
@@ -46,6 +48,9 @@ pub async fn routes(
     health_reporter
         .set_serving::<AdminServer<admin::AdminService>>()
         .await;
+    health_reporter
+        .set_serving::<AttestationServer<attestation::AttestationService>>()
+        .await;
     // Both reflection versions: Python's reflection clients, grpc-requests and older grpcurl
     // speak only v1alpha.
     let reflection = || {
@@ -62,6 +67,10 @@ pub async fn routes(
         )
         .add_service(
             TokensServer::new(tokens::TokensService::new(broker.clone(), shutdown))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            AttestationServer::new(attestation::AttestationService::new(broker.clone()))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(

@@ -94,7 +94,12 @@ impl proto::tokens_server::Tokens for TokensService {
         let message = request.into_inner();
         let response = match self
             .broker
-            .introspect(&caller, &message.token, &message.audience)
+            .introspect(
+                &caller,
+                &message.token,
+                &message.audience,
+                Some(message.client_certificate_thumbprint.as_str()).filter(|t| !t.is_empty()),
+            )
             .await?
         {
             None => proto::IntrospectResponse::default(),
@@ -111,6 +116,7 @@ impl proto::tokens_server::Tokens for TokensService {
                 jti: claims.jti,
                 task_id: claims.task_id,
                 token_type: "Bearer".into(),
+                cnf_x5t_s256: claims.cnf.map(|cnf| cnf.x5t_s256).unwrap_or_default(),
             },
         };
         Ok(Response::new(response))

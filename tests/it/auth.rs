@@ -49,6 +49,7 @@ async fn calls_without_a_valid_credential_are_unauthenticated(backend: Backend) 
             .introspect(proto::IntrospectRequest {
                 token: "x".into(),
                 audience: CRM.into(),
+                ..Default::default()
             })
             .await;
         assert_eq!(introspect.unwrap_err().code(), Code::Unauthenticated);

@@ -95,6 +95,7 @@ async fn restart_reports_leases_and_tasks_that_expired_while_down_and_keeps_keys
         .introspect(proto::IntrospectRequest {
             token: lasting.leases[0].credential.clone(),
             audience: CRM.into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -22,6 +22,7 @@ async fn an_introspection_audience_longer_than_its_bound_is_refused_naming_the_f
         .introspect(proto::IntrospectRequest {
             token: "x".into(),
             audience: format!("https://{}.test", "a".repeat(60 * 1024)),
+            ..Default::default()
         })
         .await
         .unwrap_err();

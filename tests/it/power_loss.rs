@@ -165,6 +165,7 @@ async fn issue_then_cut_power(extra_env: &[(&str, &str)]) -> Option<Outcome> {
         let introspection = proto::IntrospectRequest {
             token: task.leases[0].credential.clone(),
             audience: AUDIENCE.into(),
+            ..Default::default()
         };
         let is_honoured = tokens
             .introspect(introspection.clone())

@@ -630,6 +630,7 @@ async fn secrets_never_reach_the_audit_trail_or_the_logs() {
         let request = proto::IntrospectRequest {
             token: token.clone(),
             audience: "https://crm.example.internal".into(),
+            ..Default::default()
         };
         tokens.introspect(request).await.unwrap();
     }
@@ -763,6 +764,7 @@ async fn credentials_received_before_sigkill_are_stored_and_revocable_after_rest
         let request = proto::IntrospectRequest {
             token: token.clone(),
             audience: audience.into(),
+            ..Default::default()
         };
         let lease_rows: i64 =
             rusqlite::Connection::open(dir.path().join("warrant-data/warrant.db"))

@@ -67,6 +67,7 @@ async fn rotation_signs_with_a_new_key_and_keeps_old_tokens_valid_until_they_exp
             .introspect(proto::IntrospectRequest {
                 token: token.clone(),
                 audience: CRM.into(),
+                ..Default::default()
             })
             .await
             .unwrap();

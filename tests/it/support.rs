@@ -238,6 +238,7 @@ impl TestApp {
             .introspect(proto::IntrospectRequest {
                 token: token.into(),
                 audience: audience.into(),
+                ..Default::default()
             })
             .await
             .expect("introspect")

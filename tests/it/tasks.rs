@@ -91,6 +91,7 @@ async fn request_grant_adds_a_lease_to_an_active_task(backend: Backend) {
         .introspect(proto::IntrospectRequest {
             token: lease.credential,
             audience: "https://tickets.test".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -189,6 +190,7 @@ async fn completing_a_task_revokes_every_lease_it_holds(backend: Backend) {
             .introspect(proto::IntrospectRequest {
                 token: token.clone(),
                 audience: audience.into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -451,6 +453,7 @@ async fn another_workloads_task_is_not_found(backend: Backend) {
         .introspect(proto::IntrospectRequest {
             token: task.leases[0].credential.clone(),
             audience: CRM.into(),
+            ..Default::default()
         })
         .await
         .unwrap();

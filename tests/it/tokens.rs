@@ -33,6 +33,7 @@ async fn introspection_reports_claims_of_an_active_token(backend: Backend) {
         .introspect(proto::IntrospectRequest {
             token: lease.credential.clone(),
             audience: CRM.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -54,6 +55,7 @@ async fn introspection_reports_claims_of_an_active_token(backend: Backend) {
         .introspect(proto::IntrospectRequest {
             token: lease.credential.clone(),
             audience: String::new(),
+            ..Default::default()
         })
         .await;
     let status = missing.unwrap_err();

@@ -1,0 +1,66 @@
+//! The `Attestation` service: a workload proves what it is and receives an X.509-SVID.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::access::Rpc;
+use super::auth::authorize;
+use crate::broker::Broker;
+use crate::error::Error;
+use crate::identity::IssuedSvid;
+use crate::identity::ca::{key_to_pem, to_pem};
+use crate::proto;
+use crate::proto::attest_request::Method;
+
+pub struct AttestationService {
+    broker: Arc<Broker>,
+}
+
+impl AttestationService {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        AttestationService { broker }
+    }
+
+    fn svid(&self, svid: IssuedSvid) -> proto::X509Svid {
+        proto::X509Svid {
+            spiffe_id: svid.spiffe_id.as_str().to_owned(),
+            certificate_pem: to_pem(&svid.certificate),
+            private_key_pem: key_to_pem(&svid.private_key),
+            bundle_pem: self.broker.ca().bundle_pem(),
+            expires_at: svid.expires_at.as_seconds(),
+            thumbprint: svid.thumbprint,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::attestation_server::Attestation for AttestationService {
+    async fn attest(
+        &self,
+        request: Request<proto::AttestRequest>,
+    ) -> Result<Response<proto::AttestResponse>, Status> {
+        let svid = match &request.get_ref().method {
+            Some(Method::JoinToken(token)) => self.broker.attest_with_join_token(token).await?,
+            None => {
+                return Err(
+                    Error::invalid("method", "name an attestation method: join_token").into(),
+                );
+            }
+        };
+        Ok(Response::new(proto::AttestResponse {
+            svid: Some(self.svid(svid)),
+        }))
+    }
+
+    async fn renew_svid(
+        &self,
+        request: Request<proto::RenewSvidRequest>,
+    ) -> Result<Response<proto::RenewSvidResponse>, Status> {
+        let caller = authorize(self.broker.credentials(), &request, Rpc::RenewSvid).await?;
+        let svid = self.broker.renew_svid(&caller).await?;
+        Ok(Response::new(proto::RenewSvidResponse {
+            svid: Some(self.svid(svid)),
+        }))
+    }
+}
