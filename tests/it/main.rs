@@ -32,6 +32,7 @@ mod audit;
 mod auth;
 mod conformance;
 mod feed_silence;
+mod identity;
 mod interop;
 mod jobs;
 mod lifecycle;

@@ -1,0 +1,429 @@
+//! Workload identity end to end over TLS: a join token traded once for an X.509-SVID (checked
+//! by openssl, an independent X.509 implementation), calls over mTLS with it, tokens bound to
+//! it, renewal, foreign certificates, and the kill switch.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use tonic::Code;
+use warrant::client::{ClientIdentity, Connection};
+use warrant::config::{Config, TlsIdentity};
+use warrant::proto;
+
+use crate::support::*;
+
+/// A broker on TLS (a `localhost` server certificate), as outside `--dev`.
+struct TlsBroker {
+    app: TestApp,
+    server_ca: Vec<u8>,
+}
+
+impl TlsBroker {
+    async fn start(data: &TestData, adjust: impl FnOnce(&mut Config)) -> TlsBroker {
+        let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let mut config = data.config();
+        config.tls = Some(TlsIdentity {
+            cert_pem: server.cert.pem().into_bytes(),
+            key_pem: server.signing_key.serialize_pem().into_bytes(),
+        });
+        adjust(&mut config);
+        TlsBroker {
+            app: TestApp::spawn_with(config).await,
+            server_ca: server.cert.pem().into_bytes(),
+        }
+    }
+
+    fn address(&self) -> String {
+        format!("https://localhost:{}", self.app.grpc_addr.port())
+    }
+
+    async fn connect(
+        &self,
+        credential: Option<&str>,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<Connection, warrant::client::ClientError> {
+        Connection::open_as(&self.address(), credential, Some(&self.server_ca), identity).await
+    }
+
+    async fn admin(&self) -> Connection {
+        self.connect(Some(&self.app.admin_token), None)
+            .await
+            .unwrap()
+    }
+
+    /// Registers workload `name` with `roles` and returns a join token for it.
+    async fn register(&self, name: &str, roles: &[proto::Role], audiences: &[&str]) -> String {
+        let admin = self.admin().await;
+        admin
+            .admin()
+            .create_workload(proto::CreateWorkloadRequest {
+                name: name.into(),
+                roles: roles.iter().map(|role| *role as i32).collect(),
+                audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
+            })
+            .await
+            .unwrap();
+        self.join_token(name, 600).await
+    }
+
+    async fn join_token(&self, name: &str, ttl_seconds: u32) -> String {
+        self.admin()
+            .await
+            .admin()
+            .create_join_token(proto::CreateJoinTokenRequest {
+                name: name.into(),
+                ttl_seconds,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .join_token
+    }
+
+    async fn attest(&self, join_token: &str) -> Result<proto::X509Svid, tonic::Status> {
+        let anonymous = self.connect(None, None).await.unwrap();
+        let answer = anonymous
+            .attestation()
+            .attest(proto::AttestRequest {
+                method: Some(proto::attest_request::Method::JoinToken(join_token.into())),
+            })
+            .await?;
+        Ok(answer.into_inner().svid.unwrap())
+    }
+}
+
+fn identity_of(svid: &proto::X509Svid) -> ClientIdentity {
+    ClientIdentity {
+        certificate_pem: svid.certificate_pem.clone().into_bytes(),
+        private_key_pem: svid.private_key_pem.clone().into_bytes(),
+    }
+}
+
+/// `openssl <args>` in `dir`: (succeeded, standard output and error).
+fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_buys_one_svid_that_follows_the_spiffe_rules() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let broker = TlsBroker::start(&data, |_| {}).await;
+    let token = broker
+        .register("crm-agent", &[proto::Role::Agent], &[])
+        .await;
+    let svid = broker.attest(&token).await.expect("a fresh token attests");
+    assert_eq!(svid.spiffe_id, "spiffe://test.local/workload/crm-agent");
+
+    let dir = data.path();
+    std::fs::write(dir.join("svid.pem"), &svid.certificate_pem).unwrap();
+    std::fs::write(dir.join("bundle.pem"), &svid.bundle_pem).unwrap();
+    let (verified, text) = openssl(
+        dir,
+        &[
+            "verify",
+            "-CAfile",
+            "bundle.pem",
+            "-purpose",
+            "sslclient",
+            "svid.pem",
+        ],
+    );
+    assert!(verified, "chains to the bundle as a TLS client: {text}");
+    let (_, text) = openssl(dir, &["x509", "-in", "svid.pem", "-noout", "-text"]);
+    let uri_sans = text.matches("URI:").count();
+    assert_eq!(uri_sans, 1, "exactly one URI SAN: {text}");
+    assert!(
+        text.contains("URI:spiffe://test.local/workload/crm-agent"),
+        "{text}"
+    );
+    assert!(text.contains("CA:FALSE"), "a leaf, not a CA: {text}");
+    assert!(
+        text.contains("X509v3 Key Usage: critical\n                Digital Signature\n"),
+        "digital signature only, critical: {text}"
+    );
+    assert!(!text.contains("Certificate Sign") && !text.contains("CRL Sign"));
+    assert!(
+        text.contains("TLS Web Client Authentication"),
+        "usable for mTLS: {text}"
+    );
+    let (_, dates) = openssl(dir, &["x509", "-in", "svid.pem", "-noout", "-subject"]);
+    assert_eq!(dates.trim(), "subject=", "an empty subject: {dates}");
+    let lifetime = svid.expires_at - warrant::domain::UnixMillis::now().as_seconds();
+    assert!((3500..=3600).contains(&lifetime), "one hour: {lifetime}s");
+
+    // Used once: a second use, or a made-up token, is refused the same way, and stores nothing.
+    let svids = count_rows(&data, "svids").await;
+    for presented in [
+        token.clone(),
+        format!("wjt_{}_{}", "0".repeat(32), "A".repeat(43)),
+    ] {
+        let refused = broker.attest(&presented).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+        assert!(
+            refused
+                .message()
+                .contains("unknown, already used or expired")
+        );
+    }
+    assert_eq!(count_rows(&data, "svids").await, svids, "nothing stored");
+    let refusals = broker
+        .admin()
+        .await
+        .admin()
+        .query_audit(proto::QueryAuditRequest {
+            r#type: "identity.attestation_refused".into(),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(refusals.len(), 2, "each refusal is audited");
+    let trail = serde_json::to_string(&format!("{refusals:?}")).unwrap();
+    assert!(!trail.contains(&token[36..]), "the token's secret is not");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_join_token_is_refused() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let broker = TlsBroker::start(&data, |_| {}).await;
+    broker
+        .register("crm-agent", &[proto::Role::Agent], &[])
+        .await;
+    let short = broker.join_token("crm-agent", 1).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let refused = broker.attest(&short).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_svid_authenticates_over_mtls_and_binds_the_tokens_issued_to_it() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let broker = TlsBroker::start(&data, |config| config.bearer_credentials = true).await;
+    let agent_token = broker
+        .register("crm-agent", &[proto::Role::Agent], &[])
+        .await;
+    let api_token = broker
+        .register("crm-api", &[proto::Role::ResourceServer], &[CRM])
+        .await;
+    let svid = broker.attest(&agent_token).await.unwrap();
+    let api_svid = broker.attest(&api_token).await.unwrap();
+    let agent = broker
+        .connect(None, Some(&identity_of(&svid)))
+        .await
+        .unwrap();
+    let api = broker
+        .connect(None, Some(&identity_of(&api_svid)))
+        .await
+        .unwrap();
+
+    let task = agent
+        .tasks()
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .expect("the SVID is the caller's identity")
+        .into_inner();
+    let token = task.leases[0].credential.clone();
+    let claims = claims_of(&token);
+    assert_eq!(claims["sub"], "spiffe://test.local/workload/crm-agent");
+    assert_eq!(claims["cnf"]["x5t#S256"], svid.thumbprint.as_str());
+
+    let introspect = |thumbprint: &str| {
+        let (api, token, thumbprint) = (api.clone(), token.clone(), thumbprint.to_owned());
+        async move {
+            api.tokens()
+                .introspect(proto::IntrospectRequest {
+                    token,
+                    audience: CRM.into(),
+                    client_certificate_thumbprint: thumbprint,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let with_its_certificate = introspect(&svid.thumbprint).await;
+    assert!(with_its_certificate.active);
+    assert_eq!(with_its_certificate.cnf_x5t_s256, svid.thumbprint);
+    assert!(
+        !introspect("").await.active,
+        "a stolen bound token presented without its certificate is inactive"
+    );
+    assert!(
+        !introspect(&api_svid.thumbprint).await.active,
+        "nor with another certificate"
+    );
+
+    // Renewal over mTLS gives a new certificate; the old one keeps working until it expires.
+    let renewed = agent
+        .attestation()
+        .renew_svid(proto::RenewSvidRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .svid
+        .unwrap();
+    assert_ne!(renewed.thumbprint, svid.thumbprint);
+    assert_eq!(renewed.spiffe_id, svid.spiffe_id);
+    let renewed_agent = broker
+        .connect(None, Some(&identity_of(&renewed)))
+        .await
+        .unwrap();
+    renewed_agent
+        .tasks()
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .expect("the renewed SVID authenticates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_ca_or_none_gets_nothing() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let broker = TlsBroker::start(&data, |config| config.bearer_credentials = false).await;
+    // A certificate with the right SPIFFE ID, signed by a CA Warrant does not trust.
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://test.local/workload/admin".try_into().unwrap(),
+    )];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let forged = params.self_signed(&key).unwrap();
+    let forged = ClientIdentity {
+        certificate_pem: forged.pem().into_bytes(),
+        private_key_pem: key.serialize_pem().into_bytes(),
+    };
+    let refused = match broker.connect(None, Some(&forged)).await {
+        Err(_) => true,
+        Ok(connection) => connection
+            .admin()
+            .list_workloads(proto::ListWorkloadsRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "the handshake (or the call) refuses a foreign CA");
+
+    let anonymous = broker.connect(None, None).await.unwrap();
+    let status = anonymous
+        .tasks()
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // With bearer credentials switched off, even the first admin's is refused, saying why.
+    let status = broker
+        .admin()
+        .await
+        .admin()
+        .list_workloads(proto::ListWorkloadsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(
+        status.message().contains("identity.bearer_credentials"),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kill_switch_refuses_the_identity_and_revokes_its_open_tasks() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let broker = TlsBroker::start(&data, |_| {}).await;
+    let token = broker
+        .register("crm-agent", &[proto::Role::Agent], &[])
+        .await;
+    let spare_token = broker.join_token("crm-agent", 600).await;
+    let svid = broker.attest(&token).await.unwrap();
+    let agent = broker
+        .connect(None, Some(&identity_of(&svid)))
+        .await
+        .unwrap();
+    let task = agent
+        .tasks()
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let admin = broker.admin().await;
+    let mut feed = admin
+        .tokens()
+        .watch_revocations(proto::WatchRevocationsRequest { cursor: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let revoked = admin
+        .admin()
+        .revoke_identity(proto::RevokeIdentityRequest {
+            name: "crm-agent".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.revoked_task_ids, vec![task.task_id.clone()]);
+    assert_eq!(revoked.revoked_leases, 1);
+
+    let status = agent
+        .tasks()
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::Unauthenticated,
+        "the SVID is refused at once"
+    );
+    let refused = broker.attest(&spare_token).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::Unauthenticated,
+        "unused join tokens too"
+    );
+    let token_active = admin
+        .tokens()
+        .introspect(proto::IntrospectRequest {
+            token: task.leases[0].credential.clone(),
+            audience: CRM.into(),
+            client_certificate_thumbprint: svid.thumbprint.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .active;
+    assert!(!token_active, "its tokens are revoked");
+    let reported = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let message = feed.message().await.unwrap().unwrap();
+            if message
+                .events
+                .iter()
+                .any(|event| event.task_id == task.task_id)
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(reported.is_ok(), "the revocation is on the feed");
+
+    let status = admin
+        .admin()
+        .revoke_identity(proto::RevokeIdentityRequest {
+            name: "admin".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "not the caller itself"
+    );
+}
