@@ -20,9 +20,9 @@ use warrant::error::Error;
 use warrant::issuer::credential::StoredCredential;
 use warrant::issuer::{KeyAlgorithm, SigningKey};
 use warrant::store::{
-    AuditFilter, Checkpoint, CompletionOutcome, JobOutcome, LeaseRecord, NewJob, NewLeaseOutcome,
-    Renewal, RenewalOutcome, SharedStore, StoreSettings, StoredSigningKey, TaskRecord, Topic,
-    WorkloadRecord,
+    AuditFilter, Checkpoint, CompletionOutcome, JobOutcome, JoinTokenRecord, LeaseRecord, NewJob,
+    NewLeaseOutcome, Renewal, RenewalOutcome, SharedStore, StoreSettings, StoredCaKey,
+    StoredSigningKey, SvidRecord, TaskRecord, Topic, WorkloadRecord,
 };
 
 use crate::support::*;
@@ -49,6 +49,8 @@ backend_tests!(
     a_job_whose_runner_died_is_taken_again_after_its_claim_lapses,
     a_stalled_database_refuses_writes_instead_of_queueing_them,
     a_failing_write_fails_alone_and_the_writes_beside_it_commit,
+    a_join_token_is_used_once_and_revocation_ends_svids_and_tokens,
+    the_first_ca_key_stored_wins,
 );
 
 /// A fresh store with two workloads, `agent-a` and `agent-b`.
@@ -1792,4 +1794,187 @@ async fn postgres_feed_holds_later_events_back_behind_a_transaction_still_runnin
         late_task.as_str(),
         "the late event first, not skipped"
     );
+}
+
+fn join_token(id: &str, workload_id: &str, expires_at: UnixMillis) -> JoinTokenRecord {
+    JoinTokenRecord {
+        id: id.into(),
+        workload_id: workload_id.into(),
+        secret_sha256: vec![7; 32],
+        created_at: UnixMillis::now(),
+        expires_at,
+        consumed_at: None,
+    }
+}
+
+fn svid(thumbprint: &str, workload_id: &str) -> SvidRecord {
+    let now = UnixMillis::now();
+    SvidRecord {
+        thumbprint: thumbprint.into(),
+        workload_id: workload_id.into(),
+        serial: "01".into(),
+        issued_at: now,
+        expires_at: UnixMillis(now.0 + 3_600_000),
+    }
+}
+
+async fn a_join_token_is_used_once_and_revocation_ends_svids_and_tokens(backend: Backend) {
+    let fixture = Fixture::new(backend).await;
+    let store = &fixture.store;
+    let now = UnixMillis::now();
+    let later = UnixMillis(now.0 + 60_000);
+    store
+        .insert_join_token(join_token("jt-1", &fixture.agent_a, later), vec![])
+        .await
+        .unwrap();
+    store
+        .insert_join_token(join_token("jt-expired", &fixture.agent_a, now), vec![])
+        .await
+        .unwrap();
+    let (found, workload) = store.find_join_token("jt-1").await.unwrap().unwrap();
+    assert_eq!(workload.id, fixture.agent_a);
+    assert_eq!(
+        (found.secret_sha256, found.consumed_at),
+        (vec![7; 32], None)
+    );
+
+    // Ten uses at once: exactly one consumes it, and only its SVID is stored.
+    let uses = (0..10).map(|n| {
+        let store = store.clone();
+        let agent = fixture.agent_a.clone();
+        async move {
+            store
+                .consume_join_token("jt-1", now, svid(&format!("x5t-{n}"), &agent), vec![])
+                .await
+                .unwrap()
+        }
+    });
+    let consumed = join_all(uses).await;
+    assert_eq!(consumed.iter().filter(|used| **used).count(), 1);
+    assert_eq!(count_rows(&fixture.data, "svids").await, 1);
+    let (used, _) = store.find_join_token("jt-1").await.unwrap().unwrap();
+    assert_eq!(used.consumed_at, Some(now));
+    assert!(
+        !store
+            .consume_join_token(
+                "jt-expired",
+                now,
+                svid("x5t-late", &fixture.agent_a),
+                vec![]
+            )
+            .await
+            .unwrap(),
+        "an expired token is not consumed"
+    );
+    assert!(store.find_join_token("no-such").await.unwrap().is_none());
+
+    let winner = (0..10)
+        .map(|n| format!("x5t-{n}"))
+        .find(|thumbprint| consumed[thumbprint[4..].parse::<usize>().unwrap()])
+        .unwrap();
+    let (stored, owner) = store.find_svid(&winner).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.workload_id, owner.id),
+        (fixture.agent_a.clone(), fixture.agent_a.clone())
+    );
+    store
+        .insert_svid(svid("x5t-renewed", &fixture.agent_a), vec![])
+        .await
+        .unwrap();
+    store
+        .insert_join_token(join_token("jt-unused", &fixture.agent_a, later), vec![])
+        .await
+        .unwrap();
+
+    // Revoking the workload's credentials ends its SVIDs and unused join tokens too.
+    let name = WorkloadName::parse("name", "agent-a").unwrap();
+    store
+        .replace_workload_credentials(&name, None, UnixMillis::now(), vec![])
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.find_svid(&winner).await.unwrap().is_none());
+    assert!(store.find_svid("x5t-renewed").await.unwrap().is_none());
+    assert!(store.find_join_token("jt-unused").await.unwrap().is_none());
+    assert!(
+        !store
+            .consume_join_token(
+                "jt-unused",
+                UnixMillis::now(),
+                svid("x5t-x", &fixture.agent_a),
+                vec![]
+            )
+            .await
+            .unwrap()
+    );
+}
+
+async fn the_first_ca_key_stored_wins(backend: Backend) {
+    let fixture = Fixture::new(backend).await;
+    let key = |sealed: u8| StoredCaKey {
+        id: "ca-1".into(),
+        certificate: vec![sealed; 8],
+        sealed_private_key: vec![sealed; 16],
+        created_at: UnixMillis::now(),
+        expires_at: UnixMillis(UnixMillis::now().0 + 1_000),
+    };
+    let first = fixture.store.insert_ca_key(key(1)).await.unwrap();
+    let second = fixture.store.insert_ca_key(key(2)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(second.len(), 1);
+    assert_eq!(
+        second[0].sealed_private_key,
+        vec![1; 16],
+        "the first one stays"
+    );
+}
+
+/// Two replicas racing to use one join token: exactly one SVID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(warrant_postgres_tests),
+    ignore = "set WARRANT_TEST_DATABASE_URL to run the PostgreSQL tests"
+)]
+async fn postgres_replicas_racing_for_one_join_token_consume_it_once() {
+    let fixture = Fixture::new(Backend::Postgres).await;
+    let replica = fixture.replica().await;
+    let now = UnixMillis::now();
+    for n in 0..20 {
+        fixture
+            .store
+            .insert_join_token(
+                join_token(
+                    &format!("jt-{n}"),
+                    &fixture.agent_a,
+                    UnixMillis(now.0 + 60_000),
+                ),
+                vec![],
+            )
+            .await
+            .unwrap();
+    }
+    let agent = fixture.agent_a.clone();
+    let uses = (0..20).flat_map(|n| {
+        let agent = agent.clone();
+        [fixture.store.clone(), replica.clone()]
+            .into_iter()
+            .enumerate()
+            .map(move |(side, store)| {
+                let agent = agent.clone();
+                async move {
+                    store
+                        .consume_join_token(
+                            &format!("jt-{n}"),
+                            now,
+                            svid(&format!("x5t-{n}-{side}"), &agent),
+                            vec![],
+                        )
+                        .await
+                        .unwrap()
+                }
+            })
+    });
+    let consumed = join_all(uses).await;
+    assert_eq!(consumed.iter().filter(|used| **used).count(), 20);
+    assert_eq!(count_rows(&fixture.data, "svids").await, 20);
 }
