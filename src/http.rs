@@ -26,6 +26,9 @@ use crate::grpc::authorize_header;
 
 /// Where RFC 7662 introspection is served (announced in the discovery document).
 pub const INTROSPECTION_PATH: &str = "/oauth2/introspect";
+/// The X.509 trust bundle: SPIFFE bundle format (a JWK Set), and PEM.
+pub const TRUST_BUNDLE_PATH: &str = "/trust-bundle.json";
+pub const TRUST_BUNDLE_PEM_PATH: &str = "/trust-bundle.pem";
 /// How long a client may cache the JWKS; a verifier meeting an unknown kid refetches anyway.
 const JWKS_MAX_AGE_SECONDS: u32 = 60;
 /// A TLS handshake that takes longer than this is dropped.
@@ -40,6 +43,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(discovery))
+        .route(TRUST_BUNDLE_PATH, get(trust_bundle))
+        .route(TRUST_BUNDLE_PEM_PATH, get(trust_bundle_pem))
         .route(INTROSPECTION_PATH, post(introspect))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readiness))
@@ -55,6 +60,17 @@ async fn jwks(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
             format!("public, max-age={JWKS_MAX_AGE_SECONDS}"),
         )],
         Json(serde_json::json!({ "keys": keys })),
+    )
+}
+
+async fn trust_bundle(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
+    Json(broker.ca().bundle_jwks())
+}
+
+async fn trust_bundle_pem(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        broker.ca().bundle_pem(),
     )
 }
 

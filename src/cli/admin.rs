@@ -25,6 +25,21 @@ pub enum AdminCommand {
     },
     /// Start signing with a new key; the old one stays published until its tokens expire.
     RotateKey,
+    /// Create a one-time join token for a workload (shown only once): `warrant svid attest`
+    /// trades it for the workload's first X.509-SVID.
+    JoinToken {
+        /// The workload's name.
+        name: String,
+        /// How long the token may wait for its use (at most 24h).
+        #[arg(long, default_value = "10m", allow_hyphen_values = true)]
+        ttl: String,
+    },
+    /// The kill switch: refuse every credential, SVID and join token of a workload from now on,
+    /// and revoke each of its open tasks.
+    RevokeIdentity {
+        /// The workload's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -67,7 +82,7 @@ pub async fn run(
     command: &AdminCommand,
     format: &Format,
 ) -> Result<ExitCode, CommandError> {
-    cli.require_token()?;
+    cli.require_identity()?;
     let mut admin = cli.connect().await?.admin();
     match command {
         AdminCommand::Workload(WorkloadCommand::Create {
@@ -171,6 +186,47 @@ pub async fn run(
                     .flatten()
                     .map(|id| format!("revoked {}\n", id.as_str().unwrap_or_default()))
                     .collect()
+            })?;
+        }
+        AdminCommand::JoinToken { name, ttl } => {
+            let response = admin
+                .create_join_token(proto::CreateJoinTokenRequest {
+                    name: name.clone(),
+                    ttl_seconds: super::ttl_seconds("--ttl", ttl)?,
+                })
+                .await?
+                .into_inner();
+            let value = json!({
+                "join_token": response.join_token,
+                "expires_at": time(response.expires_at.as_ref()),
+            });
+            format.print(&value, |value| {
+                format!(
+                    "join token {}
+expires    {}
+(shown only now; usable once: give it to the \
+                     workload as WARRANT_JOIN_TOKEN for `warrant svid attest`)\n",
+                    text(value, "join_token"),
+                    text(value, "expires_at")
+                )
+            })?;
+        }
+        AdminCommand::RevokeIdentity { name } => {
+            let response = admin
+                .revoke_identity(proto::RevokeIdentityRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            let mut value = workload_json(&response.workload.unwrap_or_default());
+            value["revoked_task_ids"] = json!(response.revoked_task_ids);
+            value["revoked_leases"] = json!(response.revoked_leases);
+            format.print(&value, |value| {
+                format!(
+                    "workload {}: every credential, SVID and join token refused from now on; \
+                     {} open task(s) and {} lease(s) revoked\n",
+                    text(value, "name"),
+                    value["revoked_task_ids"].as_array().map_or(0, Vec::len),
+                    value["revoked_leases"]
+                )
             })?;
         }
         AdminCommand::RotateKey => {

@@ -75,7 +75,7 @@ pub async fn run(
     command: &AuditCommand,
     format: &Format,
 ) -> Result<ExitCode, CommandError> {
-    cli.require_token()?;
+    cli.require_identity()?;
     let mut admin = cli.connect().await?.admin();
     match command {
         AuditCommand::Query {

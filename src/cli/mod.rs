@@ -4,6 +4,7 @@ mod admin;
 mod audit;
 mod output;
 mod serve;
+mod svid;
 mod task;
 mod token;
 
@@ -12,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::client::Connection;
+use crate::client::{ClientIdentity, Connection};
 
 /// Exit code for a refused or failed call to the broker, and for an invalid token.
 const EXIT_FAILURE: u8 = 1;
@@ -43,6 +44,10 @@ pub struct Cli {
     /// CA certificate (PEM) that signed an https:// broker's certificate.
     #[arg(long, global = true, env = "WARRANT_CA_CERT")]
     ca_cert: Option<PathBuf>,
+    /// Directory holding this workload's X.509-SVID (from `warrant svid attest`): calls
+    /// present it as TLS client certificate instead of a bearer credential.
+    #[arg(long, global = true, env = "WARRANT_SVID_DIR")]
+    svid_dir: Option<PathBuf>,
     /// Print results as JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -69,6 +74,9 @@ enum Command {
     /// Investigate the audit trail and check its integrity (as an admin).
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Get and renew this workload's X.509-SVID (its identity without a long-lived secret).
+    #[command(subcommand)]
+    Svid(svid::SvidCommand),
 }
 
 /// Parses the command line and runs the command.
@@ -89,6 +97,7 @@ pub fn run() -> ExitCode {
             Command::Token(command) => token::run(&cli, command, &format).await,
             Command::Admin(command) => admin::run(&cli, command, &format).await,
             Command::Audit(command) => audit::run(&cli, command, &format).await,
+            Command::Svid(command) => svid::run(&cli, command, &format).await,
         };
         match result {
             Ok(code) => code,
@@ -143,7 +152,43 @@ impl Cli {
                 })
             })
             .transpose()?;
-        Ok(Connection::open(&self.addr, self.token.as_deref(), ca.as_deref()).await?)
+        let identity = self
+            .svid_dir
+            .as_ref()
+            .map(|dir| {
+                let read = |file: &str| {
+                    std::fs::read(dir.join(file)).map_err(|error| {
+                        CommandError::Usage(format!(
+                            "--svid-dir {}: {file}: {error}",
+                            dir.display()
+                        ))
+                    })
+                };
+                Ok::<_, CommandError>(ClientIdentity {
+                    certificate_pem: read(svid::CERTIFICATE_FILE)?,
+                    private_key_pem: read(svid::KEY_FILE)?,
+                })
+            })
+            .transpose()?;
+        Ok(Connection::open_as(
+            &self.addr,
+            self.token.as_deref(),
+            ca.as_deref(),
+            identity.as_ref(),
+        )
+        .await?)
+    }
+
+    /// Refuses a command that needs an identity when neither an SVID nor a credential is set.
+    fn require_identity(&self) -> Result<(), CommandError> {
+        match (&self.svid_dir, &self.token) {
+            (None, None) => Err(CommandError::Usage(
+                "this command needs an identity: --svid-dir / WARRANT_SVID_DIR (an X.509-SVID) \
+                 or --token / WARRANT_TOKEN (a workload credential)"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn require_token(&self) -> Result<&str, CommandError> {

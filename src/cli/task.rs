@@ -68,7 +68,7 @@ pub async fn run(
     command: &TaskCommand,
     format: &Format,
 ) -> Result<ExitCode, CommandError> {
-    cli.require_token()?;
+    cli.require_identity()?;
     let mut tasks = cli.connect().await?.tasks();
     match command {
         TaskCommand::Begin {

@@ -49,7 +49,7 @@ pub async fn run(
             access_token,
             audience,
         } => {
-            cli.require_token()?;
+            cli.require_identity()?;
             let request = proto::IntrospectRequest {
                 token: read_token(access_token)?,
                 audience: audience.clone(),

@@ -22,6 +22,8 @@ use crate::store::{Store, StoredCaKey};
 const FIRST_CA_ID: &str = "ca-1";
 /// How long a self-generated CA certificate is valid.
 const CA_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How often a bundle consumer should fetch the bundle again, in seconds.
+const BUNDLE_REFRESH_HINT_SECONDS: u64 = 300;
 /// A leaf is valid from a little before its issuance, for clocks slightly behind ours.
 const BACKDATE: Duration = Duration::from_secs(30);
 
@@ -86,6 +88,30 @@ impl Ca {
     /// The trust bundle as PEM.
     pub fn bundle_pem(&self) -> String {
         to_pem(&self.certificate)
+    }
+
+    /// The trust bundle in the SPIFFE bundle format: a JWK Set whose keys are the CA keys, each
+    /// with `use: x509-svid` and its certificate in `x5c`.
+    pub fn bundle_jwks(&self) -> serde_json::Value {
+        use base64::Engine;
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        // An uncompressed P-256 point: 0x04, then x and y, 32 bytes each.
+        let point = self.issuer.key().public_key_raw();
+        let (x, y) = point
+            .get(1..)
+            .unwrap_or_default()
+            .split_at(point.len().saturating_sub(1) / 2);
+        serde_json::json!({
+            "keys": [{
+                "use": "x509-svid",
+                "kty": "EC",
+                "crv": "P-256",
+                "x": URL_SAFE_NO_PAD.encode(x),
+                "y": URL_SAFE_NO_PAD.encode(y),
+                "x5c": [STANDARD.encode(&self.certificate)],
+            }],
+            "spiffe_refresh_hint": BUNDLE_REFRESH_HINT_SECONDS,
+        })
     }
 
     /// Signs a fresh key pair's X.509-SVID for `spiffe_id`, valid for `ttl` from `now` (never

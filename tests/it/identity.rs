@@ -427,3 +427,43 @@ async fn the_kill_switch_refuses_the_identity_and_revokes_its_open_tasks() {
         "not the caller itself"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trust_bundle_is_served_over_http_as_pem_and_as_a_spiffe_bundle() {
+    use base64::Engine;
+    let data = TestData::new(Backend::Sqlite).await;
+    let app = TestApp::spawn(&data).await;
+    let (status, pem) = http_get(app.http_addr, "/trust-bundle.pem");
+    assert_eq!(status, 200);
+    std::fs::write(data.path().join("bundle.pem"), &pem).unwrap();
+    let (parsed, text) = openssl(
+        data.path(),
+        &["x509", "-in", "bundle.pem", "-noout", "-text"],
+    );
+    assert!(parsed, "{text}");
+    assert!(text.contains("CA:TRUE"), "{text}");
+    assert!(text.contains("URI:spiffe://test.local"), "{text}");
+    assert!(text.contains("Certificate Sign"), "{text}");
+
+    let bundle = app.http("/trust-bundle.json");
+    let key = &bundle["keys"][0];
+    assert_eq!(key["use"], "x509-svid");
+    assert_eq!(
+        (key["kty"].as_str(), key["crv"].as_str()),
+        (Some("EC"), Some("P-256"))
+    );
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(key["x5c"][0].as_str().unwrap())
+        .unwrap();
+    let from_pem: String = pem
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(from_pem)
+            .unwrap(),
+        der,
+        "both forms carry the same CA certificate"
+    );
+}
