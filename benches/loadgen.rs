@@ -773,6 +773,7 @@ async fn broker_scenarios(
             name: "load-agent".into(),
             roles: vec![proto::Role::Agent as i32],
             audiences: Vec::new(),
+            no_bearer_credential: false,
         })
         .await
         .expect("create workload")
@@ -785,6 +786,7 @@ async fn broker_scenarios(
             name: "load-api".into(),
             roles: vec![proto::Role::ResourceServer as i32],
             audiences: vec![CRM_AUDIENCE.into()],
+            no_bearer_credential: false,
         })
         .await
         .expect("create workload")
@@ -1114,6 +1116,7 @@ async fn replica_propagation(base: &str) -> Vec<Row> {
             name: "replica-agent".into(),
             roles: vec![proto::Role::Agent as i32],
             audiences: Vec::new(),
+            no_bearer_credential: false,
         })
         .await
         .expect("create workload")
@@ -1352,6 +1355,7 @@ async fn scale(
         name: "scale-agent".into(),
         roles: vec![proto::Role::Agent as i32],
         audiences: Vec::new(),
+        no_bearer_credential: false,
     };
     let credential = admin
         .admin()

@@ -544,10 +544,13 @@ impl Broker {
         client_certificate_thumbprint: Option<&str>,
     ) -> Result<Option<AccessTokenClaims>> {
         check_introspection_audience(caller, audience)?;
-        let outcome = self
-            .check_token(token, audience)
-            .await?
-            .and_then(|claims| check_binding(claims, client_certificate_thumbprint));
+        let outcome = match self.check_token(token, audience).await? {
+            Ok(claims) if !is_bound_to(&claims, client_certificate_thumbprint) => Err(Inactive {
+                reason: "certificate_mismatch",
+                verified_claims: Some(claims),
+            }),
+            outcome => outcome,
+        };
         let mut event = AuditEvent::new("token.introspected", "inactive", caller.name.as_str())
             .with("audience", audience)
             .with("token_hmac", self.audit_key.hash(token));
@@ -584,14 +587,16 @@ impl Broker {
         Ok(outcome.ok())
     }
 
-    /// Registers a workload and makes its first bearer credential; `actor` is the admin asking.
+    /// Registers a workload and, if `with_credential`, makes its first bearer credential
+    /// (without one, it authenticates only with SVIDs); `actor` is the admin asking.
     pub async fn create_workload(
         &self,
         actor: &str,
         name: WorkloadName,
         roles: Vec<Role>,
         audiences: Vec<String>,
-    ) -> Result<(WorkloadRecord, BearerCredential)> {
+        with_credential: bool,
+    ) -> Result<(WorkloadRecord, Option<BearerCredential>)> {
         self.check_audiences(&roles, &audiences)?;
         let now = UnixMillis::now();
         let workload = WorkloadRecord {
@@ -605,8 +610,8 @@ impl Broker {
             audiences,
             created_at: now,
         };
-        let (credential, stored) = BearerCredential::generate();
-        let event = AuditEvent::new("workload.created", "ok", actor)
+        let credential = with_credential.then(BearerCredential::generate);
+        let mut event = AuditEvent::new("workload.created", "ok", actor)
             .workload(&workload.name)
             .with("spiffe_id", workload.spiffe_id.as_str())
             .with(
@@ -617,14 +622,18 @@ impl Broker {
                     .map(|role| role.as_str())
                     .collect::<Vec<_>>(),
             )
-            .with("audiences", workload.audiences.clone())
-            .with("credential_id", stored.id.as_str())
-            .with("credential_hmac", self.audit_key.hash(credential.expose()));
+            .with("audiences", workload.audiences.clone());
+        if let Some((credential, stored)) = &credential {
+            event = event
+                .with("credential_id", stored.id.as_str())
+                .with("credential_hmac", self.audit_key.hash(credential.expose()));
+        }
+        let stored = credential.as_ref().map(|(_, stored)| stored.clone());
         self.store
             .create_workload(workload.clone(), stored, vec![event])
             .await?;
         tracing::info!(workload = %workload.name, "workload registered");
-        Ok((workload, credential))
+        Ok((workload, credential.map(|(credential, _)| credential)))
     }
 
     /// A resource server serves at least one audience, each one a scope of the catalog issues
@@ -710,9 +719,10 @@ impl Broker {
 
     /// On a store with no workloads, registers the `admin` workload; see [`crate::bootstrap`].
     pub async fn create_first_admin(&self, name: WorkloadName) -> Result<BearerCredential> {
-        self.create_workload(BOOTSTRAP, name, vec![Role::Admin], Vec::new())
-            .await
-            .map(|(_, credential)| credential)
+        let (_, credential) = self
+            .create_workload(BOOTSTRAP, name, vec![Role::Admin], Vec::new(), true)
+            .await?;
+        credential.ok_or_else(|| Error::internal("the first admin got no credential"))
     }
 
     /// Revokes a lease, or a task with all its leases, whoever owns it.
@@ -1027,27 +1037,18 @@ fn check_introspection_audience(caller: &Caller, audience: &str) -> Result<()> {
     Ok(())
 }
 
-/// A token bound to a certificate (`cnf`) is used only with that certificate: presented without
-/// it, or with another, it is inactive (RFC 8705), as a stolen token would be.
-fn check_binding(
-    claims: AccessTokenClaims,
-    presented: Option<&str>,
-) -> std::result::Result<AccessTokenClaims, Inactive> {
-    let matches = match (&claims.cnf, presented) {
+/// Whether a token may be used by the client that presented the certificate with thumbprint
+/// `presented`: a token bound to a certificate (`cnf`) only with that one (RFC 8705), so that
+/// without it, or with another, it is inactive, as a stolen token would be.
+fn is_bound_to(claims: &AccessTokenClaims, presented: Option<&str>) -> bool {
+    match (&claims.cnf, presented) {
         (None, _) => true,
         (Some(bound), Some(presented)) => crate::issuer::credential::digests_match(
             bound.x5t_s256.as_bytes(),
             presented.as_bytes(),
         ),
         (Some(_), None) => false,
-    };
-    if matches {
-        return Ok(claims);
     }
-    Err(Inactive {
-        reason: "certificate_mismatch",
-        verified_claims: Some(claims),
-    })
 }
 
 fn no_such_workload(name: &WorkloadName) -> Error {

@@ -55,6 +55,10 @@ pub enum WorkloadCommand {
         /// An audience a resource-server serves (repeatable; required for that role).
         #[arg(long = "audience")]
         audiences: Vec<String>,
+        /// No bearer credential: the workload authenticates only with the X.509-SVID it gets
+        /// from a join token (`warrant admin join-token`), and holds no long-lived secret.
+        #[arg(long)]
+        no_credential: bool,
     },
     /// List registered workloads.
     List,
@@ -89,6 +93,7 @@ pub async fn run(
             name,
             roles,
             audiences,
+            no_credential,
         }) => {
             let roles = roles
                 .iter()
@@ -103,6 +108,7 @@ pub async fn run(
                     name: name.clone(),
                     roles,
                     audiences: audiences.clone(),
+                    no_bearer_credential: *no_credential,
                 })
                 .await?
                 .into_inner();
@@ -260,6 +266,17 @@ fn print_credential(
     note: &str,
 ) -> Result<(), CommandError> {
     let mut value = workload_json(&workload.unwrap_or_default());
+    if credential.is_empty() {
+        return format.print(&value, |value| {
+            format!(
+                "workload   {}\nspiffe id  {}\nno bearer credential: it authenticates with the \
+                 X.509-SVID a join token buys (`warrant admin join-token {}`)\n",
+                text(value, "name"),
+                text(value, "spiffe_id"),
+                text(value, "name")
+            )
+        });
+    }
     value["credential"] = json!(credential);
     format.print(&value, |value| {
         format!(

@@ -22,6 +22,10 @@ pub enum TokenCommand {
         /// The audience your API serves (a URL from the scope catalog).
         #[arg(long)]
         audience: String,
+        /// The client certificate (PEM) the token came with: a token bound to a certificate
+        /// is active only with that one.
+        #[arg(long)]
+        client_cert: Option<std::path::PathBuf>,
     },
     /// Verify a token offline against the broker's JWKS and revocation feed, as the verifier
     /// library does. Exits 0 when valid, 1 when not, 69 when it could not be checked (broker
@@ -48,12 +52,29 @@ pub async fn run(
         TokenCommand::Introspect {
             access_token,
             audience,
+            client_cert,
         } => {
             cli.require_identity()?;
+            let thumbprint = match client_cert {
+                None => String::new(),
+                Some(path) => {
+                    let pem = std::fs::read_to_string(path).map_err(|error| {
+                        CommandError::Usage(format!("--client-cert {}: {error}", path.display()))
+                    })?;
+                    let der =
+                        crate::identity::ca::first_certificate_der(&pem).ok_or_else(|| {
+                            CommandError::Usage(format!(
+                                "--client-cert {}: no PEM certificate in it",
+                                path.display()
+                            ))
+                        })?;
+                    crate::identity::thumbprint(&der)
+                }
+            };
             let request = proto::IntrospectRequest {
                 token: read_token(access_token)?,
                 audience: audience.clone(),
-                client_certificate_thumbprint: String::new(),
+                client_certificate_thumbprint: thumbprint,
             };
             let response = cli
                 .connect()
@@ -67,7 +88,7 @@ pub async fn run(
                     "active": true, "scope": response.scope, "client_id": response.client_id, "sub": response.sub,
                     "aud": response.aud, "iss": response.iss, "exp": response.exp, "iat": response.iat,
                     "nbf": response.nbf, "jti": response.jti, "task_id": response.task_id,
-                    "token_type": response.token_type,
+                    "token_type": response.token_type, "cnf_x5t_s256": response.cnf_x5t_s256,
                 })
             } else {
                 json!({ "active": false })

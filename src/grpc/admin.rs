@@ -64,11 +64,19 @@ impl proto::admin_server::Admin for AdminService {
         }
         let (workload, credential) = self
             .broker
-            .create_workload(caller.name.as_str(), name, roles, message.audiences)
+            .create_workload(
+                caller.name.as_str(),
+                name,
+                roles,
+                message.audiences,
+                !message.no_bearer_credential,
+            )
             .await?;
         Ok(Response::new(proto::CreateWorkloadResponse {
             workload: Some(convert::workload(workload)),
-            credential: credential.expose().to_owned(),
+            credential: credential
+                .map(|credential| credential.expose().to_owned())
+                .unwrap_or_default(),
         }))
     }
 

@@ -218,6 +218,15 @@ pub fn to_pem(der: &[u8]) -> String {
     pem_block("CERTIFICATE", der)
 }
 
+/// The DER of the first `CERTIFICATE` block of `pem`.
+pub fn first_certificate_der(pem: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let (_, rest) = pem.split_once("-----BEGIN CERTIFICATE-----")?;
+    let (body, _) = rest.split_once("-----END CERTIFICATE-----")?;
+    let body: String = body.split_whitespace().collect();
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
+}
+
 /// PEM of a PKCS#8 private key.
 pub fn key_to_pem(pkcs8: &[u8]) -> String {
     pem_block("PRIVATE KEY", pkcs8)

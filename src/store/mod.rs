@@ -274,11 +274,11 @@ pub trait Store: Send + Sync + 'static {
 
     // --- workloads ---
 
-    /// Stores a workload with its first credential and `events`.
+    /// Stores a workload with its first credential (if any) and `events`.
     async fn create_workload(
         &self,
         workload: WorkloadRecord,
-        credential: StoredCredential,
+        credential: Option<StoredCredential>,
         events: Vec<AuditEvent>,
     ) -> Result<()>;
 

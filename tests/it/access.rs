@@ -94,6 +94,7 @@ async fn call(connection: &Connection, rpc: &str) -> Result<(), tonic::Status> {
                 name: "Not A Name".into(),
                 roles: vec![proto::Role::Agent as i32],
                 audiences: Vec::new(),
+                no_bearer_credential: false,
             })
             .await
             .map(drop),
@@ -322,6 +323,7 @@ async fn a_resource_server_sees_only_its_own_audiences(backend: Backend) {
                 name: "misconfigured".into(),
                 roles: roles.iter().map(|role| *role as i32).collect(),
                 audiences,
+                no_bearer_credential: false,
             })
             .await
             .unwrap_err();

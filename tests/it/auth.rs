@@ -88,6 +88,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             name: "sneaky".into(),
             roles: vec![proto::Role::Admin as i32],
             audiences: Vec::new(),
+            no_bearer_credential: false,
         })
         .await
         .unwrap_err();
@@ -133,6 +134,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             name: "crm-agent".into(),
             roles: vec![proto::Role::Agent as i32],
             audiences: Vec::new(),
+            no_bearer_credential: false,
         })
         .await
         .unwrap_err();
@@ -142,6 +144,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             name: "x".into(),
             roles: vec![],
             audiences: Vec::new(),
+            no_bearer_credential: false,
         })
         .await
         .unwrap_err();
@@ -155,6 +158,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             name: "Bad Name".into(),
             roles: vec![1],
             audiences: Vec::new(),
+            no_bearer_credential: false,
         })
         .await
         .unwrap_err();
@@ -168,6 +172,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             name: "y".into(),
             roles: vec![99],
             audiences: Vec::new(),
+            no_bearer_credential: false,
         })
         .await
         .unwrap_err();

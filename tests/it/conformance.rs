@@ -124,7 +124,7 @@ async fn create_workload(store: &SharedStore, name: &str) -> String {
         secret_sha256: vec![7; 32],
     };
     store
-        .create_workload(workload.clone(), credential, vec![])
+        .create_workload(workload.clone(), Some(credential), vec![])
         .await
         .unwrap();
     workload.id
@@ -1250,10 +1250,10 @@ async fn workloads_and_credentials(backend: Backend) {
                 audiences: Vec::new(),
                 created_at: UnixMillis::now(),
             },
-            StoredCredential {
+            Some(StoredCredential {
                 id: "cred_other".into(),
                 secret_sha256: vec![1],
-            },
+            }),
             vec![],
         )
         .await;

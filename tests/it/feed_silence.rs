@@ -70,6 +70,7 @@ async fn create_workload(broker: &Broker, admin: &str, name: &str) -> String {
             name: name.into(),
             roles: vec![proto::Role::Agent as i32],
             audiences: Vec::new(),
+            no_bearer_credential: false,
         })
         .await
         .unwrap()

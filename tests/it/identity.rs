@@ -61,6 +61,7 @@ impl TlsBroker {
                 name: name.into(),
                 roles: roles.iter().map(|role| *role as i32).collect(),
                 audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
+                no_bearer_credential: false,
             })
             .await
             .unwrap();

@@ -110,6 +110,7 @@ async fn issue_then_cut_power(extra_env: &[(&str, &str)]) -> Option<Outcome> {
             name: "crm-agent".into(),
             roles: vec![proto::Role::Agent as i32],
             audiences: Vec::new(),
+            no_bearer_credential: false,
         })
         .await
         .unwrap()

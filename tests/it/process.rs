@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -518,15 +519,15 @@ fn eventually_read(path: &Path) -> String {
     }
 }
 
-/// The shell blocks of README.md between `<!-- walkthrough:start -->` and
-/// `<!-- walkthrough:end -->`, joined.
-fn readme_walkthrough() -> String {
+/// The shell blocks of README.md between `<!-- {name}:start -->` and `<!-- {name}:end -->`,
+/// joined.
+fn readme_walkthrough(name: &str) -> String {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let section = readme
-        .split("<!-- walkthrough:start -->")
+        .split(&format!("<!-- {name}:start -->"))
         .nth(1)
-        .and_then(|rest| rest.split("<!-- walkthrough:end -->").next())
+        .and_then(|rest| rest.split(&format!("<!-- {name}:end -->")).next())
         .expect("walk-through markers in README.md");
     section
         .split("```sh")
@@ -542,7 +543,7 @@ async fn readme_walkthrough_works_verbatim() {
     let mut broker = BrokerProcess::start(&["serve", "--dev"], dir.path());
     let (grpc, _) = broker.wait_until_serving();
     let admin = broker.admin_credential().unwrap();
-    let script = readme_walkthrough();
+    let script = readme_walkthrough("walkthrough");
     let binary_dir = warrant_binary().parent().unwrap().to_owned();
     let path = format!(
         "{}:{}",
@@ -577,6 +578,86 @@ async fn readme_walkthrough_works_verbatim() {
     assert!(stdout.contains("invalid: token revoked"), "{stdout}");
 }
 
+/// The identity walk-through, word for word, from a directory laid out as the repository is:
+/// a deployed broker on TLS, a workload with no bearer credential attesting with a join token,
+/// calls over mTLS, a bound token, renewal and the kill switch.
+#[test]
+fn readme_identity_walkthrough_works_verbatim() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("deploy")).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/scopes.toml"),
+        dir.path().join("deploy/scopes.toml"),
+    )
+    .unwrap();
+    let binary_dir = warrant_binary().parent().unwrap().to_owned();
+    let path = format!(
+        "{}:{}",
+        binary_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // The broker the script starts is stopped by the script; should the script fail before,
+    // the process group is killed below.
+    let mut script = std::process::Command::new("bash")
+        .args([
+            "-euo",
+            "pipefail",
+            "-c",
+            &readme_walkthrough("identity-walkthrough"),
+        ])
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env_remove("WARRANT_TOKEN")
+        .env_remove("WARRANT_ADDR")
+        .env_remove("WARRANT_SVID_DIR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let group = script.id();
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    use std::io::Read as _;
+    script
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    script
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = script.wait().unwrap();
+    let _ = Command::new("kill")
+        .args(["-KILL", &format!("-{group}")])
+        .status();
+    assert!(status.success(), "walk-through failed:\n{stdout}\n{stderr}");
+    let bound = stdout
+        .find("active: true")
+        .expect("active with its certificate");
+    let unbound = stdout.find("active: false").expect("inactive without it");
+    assert!(bound < unbound, "{stdout}");
+    for expected in [
+        "URI:spiffe://example.internal/workload/svid-agent",
+        "refused: the join token was used",
+        "1 open task(s) and 1 lease(s) revoked",
+        "refused: the identity is revoked",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    assert!(
+        stderr.contains("join_token: unknown, already used or expired"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_audit_trail_or_the_logs() {
     let dir = tempfile::tempdir().unwrap();
@@ -593,6 +674,7 @@ async fn secrets_never_reach_the_audit_trail_or_the_logs() {
             name: "crm-agent".into(),
             roles: vec![proto::Role::Agent as i32],
             audiences: Vec::new(),
+            no_bearer_credential: false,
         })
         .await
         .unwrap()
@@ -717,6 +799,7 @@ async fn credentials_received_before_sigkill_are_stored_and_revocable_after_rest
         name: "crm-agent".into(),
         roles: vec![proto::Role::Agent as i32],
         audiences: Vec::new(),
+        no_bearer_credential: false,
     };
     let agent_credential = admin
         .admin()

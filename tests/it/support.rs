@@ -202,6 +202,7 @@ impl TestApp {
             name: name.into(),
             roles: roles.iter().map(|r| *r as i32).collect(),
             audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
+            no_bearer_credential: false,
         };
         self.admin()
             .await

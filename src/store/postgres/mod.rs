@@ -472,15 +472,15 @@ impl Store for PostgresStore {
     async fn create_workload(
         &self,
         workload: WorkloadRecord,
-        credential: StoredCredential,
+        credential: Option<StoredCredential>,
         events: Vec<AuditEvent>,
     ) -> Result<()> {
         self.write(Topic::Workloads, |connection| {
             let (workload, credential, events) =
                 (workload.clone(), credential.clone(), events.clone());
-            Box::pin(
-                async move { workloads::create(connection, &workload, &credential, &events).await },
-            )
+            Box::pin(async move {
+                workloads::create(connection, &workload, credential.as_ref(), &events).await
+            })
         })
         .await
     }

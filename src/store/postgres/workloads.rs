@@ -23,7 +23,7 @@ pub(super) const WORKLOAD_COLUMNS: &str = workload_columns!();
 pub async fn create(
     connection: &mut PgConnection,
     workload: &WorkloadRecord,
-    credential: &StoredCredential,
+    credential: Option<&StoredCredential>,
     events: &[AuditEvent],
 ) -> Result<()> {
     let inserted = sqlx::query(
@@ -44,7 +44,9 @@ pub async fn create(
             workload.name
         )));
     }
-    insert_credential(connection, &workload.id, credential, workload.created_at).await?;
+    if let Some(credential) = credential {
+        insert_credential(connection, &workload.id, credential, workload.created_at).await?;
+    }
     audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await
 }
 

@@ -406,11 +406,11 @@ impl Store for SqliteStore {
     async fn create_workload(
         &self,
         workload: WorkloadRecord,
-        credential: StoredCredential,
+        credential: Option<StoredCredential>,
         events: Vec<AuditEvent>,
     ) -> Result<()> {
         self.writer
-            .run(move |write| workloads::create(write, &workload, &credential, &events))
+            .run(move |write| workloads::create(write, &workload, credential.as_ref(), &events))
             .await
     }
 

@@ -17,7 +17,7 @@ pub(super) const WORKLOAD_COLUMNS: &str =
 pub fn create(
     write: &mut Write<'_>,
     workload: &WorkloadRecord,
-    credential: &StoredCredential,
+    credential: Option<&StoredCredential>,
     events: &[AuditEvent],
 ) -> Result<()> {
     let inserted = write
@@ -40,7 +40,9 @@ pub fn create(
             workload.name
         )));
     }
-    insert_credential(write, &workload.id, credential, workload.created_at)?;
+    if let Some(credential) = credential {
+        insert_credential(write, &workload.id, credential, workload.created_at)?;
+    }
     audit::insert_events(write, events)?;
     write.topics.push(Topic::Workloads);
     Ok(())
