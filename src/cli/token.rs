@@ -1,6 +1,7 @@
 //! `warrant token ...`: what a downstream API does with a token it receives.
 
 use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ pub enum TokenCommand {
         /// The client certificate (PEM) the token came with: a token bound to a certificate
         /// is active only with that one.
         #[arg(long)]
-        client_cert: Option<std::path::PathBuf>,
+        client_cert: Option<PathBuf>,
     },
     /// Verify a token offline against the broker's JWKS and revocation feed, as the verifier
     /// library does. Exits 0 when valid, 1 when not, 69 when it could not be checked (broker
@@ -40,6 +41,10 @@ pub enum TokenCommand {
         /// Tolerated clock difference.
         #[arg(long, default_value = "5s")]
         leeway: String,
+        /// The client certificate (PEM) the token came with: a token bound to a certificate
+        /// is valid only with that one.
+        #[arg(long)]
+        client_cert: Option<PathBuf>,
     },
 }
 
@@ -55,22 +60,9 @@ pub async fn run(
             client_cert,
         } => {
             cli.require_identity()?;
-            let thumbprint = match client_cert {
-                None => String::new(),
-                Some(path) => {
-                    let pem = std::fs::read_to_string(path).map_err(|error| {
-                        CommandError::Usage(format!("--client-cert {}: {error}", path.display()))
-                    })?;
-                    let der =
-                        crate::identity::ca::first_certificate_der(&pem).ok_or_else(|| {
-                            CommandError::Usage(format!(
-                                "--client-cert {}: no PEM certificate in it",
-                                path.display()
-                            ))
-                        })?;
-                    crate::identity::thumbprint(&der)
-                }
-            };
+            let thumbprint = client_certificate(client_cert.as_deref())?
+                .map(|der| crate::identity::thumbprint(&der))
+                .unwrap_or_default();
             let request = proto::IntrospectRequest {
                 token: read_token(access_token)?,
                 audience: audience.clone(),
@@ -112,6 +104,7 @@ pub async fn run(
             access_token,
             audience,
             leeway,
+            client_cert,
         } => {
             let credential = cli.require_token()?.to_owned();
             let leeway = humantime::parse_duration(leeway)
@@ -129,8 +122,12 @@ pub async fn run(
                 ca_pem,
                 ..VerifierConfig::new(&cli.addr, audience, credential)
             };
+            let certificate = client_certificate(client_cert.as_deref())?;
             let verifier = Verifier::connect(config).await?;
-            let (value, code) = match verifier.verify(&read_token(access_token)?).await {
+            let verdict = verifier
+                .verify_from_client(&read_token(access_token)?, certificate.as_deref())
+                .await;
+            let (value, code) = match verdict {
                 Ok(claims) => (
                     json!({ "valid": true, "claims": claims }),
                     ExitCode::SUCCESS,
@@ -163,6 +160,19 @@ pub async fn run(
             Ok(code)
         }
     }
+}
+
+/// The DER of the certificate in the PEM file `--client-cert`, if given.
+fn client_certificate(path: Option<&Path>) -> Result<Option<Vec<u8>>, CommandError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let refuse =
+        |why: String| CommandError::Usage(format!("--client-cert {}: {why}", path.display()));
+    let pem = std::fs::read_to_string(path).map_err(|error| refuse(error.to_string()))?;
+    crate::identity::ca::first_certificate_der(&pem)
+        .map(Some)
+        .ok_or_else(|| refuse("no PEM certificate in it".into()))
 }
 
 /// The token argument, or standard input for `-`, trimmed.

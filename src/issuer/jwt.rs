@@ -319,7 +319,7 @@ mod tests {
         let (key, _) = SigningKey::generate(KeyAlgorithm::EdDsa);
         let vk = key.verifying_key();
         let mut payload = serde_json::to_value(claims(1000)).unwrap();
-        payload["cnf"] = serde_json::json!({"x5t#S256": "abc"});
+        payload["authorization_details"] = serde_json::json!([{"type": "future"}]);
         payload["act"] = serde_json::json!({"sub": "spiffe://test/workload/parent"});
         let mut token = key.encoded_header().to_owned();
         token.push('.');

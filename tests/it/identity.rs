@@ -264,6 +264,33 @@ async fn an_svid_authenticates_over_mtls_and_binds_the_tokens_issued_to_it() {
         "nor with another certificate"
     );
 
+    // The offline verifier holds bound tokens to the same rule.
+    use warrant::verifier::{Verifier, VerifierConfig, VerifyError};
+    let verifier = Verifier::connect(VerifierConfig {
+        ca_pem: Some(broker.server_ca.clone()),
+        ..VerifierConfig::new(broker.address(), CRM, broker.app.admin_token.clone())
+    })
+    .await
+    .unwrap();
+    let der = |svid: &proto::X509Svid| {
+        warrant::identity::ca::first_certificate_der(&svid.certificate_pem).unwrap()
+    };
+    let verified = verifier
+        .verify_from_client(&token, Some(&der(&svid)))
+        .await
+        .expect("valid with its certificate");
+    assert_eq!(verified.jti, task.leases[0].lease_id);
+    assert!(matches!(
+        verifier.verify(&token).await,
+        Err(VerifyError::CertificateMismatch)
+    ));
+    assert!(matches!(
+        verifier
+            .verify_from_client(&token, Some(&der(&api_svid)))
+            .await,
+        Err(VerifyError::CertificateMismatch)
+    ));
+
     // Renewal over mTLS gives a new certificate; the old one keeps working until it expires.
     let renewed = agent
         .attestation()

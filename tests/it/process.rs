@@ -643,6 +643,8 @@ fn readme_identity_walkthrough_works_verbatim() {
     assert!(bound < unbound, "{stdout}");
     for expected in [
         "URI:spiffe://example.internal/workload/svid-agent",
+        "valid\n  scope  crm.contacts:read",
+        "invalid: token bound to another client certificate\nrefused without the certificate",
         "refused: the join token was used",
         "1 open task(s) and 1 lease(s) revoked",
         "refused: the identity is revoked",
