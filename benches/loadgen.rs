@@ -18,6 +18,8 @@ use sqlx::Connection as _;
 use tokio::sync::mpsc;
 use tonic::Status;
 use warrant::client::Connection;
+use warrant::domain::{SpiffeId, TrustDomain, UnixMillis};
+use warrant::identity::Ca;
 use warrant::issuer::{KeyAlgorithm, SigningKey};
 use warrant::proto;
 use warrant::verifier::{Verifier, VerifierConfig, VerifyError};
@@ -418,6 +420,125 @@ fn raw_signature_rates(duration: Duration) -> (Measurement, Measurement) {
     (signing, verifying)
 }
 
+/// X.509-SVID issuance (a fresh P-256 key and a leaf signed by the CA) on one core, with the
+/// broker's own CA code: the raw reference for attestation.
+fn raw_leaf_rate(duration: Duration) -> Measurement {
+    let trust_domain = TrustDomain::parse("trust_domain", "bench.local").expect("trust domain");
+    let ca = Ca::in_memory(&trust_domain).expect("CA");
+    let name = warrant::domain::WorkloadName::parse("name", "bench").expect("name");
+    let spiffe_id = SpiffeId::for_workload(&trust_domain, &name);
+    let started = Instant::now();
+    let mut operations = 0;
+    while started.elapsed() < duration {
+        let svid = ca
+            .issue(&spiffe_id, Duration::from_secs(3600), UnixMillis::now())
+            .expect("leaf");
+        std::hint::black_box(svid);
+        operations += 1;
+    }
+    Measurement {
+        operations,
+        elapsed: started.elapsed(),
+        latencies: Vec::new(),
+    }
+}
+
+/// Join-token attestation at K = 16 and 64: each call trades one join token (made beforehand
+/// by the admin) for an SVID, consuming the token durably and recording the SVID.
+async fn attestation(
+    broker: &Server,
+    admin: &Connection,
+    backend: &str,
+    options: &Options,
+) -> Vec<Row> {
+    let duration = options.duration;
+    let leaf = raw_leaf_rate(duration.min(Duration::from_secs(3)));
+    let leaf_rate = leaf.per_second();
+    let mut rows = vec![leaf.row(
+        "reference: raw X.509-SVID issuance (P-256 key + leaf, 1 core)",
+        backend,
+        1,
+        None,
+    )];
+    admin
+        .admin()
+        .create_workload(proto::CreateWorkloadRequest {
+            name: "load-attester".into(),
+            roles: vec![proto::Role::Agent as i32],
+            audiences: Vec::new(),
+            no_bearer_credential: true,
+        })
+        .await
+        .expect("create workload");
+    let anonymous = connections(&broker.grpc, None, 4).await;
+    let concurrencies: Vec<usize> = [16, 64]
+        .into_iter()
+        .filter(|k| options.concurrency.len() > 1 || options.concurrency.contains(k))
+        .collect();
+    for concurrency in concurrencies {
+        eprintln!("{backend}: Attest (join token) K={concurrency}");
+        // Tokens for up to 3,000 attestations a second, made by 16 concurrent admin calls for
+        // at most the duration itself; attestation is measured for as long as they last.
+        let wanted = (duration.as_secs_f64() * 3000.0) as usize + 200;
+        let deadline = Instant::now() + duration;
+        let (sender, receiver) = mpsc::unbounded_channel::<String>();
+        let makers: Vec<_> = (0..16)
+            .map(|index| {
+                let mut admin = admin.admin();
+                let sender = sender.clone();
+                let count = wanted / 16 + usize::from(index < wanted % 16);
+                tokio::spawn(async move {
+                    for _ in 0..count {
+                        if Instant::now() > deadline {
+                            break;
+                        }
+                        let token = admin
+                            .create_join_token(proto::CreateJoinTokenRequest {
+                                name: "load-attester".into(),
+                                ttl_seconds: 3600,
+                            })
+                            .await
+                            .expect("join token")
+                            .into_inner()
+                            .join_token;
+                        sender.send(token).expect("queue");
+                    }
+                })
+            })
+            .collect();
+        for maker in makers {
+            maker.await.expect("token maker");
+        }
+        drop(sender);
+        let queue = Arc::new(tokio::sync::Mutex::new(receiver));
+        let next = Arc::new(round_robin(
+            anonymous.iter().map(Connection::attestation).collect(),
+        ));
+        let attest: Operation = Arc::new(move || {
+            let mut attestation = next();
+            let queue = queue.clone();
+            Box::pin(async move {
+                let Some(token) = queue.lock().await.recv().await else {
+                    return Err(supply_used_up());
+                };
+                attestation
+                    .attest(proto::AttestRequest {
+                        method: Some(proto::attest_request::Method::JoinToken(token)),
+                    })
+                    .await
+                    .map(|_| ())
+            })
+        });
+        rows.push(drive(concurrency, duration, attest).await.row(
+            "join-token attestation: Attest (token consumed, SVID recorded)",
+            backend,
+            concurrency,
+            Some(("raw SVID issuance", leaf_rate)),
+        ));
+    }
+    rows
+}
+
 /// One small row per transaction, one after another, on the same database with the broker's
 /// durability settings: the rate a broker without shared commits could at best reach.
 async fn raw_commit_rate(database_url: &str, duration: Duration) -> Measurement {
@@ -559,6 +680,7 @@ const SCENARIOS: &[&str] = &[
     "replicas",
     "scale",
     "startup",
+    "attest",
 ];
 
 impl Options {
@@ -918,6 +1040,9 @@ async fn broker_scenarios(
             16,
             Some(("gRPC echo", echo_rate)),
         ));
+    }
+    if options.runs("attest") {
+        rows.extend(attestation(broker, &admin, backend, options).await);
     }
     if options.runs("introspect") {
         eprintln!("{backend}: Introspect K=64");

@@ -44,7 +44,6 @@ pub struct IssuedSvid {
 
 /// The CA that signs SVIDs.
 pub struct Ca {
-    id: String,
     certificate: Vec<u8>,
     expires_at: UnixMillis,
     issuer: Issuer<'static, KeyPair>,
@@ -70,14 +69,20 @@ impl Ca {
             .map_err(|error| Error::internal(format!("the stored CA key is unusable: {error}")))?;
         Ok(Ca {
             issuer: Issuer::new(ca_params(&current.id, trust_domain), key),
-            id: current.id,
             certificate: current.certificate,
             expires_at: current.expires_at,
         })
     }
 
-    pub fn id(&self) -> &str {
-        &self.id
+    /// A CA kept only in memory: the benchmark's reference for leaf signing, with the
+    /// broker's own issuance code.
+    pub fn in_memory(trust_domain: &TrustDomain) -> Result<Ca> {
+        let (key, certificate, expires_at) = self_signed(trust_domain, UnixMillis::now())?;
+        Ok(Ca {
+            issuer: Issuer::new(ca_params(FIRST_CA_ID, trust_domain), key),
+            certificate,
+            expires_at,
+        })
     }
 
     /// The CA certificate (DER): the trust bundle.
@@ -164,6 +169,21 @@ fn generate(
     trust_domain: &TrustDomain,
     now: UnixMillis,
 ) -> Result<StoredCaKey> {
+    let (key, certificate, expires_at) = self_signed(trust_domain, now)?;
+    Ok(StoredCaKey {
+        id: FIRST_CA_ID.to_owned(),
+        certificate,
+        sealed_private_key: master_key.seal(&seal_context(FIRST_CA_ID), &key.serialize_der()),
+        created_at: now,
+        expires_at,
+    })
+}
+
+/// A fresh CA key and its self-signed certificate (DER), valid from `now`.
+fn self_signed(
+    trust_domain: &TrustDomain,
+    now: UnixMillis,
+) -> Result<(KeyPair, Vec<u8>, UnixMillis)> {
     let failed = |error: rcgen::Error| Error::internal(format!("cannot create the CA: {error}"));
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(failed)?;
     let expires_at = UnixMillis(now.0 + millis(CA_LIFETIME));
@@ -172,13 +192,7 @@ fn generate(
     params.not_before = offset(UnixMillis(now.0 - millis(BACKDATE)))?;
     params.not_after = offset(expires_at)?;
     let certificate = params.self_signed(&key).map_err(failed)?;
-    Ok(StoredCaKey {
-        id: FIRST_CA_ID.to_owned(),
-        certificate: certificate.der().to_vec(),
-        sealed_private_key: master_key.seal(&seal_context(FIRST_CA_ID), &key.serialize_der()),
-        created_at: now,
-        expires_at,
-    })
+    Ok((key, certificate.der().to_vec(), expires_at))
 }
 
 /// The CA's name and constraints. Rebuilt the same way on every start, so the issuer name in
