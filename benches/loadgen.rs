@@ -467,6 +467,7 @@ async fn attestation(
             roles: vec![proto::Role::Agent as i32],
             audiences: Vec::new(),
             no_bearer_credential: true,
+            selectors: Vec::new(),
         })
         .await
         .expect("create workload");
@@ -896,6 +897,7 @@ async fn broker_scenarios(
             roles: vec![proto::Role::Agent as i32],
             audiences: Vec::new(),
             no_bearer_credential: false,
+            selectors: Vec::new(),
         })
         .await
         .expect("create workload")
@@ -909,6 +911,7 @@ async fn broker_scenarios(
             roles: vec![proto::Role::ResourceServer as i32],
             audiences: vec![CRM_AUDIENCE.into()],
             no_bearer_credential: false,
+            selectors: Vec::new(),
         })
         .await
         .expect("create workload")
@@ -1242,6 +1245,7 @@ async fn replica_propagation(base: &str) -> Vec<Row> {
             roles: vec![proto::Role::Agent as i32],
             audiences: Vec::new(),
             no_bearer_credential: false,
+            selectors: Vec::new(),
         })
         .await
         .expect("create workload")
@@ -1481,6 +1485,7 @@ async fn scale(
         roles: vec![proto::Role::Agent as i32],
         audiences: Vec::new(),
         no_bearer_credential: false,
+        selectors: Vec::new(),
     };
     let credential = admin
         .admin()

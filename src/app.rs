@@ -4,10 +4,11 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use crate::bootstrap::{self, CatalogLoadError};
@@ -54,6 +55,11 @@ pub enum StartError {
     },
     #[error("tls: {0}")]
     Tls(String),
+    #[error("server.unix_socket {path}: {source}")]
+    Unix {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("start-up failed: {0}")]
@@ -71,7 +77,7 @@ impl StartError {
             | StartError::Catalog(_)
             | StartError::MasterKey(_)
             | StartError::Tls(_) => 64,
-            StartError::Bind { .. } | StartError::Store(_) => 69,
+            StartError::Bind { .. } | StartError::Unix { .. } | StartError::Store(_) => 69,
             StartError::Broker(_) | StartError::Serve(_) => 70,
         }
     }
@@ -81,6 +87,8 @@ impl StartError {
 pub struct App {
     broker: Arc<Broker>,
     grpc_listener: TcpListener,
+    /// The local socket for attestation by Unix identity, with its path.
+    unix_listener: Option<(UnixListener, PathBuf)>,
     http_listener: TcpListener,
     tls: Option<TlsIdentity>,
     first_admin_credential: Option<BearerCredential>,
@@ -105,6 +113,12 @@ impl App {
             .unwrap_or_else(|| format!("http://{http_addr}"));
 
         let store = crate::store::open(&config.database_url, config.store).await?;
+        // After the store: a second broker on the same SQLite file stops at its lock above,
+        // before it could take the first one's socket.
+        let unix_listener = match &config.unix_socket {
+            Some(path) => Some((bind_unix(path)?, path.clone())),
+            None => None,
+        };
         let audit_key = master_key.audit_key();
         let ca = Ca::load_or_create(store.as_ref(), &master_key, &config.trust_domain).await?;
         let keyring = Keyring::load(store.as_ref(), master_key, config.signing_algorithm).await?;
@@ -127,6 +141,7 @@ impl App {
         Ok(App {
             broker,
             grpc_listener,
+            unix_listener,
             http_listener,
             tls: config.tls,
             first_admin_credential,
@@ -233,7 +248,29 @@ impl App {
             self.reaper_interval,
             stop.clone(),
         ));
-        let job_runner = tokio::spawn(jobs::run(self.broker.store().clone(), job_handlers(), stop));
+        let job_runner = tokio::spawn(jobs::run(
+            self.broker.store().clone(),
+            job_handlers(),
+            stop.clone(),
+        ));
+        let local = self.unix_listener.map(|(listener, path)| {
+            let mut local_stop = stop;
+            let served = tonic::transport::Server::builder()
+                .timeout(REQUEST_TIMEOUT)
+                .add_routes(grpc::local_routes(self.broker.clone()))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    async move {
+                        let _ = local_stop.wait_for(|stopping| *stopping).await;
+                    },
+                );
+            tokio::spawn(async move {
+                if let Err(error) = served.await {
+                    tracing::warn!(%error, "the local Unix socket stopped serving");
+                }
+                let _ = std::fs::remove_file(&path);
+            })
+        });
 
         shutdown.await;
         tracing::info!("shutting down: draining in-flight calls");
@@ -247,6 +284,9 @@ impl App {
             let _ = reaper.await;
             let _ = sealer.await;
             let _ = job_runner.await;
+            if let Some(local) = local {
+                let _ = local.await;
+            }
             grpc_result
         })
         .await;
@@ -264,6 +304,28 @@ impl App {
             }
         }
     }
+}
+
+/// Listens on the Unix socket `path`, replacing a socket file left by a broker that is gone
+/// (a live one holds the data directory's lock, or its own socket path). Any local process may
+/// connect: what it gets is decided by attestation.
+fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let failed = |source: std::io::Error| StartError::Unix {
+        path: path.to_owned(),
+        source,
+    };
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        if !metadata.file_type().is_socket() {
+            return Err(failed(std::io::Error::other(
+                "exists and is not a socket; not replacing it",
+            )));
+        }
+        std::fs::remove_file(path).map_err(failed)?;
+    }
+    let listener = UnixListener::bind(path).map_err(failed)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(failed)?;
+    Ok(listener)
 }
 
 /// The handlers of the job kinds this broker runs from the store's durable queue. The queue

@@ -118,6 +118,18 @@ pub struct OpenedTask {
     pub replayed: bool,
 }
 
+/// A workload to register, validated by the caller.
+pub struct NewWorkload {
+    pub name: WorkloadName,
+    pub roles: Vec<Role>,
+    /// The audiences a `resource_server` serves.
+    pub audiences: Vec<String>,
+    /// What it must prove to the `unix` attestor ([`crate::identity::selectors::parse`]).
+    pub selectors: Vec<String>,
+    /// Whether it gets a bearer credential.
+    pub with_credential: bool,
+}
+
 /// The answer to `CompleteTask`.
 #[derive(Debug)]
 pub struct CompletedTask {
@@ -587,17 +599,35 @@ impl Broker {
         Ok(outcome.ok())
     }
 
-    /// Registers a workload and, if `with_credential`, makes its first bearer credential
-    /// (without one, it authenticates only with SVIDs); `actor` is the admin asking.
+    /// Registers a workload and, if asked, makes its first bearer credential (without one, it
+    /// authenticates only with SVIDs); `actor` is the admin asking.
     pub async fn create_workload(
         &self,
         actor: &str,
-        name: WorkloadName,
-        roles: Vec<Role>,
-        audiences: Vec<String>,
-        with_credential: bool,
+        new: NewWorkload,
     ) -> Result<(WorkloadRecord, Option<BearerCredential>)> {
+        let NewWorkload {
+            name,
+            roles,
+            audiences,
+            selectors,
+            with_credential,
+        } = new;
         self.check_audiences(&roles, &audiences)?;
+        if !selectors.is_empty()
+            && let Some(other) = self
+                .store
+                .list_workloads()
+                .await?
+                .into_iter()
+                .find(|workload| workload.selectors == selectors)
+        {
+            return Err(Error::AlreadyExists(format!(
+                "selectors: workload '{}' already has exactly these selectors, so an attested \
+                 process could not tell the two apart",
+                other.name
+            )));
+        }
         let now = UnixMillis::now();
         let workload = WorkloadRecord {
             id: format!(
@@ -608,7 +638,9 @@ impl Broker {
             name,
             roles,
             audiences,
+            selectors,
             created_at: now,
+            revoked_at: None,
         };
         let credential = with_credential.then(BearerCredential::generate);
         let mut event = AuditEvent::new("workload.created", "ok", actor)
@@ -622,7 +654,8 @@ impl Broker {
                     .map(|role| role.as_str())
                     .collect::<Vec<_>>(),
             )
-            .with("audiences", workload.audiences.clone());
+            .with("audiences", workload.audiences.clone())
+            .with("selectors", workload.selectors.clone());
         if let Some((credential, stored)) = &credential {
             event = event
                 .with("credential_id", stored.id.as_str())
@@ -720,7 +753,16 @@ impl Broker {
     /// On a store with no workloads, registers the `admin` workload; see [`crate::bootstrap`].
     pub async fn create_first_admin(&self, name: WorkloadName) -> Result<BearerCredential> {
         let (_, credential) = self
-            .create_workload(BOOTSTRAP, name, vec![Role::Admin], Vec::new(), true)
+            .create_workload(
+                BOOTSTRAP,
+                NewWorkload {
+                    name,
+                    roles: vec![Role::Admin],
+                    audiences: Vec::new(),
+                    selectors: Vec::new(),
+                    with_credential: true,
+                },
+            )
             .await?;
         credential.ok_or_else(|| Error::internal("the first admin got no credential"))
     }

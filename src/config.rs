@@ -113,6 +113,8 @@ pub struct Config {
     pub store: StoreSettings,
     /// How much one caller may do.
     pub caller_limits: CallerLimitSettings,
+    /// The local Unix socket where processes attest by their Unix identity; `None` for none.
+    pub unix_socket: Option<PathBuf>,
     /// How long an X.509-SVID is valid.
     pub svid_ttl: Duration,
     /// Whether callers may authenticate with bearer credentials (`identity.bearer_credentials`).
@@ -231,6 +233,7 @@ impl Config {
             first_admin_file: None,
             store: StoreSettings::default(),
             caller_limits: DEFAULT_CALLER_LIMITS,
+            unix_socket: Some(data_dir.join("warrant.sock")),
             svid_ttl: DEFAULT_SVID_TTL,
             bearer_credentials: true,
         };
@@ -334,6 +337,7 @@ impl Config {
                     StoreSettings::default().write_timeout,
                 )?,
             },
+            unix_socket: file.server.unix_socket.as_deref().map(resolve),
             svid_ttl: parse_duration(
                 "identity.svid_ttl",
                 file.identity.svid_ttl.as_deref(),
@@ -441,6 +445,7 @@ struct IdentitySection {
 struct ServerSection {
     grpc_addr: String,
     http_addr: String,
+    unix_socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]

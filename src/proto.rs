@@ -152,6 +152,7 @@ impl std::fmt::Debug for attest_request::Method {
             attest_request::Method::JoinToken(token) => {
                 f.debug_tuple("JoinToken").field(&redacted(token)).finish()
             }
+            attest_request::Method::Unix(unix) => f.debug_tuple("Unix").field(unix).finish(),
         }
     }
 }

@@ -32,3 +32,12 @@ CREATE TABLE svids (
     revoked_at   BIGINT
 );
 CREATE INDEX svids_by_workload ON svids (workload_id);
+
+-- What a workload must prove to the `unix` attestor (space-separated `kind:name:value`,
+-- sorted); empty for a workload that attests only with join tokens. No two share a set.
+ALTER TABLE workloads ADD COLUMN selectors TEXT NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX workloads_by_selectors ON workloads (selectors) WHERE selectors <> '';
+
+-- When the kill switch ended the workload's identity: from then on nothing authenticates or
+-- attests as it (NULL while it is in force).
+ALTER TABLE workloads ADD COLUMN revoked_at BIGINT;

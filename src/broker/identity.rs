@@ -7,7 +7,7 @@ use super::{Broker, no_such_workload};
 use crate::audit::AuditEvent;
 use crate::domain::{Caller, TaskId, UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
-use crate::identity::{IssuedSvid, JoinToken};
+use crate::identity::{IssuedSvid, JoinToken, selectors};
 use crate::issuer::credential::digests_match;
 use crate::store::{JoinTokenRecord, SvidRecord, WorkloadRecord};
 
@@ -48,6 +48,11 @@ impl Broker {
             .into_iter()
             .find(|workload| workload.name == *name)
             .ok_or_else(|| no_such_workload(name))?;
+        if workload.revoked_at.is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "name: the identity of workload '{name}' was revoked; register a new workload"
+            )));
+        }
         let (token, stored) = JoinToken::generate();
         let now = UnixMillis::now();
         let expires_at = UnixMillis(now.0 + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
@@ -74,12 +79,13 @@ impl Broker {
         let refused =
             || Error::Unauthenticated("join_token: unknown, already used or expired".into());
         let Some(parsed) = JoinToken::parse(presented.trim()) else {
-            self.record_failed_attestation("malformed", None).await;
+            self.record_failed_attestation("join_token", "malformed", None)
+                .await;
             return Err(refused());
         };
         let now = UnixMillis::now();
         let Some((token, workload)) = self.store.find_join_token(&parsed.id).await? else {
-            self.record_failed_attestation("unknown", Some(&parsed.id))
+            self.record_failed_attestation("join_token", "unknown", Some(&parsed.id))
                 .await;
             return Err(refused());
         };
@@ -93,7 +99,7 @@ impl Broker {
             None
         };
         if let Some(reason) = reason {
-            self.record_failed_attestation(reason, Some(&token.id))
+            self.record_failed_attestation("join_token", reason, Some(&token.id))
                 .await;
             return Err(refused());
         }
@@ -118,11 +124,65 @@ impl Broker {
             .await?;
         if !consumed {
             // Another call (here or on another replica) used it first.
-            self.record_failed_attestation("already_used", Some(&token.id))
+            self.record_failed_attestation("join_token", "already_used", Some(&token.id))
                 .await;
             return Err(refused());
         }
         tracing::info!(workload = %workload.name, serial = %svid.serial, "workload attested");
+        Ok(svid)
+    }
+
+    /// An X.509-SVID for the local process the kernel described with `observed` selectors
+    /// ([`selectors::unix`]): the registered workload whose selectors it all shows, the most
+    /// specific one if several do. Refused when none does, or when two equally specific ones
+    /// do (the registrations are then ambiguous for this process).
+    pub async fn attest_unix(&self, observed: &[String]) -> Result<IssuedSvid> {
+        let refused = || {
+            Error::Unauthenticated(
+                "unix: no registered workload's selectors match this process".into(),
+            )
+        };
+        let mut candidates: Vec<WorkloadRecord> = self
+            .store
+            .list_workloads()
+            .await?
+            .into_iter()
+            .filter(|workload| {
+                workload.revoked_at.is_none()
+                    && selectors::satisfied_by(&workload.selectors, observed)
+            })
+            .collect();
+        candidates.sort_by_key(|workload| std::cmp::Reverse(workload.selectors.len()));
+        let workload = match candidates.as_slice() {
+            [] => None,
+            [only] => Some(only),
+            [first, second, ..] if first.selectors.len() > second.selectors.len() => Some(first),
+            _ => None,
+        };
+        let Some(workload) = workload else {
+            let reason = if candidates.is_empty() {
+                "no_match"
+            } else {
+                "ambiguous"
+            };
+            self.record_failed_attestation("unix", reason, None).await;
+            return Err(refused());
+        };
+        let now = UnixMillis::now();
+        let svid = self
+            .ca
+            .issue(&workload.spiffe_id, self.settings.svid_ttl, now)?;
+        let event = AuditEvent::new("identity.attested", "ok", workload.name.as_str())
+            .workload(&workload.name)
+            .with("method", "unix")
+            .with("selectors", observed.to_vec())
+            .with("spiffe_id", svid.spiffe_id.as_str())
+            .with("svid_serial", svid.serial.as_str())
+            .with("svid_expires_at", svid.expires_at.0);
+        self.store
+            .insert_svid(svid_record(&svid, &workload.id), vec![event])
+            .await?;
+        tracing::info!(workload = %workload.name, serial = %svid.serial, "workload attested (unix)");
         Ok(svid)
     }
 
@@ -156,7 +216,17 @@ impl Broker {
         caller: &Caller,
         name: &WorkloadName,
     ) -> Result<RevokedIdentity> {
-        let workload = self.revoke_workload_credentials(caller, name).await?;
+        if *name == caller.name {
+            return Err(Error::FailedPrecondition(format!(
+                "name: '{name}' is the calling workload; it cannot revoke its own identity"
+            )));
+        }
+        let event = AuditEvent::new("identity.revoked", "ok", caller.name.as_str()).workload(name);
+        let workload = self
+            .store
+            .revoke_identity(name, UnixMillis::now(), vec![event])
+            .await?
+            .ok_or_else(|| no_such_workload(name))?;
         let tasks = self.store.active_tasks_of(&workload.id).await?;
         let mut revoked = RevokedIdentity {
             workload,
@@ -183,7 +253,12 @@ impl Broker {
 
     /// Records a refused attestation, at most [`FAILED_ATTESTATIONS_AUDITED_PER_SECOND`] a
     /// second; beyond, refusals are only counted in the log.
-    async fn record_failed_attestation(&self, reason: &'static str, token_id: Option<&str>) {
+    async fn record_failed_attestation(
+        &self,
+        method: &'static str,
+        reason: &'static str,
+        token_id: Option<&str>,
+    ) {
         if self.failure_audit.admit("attestation").is_err() {
             tracing::warn!(
                 reason,
@@ -192,7 +267,7 @@ impl Broker {
             return;
         }
         let mut event = AuditEvent::new("identity.attestation_refused", "refused", "unknown")
-            .with("method", "join_token")
+            .with("method", method)
             .with("reason", reason);
         if let Some(id) = token_id {
             event = event.with("join_token_id", id);

@@ -59,6 +59,10 @@ pub enum WorkloadCommand {
         /// from a join token (`warrant admin join-token`), and holds no long-lived secret.
         #[arg(long)]
         no_credential: bool,
+        /// What the workload must prove to attest by Unix identity (repeatable):
+        /// unix:uid:<uid>, unix:gid:<gid>, unix:sha256:<hex SHA-256 of its executable>.
+        #[arg(long = "selector")]
+        selectors: Vec<String>,
     },
     /// List registered workloads.
     List,
@@ -94,6 +98,7 @@ pub async fn run(
             roles,
             audiences,
             no_credential,
+            selectors,
         }) => {
             let roles = roles
                 .iter()
@@ -109,6 +114,7 @@ pub async fn run(
                     roles,
                     audiences: audiences.clone(),
                     no_bearer_credential: *no_credential,
+                    selectors: selectors.clone(),
                 })
                 .await?
                 .into_inner();
@@ -295,5 +301,6 @@ fn workload_json(workload: &proto::Workload) -> Value {
         "roles": workload.roles().map(|role| role.as_str_name()).collect::<Vec<_>>(),
         "created_at": time(workload.created_at.as_ref()),
         "audiences": workload.audiences,
+        "selectors": workload.selectors,
     })
 }

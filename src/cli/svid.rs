@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::output::{Format, text};
 use super::{Cli, CommandError};
+use crate::client::Connection;
 use crate::proto;
 
 /// The files of an SVID directory.
@@ -19,12 +20,17 @@ pub const BUNDLE_FILE: &str = "bundle.pem";
 
 #[derive(Subcommand)]
 pub enum SvidCommand {
-    /// Trade the join token in WARRANT_JOIN_TOKEN for this workload's X.509-SVID, written to
-    /// --out. The token is read from the environment only, never from the command line.
+    /// Get this workload's X.509-SVID, written to --out: for the join token in
+    /// WARRANT_JOIN_TOKEN (read from the environment only, never from the command line), or,
+    /// with --unix-socket, for this process's Unix identity (uid, gid, executable).
     Attest {
         /// Directory for svid.pem, svid.key (mode 0600) and bundle.pem; created if missing.
         #[arg(long)]
         out: PathBuf,
+        /// Attest by Unix identity on the broker's local socket (`server.unix_socket`; under
+        /// `--dev`, warrant-data/warrant.sock).
+        #[arg(long, env = "WARRANT_UNIX_SOCKET")]
+        unix_socket: Option<PathBuf>,
     },
     /// Replace the SVID in --svid-dir with a fresh one, authenticating with the current one.
     Renew,
@@ -36,7 +42,27 @@ pub async fn run(
     format: &Format,
 ) -> Result<ExitCode, CommandError> {
     let (svid, dir) = match command {
-        SvidCommand::Attest { out } => {
+        SvidCommand::Attest {
+            out,
+            unix_socket: Some(socket),
+        } => {
+            let svid = Connection::open_unix(socket)
+                .await?
+                .attestation()
+                .attest(proto::AttestRequest {
+                    method: Some(proto::attest_request::Method::Unix(
+                        proto::UnixAttestation {},
+                    )),
+                })
+                .await?
+                .into_inner()
+                .svid;
+            (svid, out.clone())
+        }
+        SvidCommand::Attest {
+            out,
+            unix_socket: None,
+        } => {
             let token = std::env::var("WARRANT_JOIN_TOKEN").map_err(|_| {
                 CommandError::Usage(
                     "set WARRANT_JOIN_TOKEN to the join token from `warrant admin join-token`"

@@ -8,9 +8,10 @@ use super::access::Rpc;
 use super::auth::authorize;
 use super::convert;
 use crate::audit::chain::Problem;
-use crate::broker::{Broker, RevocationTarget};
+use crate::broker::{Broker, NewWorkload, RevocationTarget};
 use crate::domain::{Caller, LeaseId, TaskId, UnixMillis, WorkloadName};
 use crate::error::Error;
+use crate::identity::selectors;
 use crate::proto;
 use crate::proto::revoke_request::Target;
 use crate::store::AuditFilter;
@@ -66,10 +67,13 @@ impl proto::admin_server::Admin for AdminService {
             .broker
             .create_workload(
                 caller.name.as_str(),
-                name,
-                roles,
-                message.audiences,
-                !message.no_bearer_credential,
+                NewWorkload {
+                    name,
+                    roles,
+                    audiences: message.audiences,
+                    selectors: selectors::parse("selectors", &message.selectors)?,
+                    with_credential: !message.no_bearer_credential,
+                },
             )
             .await?;
         Ok(Response::new(proto::CreateWorkloadResponse {

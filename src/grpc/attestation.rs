@@ -2,14 +2,15 @@
 
 use std::sync::Arc;
 
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use super::access::Rpc;
 use super::auth::authorize;
 use crate::broker::Broker;
 use crate::error::Error;
-use crate::identity::IssuedSvid;
 use crate::identity::ca::{key_to_pem, to_pem};
+use crate::identity::{IssuedSvid, selectors};
 use crate::proto;
 use crate::proto::attest_request::Method;
 
@@ -42,10 +43,27 @@ impl proto::attestation_server::Attestation for AttestationService {
     ) -> Result<Response<proto::AttestResponse>, Status> {
         let svid = match &request.get_ref().method {
             Some(Method::JoinToken(token)) => self.broker.attest_with_join_token(token).await?,
+            Some(Method::Unix(_)) => {
+                let peer = request
+                    .extensions()
+                    .get::<UdsConnectInfo>()
+                    .and_then(|info| info.peer_cred)
+                    .ok_or_else(|| {
+                        Error::Unauthenticated(
+                            "unix: attestation by Unix identity works only on the broker's \
+                             local Unix socket (server.unix_socket)"
+                                .into(),
+                        )
+                    })?;
+                let observed = selectors::unix(peer.uid(), peer.gid(), peer.pid());
+                self.broker.attest_unix(&observed).await?
+            }
             None => {
-                return Err(
-                    Error::invalid("method", "name an attestation method: join_token").into(),
-                );
+                return Err(Error::invalid(
+                    "method",
+                    "name an attestation method: join_token or unix",
+                )
+                .into());
             }
         };
         Ok(Response::new(proto::AttestResponse {

@@ -126,6 +126,8 @@ pub fn workload(workload: WorkloadRecord) -> proto::Workload {
         roles: workload.roles.into_iter().map(|r| role(r).into()).collect(),
         created_at: Some(timestamp(workload.created_at)),
         audiences: workload.audiences,
+        selectors: workload.selectors,
+        revoked_at: workload.revoked_at.map(timestamp),
     }
 }
 

@@ -32,6 +32,16 @@ pub use observe::ObserveLayer;
 /// Largest request message accepted, in bytes: tokens and requests are small.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+/// What the local Unix socket serves: attestation (by the peer's Unix identity, or a join
+/// token) and health, nothing that needs a caller identity.
+pub fn local_routes(broker: Arc<Broker>) -> Routes {
+    let (_, health_service) = tonic_health::server::health_reporter();
+    Routes::new(health_service).add_service(
+        AttestationServer::new(attestation::AttestationService::new(broker))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
+}
+
 /// The Warrant services, standard health and reflection, ready to serve.
 /// Streams end when `shutdown` turns true, so a graceful stop does not wait on them.
 pub async fn routes(

@@ -306,6 +306,16 @@ pub trait Store: Send + Sync + 'static {
         events: Vec<AuditEvent>,
     ) -> Result<Option<WorkloadRecord>>;
 
+    /// The kill switch's store half: everything [`Store::replace_workload_credentials`] with
+    /// `None` revokes, and the workload itself is marked revoked at `now`, so that nothing
+    /// authenticates or attests as it again (a matching process or a new join token included).
+    async fn revoke_identity(
+        &self,
+        name: &WorkloadName,
+        now: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<Option<WorkloadRecord>>;
+
     /// The ids of the workload's active tasks.
     async fn active_tasks_of(&self, workload_id: &str) -> Result<Vec<TaskId>>;
 

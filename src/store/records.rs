@@ -19,7 +19,11 @@ pub struct WorkloadRecord {
     pub roles: Vec<Role>,
     /// The audiences a `resource_server` serves; empty for other workloads.
     pub audiences: Vec<String>,
+    /// What it must prove to the `unix` attestor, sorted; empty to attest with join tokens only.
+    pub selectors: Vec<String>,
     pub created_at: UnixMillis,
+    /// When the kill switch ended its identity; nothing authenticates or attests as it after.
+    pub revoked_at: Option<UnixMillis>,
 }
 
 /// The X.509 CA as stored: its certificate in clear, its private key sealed under the master
@@ -378,6 +382,9 @@ pub struct WorkloadColumns {
     pub created_at: i64,
     /// Space-separated.
     pub audiences: String,
+    /// Space-separated.
+    pub selectors: String,
+    pub revoked_at: Option<i64>,
 }
 
 impl WorkloadColumns {
@@ -393,7 +400,13 @@ impl WorkloadColumns {
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect(),
+            selectors: self
+                .selectors
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
             created_at: UnixMillis(self.created_at),
+            revoked_at: self.revoked_at.map(UnixMillis),
         })
     }
 }

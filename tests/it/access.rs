@@ -95,6 +95,7 @@ async fn call(connection: &Connection, rpc: &str) -> Result<(), tonic::Status> {
                 roles: vec![proto::Role::Agent as i32],
                 audiences: Vec::new(),
                 no_bearer_credential: false,
+                selectors: Vec::new(),
             })
             .await
             .map(drop),
@@ -324,6 +325,7 @@ async fn a_resource_server_sees_only_its_own_audiences(backend: Backend) {
                 roles: roles.iter().map(|role| *role as i32).collect(),
                 audiences,
                 no_bearer_credential: false,
+                selectors: Vec::new(),
             })
             .await
             .unwrap_err();

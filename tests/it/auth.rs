@@ -89,6 +89,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             roles: vec![proto::Role::Admin as i32],
             audiences: Vec::new(),
             no_bearer_credential: false,
+            selectors: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -135,6 +136,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             roles: vec![proto::Role::Agent as i32],
             audiences: Vec::new(),
             no_bearer_credential: false,
+            selectors: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -145,6 +147,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             roles: vec![],
             audiences: Vec::new(),
             no_bearer_credential: false,
+            selectors: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -159,6 +162,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             roles: vec![1],
             audiences: Vec::new(),
             no_bearer_credential: false,
+            selectors: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -173,6 +177,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             roles: vec![99],
             audiences: Vec::new(),
             no_bearer_credential: false,
+            selectors: Vec::new(),
         })
         .await
         .unwrap_err();

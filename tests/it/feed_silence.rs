@@ -71,6 +71,7 @@ async fn create_workload(broker: &Broker, admin: &str, name: &str) -> String {
             roles: vec![proto::Role::Agent as i32],
             audiences: Vec::new(),
             no_bearer_credential: false,
+            selectors: Vec::new(),
         })
         .await
         .unwrap()

@@ -62,6 +62,7 @@ impl TlsBroker {
                 roles: roles.iter().map(|role| *role as i32).collect(),
                 audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
                 no_bearer_credential: false,
+                selectors: Vec::new(),
             })
             .await
             .unwrap();
@@ -415,6 +416,19 @@ async fn the_kill_switch_refuses_the_identity_and_revokes_its_open_tasks() {
         Code::Unauthenticated,
         "unused join tokens too"
     );
+    let no_new_token = admin
+        .admin()
+        .create_join_token(proto::CreateJoinTokenRequest {
+            name: "crm-agent".into(),
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        no_new_token.code(),
+        Code::FailedPrecondition,
+        "nor new ones"
+    );
     let token_active = admin
         .tokens()
         .introspect(proto::IntrospectRequest {
@@ -494,4 +508,118 @@ async fn the_trust_bundle_is_served_over_http_as_pem_and_as_a_spiffe_bundle() {
         der,
         "both forms carry the same CA certificate"
     );
+}
+
+/// The SHA-256 (hex) of this test process's executable, as the `unix` attestor sees it.
+fn own_executable_sha256() -> String {
+    let bytes = std::fs::read("/proc/self/exe").unwrap();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn own_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_process_attests_by_its_unix_identity_on_the_local_socket_only() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let socket = data.path().join("warrant.sock");
+    let mut config = data.config();
+    config.unix_socket = Some(socket.clone());
+    let app = TestApp::spawn_with(config).await;
+    let admin = app.admin().await;
+    let register = |name: &str, selectors: Vec<String>| {
+        let (admin, name) = (admin.clone(), name.to_owned());
+        async move {
+            admin
+                .admin()
+                .create_workload(proto::CreateWorkloadRequest {
+                    name,
+                    roles: vec![proto::Role::Agent as i32],
+                    audiences: Vec::new(),
+                    no_bearer_credential: true,
+                    selectors,
+                })
+                .await
+        }
+    };
+    let uid = format!("unix:uid:{}", own_uid());
+    let exe = format!("unix:sha256:{}", own_executable_sha256());
+    // Any process of this user, and (more specific) this very executable of this user.
+    register("any-tool", vec![uid.clone()]).await.unwrap();
+    register("this-test", vec![exe.clone(), uid.clone()])
+        .await
+        .unwrap();
+    register("other-user", vec!["unix:uid:4242".into()])
+        .await
+        .unwrap();
+
+    let unix = || proto::AttestRequest {
+        method: Some(proto::attest_request::Method::Unix(
+            proto::UnixAttestation {},
+        )),
+    };
+    let local = Connection::open_unix(&socket).await.unwrap();
+    let svid = local
+        .attestation()
+        .attest(unix())
+        .await
+        .expect("this process matches")
+        .into_inner()
+        .svid
+        .unwrap();
+    assert_eq!(
+        svid.spiffe_id, "spiffe://test.local/workload/this-test",
+        "the most specific registration names the identity"
+    );
+
+    let over_tcp = app.connect(None).await.attestation().attest(unix()).await;
+    let refused = over_tcp.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert!(
+        refused.message().contains("local Unix socket"),
+        "{refused:?}"
+    );
+
+    // Bad selectors are refused naming the field; a second registration with the same set is
+    // refused too, since a process could not tell the two apart.
+    let bad = register("bad", vec!["unix:uid:me".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().starts_with("selectors[0]:"), "{bad:?}");
+    let twin = register("twin", vec![uid.clone(), exe.clone()])
+        .await
+        .unwrap_err();
+    assert_eq!(twin.code(), Code::AlreadyExists, "{twin:?}");
+
+    // Without a matching registration, nothing is issued.
+    admin
+        .admin()
+        .revoke_identity(proto::RevokeIdentityRequest {
+            name: "this-test".into(),
+        })
+        .await
+        .unwrap();
+    let svids = count_rows(&data, "svids").await;
+    let next = local
+        .attestation()
+        .attest(unix())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        next.svid.unwrap().spiffe_id,
+        "spiffe://test.local/workload/any-tool",
+        "a revoked identity no longer matches; the broader registration does"
+    );
+    assert_eq!(count_rows(&data, "svids").await, svids + 1);
 }

@@ -677,6 +677,7 @@ async fn secrets_never_reach_the_audit_trail_or_the_logs() {
             roles: vec![proto::Role::Agent as i32],
             audiences: Vec::new(),
             no_bearer_credential: false,
+            selectors: Vec::new(),
         })
         .await
         .unwrap()
@@ -802,6 +803,7 @@ async fn credentials_received_before_sigkill_are_stored_and_revocable_after_rest
         roles: vec![proto::Role::Agent as i32],
         audiences: Vec::new(),
         no_bearer_credential: false,
+        selectors: Vec::new(),
     };
     let agent_credential = admin
         .admin()

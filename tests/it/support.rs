@@ -105,6 +105,7 @@ impl TestData {
             first_admin_file: None,
             store: warrant::store::StoreSettings::default(),
             caller_limits: warrant::caller_limits::CallerLimitSettings::DEFAULT,
+            unix_socket: None,
             svid_ttl: Duration::from_secs(3600),
             bearer_credentials: true,
         }
@@ -203,6 +204,7 @@ impl TestApp {
             roles: roles.iter().map(|r| *r as i32).collect(),
             audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
             no_bearer_credential: false,
+            selectors: Vec::new(),
         };
         self.admin()
             .await

@@ -67,18 +67,18 @@ pub async fn find_join_token(
     let query = format!(
         "SELECT {WORKLOAD_COLUMNS}, t.id, t.secret_sha256, t.created_at, t.expires_at, \
          t.consumed_at FROM join_tokens t JOIN workloads w ON w.id = t.workload_id \
-         WHERE t.id = $1 AND t.revoked_at IS NULL"
+         WHERE t.id = $1 AND t.revoked_at IS NULL AND w.revoked_at IS NULL"
     );
     let Some(row) = sqlx::query(&query).bind(id).fetch_optional(pool).await? else {
         return Ok(None);
     };
     let token = JoinTokenRecord {
-        id: row.try_get(6)?,
+        id: row.try_get(8)?,
         workload_id: row.try_get(0)?,
-        secret_sha256: row.try_get(7)?,
-        created_at: UnixMillis(row.try_get(8)?),
-        expires_at: UnixMillis(row.try_get(9)?),
-        consumed_at: row.try_get::<Option<i64>, _>(10)?.map(UnixMillis),
+        secret_sha256: row.try_get(9)?,
+        created_at: UnixMillis(row.try_get(10)?),
+        expires_at: UnixMillis(row.try_get(11)?),
+        consumed_at: row.try_get::<Option<i64>, _>(12)?.map(UnixMillis),
     };
     Ok(Some((token, workload_columns(&row)?.into_record()?)))
 }
@@ -133,7 +133,7 @@ pub async fn find_svid(
     let query = format!(
         "SELECT {WORKLOAD_COLUMNS}, s.thumbprint, s.serial, s.issued_at, s.expires_at \
          FROM svids s JOIN workloads w ON w.id = s.workload_id \
-         WHERE s.thumbprint = $1 AND s.revoked_at IS NULL"
+         WHERE s.thumbprint = $1 AND s.revoked_at IS NULL AND w.revoked_at IS NULL"
     );
     sqlx::query(&query)
         .bind(thumbprint)
@@ -146,9 +146,9 @@ pub async fn find_svid(
 fn svid_columns(row: &PgRow) -> Result<SvidRecord> {
     Ok(SvidRecord {
         workload_id: row.try_get(0)?,
-        thumbprint: row.try_get(6)?,
-        serial: row.try_get(7)?,
-        issued_at: UnixMillis(row.try_get(8)?),
-        expires_at: UnixMillis(row.try_get(9)?),
+        thumbprint: row.try_get(8)?,
+        serial: row.try_get(9)?,
+        issued_at: UnixMillis(row.try_get(10)?),
+        expires_at: UnixMillis(row.try_get(11)?),
     })
 }

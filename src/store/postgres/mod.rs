@@ -523,6 +523,21 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn revoke_identity(
+        &self,
+        name: &WorkloadName,
+        now: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<Option<WorkloadRecord>> {
+        self.write(Topic::Workloads, |connection| {
+            let (name, events) = (name.clone(), events.clone());
+            Box::pin(
+                async move { workloads::revoke_identity(connection, &name, now, &events).await },
+            )
+        })
+        .await
+    }
+
     async fn active_tasks_of(&self, workload_id: &str) -> Result<Vec<TaskId>> {
         workloads::active_tasks_of(&self.pool, workload_id).await
     }

@@ -13,7 +13,7 @@ use crate::store::records::{WorkloadColumns, WorkloadRecord, roles_text};
 /// The workload columns, in the order [`workload_columns`] decodes them.
 macro_rules! workload_columns {
     () => {
-        "w.id, w.name, w.spiffe_id, w.roles, w.created_at, w.audiences"
+        "w.id, w.name, w.spiffe_id, w.roles, w.created_at, w.audiences, w.selectors, w.revoked_at"
     };
 }
 
@@ -27,8 +27,8 @@ pub async fn create(
     events: &[AuditEvent],
 ) -> Result<()> {
     let inserted = sqlx::query(
-        "INSERT INTO workloads (id, name, spiffe_id, roles, created_at, audiences) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        "INSERT INTO workloads (id, name, spiffe_id, roles, created_at, audiences, selectors) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
     )
     .bind(&workload.id)
     .bind(workload.name.as_str())
@@ -36,6 +36,7 @@ pub async fn create(
     .bind(roles_text(&workload.roles))
     .bind(workload.created_at.0)
     .bind(workload.audiences.join(" "))
+    .bind(workload.selectors.join(" "))
     .execute(&mut *connection)
     .await?;
     if inserted.rows_affected() == 0 {
@@ -98,6 +99,25 @@ pub async fn replace_credentials(
     Ok(Some(workload))
 }
 
+/// See [`crate::store::Store::revoke_identity`].
+pub async fn revoke_identity(
+    connection: &mut PgConnection,
+    name: &WorkloadName,
+    now: UnixMillis,
+    events: &[AuditEvent],
+) -> Result<Option<WorkloadRecord>> {
+    let Some(mut workload) = replace_credentials(connection, name, None, now, events).await? else {
+        return Ok(None);
+    };
+    sqlx::query("UPDATE workloads SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+        .bind(now.0)
+        .bind(&workload.id)
+        .execute(&mut *connection)
+        .await?;
+    workload.revoked_at.get_or_insert(now);
+    Ok(Some(workload))
+}
+
 async fn insert_credential(
     connection: &mut PgConnection,
     workload_id: &str,
@@ -131,12 +151,12 @@ pub async fn find_credential(
         "SELECT ",
         workload_columns!(),
         ", c.secret_sha256 FROM workload_credentials c \
-         JOIN workloads w ON w.id = c.workload_id WHERE c.id = $1 AND c.revoked_at IS NULL"
+         JOIN workloads w ON w.id = c.workload_id WHERE c.id = $1 AND c.revoked_at IS NULL AND w.revoked_at IS NULL"
     ))
     .bind(credential_id)
     .fetch_optional(pool)
     .await?
-    .map(|row| Ok((row.try_get(6)?, workload_columns(&row)?.into_record()?)))
+    .map(|row| Ok((row.try_get(8)?, workload_columns(&row)?.into_record()?)))
     .transpose()
 }
 
@@ -171,5 +191,7 @@ pub(super) fn workload_columns(row: &PgRow) -> Result<WorkloadColumns> {
         roles: row.try_get(3)?,
         created_at: row.try_get(4)?,
         audiences: row.try_get(5)?,
+        selectors: row.try_get(6)?,
+        revoked_at: row.try_get(7)?,
     })
 }

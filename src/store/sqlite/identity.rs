@@ -75,16 +75,16 @@ pub fn find_join_token(
         .prepare_cached(&format!(
             "SELECT {WORKLOAD_COLUMNS}, t.id, t.secret_sha256, t.created_at, t.expires_at, \
              t.consumed_at FROM join_tokens t JOIN workloads w ON w.id = t.workload_id \
-             WHERE t.id = ?1 AND t.revoked_at IS NULL"
+             WHERE t.id = ?1 AND t.revoked_at IS NULL AND w.revoked_at IS NULL"
         ))?
         .query_row([id], |row| {
             let token = JoinTokenRecord {
-                id: row.get(6)?,
+                id: row.get(8)?,
                 workload_id: row.get(0)?,
-                secret_sha256: row.get(7)?,
-                created_at: UnixMillis(row.get(8)?),
-                expires_at: UnixMillis(row.get(9)?),
-                consumed_at: row.get::<_, Option<i64>>(10)?.map(UnixMillis),
+                secret_sha256: row.get(9)?,
+                created_at: UnixMillis(row.get(10)?),
+                expires_at: UnixMillis(row.get(11)?),
+                consumed_at: row.get::<_, Option<i64>>(12)?.map(UnixMillis),
             };
             Ok((token, workload_columns(row)?))
         })
@@ -139,7 +139,7 @@ pub fn find_svid(
         .prepare_cached(&format!(
             "SELECT {WORKLOAD_COLUMNS}, s.thumbprint, s.serial, s.issued_at, s.expires_at \
              FROM svids s JOIN workloads w ON w.id = s.workload_id \
-             WHERE s.thumbprint = ?1 AND s.revoked_at IS NULL"
+             WHERE s.thumbprint = ?1 AND s.revoked_at IS NULL AND w.revoked_at IS NULL"
         ))?
         .query_row([thumbprint], |row| {
             Ok((svid_columns(row)?, workload_columns(row)?))
@@ -152,9 +152,9 @@ pub fn find_svid(
 fn svid_columns(row: &Row<'_>) -> rusqlite::Result<SvidRecord> {
     Ok(SvidRecord {
         workload_id: row.get(0)?,
-        thumbprint: row.get(6)?,
-        serial: row.get(7)?,
-        issued_at: UnixMillis(row.get(8)?),
-        expires_at: UnixMillis(row.get(9)?),
+        thumbprint: row.get(8)?,
+        serial: row.get(9)?,
+        issued_at: UnixMillis(row.get(10)?),
+        expires_at: UnixMillis(row.get(11)?),
     })
 }

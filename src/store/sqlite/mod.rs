@@ -446,6 +446,18 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn revoke_identity(
+        &self,
+        name: &WorkloadName,
+        now: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<Option<WorkloadRecord>> {
+        let name = name.clone();
+        self.writer
+            .run(move |write| workloads::revoke_identity(write, &name, now, &events))
+            .await
+    }
+
     async fn active_tasks_of(&self, workload_id: &str) -> Result<Vec<TaskId>> {
         self.readers
             .read(|connection| workloads::active_tasks_of(connection, workload_id))

@@ -12,7 +12,7 @@ use crate::store::Topic;
 use crate::store::records::{WorkloadColumns, WorkloadRecord, roles_text};
 
 pub(super) const WORKLOAD_COLUMNS: &str =
-    "w.id, w.name, w.spiffe_id, w.roles, w.created_at, w.audiences";
+    "w.id, w.name, w.spiffe_id, w.roles, w.created_at, w.audiences, w.selectors, w.revoked_at";
 
 pub fn create(
     write: &mut Write<'_>,
@@ -23,8 +23,8 @@ pub fn create(
     let inserted = write
         .connection
         .prepare_cached(
-            "INSERT INTO workloads (id, name, spiffe_id, roles, created_at, audiences) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+            "INSERT INTO workloads (id, name, spiffe_id, roles, created_at, audiences, selectors) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
         )?
         .execute(params![
             workload.id,
@@ -33,6 +33,7 @@ pub fn create(
             roles_text(&workload.roles),
             workload.created_at.0,
             workload.audiences.join(" "),
+            workload.selectors.join(" "),
         ])?;
     if inserted == 0 {
         return Err(Error::AlreadyExists(format!(
@@ -94,6 +95,26 @@ pub fn replace_credentials(
     Ok(Some(workload))
 }
 
+/// See [`crate::store::Store::revoke_identity`].
+pub fn revoke_identity(
+    write: &mut Write<'_>,
+    name: &WorkloadName,
+    now: UnixMillis,
+    events: &[AuditEvent],
+) -> Result<Option<WorkloadRecord>> {
+    let Some(mut workload) = replace_credentials(write, name, None, now, events)? else {
+        return Ok(None);
+    };
+    write
+        .connection
+        .prepare_cached(
+            "UPDATE workloads SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
+        )?
+        .execute(params![now.0, workload.id])?;
+    workload.revoked_at.get_or_insert(now);
+    Ok(Some(workload))
+}
+
 fn insert_credential(
     write: &mut Write<'_>,
     workload_id: &str,
@@ -127,10 +148,10 @@ pub fn find_credential(
     connection
         .prepare_cached(&format!(
             "SELECT {WORKLOAD_COLUMNS}, c.secret_sha256 FROM workload_credentials c \
-             JOIN workloads w ON w.id = c.workload_id WHERE c.id = ?1 AND c.revoked_at IS NULL"
+             JOIN workloads w ON w.id = c.workload_id WHERE c.id = ?1 AND c.revoked_at IS NULL AND w.revoked_at IS NULL"
         ))?
         .query_row([credential_id], |row| {
-            Ok((row.get(6)?, workload_columns(row)?))
+            Ok((row.get(8)?, workload_columns(row)?))
         })
         .optional()?
         .map(|(secret, columns)| Ok((secret, columns.into_record()?)))
@@ -163,5 +184,7 @@ pub(super) fn workload_columns(row: &Row<'_>) -> rusqlite::Result<WorkloadColumn
         roles: row.get(3)?,
         created_at: row.get(4)?,
         audiences: row.get(5)?,
+        selectors: row.get(6)?,
+        revoked_at: row.get(7)?,
     })
 }
