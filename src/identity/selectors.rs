@@ -8,8 +8,11 @@ use crate::error::{Error, Result};
 /// The selectors a registration may hold at most.
 pub const MAX_SELECTORS: usize = 8;
 
+/// Whether a selector's value has the shape its kind requires.
+type ValueCheck = fn(&str) -> bool;
+
 /// The selectors the `unix` attestor observes, and what each value must look like.
-const KNOWN: &[(&str, fn(&str) -> bool)] = &[
+const KNOWN: &[(&str, ValueCheck)] = &[
     ("unix:uid:", is_id),
     ("unix:gid:", is_id),
     ("unix:sha256:", is_sha256_hex),
@@ -37,11 +40,9 @@ pub fn parse(field: &str, selectors: &[String]) -> Result<Vec<String>> {
     }
     let mut parsed = Vec::with_capacity(selectors.len());
     for (index, selector) in selectors.iter().enumerate() {
-        let valid = KNOWN.iter().any(|(prefix, is_valid)| {
-            selector
-                .strip_prefix(prefix)
-                .is_some_and(|value| is_valid(value))
-        });
+        let valid = KNOWN
+            .iter()
+            .any(|(prefix, is_valid)| selector.strip_prefix(prefix).is_some_and(*is_valid));
         if !valid {
             return Err(Error::invalid(
                 format!("{field}[{index}]"),
