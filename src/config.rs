@@ -238,6 +238,22 @@ impl Config {
             bearer_credentials: true,
         };
         config.apply_environment(env)?;
+        // Plaintext, a dev master key and a printed admin credential: never on a network.
+        for (name, addr) in [
+            (ENV_GRPC_ADDR, config.grpc_addr),
+            (ENV_HTTP_ADDR, config.http_addr),
+        ] {
+            if !addr.ip().is_loopback() {
+                return Err(error(
+                    name,
+                    format!(
+                        "{addr} is not a loopback address: --dev serves plaintext and prints \
+                         its admin credential, so it listens on loopback only (use \
+                         serve --config with TLS to serve a network)"
+                    ),
+                ));
+            }
+        }
         Ok(config)
     }
 
@@ -726,5 +742,14 @@ mod tests {
             _ => None,
         };
         assert_eq!(Config::dev(&bad).unwrap_err().field, ENV_HTTP_ADDR);
+        let data_dir = dir.path().to_str().unwrap().to_owned();
+        let exposed = move |name: &str| match name {
+            ENV_DATA_DIR => Some(data_dir.clone()),
+            ENV_GRPC_ADDR => Some("0.0.0.0:7400".into()),
+            _ => None,
+        };
+        let error = Config::dev(&exposed).unwrap_err();
+        assert_eq!(error.field, ENV_GRPC_ADDR);
+        assert!(error.message.contains("loopback"), "{error}");
     }
 }
