@@ -27,6 +27,9 @@ pub const ENV_MASTER_KEY: &str = "WARRANT_MASTER_KEY";
 pub const ENV_ISSUER: &str = "WARRANT_ISSUER";
 /// How often an idle revocation feed subscriber receives a heartbeat (`limits.feed_heartbeat`).
 pub const ENV_FEED_HEARTBEAT: &str = "WARRANT_FEED_HEARTBEAT";
+/// The local Unix socket for attestation by Unix identity (`server.unix_socket`); empty for
+/// none.
+pub const ENV_UNIX_SOCKET: &str = "WARRANT_UNIX_SOCKET";
 /// Calls per second one caller may sustain (`limits.caller_rate`).
 pub const ENV_CALLER_RATE: &str = "WARRANT_CALLER_RATE";
 /// Calls one caller may make at once after being idle (`limits.caller_burst`).
@@ -411,6 +414,10 @@ impl Config {
         limits.rate_per_second = from_env(ENV_CALLER_RATE, limits.rate_per_second)?;
         limits.burst = from_env(ENV_CALLER_BURST, limits.burst)?;
         limits.concurrency = from_env(ENV_CALLER_CONCURRENCY, limits.concurrency)?;
+        if let Some(path) = env(ENV_UNIX_SOCKET) {
+            self.unix_socket =
+                Some(PathBuf::from(path)).filter(|path| !path.as_os_str().is_empty());
+        }
         if let Some(issuer) = env(ENV_ISSUER) {
             // Plain HTTP only for a broker that serves plaintext itself (dev).
             let scheme_ok = issuer.starts_with("https://")

@@ -89,15 +89,14 @@ async fn issue_then_cut_power(extra_env: &[(&str, &str)]) -> Option<Outcome> {
     let data_dir = mountpoint.join("warrant-data");
     let addresses = (free_address(), free_address());
     let on = (addresses.0.as_str(), addresses.1.as_str());
+    // The FUSE disk holds no sockets: the local attestation socket lives beside it.
+    let socket = dir.path().join("warrant.sock");
+    let socket = socket.to_str().unwrap();
+    let mut env = vec![("WARRANT_UNIX_SOCKET", socket)];
+    env.extend_from_slice(extra_env);
 
-    let mut broker = BrokerProcess::start_in(
-        &["serve", "--dev"],
-        dir.path(),
-        &data_dir,
-        "info",
-        on,
-        extra_env,
-    );
+    let mut broker =
+        BrokerProcess::start_in(&["serve", "--dev"], dir.path(), &data_dir, "info", on, &env);
     let (grpc, _) = broker.wait_until_serving();
     let address = format!("http://{grpc}");
     let admin_credential = broker.admin_credential().expect("admin credential");
@@ -150,8 +149,14 @@ async fn issue_then_cut_power(extra_env: &[(&str, &str)]) -> Option<Outcome> {
     let received = std::mem::take(&mut *received.lock().unwrap());
 
     let _session = disk.mount(&mountpoint).expect("mount the disk again");
-    let mut restarted =
-        BrokerProcess::start_in(&["serve", "--dev"], dir.path(), &data_dir, "info", on, &[]);
+    let mut restarted = BrokerProcess::start_in(
+        &["serve", "--dev"],
+        dir.path(),
+        &data_dir,
+        "info",
+        on,
+        &env[..1],
+    );
     let (grpc, _) = restarted.wait_until_serving();
     let address = format!("http://{grpc}");
     let mut tokens = Connection::open(&address, Some(&admin_credential), None)
