@@ -74,6 +74,10 @@ pub struct Broker {
     caller_limits: CallerLimits,
     /// Paces the audit records of refused attestations.
     failure_audit: CallerLimits,
+    /// Each attesting peer's allowance, with the per-caller settings: attestation needs no
+    /// identity, so its caller is where it comes from (the peer's IP address, or its uid on
+    /// the local socket).
+    attestation_limits: CallerLimits,
     /// Signs X.509-SVIDs.
     ca: Ca,
     audit_key: AuditKey,
@@ -158,6 +162,7 @@ impl Broker {
         metrics: Arc<Metrics>,
     ) -> Self {
         Broker {
+            attestation_limits: CallerLimits::new(settings.caller_limits),
             failure_audit: CallerLimits::new(CallerLimitSettings {
                 rate_per_second: identity::FAILED_ATTESTATIONS_AUDITED_PER_SECOND,
                 burst: 2 * identity::FAILED_ATTESTATIONS_AUDITED_PER_SECOND,
@@ -239,15 +244,26 @@ impl Broker {
     /// Admits one call of `caller` under its rate and concurrency limits; the call holds the
     /// answer until it has been answered. A refusal is counted by the limit it hit.
     pub fn admit(&self, caller: &Caller) -> Result<Admitted> {
-        self.caller_limits
-            .admit(&caller.workload_id)
-            .map_err(|(limit, error)| {
-                let labels = LimitLabels {
-                    limit: limit.label().to_owned(),
-                };
-                self.metrics.calls_limited.get_or_create(&labels).inc();
-                error
-            })
+        self.counted(self.caller_limits.admit(&caller.workload_id))
+    }
+
+    /// [`Broker::admit`] for an attestation from `peer`, which has no identity yet.
+    pub fn admit_attestation(&self, peer: &str) -> Result<Admitted> {
+        self.counted(self.attestation_limits.admit(peer))
+    }
+
+    /// An admission's outcome, a refusal counted by the limit it hit.
+    fn counted(
+        &self,
+        admission: std::result::Result<Admitted, (crate::caller_limits::Limit, Error)>,
+    ) -> Result<Admitted> {
+        admission.map_err(|(limit, error)| {
+            let labels = LimitLabels {
+                limit: limit.label().to_owned(),
+            };
+            self.metrics.calls_limited.get_or_create(&labels).inc();
+            error
+        })
     }
 
     pub fn ca(&self) -> &Ca {

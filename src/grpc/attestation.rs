@@ -41,20 +41,26 @@ impl proto::attestation_server::Attestation for AttestationService {
         &self,
         request: Request<proto::AttestRequest>,
     ) -> Result<Response<proto::AttestResponse>, Status> {
+        let local_peer = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred);
+        let peer = match (local_peer, request.remote_addr()) {
+            (Some(local), _) => format!("uid:{}", local.uid()),
+            (None, Some(address)) => format!("ip:{}", address.ip()),
+            (None, None) => "unknown".to_owned(),
+        };
+        let _admitted = self.broker.admit_attestation(&peer)?;
         let svid = match &request.get_ref().method {
             Some(Method::JoinToken(token)) => self.broker.attest_with_join_token(token).await?,
             Some(Method::Unix(_)) => {
-                let peer = request
-                    .extensions()
-                    .get::<UdsConnectInfo>()
-                    .and_then(|info| info.peer_cred)
-                    .ok_or_else(|| {
-                        Error::Unauthenticated(
-                            "unix: attestation by Unix identity works only on the broker's \
+                let peer = local_peer.ok_or_else(|| {
+                    Error::Unauthenticated(
+                        "unix: attestation by Unix identity works only on the broker's \
                              local Unix socket (server.unix_socket)"
-                                .into(),
-                        )
-                    })?;
+                            .into(),
+                    )
+                })?;
                 let observed = selectors::unix(peer.uid(), peer.gid(), peer.pid());
                 self.broker.attest_unix(&observed).await?
             }

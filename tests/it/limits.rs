@@ -228,3 +228,47 @@ async fn a_caller_over_its_concurrency_has_the_excess_refused() {
         "served again once the calls finished: {after:?}"
     );
 }
+
+/// Attestation needs no identity, so it is limited by where it comes from: a flood of made-up
+/// join tokens from one address is cut off with RESOURCE_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_attestations_from_one_address_is_cut_off() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let mut config = data.config();
+    config.caller_limits = CallerLimitSettings {
+        rate_per_second: 50,
+        burst: 200,
+        concurrency: 32,
+    };
+    let app = TestApp::spawn_with(config).await;
+    let anonymous = app.connect(None).await;
+    let made_up = format!("wjt_{}_{}", "0".repeat(32), "A".repeat(43));
+    let calls = (0..400).map(|_| {
+        let mut attestation = anonymous.attestation();
+        let token = made_up.clone();
+        async move {
+            attestation
+                .attest(proto::AttestRequest {
+                    method: Some(proto::attest_request::Method::JoinToken(token)),
+                })
+                .await
+                .unwrap_err()
+                .code()
+        }
+    });
+    let codes = futures_util::future::join_all(calls).await;
+    let limited = codes
+        .iter()
+        .filter(|code| **code == Code::ResourceExhausted)
+        .count();
+    assert!(
+        limited > 0,
+        "400 at once from one address, 200 allowed in a burst"
+    );
+    assert!(
+        codes
+            .iter()
+            .all(|code| matches!(code, Code::ResourceExhausted | Code::Unauthenticated)),
+        "{codes:?}"
+    );
+}
