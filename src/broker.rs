@@ -18,9 +18,8 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::feed::Feed;
-use crate::identity::Ca;
-
 use crate::grpc::CredentialCache;
+use crate::identity::Ca;
 use crate::issuer::jwt::{self, AccessTokenClaims, Expectations};
 use crate::issuer::keyring::Rotation;
 use crate::issuer::verified_tokens::VerifiedTokens;
@@ -573,7 +572,7 @@ impl Broker {
     ) -> Result<Option<AccessTokenClaims>> {
         check_introspection_audience(caller, audience)?;
         let outcome = match self.check_token(token, audience).await? {
-            Ok(claims) if !is_bound_to(&claims, client_certificate_thumbprint) => Err(Inactive {
+            Ok(claims) if !claims.is_usable_with(client_certificate_thumbprint) => Err(Inactive {
                 reason: "certificate_mismatch",
                 verified_claims: Some(claims),
             }),
@@ -1093,20 +1092,6 @@ fn check_introspection_audience(caller: &Caller, audience: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Whether a token may be used by the client that presented the certificate with thumbprint
-/// `presented`: a token bound to a certificate (`cnf`) only with that one (RFC 8705), so that
-/// without it, or with another, it is inactive, as a stolen token would be.
-fn is_bound_to(claims: &AccessTokenClaims, presented: Option<&str>) -> bool {
-    match (&claims.cnf, presented) {
-        (None, _) => true,
-        (Some(bound), Some(presented)) => crate::issuer::credential::digests_match(
-            bound.x5t_s256.as_bytes(),
-            presented.as_bytes(),
-        ),
-        (Some(_), None) => false,
-    }
 }
 
 fn no_such_workload(name: &WorkloadName) -> Error {

@@ -1,13 +1,17 @@
 //! Per-caller admission: a sustained call rate with a burst allowance (a token bucket) and a
 //! cap on calls in flight, so that one busy or misbehaving workload cannot take the broker's
-//! capacity from the others. Callers are counted by workload, after authentication, so the
-//! table holds at most one entry per workload.
+//! capacity from the others. Callers are workloads (after authentication) or, for attestation,
+//! peer addresses; the table forgets callers that are idle and refuses new ones once it holds
+//! [`MAX_CALLERS`] busy ones, so many addresses cannot grow it without bound.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::error::Error;
+
+/// Callers tracked at most.
+pub const MAX_CALLERS: usize = 65_536;
 
 /// How much each caller may do; set by `limits.caller_*` in the config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +56,14 @@ struct Allowance {
     in_flight: u32,
 }
 
+impl Allowance {
+    fn is_idle(&self, now: Instant, settings: CallerLimitSettings) -> bool {
+        let refill = now.duration_since(self.refilled_at).as_secs_f64()
+            * f64::from(settings.rate_per_second);
+        self.in_flight == 0 && self.tokens + refill >= f64::from(settings.burst)
+    }
+}
+
 type Allowances = HashMap<String, Allowance>;
 
 /// The admission state of every caller seen.
@@ -79,6 +91,18 @@ impl CallerLimits {
         let now = Instant::now();
         let settings = self.settings;
         let mut allowances = lock(&self.allowances);
+        if allowances.len() >= MAX_CALLERS && !allowances.contains_key(caller) {
+            // A caller with no call in flight and a full bucket is as if never seen.
+            allowances.retain(|_, allowance| !allowance.is_idle(now, settings));
+            if allowances.len() >= MAX_CALLERS {
+                return Err((
+                    Limit::Concurrency,
+                    Error::ResourceExhausted(format!(
+                        "the broker is tracking {MAX_CALLERS} busy callers; retry later"
+                    )),
+                ));
+            }
+        }
         let allowance = allowances
             .entry(caller.to_owned())
             .or_insert_with(|| Allowance {
@@ -156,6 +180,23 @@ mod tests {
         drop(admitted);
         // Finishing calls gives back concurrency, not rate.
         assert_eq!(limits.admit("a").err().unwrap().0, Limit::Rate);
+    }
+
+    #[test]
+    fn idle_callers_are_forgotten_and_busy_ones_bound_the_table() {
+        let limits = limits(1_000_000, 10, 10);
+        let busy: Vec<_> = (0..MAX_CALLERS)
+            .map(|n| limits.admit(&format!("peer-{n}")).unwrap())
+            .collect();
+        assert_eq!(
+            limits.admit("one-more").err().unwrap().0,
+            Limit::Concurrency,
+            "a full table of busy callers refuses a new one"
+        );
+        drop(busy);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(limits.admit("one-more").is_ok(), "idle callers made room");
+        assert!(lock(&limits.allowances).len() <= 2);
     }
 
     #[test]

@@ -314,12 +314,7 @@ impl Verifier {
         {
             return Err(VerifyError::Revoked);
         }
-        let bound_elsewhere = match (&claims.cnf, client_thumbprint) {
-            (None, _) => false,
-            (Some(bound), Some(presented)) => bound.x5t_s256 != presented,
-            (Some(_), None) => true,
-        };
-        if bound_elsewhere {
+        if !claims.is_usable_with(client_thumbprint) {
             return Err(VerifyError::CertificateMismatch);
         }
         Ok(claims)

@@ -48,6 +48,21 @@ pub struct Confirmation {
     pub x5t_s256: String,
 }
 
+impl AccessTokenClaims {
+    /// Whether the client that presented the certificate with thumbprint `presented` may use
+    /// this token: a token bound to a certificate (`cnf`) only with that one (RFC 8705), so
+    /// that without it, or with another, it is refused, as a stolen token would be.
+    pub fn is_usable_with(&self, presented: Option<&str>) -> bool {
+        match (&self.cnf, presented) {
+            (None, _) => true,
+            (Some(bound), Some(presented)) => {
+                super::credential::digests_match(bound.x5t_s256.as_bytes(), presented.as_bytes())
+            }
+            (Some(_), None) => false,
+        }
+    }
+}
+
 /// Signs `claims` as a compact JWS with `key`.
 pub fn sign(key: &SigningKey, claims: &AccessTokenClaims) -> String {
     // Serializing a struct of strings and integers cannot fail.

@@ -718,6 +718,29 @@ async fn secrets_never_reach_the_audit_trail_or_the_logs() {
         .complete_task(complete_request(&task.task_id))
         .await
         .unwrap();
+    // A join token traded for an SVID (plaintext --dev serves attestation too), then replayed.
+    let join_token = admin
+        .admin()
+        .create_join_token(proto::CreateJoinTokenRequest {
+            name: "crm-agent".into(),
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .join_token;
+    let mut attestation = admin.attestation();
+    let attest = || proto::AttestRequest {
+        method: Some(proto::attest_request::Method::JoinToken(join_token.clone())),
+    };
+    let svid = attestation
+        .attest(attest())
+        .await
+        .unwrap()
+        .into_inner()
+        .svid
+        .unwrap();
+    attestation.attest(attest()).await.unwrap_err();
     let token_hmac = admin
         .admin()
         .audit_hash(proto::AuditHashRequest {
@@ -771,6 +794,15 @@ async fn secrets_never_reach_the_audit_trail_or_the_logs() {
         secrets.push(token.clone());
         secrets.push(token.rsplit('.').next().unwrap().to_owned());
     }
+    secrets.push(join_token.clone());
+    secrets.push(join_token[join_token.len() - 43..].to_owned());
+    // The SVID key's base64 body, line by line (a line is 64 characters of the key).
+    secrets.extend(
+        svid.private_key_pem
+            .lines()
+            .filter(|line| !line.starts_with("-----") && line.len() >= 20)
+            .map(str::to_owned),
+    );
     for secret in &secrets {
         assert!(secret.len() >= 20);
         assert!(
