@@ -468,6 +468,7 @@ async fn attestation(
             audiences: Vec::new(),
             no_bearer_credential: true,
             selectors: Vec::new(),
+            ..Default::default()
         })
         .await
         .expect("create workload");
@@ -898,6 +899,7 @@ async fn broker_scenarios(
             audiences: Vec::new(),
             no_bearer_credential: false,
             selectors: Vec::new(),
+            ..Default::default()
         })
         .await
         .expect("create workload")
@@ -912,6 +914,7 @@ async fn broker_scenarios(
             audiences: vec![CRM_AUDIENCE.into()],
             no_bearer_credential: false,
             selectors: Vec::new(),
+            ..Default::default()
         })
         .await
         .expect("create workload")
@@ -1246,6 +1249,7 @@ async fn replica_propagation(base: &str) -> Vec<Row> {
             audiences: Vec::new(),
             no_bearer_credential: false,
             selectors: Vec::new(),
+            ..Default::default()
         })
         .await
         .expect("create workload")
@@ -1486,6 +1490,7 @@ async fn scale(
         audiences: Vec::new(),
         no_bearer_credential: false,
         selectors: Vec::new(),
+        ..Default::default()
     };
     let credential = admin
         .admin()

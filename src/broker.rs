@@ -13,8 +13,8 @@ use crate::audit::{AuditEvent, AuditKey, BOOTSTRAP};
 use crate::caller_limits::{Admitted, CallerLimitSettings, CallerLimits};
 use crate::domain::task::{LeaseWindow, NewTask, parse_ttl_seconds};
 use crate::domain::{
-    Caller, Catalog, LeaseId, LeaseState, Role, ScopeDefinition, ScopeName, SpiffeId, TaskId,
-    TaskState, TrustDomain, UnixMillis, WorkloadName,
+    Caller, Catalog, Labels, LeaseId, LeaseState, Role, ScopeDefinition, ScopeName, SpiffeId,
+    TaskId, TaskState, TrustDomain, UnixMillis, WorkloadName,
 };
 use crate::error::{Error, Result};
 use crate::feed::Feed;
@@ -131,6 +131,10 @@ pub struct NewWorkload {
     pub selectors: Vec<String>,
     /// Whether it gets a bearer credential.
     pub with_credential: bool,
+    /// Its SPIFFE ID; `None` for the one derived from its name.
+    pub spiffe_id: Option<SpiffeId>,
+    /// What policy reads of it.
+    pub labels: Labels,
 }
 
 /// The answer to `CompleteTask`.
@@ -627,21 +631,27 @@ impl Broker {
             audiences,
             selectors,
             with_credential,
+            spiffe_id,
+            labels,
         } = new;
         self.check_audiences(&roles, &audiences)?;
-        if !selectors.is_empty()
-            && let Some(other) = self
-                .store
-                .list_workloads()
-                .await?
-                .into_iter()
-                .find(|workload| workload.selectors == selectors)
-        {
-            return Err(Error::AlreadyExists(format!(
-                "selectors: workload '{}' already has exactly these selectors, so an attested \
-                 process could not tell the two apart",
-                other.name
-            )));
+        let spiffe_id =
+            spiffe_id.unwrap_or_else(|| SpiffeId::for_workload(&self.settings.trust_domain, &name));
+        for other in self.store.list_workloads().await? {
+            if other.spiffe_id == spiffe_id {
+                return Err(Error::AlreadyExists(format!(
+                    "spiffe_id: workload '{}' already has the SPIFFE ID {}",
+                    other.name,
+                    spiffe_id.as_str()
+                )));
+            }
+            if !selectors.is_empty() && other.selectors == selectors {
+                return Err(Error::AlreadyExists(format!(
+                    "selectors: workload '{}' already has exactly these selectors, so an \
+                     attested process could not tell the two apart",
+                    other.name
+                )));
+            }
         }
         let now = UnixMillis::now();
         let workload = WorkloadRecord {
@@ -649,13 +659,15 @@ impl Broker {
                 "wl_{}",
                 crate::domain::ids::hex(&crate::issuer::random::bytes::<16>())
             ),
-            spiffe_id: SpiffeId::for_workload(&self.settings.trust_domain, &name),
+            spiffe_id,
             name,
             roles,
             audiences,
             selectors,
             created_at: now,
             revoked_at: None,
+            labels,
+            deleted_at: None,
         };
         let credential = with_credential.then(BearerCredential::generate);
         let mut event = AuditEvent::new("workload.created", "ok", actor)
@@ -670,7 +682,8 @@ impl Broker {
                     .collect::<Vec<_>>(),
             )
             .with("audiences", workload.audiences.clone())
-            .with("selectors", workload.selectors.clone());
+            .with("selectors", workload.selectors.clone())
+            .with("labels", workload.labels.to_value());
         if let Some((credential, stored)) = &credential {
             event = event
                 .with("credential_id", stored.id.as_str())
@@ -776,6 +789,8 @@ impl Broker {
                     audiences: Vec::new(),
                     selectors: Vec::new(),
                     with_credential: true,
+                    spiffe_id: None,
+                    labels: Labels::default(),
                 },
             )
             .await?;

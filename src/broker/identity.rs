@@ -9,7 +9,7 @@ use crate::domain::{Caller, TaskId, UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
 use crate::identity::{IssuedSvid, JoinToken, selectors};
 use crate::issuer::credential::digests_match;
-use crate::store::{JoinTokenRecord, SvidRecord, WorkloadRecord};
+use crate::store::{IdentityEnd, JoinTokenRecord, SvidRecord, WorkloadRecord};
 
 /// The longest a join token may wait for its use.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -210,21 +210,27 @@ impl Broker {
 
     /// The kill switch: refuses every credential, SVID and join token of workload `name` from
     /// now on (at once here, within the change notification on other replicas), then revokes
-    /// each of its open tasks, which the revocation feed reports.
+    /// each of its open tasks, which the revocation feed reports. With
+    /// [`IdentityEnd::Deleted`] its registration entry is deleted as well.
     pub async fn revoke_identity(
         &self,
         caller: &Caller,
         name: &WorkloadName,
+        end: IdentityEnd,
     ) -> Result<RevokedIdentity> {
         if *name == caller.name {
             return Err(Error::FailedPrecondition(format!(
-                "name: '{name}' is the calling workload; it cannot revoke its own identity"
+                "name: '{name}' is the calling workload; it cannot end its own identity"
             )));
         }
-        let event = AuditEvent::new("identity.revoked", "ok", caller.name.as_str()).workload(name);
+        let action = match end {
+            IdentityEnd::Revoked => "identity.revoked",
+            IdentityEnd::Deleted => "workload.deleted",
+        };
+        let event = AuditEvent::new(action, "ok", caller.name.as_str()).workload(name);
         let workload = self
             .store
-            .revoke_identity(name, UnixMillis::now(), vec![event])
+            .revoke_identity(name, end, UnixMillis::now(), vec![event])
             .await?
             .ok_or_else(|| no_such_workload(name))?;
         let tasks = self.store.active_tasks_of(&workload.id).await?;

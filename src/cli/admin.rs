@@ -11,8 +11,8 @@ use crate::proto;
 
 #[derive(Subcommand)]
 pub enum AdminCommand {
-    /// Register and list workloads.
-    #[command(subcommand)]
+    /// Register, list and delete workloads: the registration entries that name an identity.
+    #[command(subcommand, visible_alias = "entry")]
     Workload(WorkloadCommand),
     /// Revoke a lease, or a task with all its leases.
     Revoke {
@@ -46,10 +46,15 @@ pub enum AdminCommand {
 pub enum WorkloadCommand {
     /// Register a workload and print its credential (shown only once).
     Create {
-        /// A name for the workload, unique in this broker (its SPIFFE ID ends with it).
+        /// A name for the workload, unique in this broker.
         name: String,
+        /// Its SPIFFE ID, in the broker's trust domain (default:
+        /// spiffe://<trust domain>/workload/<name>).
+        #[arg(long)]
+        spiffe_id: Option<String>,
         /// Role (repeatable): agent opens tasks; resource-server is a downstream API that
-        /// introspects and follows revocations of its --audience; admin manages the broker.
+        /// introspects and follows revocations of its --audience; admin manages the broker;
+        /// operator approves high-risk grants.
         #[arg(long = "role", value_enum, default_values_t = [RoleArg::Agent])]
         roles: Vec<RoleArg>,
         /// An audience a resource-server serves (repeatable; required for that role).
@@ -63,9 +68,18 @@ pub enum WorkloadCommand {
         /// unix:uid:<uid>, unix:gid:<gid>, unix:sha256:<hex SHA-256 of its executable>.
         #[arg(long = "selector")]
         selectors: Vec<String>,
+        /// A label for policy to read, as key=value (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
     },
     /// List registered workloads.
     List,
+    /// Delete a workload's entry: the kill switch (`revoke-identity`), and its selectors are
+    /// free for another entry. Its name and SPIFFE ID are never given out again.
+    Delete {
+        /// The workload's name.
+        name: String,
+    },
     /// Give a workload a new credential (shown only once); its earlier ones stop working now.
     Rotate {
         /// The workload's name.
@@ -83,6 +97,13 @@ pub enum RoleArg {
     Agent,
     Admin,
     ResourceServer,
+    Operator,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("'{text}' is not key=value"))
 }
 
 pub async fn run(
@@ -99,6 +120,8 @@ pub async fn run(
             audiences,
             no_credential,
             selectors,
+            spiffe_id,
+            labels,
         }) => {
             let roles = roles
                 .iter()
@@ -106,6 +129,7 @@ pub async fn run(
                     RoleArg::Agent => proto::Role::Agent as i32,
                     RoleArg::Admin => proto::Role::Admin as i32,
                     RoleArg::ResourceServer => proto::Role::ResourceServer as i32,
+                    RoleArg::Operator => proto::Role::Operator as i32,
                 })
                 .collect();
             let response = admin
@@ -115,6 +139,8 @@ pub async fn run(
                     audiences: audiences.clone(),
                     no_bearer_credential: *no_credential,
                     selectors: selectors.clone(),
+                    spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                    labels: labels.iter().cloned().collect(),
                 })
                 .await?
                 .into_inner();
@@ -228,18 +254,14 @@ expires    {}
                 .revoke_identity(proto::RevokeIdentityRequest { name: name.clone() })
                 .await?
                 .into_inner();
-            let mut value = workload_json(&response.workload.unwrap_or_default());
-            value["revoked_task_ids"] = json!(response.revoked_task_ids);
-            value["revoked_leases"] = json!(response.revoked_leases);
-            format.print(&value, |value| {
-                format!(
-                    "workload {}: every credential, SVID and join token refused from now on; \
-                     {} open task(s) and {} lease(s) revoked\n",
-                    text(value, "name"),
-                    value["revoked_task_ids"].as_array().map_or(0, Vec::len),
-                    value["revoked_leases"]
-                )
-            })?;
+            print_identity_end(format, response, "")?;
+        }
+        AdminCommand::Workload(WorkloadCommand::Delete { name }) => {
+            let response = admin
+                .delete_workload(proto::DeleteWorkloadRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            print_identity_end(format, response, "entry deleted; ")?;
         }
         AdminCommand::RotateKey => {
             let response = admin
@@ -294,6 +316,26 @@ fn print_credential(
     })
 }
 
+/// What the kill switch did; `prefix` opens the text line.
+fn print_identity_end(
+    format: &Format,
+    response: proto::RevokeIdentityResponse,
+    prefix: &str,
+) -> Result<(), CommandError> {
+    let mut value = workload_json(&response.workload.unwrap_or_default());
+    value["revoked_task_ids"] = json!(response.revoked_task_ids);
+    value["revoked_leases"] = json!(response.revoked_leases);
+    format.print(&value, |value| {
+        format!(
+            "workload {}: {prefix}every credential, SVID and join token refused from now on; \
+             {} open task(s) and {} lease(s) revoked\n",
+            text(value, "name"),
+            value["revoked_task_ids"].as_array().map_or(0, Vec::len),
+            value["revoked_leases"]
+        )
+    })
+}
+
 fn workload_json(workload: &proto::Workload) -> Value {
     json!({
         "name": workload.name,
@@ -302,5 +344,7 @@ fn workload_json(workload: &proto::Workload) -> Value {
         "created_at": time(workload.created_at.as_ref()),
         "audiences": workload.audiences,
         "selectors": workload.selectors,
+        "labels": workload.labels,
+        "revoked_at": workload.revoked_at.as_ref().map(|at| time(Some(at))),
     })
 }

@@ -3,12 +3,14 @@
 //! never re-checks input.
 
 pub mod ids;
+pub mod labels;
 pub mod scope;
 pub mod task;
 pub mod time;
 pub mod workload;
 
 pub use ids::{LeaseId, TaskId};
+pub use labels::Labels;
 pub use scope::{Catalog, CredentialKind, ScopeDefinition, ScopeName};
 pub use task::{LeaseState, RevocationReason, TaskContext, TaskState};
 pub use time::UnixMillis;

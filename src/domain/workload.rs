@@ -76,6 +76,56 @@ impl SpiffeId {
         ))
     }
 
+    /// Parses a SPIFFE ID by the rules of the SPIFFE ID specification: the `spiffe` scheme, a
+    /// trust domain of lowercase letters, digits, `.`, `-` and `_`, no port, user info, query
+    /// or fragment, and a path of non-empty segments of letters, digits, `.`, `-` and `_`
+    /// other than `.` and `..`, without a trailing `/`; at most 2048 bytes. Warrant issues
+    /// identities of its own trust domain only, so `trust_domain` must be the host.
+    pub fn parse(field: &str, text: &str, trust_domain: &TrustDomain) -> Result<Self, Error> {
+        let bad = |why: &str| Err(Error::invalid(field, why.to_owned()));
+        if text.len() > 2048 {
+            return bad("is longer than 2048 bytes");
+        }
+        let Some(rest) = text.strip_prefix("spiffe://") else {
+            return bad("must start with 'spiffe://' (lowercase)");
+        };
+        let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if TrustDomain::parse(field, host).is_err() {
+            return bad(
+                "has a trust domain other than 1 to 255 bytes of lowercase letters, digits, '.', \
+                 '-' and '_' (no port, user info or upper case)",
+            );
+        }
+        if host != trust_domain.as_str() {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "must be in this broker's trust domain '{}'",
+                    trust_domain.as_str()
+                ),
+            ));
+        }
+        let Some(path) = path.strip_prefix('/') else {
+            return bad("needs a path: a workload's ID is spiffe://<trust domain>/<path>");
+        };
+        let is_allowed = |b: u8| b.is_ascii_alphanumeric() || b"-_.".contains(&b);
+        for segment in path.split('/') {
+            if segment.is_empty() {
+                return bad("has an empty path segment (or a trailing '/')");
+            }
+            if segment == "." || segment == ".." {
+                return bad("has a '.' or '..' path segment");
+            }
+            if !segment.bytes().all(is_allowed) {
+                return bad(
+                    "has a path character other than letters, digits, '.', '-' and '_' \
+                     (no query, fragment or percent-encoding)",
+                );
+            }
+        }
+        Ok(SpiffeId(text.to_owned()))
+    }
+
     pub fn from_stored(text: String) -> Self {
         SpiffeId(text)
     }
@@ -92,6 +142,9 @@ pub enum Role {
     Agent,
     /// Registers workloads, revokes, rotates keys.
     Admin,
+    /// A human who approves high-risk grants. The approval service that this role calls comes
+    /// with approvals; until then it may call nothing but `RenewSvid`.
+    Operator,
     /// A downstream API: introspects tokens of its own audiences and follows the revocation
     /// feed filtered to them, nothing else.
     ResourceServer,
@@ -102,6 +155,7 @@ impl Role {
         match self {
             Role::Agent => "agent",
             Role::Admin => "admin",
+            Role::Operator => "operator",
             Role::ResourceServer => "resource_server",
         }
     }
@@ -110,6 +164,7 @@ impl Role {
         match text {
             "agent" => Some(Role::Agent),
             "admin" => Some(Role::Admin),
+            "operator" => Some(Role::Operator),
             "resource_server" => Some(Role::ResourceServer),
             _ => None,
         }
@@ -148,6 +203,46 @@ mod tests {
         for bad in ["", "-lead", "Upper", "has space", "slash/", &"a".repeat(65)] {
             let error = WorkloadName::parse("name", bad).unwrap_err();
             assert!(error.to_string().starts_with("name: "), "{error}");
+        }
+    }
+
+    #[test]
+    fn spiffe_ids_follow_the_specification() {
+        let domain = TrustDomain::parse("trust_domain", "example.org").unwrap();
+        for good in [
+            "spiffe://example.org/a",
+            "spiffe://example.org/ns/prod/sa/Crm-Agent_1.v2",
+        ] {
+            assert!(
+                SpiffeId::parse("spiffe_id", good, &domain).is_ok(),
+                "{good}"
+            );
+        }
+        let long = format!("spiffe://example.org/{}", "a".repeat(2030));
+        for bad in [
+            "",
+            "SPIFFE://example.org/a",
+            "https://example.org/a",
+            "spiffe://example.org",
+            "spiffe://example.org/",
+            "spiffe://example.org/a/",
+            "spiffe://example.org//a",
+            "spiffe://example.org/./a",
+            "spiffe://example.org/a/..",
+            "spiffe://example.org/a?b",
+            "spiffe://example.org/a#b",
+            "spiffe://example.org/a%20b",
+            "spiffe://Example.org/a",
+            "spiffe://example.org:443/a",
+            "spiffe://user@example.org/a",
+            "spiffe://other.org/a",
+            long.as_str(),
+        ] {
+            let error = SpiffeId::parse("spiffe_id", bad, &domain).unwrap_err();
+            assert!(
+                error.to_string().starts_with("spiffe_id: "),
+                "{bad}: {error}"
+            );
         }
     }
 

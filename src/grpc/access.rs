@@ -27,6 +27,7 @@ pub enum Rpc {
     AuditHash,
     CreateJoinToken,
     RevokeIdentity,
+    DeleteWorkload,
     RenewSvid,
 }
 
@@ -53,6 +54,7 @@ impl Rpc {
             Rpc::AuditHash => "Admin.AuditHash",
             Rpc::CreateJoinToken => "Admin.CreateJoinToken",
             Rpc::RevokeIdentity => "Admin.RevokeIdentity",
+            Rpc::DeleteWorkload => "Admin.DeleteWorkload",
             Rpc::RenewSvid => "Attestation.RenewSvid",
         }
     }
@@ -66,7 +68,12 @@ pub fn allowed_roles(rpc: Rpc) -> &'static [Role] {
         Rpc::BeginTask | Rpc::RequestGrant | Rpc::RenewLease | Rpc::CompleteTask => &[Role::Agent],
         Rpc::Introspect | Rpc::WatchRevocations => &[Role::ResourceServer, Role::Admin],
         // Any identity may renew its own SVID.
-        Rpc::RenewSvid => &[Role::Agent, Role::ResourceServer, Role::Admin],
+        Rpc::RenewSvid => &[
+            Role::Agent,
+            Role::ResourceServer,
+            Role::Admin,
+            Role::Operator,
+        ],
         Rpc::CreateWorkload
         | Rpc::ListWorkloads
         | Rpc::RotateWorkloadCredential
@@ -79,7 +86,8 @@ pub fn allowed_roles(rpc: Rpc) -> &'static [Role] {
         | Rpc::GetAuditAnchor
         | Rpc::AuditHash
         | Rpc::CreateJoinToken
-        | Rpc::RevokeIdentity => &[Role::Admin],
+        | Rpc::RevokeIdentity
+        | Rpc::DeleteWorkload => &[Role::Admin],
     }
 }
 

@@ -8,13 +8,13 @@ use super::access::Rpc;
 use super::auth::authorize;
 use super::convert;
 use crate::audit::chain::Problem;
-use crate::broker::{Broker, NewWorkload, RevocationTarget};
-use crate::domain::{Caller, LeaseId, TaskId, UnixMillis, WorkloadName};
+use crate::broker::{Broker, NewWorkload, RevocationTarget, RevokedIdentity};
+use crate::domain::{Caller, Labels, LeaseId, SpiffeId, TaskId, UnixMillis, WorkloadName};
 use crate::error::Error;
 use crate::identity::selectors;
 use crate::proto;
 use crate::proto::revoke_request::Target;
-use crate::store::AuditFilter;
+use crate::store::{AuditFilter, IdentityEnd};
 
 /// The most events one query returns.
 const MAX_AUDIT_QUERY: u32 = 10_000;
@@ -73,6 +73,15 @@ impl proto::admin_server::Admin for AdminService {
                     audiences: message.audiences,
                     selectors: selectors::parse("selectors", &message.selectors)?,
                     with_credential: !message.no_bearer_credential,
+                    spiffe_id: match message.spiffe_id.as_str() {
+                        "" => None,
+                        text => Some(SpiffeId::parse(
+                            "spiffe_id",
+                            text,
+                            &self.broker.settings().trust_domain,
+                        )?),
+                    },
+                    labels: Labels::parse("labels", &message.labels)?,
                 },
             )
             .await?;
@@ -147,16 +156,24 @@ impl proto::admin_server::Admin for AdminService {
     ) -> Result<Response<proto::RevokeIdentityResponse>, Status> {
         let caller = self.admin(&request, Rpc::RevokeIdentity).await?;
         let name = WorkloadName::parse("name", &request.get_ref().name)?;
-        let revoked = self.broker.revoke_identity(&caller, &name).await?;
-        Ok(Response::new(proto::RevokeIdentityResponse {
-            workload: Some(convert::workload(revoked.workload)),
-            revoked_task_ids: revoked
-                .revoked_tasks
-                .iter()
-                .map(|task| task.as_str().to_owned())
-                .collect(),
-            revoked_leases: u32::try_from(revoked.revoked_leases).unwrap_or(u32::MAX),
-        }))
+        let revoked = self
+            .broker
+            .revoke_identity(&caller, &name, IdentityEnd::Revoked)
+            .await?;
+        Ok(Response::new(revoked_identity(revoked)))
+    }
+
+    async fn delete_workload(
+        &self,
+        request: Request<proto::DeleteWorkloadRequest>,
+    ) -> Result<Response<proto::RevokeIdentityResponse>, Status> {
+        let caller = self.admin(&request, Rpc::DeleteWorkload).await?;
+        let name = WorkloadName::parse("name", &request.get_ref().name)?;
+        let revoked = self
+            .broker
+            .revoke_identity(&caller, &name, IdentityEnd::Deleted)
+            .await?;
+        Ok(Response::new(revoked_identity(revoked)))
     }
 
     async fn revoke(
@@ -331,5 +348,18 @@ impl proto::admin_server::Admin for AdminService {
         Ok(Response::new(proto::AuditHashResponse {
             hmac: self.broker.audit_hash(value),
         }))
+    }
+}
+
+/// What the kill switch did, as the `RevokeIdentity` and `DeleteWorkload` answer.
+fn revoked_identity(revoked: RevokedIdentity) -> proto::RevokeIdentityResponse {
+    proto::RevokeIdentityResponse {
+        workload: Some(convert::workload(revoked.workload)),
+        revoked_task_ids: revoked
+            .revoked_tasks
+            .iter()
+            .map(|task| task.as_str().to_owned())
+            .collect(),
+        revoked_leases: u32::try_from(revoked.revoked_leases).unwrap_or(u32::MAX),
     }
 }

@@ -90,6 +90,7 @@ pub fn role(role: Role) -> proto::Role {
         Role::Agent => proto::Role::Agent,
         Role::Admin => proto::Role::Admin,
         Role::ResourceServer => proto::Role::ResourceServer,
+        Role::Operator => proto::Role::Operator,
     }
 }
 
@@ -98,6 +99,7 @@ pub fn role_from_proto(role: proto::Role) -> Option<Role> {
         proto::Role::Agent => Some(Role::Agent),
         proto::Role::Admin => Some(Role::Admin),
         proto::Role::ResourceServer => Some(Role::ResourceServer),
+        proto::Role::Operator => Some(Role::Operator),
         proto::Role::Unspecified => None,
     }
 }
@@ -128,6 +130,11 @@ pub fn workload(workload: WorkloadRecord) -> proto::Workload {
         audiences: workload.audiences,
         selectors: workload.selectors,
         revoked_at: workload.revoked_at.map(timestamp),
+        labels: workload
+            .labels
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect(),
     }
 }
 

@@ -50,8 +50,8 @@ pub use changes::{Changes, Topic};
 pub use jobs::{ClaimedJob, JobOutcome, JobRecord, NewJob};
 pub use records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedEvent,
-    FeedPage, FeedRecord, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
-    StoredCaKey, StoredSigningKey, SvidRecord, TaskRecord, WorkloadRecord,
+    FeedPage, FeedRecord, IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal,
+    RenewalOutcome, StoredCaKey, StoredSigningKey, SvidRecord, TaskRecord, WorkloadRecord,
 };
 pub use revocations::RevocationState;
 
@@ -309,9 +309,12 @@ pub trait Store: Send + Sync + 'static {
     /// The kill switch's store half: everything [`Store::replace_workload_credentials`] with
     /// `None` revokes, and the workload itself is marked revoked at `now`, so that nothing
     /// authenticates or attests as it again (a matching process or a new join token included).
+    /// With [`IdentityEnd::Deleted`] the entry is deleted too. `None` for an unknown or deleted
+    /// entry.
     async fn revoke_identity(
         &self,
         name: &WorkloadName,
+        end: IdentityEnd,
         now: UnixMillis,
         events: Vec<AuditEvent>,
     ) -> Result<Option<WorkloadRecord>>;

@@ -4,8 +4,8 @@
 use crate::audit::chain::SealedEvent;
 use crate::domain::task::LeaseWindow;
 use crate::domain::{
-    CredentialKind, LeaseId, LeaseState, RevocationReason, Role, ScopeName, SpiffeId, TaskContext,
-    TaskId, TaskState, UnixMillis, WorkloadName,
+    CredentialKind, Labels, LeaseId, LeaseState, RevocationReason, Role, ScopeName, SpiffeId,
+    TaskContext, TaskId, TaskState, UnixMillis, WorkloadName,
 };
 use crate::error::Error;
 use crate::issuer::KeyAlgorithm;
@@ -24,6 +24,20 @@ pub struct WorkloadRecord {
     pub created_at: UnixMillis,
     /// When the kill switch ended its identity; nothing authenticates or attests as it after.
     pub revoked_at: Option<UnixMillis>,
+    /// What policy reads of it.
+    pub labels: Labels,
+    /// When its entry was deleted (its identity revoked, its selectors released); a deleted
+    /// entry is not listed and takes no admin operation.
+    pub deleted_at: Option<UnixMillis>,
+}
+
+/// How the kill switch ends an identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityEnd {
+    /// The identity is revoked; the entry stays listed, revoked.
+    Revoked,
+    /// The entry is deleted as well: unlisted, its selectors free for another entry.
+    Deleted,
 }
 
 /// The X.509 CA as stored: its certificate in clear, its private key sealed under the master
@@ -385,6 +399,9 @@ pub struct WorkloadColumns {
     /// Space-separated.
     pub selectors: String,
     pub revoked_at: Option<i64>,
+    /// A JSON object.
+    pub labels: String,
+    pub deleted_at: Option<i64>,
 }
 
 impl WorkloadColumns {
@@ -407,6 +424,9 @@ impl WorkloadColumns {
                 .collect(),
             created_at: UnixMillis(self.created_at),
             revoked_at: self.revoked_at.map(UnixMillis),
+            labels: Labels::from_stored_json(&self.labels)
+                .ok_or_else(|| corrupt("workloads.labels", &self.labels))?,
+            deleted_at: self.deleted_at.map(UnixMillis),
         })
     }
 }

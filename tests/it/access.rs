@@ -12,6 +12,7 @@ use crate::support::*;
 const AGENT: &str = "agent";
 const RESOURCE_SERVER: &str = "resource_server";
 const ADMIN: &str = "admin";
+const OPERATOR: &str = "operator";
 
 /// (RPC, the roles that may call it). Deny by default: a role not listed must be refused.
 const MATRIX: &[(&str, &[&str])] = &[
@@ -22,7 +23,7 @@ const MATRIX: &[(&str, &[&str])] = &[
     ("warrant.v1.Tokens/Introspect", &[RESOURCE_SERVER, ADMIN]),
     (
         "warrant.v1.Tokens/GetJwks",
-        &[AGENT, RESOURCE_SERVER, ADMIN],
+        &[AGENT, RESOURCE_SERVER, ADMIN, OPERATOR],
     ),
     (
         "warrant.v1.Tokens/WatchRevocations",
@@ -41,14 +42,15 @@ const MATRIX: &[(&str, &[&str])] = &[
     ("warrant.v1.Admin/AuditHash", &[ADMIN]),
     ("warrant.v1.Admin/CreateJoinToken", &[ADMIN]),
     ("warrant.v1.Admin/RevokeIdentity", &[ADMIN]),
+    ("warrant.v1.Admin/DeleteWorkload", &[ADMIN]),
     // Attestation needs no identity: the attestation is the proof.
     (
         "warrant.v1.Attestation/Attest",
-        &[AGENT, RESOURCE_SERVER, ADMIN],
+        &[AGENT, RESOURCE_SERVER, ADMIN, OPERATOR],
     ),
     (
         "warrant.v1.Attestation/RenewSvid",
-        &[AGENT, RESOURCE_SERVER, ADMIN],
+        &[AGENT, RESOURCE_SERVER, ADMIN, OPERATOR],
     ),
 ];
 
@@ -96,6 +98,7 @@ async fn call(connection: &Connection, rpc: &str) -> Result<(), tonic::Status> {
                 audiences: Vec::new(),
                 no_bearer_credential: false,
                 selectors: Vec::new(),
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -166,6 +169,12 @@ async fn call(connection: &Connection, rpc: &str) -> Result<(), tonic::Status> {
             })
             .await
             .map(drop),
+        "warrant.v1.Admin/DeleteWorkload" => admin
+            .delete_workload(proto::DeleteWorkloadRequest {
+                name: "nobody".into(),
+            })
+            .await
+            .map(drop),
         "warrant.v1.Attestation/Attest" => connection
             .attestation()
             .attest(proto::AttestRequest { method: None })
@@ -227,6 +236,10 @@ async fn every_role_reaches_exactly_the_rpcs_of_its_row(backend: Backend) {
             app.resource_server("crm-api", &[CRM]).await,
         ),
         (ADMIN, app.admin_token.clone()),
+        (
+            OPERATOR,
+            app.workload("alice", &[proto::Role::Operator]).await,
+        ),
     ];
     for (role, credential) in &callers {
         let connection = app.connect(Some(credential)).await;
@@ -326,6 +339,7 @@ async fn a_resource_server_sees_only_its_own_audiences(backend: Backend) {
                 audiences,
                 no_bearer_credential: false,
                 selectors: Vec::new(),
+                ..Default::default()
             })
             .await
             .unwrap_err();

@@ -90,6 +90,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             audiences: Vec::new(),
             no_bearer_credential: false,
             selectors: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -137,6 +138,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             audiences: Vec::new(),
             no_bearer_credential: false,
             selectors: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -148,6 +150,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             audiences: Vec::new(),
             no_bearer_credential: false,
             selectors: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -163,6 +166,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             audiences: Vec::new(),
             no_bearer_credential: false,
             selectors: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -178,6 +182,7 @@ async fn agents_cannot_call_admin_rpcs_and_admins_cannot_open_tasks(backend: Bac
             audiences: Vec::new(),
             no_bearer_credential: false,
             selectors: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

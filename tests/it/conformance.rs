@@ -120,6 +120,8 @@ async fn create_workload(store: &SharedStore, name: &str) -> String {
         selectors: Vec::new(),
         created_at: UnixMillis::now(),
         revoked_at: None,
+        labels: Default::default(),
+        deleted_at: None,
     };
     let credential = StoredCredential {
         id: format!("cred_{name}"),
@@ -1253,6 +1255,8 @@ async fn workloads_and_credentials(backend: Backend) {
                 selectors: Vec::new(),
                 created_at: UnixMillis::now(),
                 revoked_at: None,
+                labels: Default::default(),
+                deleted_at: None,
             },
             Some(StoredCredential {
                 id: "cred_other".into(),

@@ -72,6 +72,7 @@ async fn create_workload(broker: &Broker, admin: &str, name: &str) -> String {
             audiences: Vec::new(),
             no_bearer_credential: false,
             selectors: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -14,13 +14,13 @@ use warrant::proto;
 use crate::support::*;
 
 /// A broker on TLS (a `localhost` server certificate), as outside `--dev`.
-struct TlsBroker {
+pub struct TlsBroker {
     app: TestApp,
     server_ca: Vec<u8>,
 }
 
 impl TlsBroker {
-    async fn start(data: &TestData, adjust: impl FnOnce(&mut Config)) -> TlsBroker {
+    pub async fn start(data: &TestData, adjust: impl FnOnce(&mut Config)) -> TlsBroker {
         let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         let mut config = data.config();
         config.tls = Some(TlsIdentity {
@@ -38,7 +38,7 @@ impl TlsBroker {
         format!("https://localhost:{}", self.app.grpc_addr.port())
     }
 
-    async fn connect(
+    pub async fn connect(
         &self,
         credential: Option<&str>,
         identity: Option<&ClientIdentity>,
@@ -46,14 +46,14 @@ impl TlsBroker {
         Connection::open_as(&self.address(), credential, Some(&self.server_ca), identity).await
     }
 
-    async fn admin(&self) -> Connection {
+    pub async fn admin(&self) -> Connection {
         self.connect(Some(&self.app.admin_token), None)
             .await
             .unwrap()
     }
 
     /// Registers workload `name` with `roles` and returns a join token for it.
-    async fn register(&self, name: &str, roles: &[proto::Role], audiences: &[&str]) -> String {
+    pub async fn register(&self, name: &str, roles: &[proto::Role], audiences: &[&str]) -> String {
         let admin = self.admin().await;
         admin
             .admin()
@@ -63,13 +63,14 @@ impl TlsBroker {
                 audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
                 no_bearer_credential: false,
                 selectors: Vec::new(),
+                ..Default::default()
             })
             .await
             .unwrap();
         self.join_token(name, 600).await
     }
 
-    async fn join_token(&self, name: &str, ttl_seconds: u32) -> String {
+    pub async fn join_token(&self, name: &str, ttl_seconds: u32) -> String {
         self.admin()
             .await
             .admin()
@@ -83,7 +84,7 @@ impl TlsBroker {
             .join_token
     }
 
-    async fn attest(&self, join_token: &str) -> Result<proto::X509Svid, tonic::Status> {
+    pub async fn attest(&self, join_token: &str) -> Result<proto::X509Svid, tonic::Status> {
         let anonymous = self.connect(None, None).await.unwrap();
         let answer = anonymous
             .attestation()
@@ -95,7 +96,7 @@ impl TlsBroker {
     }
 }
 
-fn identity_of(svid: &proto::X509Svid) -> ClientIdentity {
+pub fn identity_of(svid: &proto::X509Svid) -> ClientIdentity {
     ClientIdentity {
         certificate_pem: svid.certificate_pem.clone().into_bytes(),
         private_key_pem: svid.private_key_pem.clone().into_bytes(),
@@ -547,6 +548,7 @@ async fn a_local_process_attests_by_its_unix_identity_on_the_local_socket_only()
                     audiences: Vec::new(),
                     no_bearer_credential: true,
                     selectors,
+                    ..Default::default()
                 })
                 .await
         }

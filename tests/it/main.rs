@@ -31,6 +31,7 @@ mod access;
 mod audit;
 mod auth;
 mod conformance;
+mod entries;
 mod feed_silence;
 mod identity;
 mod interop;

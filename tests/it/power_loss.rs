@@ -111,6 +111,7 @@ async fn issue_then_cut_power(extra_env: &[(&str, &str)]) -> Option<Outcome> {
             audiences: Vec::new(),
             no_bearer_credential: false,
             selectors: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

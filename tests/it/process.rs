@@ -673,6 +673,7 @@ async fn secrets_never_reach_the_audit_trail_or_the_logs() {
             audiences: Vec::new(),
             no_bearer_credential: false,
             selectors: Vec::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -831,6 +832,7 @@ async fn credentials_received_before_sigkill_are_stored_and_revocable_after_rest
         audiences: Vec::new(),
         no_bearer_credential: false,
         selectors: Vec::new(),
+        ..Default::default()
     };
     let agent_credential = admin
         .admin()

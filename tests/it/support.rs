@@ -205,6 +205,7 @@ impl TestApp {
             audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
             no_bearer_credential: false,
             selectors: Vec::new(),
+            ..Default::default()
         };
         self.admin()
             .await

@@ -4,7 +4,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
 
 use super::audit;
-use super::workloads::{WORKLOAD_COLUMNS, workload_columns};
+use super::workloads::{WORKLOAD_COLUMN_COUNT, WORKLOAD_COLUMNS, workload_columns};
 use crate::audit::AuditEvent;
 use crate::domain::UnixMillis;
 use crate::error::Result;
@@ -73,12 +73,14 @@ pub async fn find_join_token(
         return Ok(None);
     };
     let token = JoinTokenRecord {
-        id: row.try_get(8)?,
+        id: row.try_get(WORKLOAD_COLUMN_COUNT)?,
         workload_id: row.try_get(0)?,
-        secret_sha256: row.try_get(9)?,
-        created_at: UnixMillis(row.try_get(10)?),
-        expires_at: UnixMillis(row.try_get(11)?),
-        consumed_at: row.try_get::<Option<i64>, _>(12)?.map(UnixMillis),
+        secret_sha256: row.try_get(WORKLOAD_COLUMN_COUNT + 1)?,
+        created_at: UnixMillis(row.try_get(WORKLOAD_COLUMN_COUNT + 2)?),
+        expires_at: UnixMillis(row.try_get(WORKLOAD_COLUMN_COUNT + 3)?),
+        consumed_at: row
+            .try_get::<Option<i64>, _>(WORKLOAD_COLUMN_COUNT + 4)?
+            .map(UnixMillis),
     };
     Ok(Some((token, workload_columns(&row)?.into_record()?)))
 }
@@ -146,9 +148,9 @@ pub async fn find_svid(
 fn svid_columns(row: &PgRow) -> Result<SvidRecord> {
     Ok(SvidRecord {
         workload_id: row.try_get(0)?,
-        thumbprint: row.try_get(8)?,
-        serial: row.try_get(9)?,
-        issued_at: UnixMillis(row.try_get(10)?),
-        expires_at: UnixMillis(row.try_get(11)?),
+        thumbprint: row.try_get(WORKLOAD_COLUMN_COUNT)?,
+        serial: row.try_get(WORKLOAD_COLUMN_COUNT + 1)?,
+        issued_at: UnixMillis(row.try_get(WORKLOAD_COLUMN_COUNT + 2)?),
+        expires_at: UnixMillis(row.try_get(WORKLOAD_COLUMN_COUNT + 3)?),
     })
 }

@@ -45,6 +45,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "workload identity",
         sql: include_str!("../../../migrations/postgres/0005_workload_identity.sql"),
     },
+    Migration {
+        version: 6,
+        description: "registration entries",
+        sql: include_str!("../../../migrations/postgres/0006_registration_entries.sql"),
+    },
 ];
 
 /// The advisory lock that makes replicas starting together migrate one at a time.

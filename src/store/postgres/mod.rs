@@ -49,8 +49,8 @@ use self::replicas::Announcer;
 use self::retry::in_transaction;
 use super::records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedEvent,
-    FeedPage, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, StoredCaKey,
-    StoredSigningKey, SvidRecord, TaskRecord, WorkloadRecord, ended_leases,
+    FeedPage, IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
+    StoredCaKey, StoredSigningKey, SvidRecord, TaskRecord, WorkloadRecord, ended_leases,
 };
 use super::{
     Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
@@ -526,14 +526,15 @@ impl Store for PostgresStore {
     async fn revoke_identity(
         &self,
         name: &WorkloadName,
+        end: IdentityEnd,
         now: UnixMillis,
         events: Vec<AuditEvent>,
     ) -> Result<Option<WorkloadRecord>> {
         self.write(Topic::Workloads, |connection| {
             let (name, events) = (name.clone(), events.clone());
-            Box::pin(
-                async move { workloads::revoke_identity(connection, &name, now, &events).await },
-            )
+            Box::pin(async move {
+                workloads::revoke_identity(connection, &name, end, now, &events).await
+            })
         })
         .await
     }

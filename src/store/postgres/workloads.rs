@@ -8,17 +8,21 @@ use crate::audit::AuditEvent;
 use crate::domain::{TaskId, UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
 use crate::issuer::credential::StoredCredential;
-use crate::store::records::{WorkloadColumns, WorkloadRecord, roles_text};
+use crate::store::records::{IdentityEnd, WorkloadColumns, WorkloadRecord, roles_text};
 
 /// The workload columns, in the order [`workload_columns`] decodes them.
 macro_rules! workload_columns {
     () => {
-        "w.id, w.name, w.spiffe_id, w.roles, w.created_at, w.audiences, w.selectors, w.revoked_at"
+        "w.id, w.name, w.spiffe_id, w.roles, w.created_at, w.audiences, w.selectors, w.revoked_at, \
+         w.labels, w.deleted_at"
     };
 }
 
 /// The same columns, for queries built with `format!`.
 pub(super) const WORKLOAD_COLUMNS: &str = workload_columns!();
+
+/// How many columns [`WORKLOAD_COLUMNS`] lists: a query's own columns come after them.
+pub(super) const WORKLOAD_COLUMN_COUNT: usize = 10;
 
 pub async fn create(
     connection: &mut PgConnection,
@@ -27,8 +31,9 @@ pub async fn create(
     events: &[AuditEvent],
 ) -> Result<()> {
     let inserted = sqlx::query(
-        "INSERT INTO workloads (id, name, spiffe_id, roles, created_at, audiences, selectors) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        "INSERT INTO workloads \
+         (id, name, spiffe_id, roles, created_at, audiences, selectors, labels) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
     )
     .bind(&workload.id)
     .bind(workload.name.as_str())
@@ -37,6 +42,7 @@ pub async fn create(
     .bind(workload.created_at.0)
     .bind(workload.audiences.join(" "))
     .bind(workload.selectors.join(" "))
+    .bind(workload.labels.to_json())
     .execute(&mut *connection)
     .await?;
     if inserted.rows_affected() == 0 {
@@ -63,7 +69,7 @@ pub async fn replace_credentials(
     let Some(row) = sqlx::query(concat!(
         "SELECT ",
         workload_columns!(),
-        " FROM workloads w WHERE w.name = $1 FOR UPDATE"
+        " FROM workloads w WHERE w.name = $1 AND w.deleted_at IS NULL FOR UPDATE"
     ))
     .bind(name.as_str())
     .fetch_optional(&mut *connection)
@@ -103,6 +109,7 @@ pub async fn replace_credentials(
 pub async fn revoke_identity(
     connection: &mut PgConnection,
     name: &WorkloadName,
+    end: IdentityEnd,
     now: UnixMillis,
     events: &[AuditEvent],
 ) -> Result<Option<WorkloadRecord>> {
@@ -115,6 +122,14 @@ pub async fn revoke_identity(
         .execute(&mut *connection)
         .await?;
     workload.revoked_at.get_or_insert(now);
+    if end == IdentityEnd::Deleted {
+        sqlx::query("UPDATE workloads SET deleted_at = $1, selectors = '' WHERE id = $2")
+            .bind(now.0)
+            .bind(&workload.id)
+            .execute(&mut *connection)
+            .await?;
+        workload.deleted_at = Some(now);
+    }
     Ok(Some(workload))
 }
 
@@ -156,7 +171,7 @@ pub async fn find_credential(
     .bind(credential_id)
     .fetch_optional(pool)
     .await?
-    .map(|row| Ok((row.try_get(8)?, workload_columns(&row)?.into_record()?)))
+    .map(|row| Ok((row.try_get(WORKLOAD_COLUMN_COUNT)?, workload_columns(&row)?.into_record()?)))
     .transpose()
 }
 
@@ -174,7 +189,7 @@ pub async fn list(pool: &PgPool) -> Result<Vec<WorkloadRecord>> {
     sqlx::query(concat!(
         "SELECT ",
         workload_columns!(),
-        " FROM workloads w ORDER BY w.name"
+        " FROM workloads w WHERE w.deleted_at IS NULL ORDER BY w.name"
     ))
     .fetch_all(pool)
     .await?
@@ -193,5 +208,7 @@ pub(super) fn workload_columns(row: &PgRow) -> Result<WorkloadColumns> {
         audiences: row.try_get(5)?,
         selectors: row.try_get(6)?,
         revoked_at: row.try_get(7)?,
+        labels: row.try_get(8)?,
+        deleted_at: row.try_get(9)?,
     })
 }

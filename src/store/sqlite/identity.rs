@@ -3,7 +3,7 @@
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::audit;
-use super::workloads::{WORKLOAD_COLUMNS, workload_columns};
+use super::workloads::{WORKLOAD_COLUMN_COUNT, WORKLOAD_COLUMNS, workload_columns};
 use super::writer::Write;
 use crate::audit::AuditEvent;
 use crate::domain::UnixMillis;
@@ -79,12 +79,14 @@ pub fn find_join_token(
         ))?
         .query_row([id], |row| {
             let token = JoinTokenRecord {
-                id: row.get(8)?,
+                id: row.get(WORKLOAD_COLUMN_COUNT)?,
                 workload_id: row.get(0)?,
-                secret_sha256: row.get(9)?,
-                created_at: UnixMillis(row.get(10)?),
-                expires_at: UnixMillis(row.get(11)?),
-                consumed_at: row.get::<_, Option<i64>>(12)?.map(UnixMillis),
+                secret_sha256: row.get(WORKLOAD_COLUMN_COUNT + 1)?,
+                created_at: UnixMillis(row.get(WORKLOAD_COLUMN_COUNT + 2)?),
+                expires_at: UnixMillis(row.get(WORKLOAD_COLUMN_COUNT + 3)?),
+                consumed_at: row
+                    .get::<_, Option<i64>>(WORKLOAD_COLUMN_COUNT + 4)?
+                    .map(UnixMillis),
             };
             Ok((token, workload_columns(row)?))
         })
@@ -152,9 +154,9 @@ pub fn find_svid(
 fn svid_columns(row: &Row<'_>) -> rusqlite::Result<SvidRecord> {
     Ok(SvidRecord {
         workload_id: row.get(0)?,
-        thumbprint: row.get(8)?,
-        serial: row.get(9)?,
-        issued_at: UnixMillis(row.get(10)?),
-        expires_at: UnixMillis(row.get(11)?),
+        thumbprint: row.get(WORKLOAD_COLUMN_COUNT)?,
+        serial: row.get(WORKLOAD_COLUMN_COUNT + 1)?,
+        issued_at: UnixMillis(row.get(WORKLOAD_COLUMN_COUNT + 2)?),
+        expires_at: UnixMillis(row.get(WORKLOAD_COLUMN_COUNT + 3)?),
     })
 }

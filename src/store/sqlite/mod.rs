@@ -31,8 +31,8 @@ use self::readers::Readers;
 use self::writer::{AfterCommit, Writer};
 use super::records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedPage,
-    JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, StoredCaKey,
-    StoredSigningKey, SvidRecord, TaskRecord, WorkloadRecord,
+    IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
+    StoredCaKey, StoredSigningKey, SvidRecord, TaskRecord, WorkloadRecord,
 };
 use super::{
     Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
@@ -449,12 +449,13 @@ impl Store for SqliteStore {
     async fn revoke_identity(
         &self,
         name: &WorkloadName,
+        end: IdentityEnd,
         now: UnixMillis,
         events: Vec<AuditEvent>,
     ) -> Result<Option<WorkloadRecord>> {
         let name = name.clone();
         self.writer
-            .run(move |write| workloads::revoke_identity(write, &name, now, &events))
+            .run(move |write| workloads::revoke_identity(write, &name, end, now, &events))
             .await
     }
 

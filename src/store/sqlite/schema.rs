@@ -25,6 +25,9 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!(
             "../../../migrations/sqlite/0005_workload_identity.sql"
         )),
+        M::up(include_str!(
+            "../../../migrations/sqlite/0006_registration_entries.sql"
+        )),
     ])
 }
 

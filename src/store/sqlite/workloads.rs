@@ -9,10 +9,12 @@ use crate::domain::{TaskId, UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
 use crate::issuer::credential::StoredCredential;
 use crate::store::Topic;
-use crate::store::records::{WorkloadColumns, WorkloadRecord, roles_text};
+use crate::store::records::{IdentityEnd, WorkloadColumns, WorkloadRecord, roles_text};
 
-pub(super) const WORKLOAD_COLUMNS: &str =
-    "w.id, w.name, w.spiffe_id, w.roles, w.created_at, w.audiences, w.selectors, w.revoked_at";
+pub(super) const WORKLOAD_COLUMNS: &str = "w.id, w.name, w.spiffe_id, w.roles, w.created_at, w.audiences, w.selectors, w.revoked_at, w.labels, w.deleted_at";
+
+/// How many columns [`WORKLOAD_COLUMNS`] lists: a query's own columns come after them.
+pub(super) const WORKLOAD_COLUMN_COUNT: usize = 10;
 
 pub fn create(
     write: &mut Write<'_>,
@@ -23,8 +25,9 @@ pub fn create(
     let inserted = write
         .connection
         .prepare_cached(
-            "INSERT INTO workloads (id, name, spiffe_id, roles, created_at, audiences, selectors) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+            "INSERT INTO workloads \
+             (id, name, spiffe_id, roles, created_at, audiences, selectors, labels) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
         )?
         .execute(params![
             workload.id,
@@ -34,6 +37,7 @@ pub fn create(
             workload.created_at.0,
             workload.audiences.join(" "),
             workload.selectors.join(" "),
+            workload.labels.to_json(),
         ])?;
     if inserted == 0 {
         return Err(Error::AlreadyExists(format!(
@@ -60,7 +64,7 @@ pub fn replace_credentials(
     let Some(workload) = write
         .connection
         .prepare_cached(&format!(
-            "SELECT {WORKLOAD_COLUMNS} FROM workloads w WHERE w.name = ?1"
+            "SELECT {WORKLOAD_COLUMNS} FROM workloads w WHERE w.name = ?1 AND w.deleted_at IS NULL"
         ))?
         .query_row([name.as_str()], workload_columns)
         .optional()?
@@ -99,6 +103,7 @@ pub fn replace_credentials(
 pub fn revoke_identity(
     write: &mut Write<'_>,
     name: &WorkloadName,
+    end: IdentityEnd,
     now: UnixMillis,
     events: &[AuditEvent],
 ) -> Result<Option<WorkloadRecord>> {
@@ -112,6 +117,13 @@ pub fn revoke_identity(
         )?
         .execute(params![now.0, workload.id])?;
     workload.revoked_at.get_or_insert(now);
+    if end == IdentityEnd::Deleted {
+        write
+            .connection
+            .prepare_cached("UPDATE workloads SET deleted_at = ?1, selectors = '' WHERE id = ?2")?
+            .execute(params![now.0, workload.id])?;
+        workload.deleted_at = Some(now);
+    }
     Ok(Some(workload))
 }
 
@@ -151,7 +163,7 @@ pub fn find_credential(
              JOIN workloads w ON w.id = c.workload_id WHERE c.id = ?1 AND c.revoked_at IS NULL AND w.revoked_at IS NULL"
         ))?
         .query_row([credential_id], |row| {
-            Ok((row.get(8)?, workload_columns(row)?))
+            Ok((row.get(WORKLOAD_COLUMN_COUNT)?, workload_columns(row)?))
         })
         .optional()?
         .map(|(secret, columns)| Ok((secret, columns.into_record()?)))
@@ -169,7 +181,7 @@ pub fn active_tasks_of(connection: &Connection, workload_id: &str) -> Result<Vec
 pub fn list(connection: &Connection) -> Result<Vec<WorkloadRecord>> {
     connection
         .prepare_cached(&format!(
-            "SELECT {WORKLOAD_COLUMNS} FROM workloads w ORDER BY w.name"
+            "SELECT {WORKLOAD_COLUMNS} FROM workloads w WHERE w.deleted_at IS NULL ORDER BY w.name"
         ))?
         .query_map([], workload_columns)?
         .map(|columns| columns?.into_record())
@@ -186,5 +198,7 @@ pub(super) fn workload_columns(row: &Row<'_>) -> rusqlite::Result<WorkloadColumn
         audiences: row.get(5)?,
         selectors: row.get(6)?,
         revoked_at: row.get(7)?,
+        labels: row.get(8)?,
+        deleted_at: row.get(9)?,
     })
 }
