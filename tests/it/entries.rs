@@ -86,7 +86,11 @@ async fn an_entry_names_its_spiffe_id_and_labels_and_both_are_validated(backend:
         .create_workload(entry("other", spiffe_id, &[]))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::AlreadyExists, "one entry per SPIFFE ID");
+    assert_eq!(
+        status.code(),
+        Code::AlreadyExists,
+        "one entry per SPIFFE ID"
+    );
     assert!(status.message().starts_with("spiffe_id"), "{status:?}");
     let names = admin
         .admin()
@@ -173,7 +177,11 @@ async fn deleting_an_entry_ends_its_identity_and_frees_only_its_selectors(backen
         .create_workload(entry("crm-agent", "", &[]))
         .await
         .unwrap_err();
-    assert_eq!(reused.code(), Code::AlreadyExists, "the name stays reserved");
+    assert_eq!(
+        reused.code(),
+        Code::AlreadyExists,
+        "the name stays reserved"
+    );
     let reused_id = admin
         .admin()
         .create_workload(entry(
