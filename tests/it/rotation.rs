@@ -157,7 +157,7 @@ async fn replicas_sharing_postgres_follow_each_others_rotation() {
 
 /// A token signed before a rotation stays valid until its own expiry, then stops; its retired
 /// key leaves the JWKS once every token it signed has expired (here within seconds: the only
-/// scope lives at most 3 s).
+/// scope lives at most 6 s, long enough for a loaded CI machine to rotate and ask in between).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_token_stops_at_its_expiry_and_its_retired_key_then_leaves_the_jwks() {
     let data = TestData::new(Backend::Sqlite).await;
@@ -165,7 +165,9 @@ async fn an_old_token_stops_at_its_expiry_and_its_retired_key_then_leaves_the_jw
         .split("[[scope]]")
         .filter(|entry| entry.contains("flash:read"))
         .map(|entry| format!("[[scope]]{entry}"))
-        .collect::<String>();
+        .collect::<String>()
+        .replace(r#"max_ttl = "3s""#, r#"max_ttl = "6s""#);
+    assert!(flash_only.contains(r#"max_ttl = "6s""#));
     std::fs::write(data.path().join("scopes.toml"), flash_only).unwrap();
     let app = TestApp::spawn(&data).await;
     let task = app.begin_as("flash-agent", &["flash:read"]).await;
@@ -183,12 +185,12 @@ async fn an_old_token_stops_at_its_expiry_and_its_retired_key_then_leaves_the_jw
         "valid until its expiry"
     );
     assert!(published_kids(&app).contains(&old_kid));
-    let expired = eventually(Duration::from_secs(5), || async {
+    let expired = eventually(Duration::from_secs(10), || async {
         !app.is_active(&old_token, "https://flash.test").await
     })
     .await;
     assert!(expired, "the old token stops at its expiry");
-    let key_gone = eventually(Duration::from_secs(10), || async {
+    let key_gone = eventually(Duration::from_secs(15), || async {
         !published_kids(&app).contains(&old_kid)
     })
     .await;
