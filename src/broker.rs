@@ -29,7 +29,7 @@ use crate::metrics::{
 };
 use crate::store::{
     CompletionOutcome, EndedLease, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
-    SharedStore, TaskRecord, WorkloadRecord,
+    SharedStore, TaskInsertion, TaskRecord, WorkloadRecord,
 };
 pub use identity::RevokedIdentity;
 
@@ -371,23 +371,33 @@ impl Broker {
                 .context(&context_json)
         }));
         let records: Vec<LeaseRecord> = leases.iter().map(|lease| lease.record.clone()).collect();
-        if !self
+        match self
             .timed(
                 "insert_task",
                 self.store.insert_task(task.clone(), records, events),
             )
             .await?
         {
+            TaskInsertion::Inserted => {}
+            TaskInsertion::IdentityRevoked => {
+                return Err(Error::Unauthenticated(
+                    "the caller's identity was revoked".into(),
+                ));
+            }
             // A concurrent call with the same idempotency key committed first: answer as a retry.
-            let key = task.idempotency_key.as_deref().unwrap_or_default();
-            let existing = self
-                .store
-                .find_task_by_idempotency_key(&caller.workload_id, key)
-                .await?
-                .ok_or_else(|| {
-                    Error::internal("task insert conflicted but no task holds its idempotency key")
-                })?;
-            return self.replay(caller, existing, &request).await;
+            TaskInsertion::KeyTaken => {
+                let key = task.idempotency_key.as_deref().unwrap_or_default();
+                let existing = self
+                    .store
+                    .find_task_by_idempotency_key(&caller.workload_id, key)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::internal(
+                            "task insert conflicted but no task holds its idempotency key",
+                        )
+                    })?;
+                return self.replay(caller, existing, &request).await;
+            }
         }
         leases.iter().for_each(|lease| self.count_issued(lease));
         tracing::debug!(task_id = %task.id, workload = %caller.name, leases = leases.len(), "task opened");

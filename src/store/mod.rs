@@ -51,7 +51,8 @@ pub use jobs::{ClaimedJob, JobOutcome, JobRecord, NewJob};
 pub use records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedEvent,
     FeedPage, FeedRecord, IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal,
-    RenewalOutcome, StoredCaKey, StoredSigningKey, SvidRecord, TaskRecord, WorkloadRecord,
+    RenewalOutcome, StoredCaKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord,
+    WorkloadRecord,
 };
 pub use revocations::RevocationState;
 
@@ -139,14 +140,16 @@ pub trait Store: Send + Sync + 'static {
     /// The lease `id` if it belongs to a task of `workload_id`.
     async fn find_lease(&self, id: &LeaseId, workload_id: &str) -> Result<Option<LeaseRecord>>;
 
-    /// Stores a new task with its first leases and `events`. Returns `false`, storing nothing,
-    /// when the workload already used the task's idempotency key.
+    /// Stores a new task with its first leases and `events`, unless the workload already used
+    /// the task's idempotency key or its identity is revoked (then nothing is stored). The
+    /// identity check is atomic with the insert, so a task either commits before the kill
+    /// switch (which then revokes it) or not at all.
     async fn insert_task(
         &self,
         task: TaskRecord,
         leases: Vec<LeaseRecord>,
         events: Vec<AuditEvent>,
-    ) -> Result<bool>;
+    ) -> Result<TaskInsertion>;
 
     /// Adds `lease` to its task if `workload_id` owns the task and it is active at `now`.
     async fn add_lease(

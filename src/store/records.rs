@@ -130,6 +130,17 @@ pub struct LeaseRecord {
     pub ended_at: Option<UnixMillis>,
 }
 
+/// What [`Store::insert_task`](super::Store::insert_task) did.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum TaskInsertion {
+    Inserted,
+    /// The workload already used the task's idempotency key; nothing was stored.
+    KeyTaken,
+    /// The workload's identity was revoked (the kill switch committed first); nothing was
+    /// stored, so no task can open after the kill switch has listed the ones to revoke.
+    IdentityRevoked,
+}
+
 /// What [`Store::add_lease`](super::Store::add_lease) did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum NewLeaseOutcome {

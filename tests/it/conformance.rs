@@ -20,9 +20,9 @@ use warrant::error::Error;
 use warrant::issuer::credential::StoredCredential;
 use warrant::issuer::{KeyAlgorithm, SigningKey};
 use warrant::store::{
-    AuditFilter, Checkpoint, CompletionOutcome, JobOutcome, JoinTokenRecord, LeaseRecord, NewJob,
-    NewLeaseOutcome, Renewal, RenewalOutcome, SharedStore, StoreSettings, StoredCaKey,
-    StoredSigningKey, SvidRecord, TaskRecord, Topic, WorkloadRecord,
+    AuditFilter, Checkpoint, CompletionOutcome, IdentityEnd, JobOutcome, JoinTokenRecord,
+    LeaseRecord, NewJob, NewLeaseOutcome, Renewal, RenewalOutcome, SharedStore, StoreSettings,
+    StoredCaKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord, Topic, WorkloadRecord,
 };
 
 use crate::support::*;
@@ -51,6 +51,7 @@ backend_tests!(
     a_failing_write_fails_alone_and_the_writes_beside_it_commit,
     a_join_token_is_used_once_and_revocation_ends_svids_and_tokens,
     the_first_ca_key_stored_wins,
+    a_revoked_identity_opens_no_task,
 );
 
 /// A fresh store with two workloads, `agent-a` and `agent-b`.
@@ -96,7 +97,7 @@ impl Fixture {
     ) -> (TaskRecord, LeaseRecord) {
         let task = task(workload_id, Duration::from_secs(3600), None);
         let lease = lease(&task, lease_ttl);
-        assert!(
+        assert_eq!(
             self.store
                 .insert_task(
                     task.clone(),
@@ -104,7 +105,8 @@ impl Fixture {
                     vec![event("task.begun", &task)]
                 )
                 .await
-                .unwrap()
+                .unwrap(),
+            TaskInsertion::Inserted
         );
         (task, lease)
     }
@@ -229,7 +231,7 @@ async fn a_task_and_its_leases_read_back_as_stored(backend: Backend) {
         .await
         .unwrap();
 
-    assert!(inserted);
+    assert_eq!(inserted, TaskInsertion::Inserted);
     let stored = fixture
         .store
         .find_task(&task.id, &fixture.agent_a)
@@ -326,7 +328,11 @@ async fn one_idempotency_key_stores_one_task(backend: Backend) {
     let outcomes: Vec<bool> = join_all(calls)
         .await
         .into_iter()
-        .map(Result::unwrap)
+        .map(|outcome| match outcome.unwrap() {
+            TaskInsertion::Inserted => true,
+            TaskInsertion::KeyTaken => false,
+            TaskInsertion::IdentityRevoked => panic!("the workload is live"),
+        })
         .collect();
 
     assert_eq!(
@@ -1616,7 +1622,11 @@ async fn a_failing_write_fails_alone_and_the_writes_beside_it_commit(backend: Ba
         "the failed write's task row was rolled back with it"
     );
     for ((task, _), outcome) in tasks.iter().zip(inserted) {
-        assert!(outcome.unwrap(), "the other writes commit");
+        assert_eq!(
+            outcome.unwrap(),
+            TaskInsertion::Inserted,
+            "the other writes commit"
+        );
         assert_eq!(
             fixture.store.leases_of_task(&task.id).await.unwrap().len(),
             1
@@ -1984,4 +1994,109 @@ async fn postgres_replicas_racing_for_one_join_token_consume_it_once() {
     let consumed = join_all(uses).await;
     assert_eq!(consumed.iter().filter(|used| **used).count(), 20);
     assert_eq!(count_rows(&fixture.data, "svids").await, 20);
+}
+
+/// Once the kill switch has committed, the workload opens no task: nothing of it is stored.
+async fn a_revoked_identity_opens_no_task(backend: Backend) {
+    let fixture = Fixture::new(backend).await;
+    let name = WorkloadName::parse("name", "agent-a").unwrap();
+    fixture
+        .store
+        .revoke_identity(&name, IdentityEnd::Revoked, UnixMillis::now(), vec![])
+        .await
+        .unwrap()
+        .expect("agent-a exists");
+    let events_before = count_rows(&fixture.data, "audit_events").await;
+    let task = task(&fixture.agent_a, Duration::from_secs(600), None);
+
+    let outcome = fixture
+        .store
+        .insert_task(
+            task.clone(),
+            vec![lease(&task, Duration::from_secs(60))],
+            vec![event("task.begun", &task)],
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(outcome, TaskInsertion::IdentityRevoked);
+    assert!(
+        fixture
+            .store
+            .find_task(&task.id, &fixture.agent_a)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        fixture
+            .store
+            .leases_of_task(&task.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        count_rows(&fixture.data, "audit_events").await,
+        events_before
+    );
+}
+
+/// A task whose commit races the kill switch on another replica waits for the revocation's
+/// row lock and is then refused, so it cannot slip in after the kill switch has listed the
+/// open tasks it revokes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(warrant_postgres_tests),
+    ignore = "set WARRANT_TEST_DATABASE_URL to run the PostgreSQL tests"
+)]
+async fn postgres_a_task_racing_the_kill_switch_waits_for_it_and_is_refused() {
+    use sqlx::Connection as _;
+    let fixture = Fixture::new(Backend::Postgres).await;
+    let mut kill_switch = sqlx::PgConnection::connect(&fixture.data.database_url)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; SELECT 1 FROM workloads WHERE id = '{id}' FOR UPDATE; \
+         UPDATE workloads SET revoked_at = 1 WHERE id = '{id}'",
+        id = fixture.agent_a
+    ))
+    .execute(&mut kill_switch)
+    .await
+    .unwrap();
+    let task = task(&fixture.agent_a, Duration::from_secs(600), None);
+    let store = fixture.store.clone();
+    let racing = tokio::spawn({
+        let task = task.clone();
+        async move {
+            store
+                .insert_task(
+                    task.clone(),
+                    vec![lease(&task, Duration::from_secs(60))],
+                    vec![],
+                )
+                .await
+        }
+    });
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !racing.is_finished(),
+        "the insert waits for the kill switch"
+    );
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut kill_switch)
+        .await
+        .unwrap();
+    let outcome = racing.await.unwrap().unwrap();
+
+    assert_eq!(outcome, TaskInsertion::IdentityRevoked);
+    assert!(
+        fixture
+            .store
+            .find_task(&task.id, &fixture.agent_a)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }

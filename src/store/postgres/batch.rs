@@ -22,8 +22,8 @@ use crate::audit::AuditEvent;
 use crate::domain::{LeaseState, RevocationReason, TaskId, TaskState, UnixMillis};
 use crate::error::{Error, Result};
 use crate::store::records::{
-    EndedLease, FeedEvent, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, TaskRecord,
-    ended_leases, task_ended,
+    EndedLease, FeedEvent, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, TaskInsertion,
+    TaskRecord, ended_leases, task_ended,
 };
 
 /// One hot write.
@@ -62,7 +62,7 @@ pub enum Write {
 #[derive(Debug)]
 pub enum Outcome {
     Stored,
-    TaskInserted(bool),
+    TaskInserted(TaskInsertion),
     LeaseAdded(NewLeaseOutcome),
     Renewed(RenewalOutcome),
     /// The revoked leases, or `None` when the task was not active.
@@ -90,7 +90,8 @@ pub async fn apply(
     writes: &[Write],
 ) -> Result<(Vec<Outcome>, Vec<FeedEvent>)> {
     let mut tasks = lock_tasks(connection, writes).await?;
-    let inserted = insert_tasks(connection, writes).await?;
+    let live = lock_live_workloads(connection, writes).await?;
+    let inserted = insert_tasks(connection, writes, &live).await?;
 
     let mut outcomes = Vec::with_capacity(writes.len());
     let mut new_leases: Vec<&LeaseRecord> = Vec::new();
@@ -100,11 +101,14 @@ pub async fn apply(
         outcomes.push(match write {
             Write::Events(_) => Outcome::Stored,
             Write::NewTask { task, leases, .. } => {
-                let is_inserted = inserted.contains(task.id.as_str());
-                if is_inserted {
+                Outcome::TaskInserted(if !live.contains(task.workload_id.as_str()) {
+                    TaskInsertion::IdentityRevoked
+                } else if inserted.contains(task.id.as_str()) {
                     new_leases.extend(leases);
-                }
-                Outcome::TaskInserted(is_inserted)
+                    TaskInsertion::Inserted
+                } else {
+                    TaskInsertion::KeyTaken
+                })
             }
             Write::AddLease {
                 workload_id,
@@ -183,7 +187,7 @@ pub async fn apply(
 fn recorded_events<'w>(write: &'w Write, outcome: &Outcome) -> &'w [AuditEvent] {
     match (write, outcome) {
         (Write::Events(events), _)
-        | (Write::NewTask { events, .. }, Outcome::TaskInserted(true))
+        | (Write::NewTask { events, .. }, Outcome::TaskInserted(TaskInsertion::Inserted))
         | (Write::AddLease { events, .. }, Outcome::LeaseAdded(NewLeaseOutcome::Added))
         | (Write::Renew { events, .. }, Outcome::Renewed(RenewalOutcome::Renewed)) => events,
         _ => &[],
@@ -235,15 +239,48 @@ async fn lock_tasks(
         .collect()
 }
 
-/// Inserts the batch's new tasks; returns the ids actually inserted (a task whose workload
-/// already used its idempotency key is not).
-async fn insert_tasks(connection: &mut PgConnection, writes: &[Write]) -> Result<HashSet<String>> {
-    let tasks: Vec<&TaskRecord> = writes
-        .iter()
-        .filter_map(|write| match write {
-            Write::NewTask { task, .. } => Some(task),
-            _ => None,
-        })
+/// The batch's new tasks.
+fn new_tasks(writes: &[Write]) -> impl Iterator<Item = &TaskRecord> {
+    writes.iter().filter_map(|write| match write {
+        Write::NewTask { task, .. } => Some(task),
+        _ => None,
+    })
+}
+
+/// Share-locks the workloads that open the batch's new tasks and returns those whose identity
+/// is not revoked. The kill switch holds its workload row `FOR UPDATE` while it sets
+/// `revoked_at`, so this either waits and then sees the revocation (READ COMMITTED re-checks a
+/// row it waited for), or commits its tasks before the kill switch lists the ones to revoke.
+async fn lock_live_workloads(
+    connection: &mut PgConnection,
+    writes: &[Write],
+) -> Result<HashSet<String>> {
+    let mut ids: Vec<&str> = new_tasks(writes)
+        .map(|task| task.workload_id.as_str())
+        .collect();
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let rows = sqlx::query(
+        "SELECT id FROM workloads WHERE id = ANY($1) AND revoked_at IS NULL ORDER BY id FOR SHARE",
+    )
+    .bind(ids)
+    .fetch_all(&mut *connection)
+    .await?;
+    rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
+}
+
+/// Inserts the batch's new tasks of `live` workloads; returns the ids actually inserted (a task
+/// whose workload already used its idempotency key is not).
+async fn insert_tasks(
+    connection: &mut PgConnection,
+    writes: &[Write],
+    live: &HashSet<String>,
+) -> Result<HashSet<String>> {
+    let tasks: Vec<&TaskRecord> = new_tasks(writes)
+        .filter(|task| live.contains(task.workload_id.as_str()))
         .collect();
     if tasks.is_empty() {
         return Ok(HashSet::new());

@@ -50,7 +50,8 @@ use self::retry::in_transaction;
 use super::records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedEvent,
     FeedPage, IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
-    StoredCaKey, StoredSigningKey, SvidRecord, TaskRecord, WorkloadRecord, ended_leases,
+    StoredCaKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord, WorkloadRecord,
+    ended_leases,
 };
 use super::{
     Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
@@ -222,7 +223,7 @@ impl Store for PostgresStore {
         task: TaskRecord,
         leases: Vec<LeaseRecord>,
         events: Vec<AuditEvent>,
-    ) -> Result<bool> {
+    ) -> Result<TaskInsertion> {
         match self
             .committer
             .submit(Write::NewTask {
@@ -232,7 +233,7 @@ impl Store for PostgresStore {
             })
             .await?
         {
-            Outcome::TaskInserted(inserted) => Ok(inserted),
+            Outcome::TaskInserted(insertion) => Ok(insertion),
             other => Err(unexpected(other)),
         }
     }

@@ -32,7 +32,7 @@ use self::writer::{AfterCommit, Writer};
 use super::records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedPage,
     IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
-    StoredCaKey, StoredSigningKey, SvidRecord, TaskRecord, WorkloadRecord,
+    StoredCaKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord, WorkloadRecord,
 };
 use super::{
     Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
@@ -198,7 +198,7 @@ impl Store for SqliteStore {
         task: TaskRecord,
         leases: Vec<LeaseRecord>,
         events: Vec<AuditEvent>,
-    ) -> Result<bool> {
+    ) -> Result<TaskInsertion> {
         self.writer
             .run(move |write| tasks::insert_task(write, &task, &leases, &events))
             .await

@@ -13,7 +13,7 @@ use crate::domain::{LeaseId, LeaseState, RevocationReason, TaskId, UnixMillis};
 use crate::error::Result;
 use crate::store::records::{
     EndedLease, ExpiryReport, FeedEvent, LeaseColumns, LeaseRecord, NewLeaseOutcome, Renewal,
-    RenewalOutcome, TaskColumns, TaskRecord, ended_leases, task_ended,
+    RenewalOutcome, TaskColumns, TaskInsertion, TaskRecord, ended_leases, task_ended,
 };
 
 const TASK_COLUMNS: &str = "id, workload_id, purpose, context_json, state, created_at, deadline, \
@@ -78,14 +78,24 @@ pub fn find_lease(
         .transpose()
 }
 
-/// Stores a task, its first leases and `events`; `false` (nothing stored) when the workload
-/// already used the task's idempotency key.
+/// Stores a task, its first leases and `events`, unless its workload's identity is revoked or
+/// the workload already used the task's idempotency key. The one writer makes the identity
+/// check and the insert atomic with respect to the kill switch.
 pub fn insert_task(
     write: &mut Write<'_>,
     task: &TaskRecord,
     leases: &[LeaseRecord],
     events: &[AuditEvent],
-) -> Result<bool> {
+) -> Result<TaskInsertion> {
+    let is_live = write
+        .connection
+        .prepare_cached("SELECT 1 FROM workloads WHERE id = ?1 AND revoked_at IS NULL")?
+        .query_row(params![task.workload_id], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if !is_live {
+        return Ok(TaskInsertion::IdentityRevoked);
+    }
     let context_json =
         serde_json::to_string(&task.context).map_err(crate::error::Error::internal)?;
     let inserted = write
@@ -107,11 +117,11 @@ pub fn insert_task(
             task.request_digest,
         ])?;
     if inserted == 0 {
-        return Ok(false);
+        return Ok(TaskInsertion::KeyTaken);
     }
     insert_leases(write.connection, leases)?;
     audit::insert_events(write, events)?;
-    Ok(true)
+    Ok(TaskInsertion::Inserted)
 }
 
 /// Adds `lease` to its task if `workload_id` owns it and it is active at `now`.
