@@ -1,4 +1,4 @@
-//! Compiles `proto/warrant/v1/*.proto` with protox (pure Rust), so building needs no system
+//! Compiles `proto/warrant/v1/*.proto` and the SPIFFE Workload API with protox (pure Rust), so building needs no system
 //! `protoc`, and writes the descriptor set that gRPC reflection serves.
 
 use std::path::PathBuf;
@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "warrant/v1/tokens.proto",
     "warrant/v1/admin.proto",
     "warrant/v1/attestation.proto",
+    "spiffe/workload.proto",
 ];
 
 /// Must match the `Debug` impls in src/proto.rs.
@@ -20,6 +21,9 @@ const SECRET_BEARING_MESSAGES: &[&str] = &[
     "warrant.v1.AttestRequest.method",
     "warrant.v1.X509Svid",
     "warrant.v1.CreateJoinTokenResponse",
+    ".X509SVID",
+    ".JWTSVID",
+    ".ValidateJWTSVIDRequest",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

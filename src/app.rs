@@ -254,10 +254,10 @@ impl App {
             stop.clone(),
         ));
         let local = self.unix_listener.map(|(listener, path)| {
-            let mut local_stop = stop;
+            let mut local_stop = stop.clone();
             let served = tonic::transport::Server::builder()
                 .timeout(REQUEST_TIMEOUT)
-                .add_routes(grpc::local_routes(self.broker.clone()))
+                .add_routes(grpc::local_routes(self.broker.clone(), stop))
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::UnixListenerStream::new(listener),
                     async move {

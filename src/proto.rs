@@ -1,7 +1,49 @@
 #![allow(clippy::all, missing_docs)]
-//! Code generated from `proto/warrant/v1` by build.rs.
+//! Code generated from `proto/warrant/v1` and `proto/spiffe` by build.rs.
 
 tonic::include_proto!("warrant.v1");
+
+/// The SPIFFE Workload API (`proto/spiffe/workload.proto`, which has no package).
+pub mod spiffe_workload {
+    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+
+    use super::redacted;
+
+    impl std::fmt::Debug for X509svid {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("X509svid")
+                .field("spiffe_id", &self.spiffe_id)
+                .field("x509_svid_bytes", &self.x509_svid.len())
+                .field("x509_svid_key", &redacted_bytes(&self.x509_svid_key))
+                .field("bundle_bytes", &self.bundle.len())
+                .field("hint", &self.hint)
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for Jwtsvid {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Jwtsvid")
+                .field("spiffe_id", &self.spiffe_id)
+                .field("svid", &redacted(&self.svid))
+                .field("hint", &self.hint)
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for ValidateJwtsvidRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("ValidateJwtsvidRequest")
+                .field("audience", &self.audience)
+                .field("svid", &redacted(&self.svid))
+                .finish()
+        }
+    }
+
+    fn redacted_bytes(secret: &[u8]) -> &'static str {
+        if secret.is_empty() { "" } else { "[redacted]" }
+    }
+}
 
 /// The encoded descriptor set of `warrant.v1`, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -13,6 +13,7 @@ pub mod incoming;
 mod observe;
 mod tasks;
 mod tokens;
+mod workload_api;
 
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use tonic::service::Routes;
 use crate::broker::Broker;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::attestation_server::AttestationServer;
+use crate::proto::spiffe_workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::proto::tasks_server::TasksServer;
 use crate::proto::tokens_server::TokensServer;
 pub use admission::AdmissionLayer;
@@ -33,13 +35,19 @@ pub use observe::ObserveLayer;
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// What the local Unix socket serves: attestation (by the peer's Unix identity, or a join
-/// token) and health, nothing that needs a caller identity.
-pub fn local_routes(broker: Arc<Broker>) -> Routes {
+/// token), the SPIFFE Workload API (by the peer's Unix identity) and health, nothing that
+/// needs a credential. Streams end when `shutdown` turns true.
+pub fn local_routes(broker: Arc<Broker>, shutdown: watch::Receiver<bool>) -> Routes {
     let (_, health_service) = tonic_health::server::health_reporter();
-    Routes::new(health_service).add_service(
-        AttestationServer::new(attestation::AttestationService::new(broker))
-            .max_decoding_message_size(MAX_REQUEST_BYTES),
-    )
+    Routes::new(health_service)
+        .add_service(
+            AttestationServer::new(attestation::AttestationService::new(broker.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            SpiffeWorkloadApiServer::new(workload_api::WorkloadApiService::new(broker, shutdown))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
 }
 
 /// The Warrant services, standard health and reflection, ready to serve.

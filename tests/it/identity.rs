@@ -512,13 +512,13 @@ async fn the_trust_bundle_is_served_over_http_as_pem_and_as_a_spiffe_bundle() {
 }
 
 /// The SHA-256 (hex) of this test process's executable, as the `unix` attestor sees it.
-fn own_executable_sha256() -> String {
+pub fn own_executable_sha256() -> String {
     let bytes = std::fs::read("/proc/self/exe").unwrap();
     let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn own_uid() -> u32 {
+pub fn own_uid() -> u32 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
         .lines()

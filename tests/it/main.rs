@@ -46,3 +46,4 @@ mod rotation;
 mod tasks;
 mod tokens;
 mod verifier;
+mod workload_api;

@@ -1,0 +1,195 @@
+//! The SPIFFE Workload API on the local Unix socket, so existing SPIFFE client libraries
+//! (go-spiffe, py-spiffe, rust-spiffe) get and rotate their X.509-SVID from Warrant unchanged.
+//! The caller is whoever the kernel says is on the other end of the socket: each SVID comes
+//! from a fresh Unix attestation of that peer, so a deleted entry or a revoked identity gets
+//! no further SVID on its open stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::broker::Broker;
+use crate::error::Error;
+use crate::identity::{IssuedSvid, selectors};
+use crate::proto::spiffe_workload as api;
+
+/// The metadata every Workload API call carries, so that a browser or a proxy cannot be made
+/// to call the API by accident (SPIFFE Workload API, "Transport").
+const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// Messages a stream buffers for a slow client before the next one waits.
+const STREAM_BUFFER: usize = 2;
+
+type Stream<T> = ReceiverStream<Result<T, Status>>;
+
+pub struct WorkloadApiService {
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl WorkloadApiService {
+    pub fn new(broker: Arc<Broker>, shutdown: watch::Receiver<bool>) -> Self {
+        WorkloadApiService { broker, shutdown }
+    }
+
+    /// The trust domain's bundle, keyed as the specification keys bundles.
+    fn bundles(&self) -> std::collections::HashMap<String, Vec<u8>> {
+        let trust_domain = format!("spiffe://{}", self.broker.settings().trust_domain.as_str());
+        [(trust_domain, self.broker.ca().certificate().to_vec())].into()
+    }
+
+    fn x509_response(&self, svid: &IssuedSvid) -> api::X509svidResponse {
+        api::X509svidResponse {
+            svids: vec![api::X509svid {
+                spiffe_id: svid.spiffe_id.as_str().to_owned(),
+                x509_svid: svid.certificate.clone(),
+                x509_svid_key: svid.private_key.clone(),
+                bundle: self.broker.ca().certificate().to_vec(),
+                hint: String::new(),
+            }],
+            crl: Vec::new(),
+            federated_bundles: Default::default(),
+        }
+    }
+}
+
+/// Checks the security header and admits the peer through the attestation limits; returns the
+/// selectors the kernel gives for it.
+fn local_peer<T>(broker: &Broker, request: &Request<T>) -> Result<Vec<String>, Status> {
+    let has_header = request
+        .metadata()
+        .get(SECURITY_HEADER)
+        .is_some_and(|value| value.as_bytes() == b"true");
+    if !has_header {
+        return Err(Status::invalid_argument(format!(
+            "security header missing from request: send the metadata '{SECURITY_HEADER}: true'"
+        )));
+    }
+    let peer = request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .ok_or_else(|| Status::unauthenticated("the kernel gave no credentials for this peer"))?;
+    broker.admit_attestation(&format!("uid:{}", peer.uid()))?;
+    Ok(selectors::unix(peer.uid(), peer.gid(), peer.pid()))
+}
+
+/// A peer without an identity is refused with `PERMISSION_DENIED`, the code SPIFFE clients
+/// read as "no identity (yet)" and retry on.
+fn no_identity(error: Error) -> Status {
+    match error {
+        Error::Unauthenticated(reason) => Status::permission_denied(reason),
+        other => other.into(),
+    }
+}
+
+/// When to issue the next SVID: once half of this one's lifetime has passed.
+fn refresh_after(svid: &IssuedSvid) -> Duration {
+    let lifetime = svid.expires_at.0.saturating_sub(svid.issued_at.0);
+    Duration::from_millis(u64::try_from(lifetime / 2).unwrap_or_default())
+}
+
+#[tonic::async_trait]
+impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApiService {
+    type FetchX509SVIDStream = Stream<api::X509svidResponse>;
+    type FetchX509BundlesStream = Stream<api::X509BundlesResponse>;
+    type FetchJWTBundlesStream = Stream<api::JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<api::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let observed = local_peer(&self.broker, &request)?;
+        let first = self
+            .broker
+            .attest_unix(&observed)
+            .await
+            .map_err(no_identity)?;
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        let service = WorkloadApiService::new(self.broker.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            let mut shutdown = service.shutdown.clone();
+            let mut svid = first;
+            loop {
+                if sender.send(Ok(service.x509_response(&svid))).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(refresh_after(&svid)) => {}
+                    () = sender.closed() => return,
+                    _ = shutdown.wait_for(|stopping| *stopping) => return,
+                }
+                svid = match service.broker.attest_unix(&observed).await {
+                    Ok(svid) => svid,
+                    Err(error) => {
+                        let _ = sender.send(Err(no_identity(error))).await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<api::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        local_peer(&self.broker, &request)?;
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        let first = api::X509BundlesResponse {
+            crl: Vec::new(),
+            bundles: self.bundles(),
+        };
+        let mut shutdown = self.shutdown.clone();
+        // The bundle holds one CA until CA rotation lands; the stream stays open, as clients
+        // expect, and ends with the broker.
+        tokio::spawn(async move {
+            if sender.send(Ok(first)).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                () = sender.closed() => {}
+                _ = shutdown.wait_for(|stopping| *stopping) => {}
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<api::JwtsvidRequest>,
+    ) -> Result<Response<api::JwtsvidResponse>, Status> {
+        local_peer(&self.broker, &request)?;
+        Err(jwt_svids_not_served())
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<api::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        local_peer(&self.broker, &request)?;
+        Err(jwt_svids_not_served())
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<api::ValidateJwtsvidRequest>,
+    ) -> Result<Response<api::ValidateJwtsvidResponse>, Status> {
+        local_peer(&self.broker, &request)?;
+        Err(jwt_svids_not_served())
+    }
+}
+
+/// The JWT-SVID profile needs an ES256 key shared by every replica, which Warrant does not
+/// keep yet; until it does, the JWT methods say so rather than answer something else.
+fn jwt_svids_not_served() -> Status {
+    Status::unimplemented(
+        "JWT-SVIDs are not served yet: use the X.509-SVID (FetchX509SVID), or task tokens \
+         from the Tasks service",
+    )
+}
