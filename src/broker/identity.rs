@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use super::{Broker, no_such_workload};
 use crate::audit::AuditEvent;
-use crate::domain::{Caller, TaskId, UnixMillis, WorkloadName};
+use crate::domain::{Caller, SpiffeId, TaskId, UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
+use crate::identity::jwt_svid::JWT_SVID_TTL;
 use crate::identity::{IssuedSvid, JoinToken, selectors};
 use crate::issuer::credential::digests_match;
 use crate::store::{IdentityEnd, JoinTokenRecord, SvidRecord, WorkloadRecord};
@@ -133,10 +134,87 @@ impl Broker {
     }
 
     /// An X.509-SVID for the local process the kernel described with `observed` selectors
-    /// ([`selectors::unix`]): the registered workload whose selectors it all shows, the most
-    /// specific one if several do. Refused when none does, or when two equally specific ones
-    /// do (the registrations are then ambiguous for this process).
+    /// ([`selectors::unix`]), the workload [`Self::match_unix`] finds for it.
     pub async fn attest_unix(&self, observed: &[String]) -> Result<IssuedSvid> {
+        let workload = self.match_unix(observed).await?;
+        let now = UnixMillis::now();
+        let svid = self
+            .ca
+            .issue(&workload.spiffe_id, self.settings.svid_ttl, now)?;
+        let event = AuditEvent::new("identity.attested", "ok", workload.name.as_str())
+            .workload(&workload.name)
+            .with("method", "unix")
+            .with("selectors", observed.to_vec())
+            .with("spiffe_id", svid.spiffe_id.as_str())
+            .with("svid_serial", svid.serial.as_str())
+            .with("svid_expires_at", svid.expires_at.0);
+        self.store
+            .insert_svid(svid_record(&svid, &workload.id), vec![event])
+            .await?;
+        tracing::info!(workload = %workload.name, serial = %svid.serial, "workload attested (unix)");
+        Ok(svid)
+    }
+
+    /// A JWT-SVID for `audiences` for the local process described by `observed`, the workload
+    /// [`Self::match_unix`] finds for it; `spiffe_id`, when given, must be that workload's. It
+    /// is audited (without the token) before it is returned.
+    pub async fn issue_jwt_svid(
+        &self,
+        observed: &[String],
+        audiences: &[String],
+        spiffe_id: Option<&str>,
+    ) -> Result<(SpiffeId, String)> {
+        let workload = self.match_unix(observed).await?;
+        if spiffe_id.is_some_and(|requested| requested != workload.spiffe_id.as_str()) {
+            return Err(Error::Unauthenticated(
+                "spiffe_id: this process is not entitled to that SPIFFE ID".into(),
+            ));
+        }
+        let now = UnixMillis::now();
+        let token = self
+            .ca
+            .jwt_svids()
+            .issue(&workload.spiffe_id, audiences, now);
+        let event = AuditEvent::new("identity.jwt_svid_issued", "ok", workload.name.as_str())
+            .workload(&workload.name)
+            .with("spiffe_id", workload.spiffe_id.as_str())
+            .with("audiences", audiences.to_vec())
+            .with("expires_at", now.plus(JWT_SVID_TTL).0);
+        self.store.record_events(vec![event]).await?;
+        Ok((workload.spiffe_id, token))
+    }
+
+    /// Checks a JWT-SVID for `audience` ([`JwtSvidKey::validate`](crate::identity::jwt_svid::JwtSvidKey::validate)),
+    /// and that its workload is still registered and not revoked: the kill switch reaches
+    /// JWT-SVIDs checked here at once (an offline validator learns only at their expiry).
+    pub async fn validate_jwt_svid(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>)> {
+        let (spiffe_id, claims) =
+            self.ca
+                .jwt_svids()
+                .validate(token, audience, UnixMillis::now())?;
+        let is_live = self
+            .store
+            .list_workloads()
+            .await?
+            .iter()
+            .any(|workload| workload.spiffe_id == spiffe_id && workload.revoked_at.is_none());
+        if !is_live {
+            return Err(Error::invalid(
+                "svid",
+                "its identity is revoked or no longer registered",
+            ));
+        }
+        Ok((spiffe_id, claims))
+    }
+
+    /// The registered workload whose selectors the local process described by `observed` all
+    /// shows, the most specific one if several do. Refused when none does, or when two equally
+    /// specific ones do (the registrations are then ambiguous for this process).
+    async fn match_unix(&self, observed: &[String]) -> Result<WorkloadRecord> {
         let refused = || {
             Error::Unauthenticated(
                 "unix: no registered workload's selectors match this process".into(),
@@ -168,22 +246,7 @@ impl Broker {
             self.record_failed_attestation("unix", reason, None).await;
             return Err(refused());
         };
-        let now = UnixMillis::now();
-        let svid = self
-            .ca
-            .issue(&workload.spiffe_id, self.settings.svid_ttl, now)?;
-        let event = AuditEvent::new("identity.attested", "ok", workload.name.as_str())
-            .workload(&workload.name)
-            .with("method", "unix")
-            .with("selectors", observed.to_vec())
-            .with("spiffe_id", svid.spiffe_id.as_str())
-            .with("svid_serial", svid.serial.as_str())
-            .with("svid_expires_at", svid.expires_at.0);
-        self.store
-            .insert_svid(svid_record(&svid, &workload.id), vec![event])
-            .await?;
-        tracing::info!(workload = %workload.name, serial = %svid.serial, "workload attested (unix)");
-        Ok(svid)
+        Ok(workload.clone())
     }
 
     /// A fresh X.509-SVID for a caller that authenticated with its current one.

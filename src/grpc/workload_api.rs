@@ -1,5 +1,6 @@
 //! The SPIFFE Workload API on the local Unix socket, so existing SPIFFE client libraries
-//! (go-spiffe, py-spiffe, rust-spiffe) get and rotate their X.509-SVID from Warrant unchanged.
+//! (go-spiffe, py-spiffe, rust-spiffe) get and rotate their X.509-SVID, and get and check
+//! JWT-SVIDs, from Warrant unchanged.
 //! The caller is whoever the kernel says is on the other end of the socket: each SVID comes
 //! from a fresh Unix attestation of that peer, so a deleted entry or a revoked identity gets
 //! no further SVID on its open stream.
@@ -36,10 +37,28 @@ impl WorkloadApiService {
         WorkloadApiService { broker, shutdown }
     }
 
-    /// The trust domain's bundle, keyed as the specification keys bundles.
-    fn bundles(&self) -> std::collections::HashMap<String, Vec<u8>> {
+    /// This trust domain's `bundle`, keyed as the specification keys bundles.
+    fn bundles(&self, bundle: Vec<u8>) -> std::collections::HashMap<String, Vec<u8>> {
         let trust_domain = format!("spiffe://{}", self.broker.settings().trust_domain.as_str());
-        [(trust_domain, self.broker.ca().certificate().to_vec())].into()
+        [(trust_domain, bundle)].into()
+    }
+
+    /// A stream of `message` that then stays open, as clients expect of a bundle stream, and
+    /// ends with the broker. The bundles hold one key each until CA rotation lands, so there is
+    /// no later message yet.
+    fn held_open<T: Send + 'static>(&self, message: T) -> Stream<T> {
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            if sender.send(Ok(message)).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                () = sender.closed() => {}
+                _ = shutdown.wait_for(|stopping| *stopping) => {}
+            }
+        });
+        ReceiverStream::new(receiver)
     }
 
     fn x509_response(&self, svid: &IssuedSvid) -> api::X509svidResponse {
@@ -140,32 +159,35 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApiService {
         request: Request<api::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         local_peer(&self.broker, &request)?;
-        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
-        let first = api::X509BundlesResponse {
+        let bundles = api::X509BundlesResponse {
             crl: Vec::new(),
-            bundles: self.bundles(),
+            bundles: self.bundles(self.broker.ca().certificate().to_vec()),
         };
-        let mut shutdown = self.shutdown.clone();
-        // The bundle holds one CA until CA rotation lands; the stream stays open, as clients
-        // expect, and ends with the broker.
-        tokio::spawn(async move {
-            if sender.send(Ok(first)).await.is_err() {
-                return;
-            }
-            tokio::select! {
-                () = sender.closed() => {}
-                _ = shutdown.wait_for(|stopping| *stopping) => {}
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(self.held_open(bundles)))
     }
 
     async fn fetch_jwtsvid(
         &self,
         request: Request<api::JwtsvidRequest>,
     ) -> Result<Response<api::JwtsvidResponse>, Status> {
-        local_peer(&self.broker, &request)?;
-        Err(jwt_svids_not_served())
+        let observed = local_peer(&self.broker, &request)?;
+        let request = request.into_inner();
+        if request.audience.is_empty() || request.audience.iter().any(String::is_empty) {
+            return Err(Error::invalid("audience", "name at least one, none empty").into());
+        }
+        let requested = Some(request.spiffe_id.as_str()).filter(|id| !id.is_empty());
+        let (spiffe_id, svid) = self
+            .broker
+            .issue_jwt_svid(&observed, &request.audience, requested)
+            .await
+            .map_err(no_identity)?;
+        Ok(Response::new(api::JwtsvidResponse {
+            svids: vec![api::Jwtsvid {
+                spiffe_id: spiffe_id.as_str().to_owned(),
+                svid,
+                hint: String::new(),
+            }],
+        }))
     }
 
     async fn fetch_jwt_bundles(
@@ -173,7 +195,11 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApiService {
         request: Request<api::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         local_peer(&self.broker, &request)?;
-        Err(jwt_svids_not_served())
+        let jwks = self.broker.ca().jwt_svids().bundle_jwks().to_string();
+        let bundles = api::JwtBundlesResponse {
+            bundles: self.bundles(jwks.into_bytes()),
+        };
+        Ok(Response::new(self.held_open(bundles)))
     }
 
     async fn validate_jwtsvid(
@@ -181,15 +207,46 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApiService {
         request: Request<api::ValidateJwtsvidRequest>,
     ) -> Result<Response<api::ValidateJwtsvidResponse>, Status> {
         local_peer(&self.broker, &request)?;
-        Err(jwt_svids_not_served())
+        let request = request.into_inner();
+        if request.audience.is_empty() {
+            return Err(Error::invalid("audience", "required").into());
+        }
+        if request.svid.is_empty() {
+            return Err(Error::invalid("svid", "required").into());
+        }
+        let (spiffe_id, claims) = self
+            .broker
+            .validate_jwt_svid(&request.svid, &request.audience)
+            .await?;
+        Ok(Response::new(api::ValidateJwtsvidResponse {
+            spiffe_id: spiffe_id.as_str().to_owned(),
+            claims: Some(to_struct(claims)),
+        }))
     }
 }
 
-/// The JWT-SVID profile needs an ES256 key shared by every replica, which Warrant does not
-/// keep yet; until it does, the JWT methods say so rather than answer something else.
-fn jwt_svids_not_served() -> Status {
-    Status::unimplemented(
-        "JWT-SVIDs are not served yet: use the X.509-SVID (FetchX509SVID), or task tokens \
-         from the Tasks service",
-    )
+/// JSON claims as a protobuf `Struct`.
+fn to_struct(object: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: object
+            .into_iter()
+            .map(|(name, value)| (name, to_value(value)))
+            .collect(),
+    }
+}
+
+fn to_value(value: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value;
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(flag) => Kind::BoolValue(flag),
+        Value::Number(number) => Kind::NumberValue(number.as_f64().unwrap_or_default()),
+        Value::String(text) => Kind::StringValue(text),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(to_value).collect(),
+        }),
+        Value::Object(object) => Kind::StructValue(to_struct(object)),
+    };
+    prost_types::Value { kind: Some(kind) }
 }

@@ -17,6 +17,8 @@ use crate::issuer::MasterKey;
 use crate::issuer::random;
 use crate::store::{Store, StoredCaKey};
 
+use super::jwt_svid::JwtSvidKey;
+
 /// The first CA's id: replicas starting together on one database all store this id, so the
 /// first insert wins and every replica signs with the same key.
 const FIRST_CA_ID: &str = "ca-1";
@@ -42,11 +44,13 @@ pub struct IssuedSvid {
     pub expires_at: UnixMillis,
 }
 
-/// The CA that signs SVIDs.
+/// The trust domain's authority: the CA that signs X.509-SVIDs, and the key that signs
+/// JWT-SVIDs.
 pub struct Ca {
     certificate: Vec<u8>,
     expires_at: UnixMillis,
     issuer: Issuer<'static, KeyPair>,
+    jwt_svids: JwtSvidKey,
 }
 
 impl Ca {
@@ -71,6 +75,7 @@ impl Ca {
             issuer: Issuer::new(ca_params(&current.id, trust_domain), key),
             certificate: current.certificate,
             expires_at: current.expires_at,
+            jwt_svids: JwtSvidKey::load_or_create(store, master_key, trust_domain).await?,
         })
     }
 
@@ -82,7 +87,13 @@ impl Ca {
             issuer: Issuer::new(ca_params(FIRST_CA_ID, trust_domain), key),
             certificate,
             expires_at,
+            jwt_svids: JwtSvidKey::in_memory(trust_domain),
         })
+    }
+
+    /// The key that signs and checks JWT-SVIDs.
+    pub fn jwt_svids(&self) -> &JwtSvidKey {
+        &self.jwt_svids
     }
 
     /// The CA certificate (DER): the trust bundle.

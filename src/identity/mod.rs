@@ -3,6 +3,7 @@
 
 pub mod ca;
 pub mod join_token;
+pub mod jwt_svid;
 pub mod selectors;
 
 pub use ca::{Ca, IssuedSvid, thumbprint};

@@ -51,8 +51,8 @@ pub use jobs::{ClaimedJob, JobOutcome, JobRecord, NewJob};
 pub use records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedEvent,
     FeedPage, FeedRecord, IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal,
-    RenewalOutcome, StoredCaKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord,
-    WorkloadRecord,
+    RenewalOutcome, StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion,
+    TaskRecord, WorkloadRecord,
 };
 pub use revocations::RevocationState;
 
@@ -330,6 +330,10 @@ pub trait Store: Send + Sync + 'static {
     /// Stores `key` unless a CA key with its id exists; the CA keys after, oldest first. Two
     /// replicas starting together both get the one stored first.
     async fn insert_ca_key(&self, key: StoredCaKey) -> Result<Vec<StoredCaKey>>;
+
+    /// Stores `key` unless a JWT-SVID key with its id exists; returns the key stored under that
+    /// id, so replicas starting together all sign with the one stored first.
+    async fn insert_jwt_svid_key(&self, key: StoredJwtSvidKey) -> Result<StoredJwtSvidKey>;
 
     /// Stores a join token with `events`.
     async fn insert_join_token(

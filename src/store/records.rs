@@ -52,6 +52,14 @@ pub struct StoredCaKey {
     pub expires_at: UnixMillis,
 }
 
+/// The JWT-SVID signing key as stored: ES256 PKCS#8, sealed under the master key.
+#[derive(Clone, Debug)]
+pub struct StoredJwtSvidKey {
+    pub id: String,
+    pub sealed_private_key: Vec<u8>,
+    pub created_at: UnixMillis,
+}
+
 /// A one-time join token as stored: only the hash of its secret.
 #[derive(Clone, Debug)]
 pub struct JoinTokenRecord {

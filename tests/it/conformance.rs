@@ -22,7 +22,8 @@ use warrant::issuer::{KeyAlgorithm, SigningKey};
 use warrant::store::{
     AuditFilter, Checkpoint, CompletionOutcome, IdentityEnd, JobOutcome, JoinTokenRecord,
     LeaseRecord, NewJob, NewLeaseOutcome, Renewal, RenewalOutcome, SharedStore, StoreSettings,
-    StoredCaKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord, Topic, WorkloadRecord,
+    StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord, Topic,
+    WorkloadRecord,
 };
 
 use crate::support::*;
@@ -50,7 +51,7 @@ backend_tests!(
     a_stalled_database_refuses_writes_instead_of_queueing_them,
     a_failing_write_fails_alone_and_the_writes_beside_it_commit,
     a_join_token_is_used_once_and_revocation_ends_svids_and_tokens,
-    the_first_ca_key_stored_wins,
+    the_first_ca_and_jwt_svid_keys_stored_win,
     a_revoked_identity_opens_no_task,
 );
 
@@ -1926,7 +1927,7 @@ async fn a_join_token_is_used_once_and_revocation_ends_svids_and_tokens(backend:
     );
 }
 
-async fn the_first_ca_key_stored_wins(backend: Backend) {
+async fn the_first_ca_and_jwt_svid_keys_stored_win(backend: Backend) {
     let fixture = Fixture::new(backend).await;
     let key = |sealed: u8| StoredCaKey {
         id: "ca-1".into(),
@@ -1943,6 +1944,20 @@ async fn the_first_ca_key_stored_wins(backend: Backend) {
         second[0].sealed_private_key,
         vec![1; 16],
         "the first one stays"
+    );
+
+    let jwt_key = |sealed: u8| StoredJwtSvidKey {
+        id: "jwt-svid-1".into(),
+        sealed_private_key: vec![sealed; 16],
+        created_at: UnixMillis::now(),
+    };
+    let first = fixture.store.insert_jwt_svid_key(jwt_key(1)).await.unwrap();
+    let second = fixture.store.insert_jwt_svid_key(jwt_key(2)).await.unwrap();
+    assert_eq!(first.sealed_private_key, vec![1; 16]);
+    assert_eq!(
+        second.sealed_private_key,
+        vec![1; 16],
+        "every replica signs JWT-SVIDs with the first key stored"
     );
 }
 

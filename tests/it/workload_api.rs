@@ -1,7 +1,8 @@
 //! The SPIFFE Workload API on the local socket, driven by an existing SPIFFE client library
 //! (rust-spiffe, not code written here): it fetches an X.509-SVID and the bundle, receives the
 //! rotated SVID on its stream before half the first one's lifetime is over, and loses its
-//! identity when its entry is deleted. A call without the security header is refused.
+//! identity when its entry is deleted; it gets a JWT-SVID, which checks out through
+//! `ValidateJWTSVID` and against the JWT bundle. A call without the security header is refused.
 
 use std::time::{Duration, Instant};
 
@@ -168,4 +169,114 @@ async fn a_workload_api_call_without_the_security_header_or_an_identity_is_refus
         Code::PermissionDenied,
         "a process no entry matches has no identity: {unregistered:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spiffe_client_library_gets_a_jwt_svid_checked_by_the_api_and_by_the_bundle() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (_data, app, socket) = broker_with_this_process_registered().await;
+    let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
+        .await
+        .unwrap();
+
+    let svid = client
+        .fetch_jwt_svid(["https://crm.test"], None)
+        .await
+        .expect("a JWT-SVID");
+    assert_eq!(svid.spiffe_id().to_string(), THIS_TEST);
+    assert_eq!(svid.audience(), ["https://crm.test".to_owned()]);
+    let lifetime = svid.expiry().unix_timestamp() - time_now_seconds();
+    assert!((1..=300).contains(&lifetime), "short-lived: {lifetime} s");
+
+    let validated = client
+        .validate_jwt_token("https://crm.test", svid.token())
+        .await
+        .expect("ValidateJWTSVID accepts it for its audience");
+    assert_eq!(validated.spiffe_id().to_string(), THIS_TEST);
+    assert!(
+        client
+            .validate_jwt_token("https://billing.test", svid.token())
+            .await
+            .is_err(),
+        "another audience is refused"
+    );
+    let (signing_input, signature) = svid.token().rsplit_once('.').unwrap();
+    let mut forged_signature = URL_SAFE_NO_PAD.decode(signature).unwrap();
+    forged_signature[0] ^= 1;
+    let forged = format!(
+        "{signing_input}.{}",
+        URL_SAFE_NO_PAD.encode(forged_signature)
+    );
+    assert!(
+        client
+            .validate_jwt_token("https://crm.test", &forged)
+            .await
+            .is_err(),
+        "a bad signature is refused"
+    );
+
+    // Through the bundle, as a validator without the API would: the JWK the client library
+    // parsed for the token's key id verifies its ES256 signature (checked here with ring).
+    let header: serde_json::Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(svid.token().split('.').next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(header["alg"], "ES256");
+    let bundles = client.fetch_jwt_bundles().await.expect("the JWT bundles");
+    let bundle = bundles
+        .get(&TrustDomain::new("test.local").unwrap())
+        .expect("our trust domain's JWT bundle");
+    let authority = bundle
+        .find_jwt_authority(svid.key_id())
+        .expect("the token's key is in the bundle");
+    let jwk: serde_json::Value = serde_json::from_slice(authority.jwk_json()).unwrap();
+    assert_eq!(
+        (jwk["kty"].as_str(), jwk["crv"].as_str()),
+        (Some("EC"), Some("P-256"))
+    );
+    let coordinate = |name: &str| URL_SAFE_NO_PAD.decode(jwk[name].as_str().unwrap()).unwrap();
+    let point = [vec![0x04], coordinate("x"), coordinate("y")].concat();
+    let public_key =
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point);
+    let signature = URL_SAFE_NO_PAD.decode(signature).unwrap();
+    assert!(
+        public_key
+            .verify(signing_input.as_bytes(), &signature)
+            .is_ok()
+    );
+    let forged_input = signing_input.replacen('.', ".e30", 1);
+    assert!(
+        public_key
+            .verify(forged_input.as_bytes(), &signature)
+            .is_err()
+    );
+    // The kill switch reaches JWT-SVIDs checked by the API at once.
+    app.admin()
+        .await
+        .admin()
+        .delete_workload(proto::DeleteWorkloadRequest {
+            name: "this-test".into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        client
+            .validate_jwt_token("https://crm.test", svid.token())
+            .await
+            .is_err(),
+        "the deleted entry's JWT-SVID is refused"
+    );
+}
+
+fn time_now_seconds() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap()
 }

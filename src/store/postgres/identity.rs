@@ -8,7 +8,35 @@ use super::workloads::{WORKLOAD_COLUMN_COUNT, WORKLOAD_COLUMNS, workload_columns
 use crate::audit::AuditEvent;
 use crate::domain::UnixMillis;
 use crate::error::Result;
-use crate::store::records::{JoinTokenRecord, StoredCaKey, SvidRecord, WorkloadRecord};
+use crate::store::records::{
+    JoinTokenRecord, StoredCaKey, StoredJwtSvidKey, SvidRecord, WorkloadRecord,
+};
+
+/// Stores `key` unless its id is taken, and returns the key stored under the id.
+pub async fn insert_jwt_svid_key(
+    pool: &PgPool,
+    key: &StoredJwtSvidKey,
+) -> Result<StoredJwtSvidKey> {
+    sqlx::query(
+        "INSERT INTO jwt_svid_keys (id, sealed_private_key, created_at) VALUES ($1, $2, $3) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&key.id)
+    .bind(&key.sealed_private_key)
+    .bind(key.created_at.0)
+    .execute(pool)
+    .await?;
+    let row =
+        sqlx::query("SELECT id, sealed_private_key, created_at FROM jwt_svid_keys WHERE id = $1")
+            .bind(&key.id)
+            .fetch_one(pool)
+            .await?;
+    Ok(StoredJwtSvidKey {
+        id: row.try_get(0)?,
+        sealed_private_key: row.try_get(1)?,
+        created_at: UnixMillis(row.try_get(2)?),
+    })
+}
 
 pub async fn insert_ca_key(pool: &PgPool, key: &StoredCaKey) -> Result<Vec<StoredCaKey>> {
     sqlx::query(

@@ -50,6 +50,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "registration entries",
         sql: include_str!("../../../migrations/postgres/0006_registration_entries.sql"),
     },
+    Migration {
+        version: 7,
+        description: "JWT-SVID keys",
+        sql: include_str!("../../../migrations/postgres/0007_jwt_svid_keys.sql"),
+    },
 ];
 
 /// The advisory lock that makes replicas starting together migrate one at a time.

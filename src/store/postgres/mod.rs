@@ -50,8 +50,8 @@ use self::retry::in_transaction;
 use super::records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedEvent,
     FeedPage, IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
-    StoredCaKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord, WorkloadRecord,
-    ended_leases,
+    StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord,
+    WorkloadRecord, ended_leases,
 };
 use super::{
     Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
@@ -542,6 +542,10 @@ impl Store for PostgresStore {
 
     async fn active_tasks_of(&self, workload_id: &str) -> Result<Vec<TaskId>> {
         workloads::active_tasks_of(&self.pool, workload_id).await
+    }
+
+    async fn insert_jwt_svid_key(&self, key: StoredJwtSvidKey) -> Result<StoredJwtSvidKey> {
+        identity::insert_jwt_svid_key(&self.pool, &key).await
     }
 
     async fn insert_ca_key(&self, key: StoredCaKey) -> Result<Vec<StoredCaKey>> {

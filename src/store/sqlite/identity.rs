@@ -8,7 +8,9 @@ use super::writer::Write;
 use crate::audit::AuditEvent;
 use crate::domain::UnixMillis;
 use crate::error::Result;
-use crate::store::records::{JoinTokenRecord, StoredCaKey, SvidRecord, WorkloadRecord};
+use crate::store::records::{
+    JoinTokenRecord, StoredCaKey, StoredJwtSvidKey, SvidRecord, WorkloadRecord,
+};
 
 pub fn insert_ca_key(write: &mut Write<'_>, key: &StoredCaKey) -> Result<()> {
     write
@@ -25,6 +27,32 @@ pub fn insert_ca_key(write: &mut Write<'_>, key: &StoredCaKey) -> Result<()> {
             key.expires_at.0
         ])?;
     Ok(())
+}
+
+/// Stores `key` unless its id is taken, and returns the key stored under the id.
+pub fn insert_jwt_svid_key(
+    write: &mut Write<'_>,
+    key: &StoredJwtSvidKey,
+) -> Result<StoredJwtSvidKey> {
+    write
+        .connection
+        .prepare_cached(
+            "INSERT INTO jwt_svid_keys (id, sealed_private_key, created_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![key.id, key.sealed_private_key, key.created_at.0])?;
+    Ok(write
+        .connection
+        .prepare_cached(
+            "SELECT id, sealed_private_key, created_at FROM jwt_svid_keys WHERE id = ?1",
+        )?
+        .query_row(params![key.id], |row| {
+            Ok(StoredJwtSvidKey {
+                id: row.get(0)?,
+                sealed_private_key: row.get(1)?,
+                created_at: UnixMillis(row.get(2)?),
+            })
+        })?)
 }
 
 pub fn ca_keys(connection: &Connection) -> Result<Vec<StoredCaKey>> {

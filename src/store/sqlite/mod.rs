@@ -32,7 +32,8 @@ use self::writer::{AfterCommit, Writer};
 use super::records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedPage,
     IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
-    StoredCaKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord, WorkloadRecord,
+    StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord,
+    WorkloadRecord,
 };
 use super::{
     Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
@@ -462,6 +463,12 @@ impl Store for SqliteStore {
     async fn active_tasks_of(&self, workload_id: &str) -> Result<Vec<TaskId>> {
         self.readers
             .read(|connection| workloads::active_tasks_of(connection, workload_id))
+            .await
+    }
+
+    async fn insert_jwt_svid_key(&self, key: StoredJwtSvidKey) -> Result<StoredJwtSvidKey> {
+        self.writer
+            .run(move |write| identity::insert_jwt_svid_key(write, &key))
             .await
     }
 

@@ -28,6 +28,9 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!(
             "../../../migrations/sqlite/0006_registration_entries.sql"
         )),
+        M::up(include_str!(
+            "../../../migrations/sqlite/0007_jwt_svid_keys.sql"
+        )),
     ])
 }
 
