@@ -14,7 +14,8 @@ use tokio::sync::watch;
 use crate::bootstrap::{self, CatalogLoadError};
 use crate::broker::{Broker, BrokerSettings};
 use crate::config::{Config, TlsIdentity};
-use crate::identity::Ca;
+use crate::identity::jwt_attestor::JwtAttestor;
+use crate::identity::{Ca, IdentityAuthority};
 use crate::issuer::master_key::MasterKeyError;
 use crate::issuer::{BearerCredential, Keyring};
 use crate::jobs::Handlers;
@@ -48,6 +49,8 @@ pub enum StartError {
     Catalog(#[from] CatalogLoadError),
     #[error(transparent)]
     MasterKey(#[from] MasterKeyError),
+    #[error(transparent)]
+    Jwks(#[from] crate::identity::jwt_attestor::JwksError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -76,6 +79,7 @@ impl StartError {
             StartError::Config(_)
             | StartError::Catalog(_)
             | StartError::MasterKey(_)
+            | StartError::Jwks(_)
             | StartError::Tls(_) => 64,
             StartError::Bind { .. } | StartError::Unix { .. } | StartError::Store(_) => 69,
             StartError::Broker(_) | StartError::Serve(_) => 70,
@@ -121,6 +125,7 @@ impl App {
         };
         let audit_key = master_key.audit_key();
         let ca = Ca::load_or_create(store.as_ref(), &master_key, &config.trust_domain).await?;
+        let jwt_attestor = JwtAttestor::load(&config.jwt_issuers)?;
         let keyring = Keyring::load(store.as_ref(), master_key, config.signing_algorithm).await?;
         let metrics = Arc::new(Metrics::new());
         let settings = BrokerSettings {
@@ -133,7 +138,13 @@ impl App {
             bearer_credentials: config.bearer_credentials,
         };
         let broker = Arc::new(Broker::new(
-            store, audit_key, keyring, catalog, ca, settings, metrics,
+            store,
+            audit_key,
+            keyring,
+            catalog,
+            IdentityAuthority { ca, jwt_attestor },
+            settings,
+            metrics,
         ));
         let first_admin_credential = bootstrap::first_admin(&broker).await?;
         // Whatever expired while the broker was down is reported before the first request.

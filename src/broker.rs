@@ -19,7 +19,8 @@ use crate::domain::{
 use crate::error::{Error, Result};
 use crate::feed::Feed;
 use crate::grpc::CredentialCache;
-use crate::identity::Ca;
+use crate::identity::jwt_attestor::JwtAttestor;
+use crate::identity::{Ca, IdentityAuthority};
 use crate::issuer::jwt::{self, AccessTokenClaims, Expectations};
 use crate::issuer::keyring::Rotation;
 use crate::issuer::verified_tokens::VerifiedTokens;
@@ -79,6 +80,8 @@ pub struct Broker {
     attestation_limits: CallerLimits,
     /// Signs X.509-SVIDs.
     ca: Ca,
+    /// Checks external JWTs for the `jwt` attestor.
+    jwt_attestor: JwtAttestor,
     audit_key: AuditKey,
     keyring: Keyring,
     catalog: Catalog,
@@ -160,7 +163,7 @@ impl Broker {
         audit_key: AuditKey,
         keyring: Keyring,
         catalog: Catalog,
-        ca: Ca,
+        identity: IdentityAuthority,
         settings: BrokerSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -171,7 +174,8 @@ impl Broker {
                 burst: 2 * identity::FAILED_ATTESTATIONS_AUDITED_PER_SECOND,
                 concurrency: u32::MAX,
             }),
-            ca,
+            ca: identity.ca,
+            jwt_attestor: identity.jwt_attestor,
             credentials: CredentialCache::new(store.clone(), settings.bearer_credentials),
             caller_limits: CallerLimits::new(settings.caller_limits),
             feed: Feed::new(

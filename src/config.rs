@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::caller_limits::CallerLimitSettings;
 use crate::domain::TrustDomain;
+use crate::identity::jwt_attestor::JwtIssuerConfig;
 use crate::issuer::KeyAlgorithm;
 use crate::store::StoreSettings;
 
@@ -122,6 +123,8 @@ pub struct Config {
     pub svid_ttl: Duration,
     /// Whether callers may authenticate with bearer credentials (`identity.bearer_credentials`).
     pub bearer_credentials: bool,
+    /// The external issuers the `jwt` attestor trusts (`[[identity.jwt_issuer]]`).
+    pub jwt_issuers: Vec<JwtIssuerConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -239,6 +242,7 @@ impl Config {
             unix_socket: Some(data_dir.join("warrant.sock")),
             svid_ttl: DEFAULT_SVID_TTL,
             bearer_credentials: true,
+            jwt_issuers: Vec::new(),
         };
         config.apply_environment(env)?;
         // Plaintext, a dev master key and a printed admin credential: never on a network.
@@ -363,6 +367,7 @@ impl Config {
                 DEFAULT_SVID_TTL,
             )?,
             bearer_credentials: file.identity.bearer_credentials.unwrap_or(true),
+            jwt_issuers: jwt_issuers(file.identity.jwt_issuer, &resolve)?,
             caller_limits: CallerLimitSettings {
                 rate_per_second: positive(
                     "limits.caller_rate",
@@ -461,6 +466,19 @@ struct ConfigFile {
 struct IdentitySection {
     svid_ttl: Option<String>,
     bearer_credentials: Option<bool>,
+    #[serde(default)]
+    jwt_issuer: Vec<JwtIssuerSection>,
+}
+
+/// One `[[identity.jwt_issuer]]`: an external issuer whose tokens the `jwt` attestor accepts.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JwtIssuerSection {
+    issuer: String,
+    audience: String,
+    jwks_file: PathBuf,
+    #[serde(default)]
+    claims: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -554,6 +572,53 @@ fn positive(field: &str, value: Option<u32>, default: u32) -> Result<u32, Config
         Some(0) => Err(error(field, "must be at least 1")),
         Some(value) => Ok(value),
     }
+}
+
+/// The `[[identity.jwt_issuer]]` tables, checked: each names a distinct issuer, an audience,
+/// and claims that can form selectors (letters, digits, `_`, `-`, `.`; not `iss` or `sub`,
+/// which are always observed).
+fn jwt_issuers(
+    sections: Vec<JwtIssuerSection>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Vec<JwtIssuerConfig>, ConfigError> {
+    let mut issuers: Vec<JwtIssuerConfig> = Vec::with_capacity(sections.len());
+    for (index, section) in sections.into_iter().enumerate() {
+        let field = |name: &str| format!("identity.jwt_issuer[{index}].{name}");
+        if section.issuer.is_empty() || section.issuer.chars().any(char::is_control) {
+            return Err(error(&field("issuer"), "must be the tokens' exact `iss`"));
+        }
+        if issuers.iter().any(|known| known.issuer == section.issuer) {
+            return Err(error(&field("issuer"), "is configured twice"));
+        }
+        if section.audience.is_empty() {
+            return Err(error(
+                &field("audience"),
+                "is required: the `aud` the tokens carry for Warrant",
+            ));
+        }
+        for (claim_index, claim) in section.claims.iter().enumerate() {
+            let is_name = !claim.is_empty()
+                && claim.len() <= 64
+                && claim
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+                && claim != "iss"
+                && claim != "sub";
+            if !is_name {
+                return Err(error(
+                    &format!("{}[{claim_index}]", field("claims")),
+                    "must be a top-level claim name (letters, digits, '_', '-', '.'), not iss or sub",
+                ));
+            }
+        }
+        issuers.push(JwtIssuerConfig {
+            issuer: section.issuer,
+            audience: section.audience,
+            jwks_file: resolve(&section.jwks_file),
+            claims: section.claims,
+        });
+    }
+    Ok(issuers)
 }
 
 fn parse_duration(

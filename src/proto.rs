@@ -195,6 +195,9 @@ impl std::fmt::Debug for attest_request::Method {
                 f.debug_tuple("JoinToken").field(&redacted(token)).finish()
             }
             attest_request::Method::Unix(unix) => f.debug_tuple("Unix").field(unix).finish(),
+            attest_request::Method::Jwt(token) => {
+                f.debug_tuple("Jwt").field(&redacted(token)).finish()
+            }
         }
     }
 }

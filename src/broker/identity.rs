@@ -134,16 +134,44 @@ impl Broker {
     }
 
     /// An X.509-SVID for the local process the kernel described with `observed` selectors
-    /// ([`selectors::unix`]), the workload [`Self::match_unix`] finds for it.
+    /// ([`selectors::unix`]), the workload [`Self::match_selectors`] finds for it.
     pub async fn attest_unix(&self, observed: &[String]) -> Result<IssuedSvid> {
-        let workload = self.match_unix(observed).await?;
+        self.attest_by_selectors("unix", observed).await
+    }
+
+    /// An X.509-SVID for the holder of `token`, a JWT from a configured external issuer: the
+    /// workload whose selectors the token's `jwt:` selectors all satisfy.
+    pub async fn attest_with_jwt(&self, token: &str) -> Result<IssuedSvid> {
+        let observed = match self.jwt_attestor.attest(token, UnixMillis::now()) {
+            Ok(observed) => observed,
+            Err(refusal) => {
+                self.record_failed_attestation("jwt", refusal.reason, None)
+                    .await;
+                return Err(Error::Unauthenticated(
+                    "jwt: the token is not accepted (its issuer, signature, audience and \
+                     lifetime are checked; the audit trail names the reason)"
+                        .into(),
+                ));
+            }
+        };
+        self.attest_by_selectors("jwt", &observed).await
+    }
+
+    /// An X.509-SVID for the workload [`Self::match_selectors`] finds for what attestor
+    /// `method` observed.
+    async fn attest_by_selectors(
+        &self,
+        method: &'static str,
+        observed: &[String],
+    ) -> Result<IssuedSvid> {
+        let workload = self.match_selectors(method, observed).await?;
         let now = UnixMillis::now();
         let svid = self
             .ca
             .issue(&workload.spiffe_id, self.settings.svid_ttl, now)?;
         let event = AuditEvent::new("identity.attested", "ok", workload.name.as_str())
             .workload(&workload.name)
-            .with("method", "unix")
+            .with("method", method)
             .with("selectors", observed.to_vec())
             .with("spiffe_id", svid.spiffe_id.as_str())
             .with("svid_serial", svid.serial.as_str())
@@ -151,12 +179,12 @@ impl Broker {
         self.store
             .insert_svid(svid_record(&svid, &workload.id), vec![event])
             .await?;
-        tracing::info!(workload = %workload.name, serial = %svid.serial, "workload attested (unix)");
+        tracing::info!(workload = %workload.name, serial = %svid.serial, method, "workload attested");
         Ok(svid)
     }
 
     /// A JWT-SVID for `audiences` for the local process described by `observed`, the workload
-    /// [`Self::match_unix`] finds for it; `spiffe_id`, when given, must be that workload's. It
+    /// [`Self::match_selectors`] finds for it; `spiffe_id`, when given, must be that workload's. It
     /// is audited (without the token) before it is returned.
     pub async fn issue_jwt_svid(
         &self,
@@ -164,7 +192,7 @@ impl Broker {
         audiences: &[String],
         spiffe_id: Option<&str>,
     ) -> Result<(SpiffeId, String)> {
-        let workload = self.match_unix(observed).await?;
+        let workload = self.match_selectors("unix", observed).await?;
         if spiffe_id.is_some_and(|requested| requested != workload.spiffe_id.as_str()) {
             return Err(Error::Unauthenticated(
                 "spiffe_id: this process is not entitled to that SPIFFE ID".into(),
@@ -211,14 +239,18 @@ impl Broker {
         Ok((spiffe_id, claims))
     }
 
-    /// The registered workload whose selectors the local process described by `observed` all
-    /// shows, the most specific one if several do. Refused when none does, or when two equally
-    /// specific ones do (the registrations are then ambiguous for this process).
-    async fn match_unix(&self, observed: &[String]) -> Result<WorkloadRecord> {
+    /// The registered workload whose selectors all appear in what attestor `method` observed,
+    /// the most specific one if several do. Refused when none does, or when two equally
+    /// specific ones do (the registrations are then ambiguous for this caller).
+    async fn match_selectors(
+        &self,
+        method: &'static str,
+        observed: &[String],
+    ) -> Result<WorkloadRecord> {
         let refused = || {
-            Error::Unauthenticated(
-                "unix: no registered workload's selectors match this process".into(),
-            )
+            Error::Unauthenticated(format!(
+                "{method}: no registered workload's selectors match this caller"
+            ))
         };
         let mut candidates: Vec<WorkloadRecord> = self
             .store
@@ -243,7 +275,7 @@ impl Broker {
             } else {
                 "ambiguous"
             };
-            self.record_failed_attestation("unix", reason, None).await;
+            self.record_failed_attestation(method, reason, None).await;
             return Err(refused());
         };
         Ok(workload.clone())

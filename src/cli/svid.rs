@@ -21,16 +21,22 @@ pub const BUNDLE_FILE: &str = "bundle.pem";
 #[derive(Subcommand)]
 pub enum SvidCommand {
     /// Get this workload's X.509-SVID, written to --out: for the join token in
-    /// WARRANT_JOIN_TOKEN (read from the environment only, never from the command line), or,
-    /// with --unix-socket, for this process's Unix identity (uid, gid, executable).
+    /// WARRANT_JOIN_TOKEN (read from the environment only, never from the command line); with
+    /// --jwt-file, for the platform's token in that file (a Kubernetes service-account token, a
+    /// CI OIDC token); or, with --unix-socket, for this process's Unix identity (uid, gid,
+    /// executable).
     Attest {
         /// Directory for svid.pem, svid.key (mode 0600) and bundle.pem; created if missing.
         #[arg(long)]
         out: PathBuf,
         /// Attest by Unix identity on the broker's local socket (`server.unix_socket`; under
         /// `--dev`, warrant-data/warrant.sock).
-        #[arg(long, env = "WARRANT_UNIX_SOCKET")]
+        #[arg(long, env = "WARRANT_UNIX_SOCKET", conflicts_with = "jwt_file")]
         unix_socket: Option<PathBuf>,
+        /// Attest with the JWT in this file, from an issuer the broker trusts
+        /// (`[[identity.jwt_issuer]]`).
+        #[arg(long, env = "WARRANT_JWT_FILE")]
+        jwt_file: Option<PathBuf>,
     },
     /// Replace the SVID in --svid-dir with a fresh one, authenticating with the current one.
     Renew,
@@ -45,6 +51,7 @@ pub async fn run(
         SvidCommand::Attest {
             out,
             unix_socket: Some(socket),
+            ..
         } => {
             let svid = Connection::open_unix(socket)
                 .await?
@@ -62,19 +69,31 @@ pub async fn run(
         SvidCommand::Attest {
             out,
             unix_socket: None,
+            jwt_file,
         } => {
-            let token = std::env::var("WARRANT_JOIN_TOKEN").map_err(|_| {
-                CommandError::Usage(
-                    "set WARRANT_JOIN_TOKEN to the join token from `warrant admin join-token`"
-                        .into(),
-                )
-            })?;
+            let method = match jwt_file {
+                Some(path) => {
+                    let token = std::fs::read_to_string(path).map_err(|error| {
+                        CommandError::Usage(format!("--jwt-file {}: {error}", path.display()))
+                    })?;
+                    proto::attest_request::Method::Jwt(token.trim().to_owned())
+                }
+                None => proto::attest_request::Method::JoinToken(
+                    std::env::var("WARRANT_JOIN_TOKEN").map_err(|_| {
+                        CommandError::Usage(
+                            "set WARRANT_JOIN_TOKEN to the join token from `warrant admin \
+                             join-token`, or attest with --jwt-file or --unix-socket"
+                                .into(),
+                        )
+                    })?,
+                ),
+            };
             let svid = cli
                 .connect()
                 .await?
                 .attestation()
                 .attest(proto::AttestRequest {
-                    method: Some(proto::attest_request::Method::JoinToken(token)),
+                    method: Some(method),
                 })
                 .await?
                 .into_inner()

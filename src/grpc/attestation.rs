@@ -53,6 +53,7 @@ impl proto::attestation_server::Attestation for AttestationService {
         let _admitted = self.broker.admit_attestation(&peer)?;
         let svid = match &request.get_ref().method {
             Some(Method::JoinToken(token)) => self.broker.attest_with_join_token(token).await?,
+            Some(Method::Jwt(token)) => self.broker.attest_with_jwt(token).await?,
             Some(Method::Unix(_)) => {
                 let peer = local_peer.ok_or_else(|| {
                     Error::Unauthenticated(
@@ -67,7 +68,7 @@ impl proto::attestation_server::Attestation for AttestationService {
             None => {
                 return Err(Error::invalid(
                     "method",
-                    "name an attestation method: join_token or unix",
+                    "name an attestation method: join_token, jwt or unix",
                 )
                 .into());
             }

@@ -3,8 +3,16 @@
 
 pub mod ca;
 pub mod join_token;
+pub mod jwt_attestor;
 pub mod jwt_svid;
 pub mod selectors;
 
 pub use ca::{Ca, IssuedSvid, thumbprint};
+
+/// What the broker proves and issues identities with: its CA (X.509- and JWT-SVIDs) and the
+/// `jwt` attestor's trusted external issuers.
+pub struct IdentityAuthority {
+    pub ca: Ca,
+    pub jwt_attestor: jwt_attestor::JwtAttestor,
+}
 pub use join_token::JoinToken;

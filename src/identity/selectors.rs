@@ -11,12 +11,34 @@ pub const MAX_SELECTORS: usize = 8;
 /// Whether a selector's value has the shape its kind requires.
 type ValueCheck = fn(&str) -> bool;
 
-/// The selectors the `unix` attestor observes, and what each value must look like.
+/// The selectors the `unix` and `jwt` attestors observe, and what each value must look like.
 const KNOWN: &[(&str, ValueCheck)] = &[
     ("unix:uid:", is_id),
     ("unix:gid:", is_id),
     ("unix:sha256:", is_sha256_hex),
+    (JWT_ISSUER, is_claim_value),
+    ("jwt:sub:", is_claim_value),
+    ("jwt:claim:", is_named_claim_value),
 ];
+
+/// The selector naming a `jwt` token's issuer. A registration with `jwt:` selectors names
+/// exactly one, so that a subject or claim is never matched from another issuer's token.
+const JWT_ISSUER: &str = "jwt:iss:";
+
+fn is_claim_value(value: &str) -> bool {
+    !value.is_empty() && value.len() <= 256 && !value.chars().any(char::is_control)
+}
+
+/// `<claim name>:<value>`.
+fn is_named_claim_value(value: &str) -> bool {
+    value.split_once(':').is_some_and(|(name, value)| {
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+            && is_claim_value(value)
+    })
+}
 
 fn is_id(value: &str) -> bool {
     !value.is_empty() && value.len() <= 10 && value.parse::<u32>().is_ok()
@@ -47,13 +69,22 @@ pub fn parse(field: &str, selectors: &[String]) -> Result<Vec<String>> {
             return Err(Error::invalid(
                 format!("{field}[{index}]"),
                 format!(
-                    "'{}' is not a known selector: unix:uid:<uid>, unix:gid:<gid> or \
-                     unix:sha256:<64 lowercase hex digits of the executable's SHA-256>",
+                    "'{}' is not a known selector: unix:uid:<uid>, unix:gid:<gid>, \
+                     unix:sha256:<64 lowercase hex digits of the executable's SHA-256>, \
+                     jwt:iss:<issuer>, jwt:sub:<subject> or jwt:claim:<name>:<value>",
                     selector.chars().take(80).collect::<String>()
                 ),
             ));
         }
         parsed.push(selector.clone());
+    }
+    let issuers = parsed.iter().filter(|s| s.starts_with(JWT_ISSUER)).count();
+    if parsed.iter().any(|s| s.starts_with("jwt:")) && issuers != 1 {
+        return Err(Error::invalid(
+            field,
+            "jwt: selectors need exactly one jwt:iss:<issuer>, so a subject or claim is \
+             matched only from that issuer's tokens",
+        ));
     }
     parsed.sort();
     parsed.dedup();

@@ -36,6 +36,7 @@ mod feed_silence;
 mod identity;
 mod interop;
 mod jobs;
+mod jwt_attestation;
 mod lifecycle;
 mod limits;
 mod lossy_fs;

@@ -107,6 +107,7 @@ impl TestData {
             caller_limits: warrant::caller_limits::CallerLimitSettings::DEFAULT,
             unix_socket: None,
             svid_ttl: Duration::from_secs(3600),
+            jwt_issuers: Vec::new(),
             bearer_credentials: true,
         }
     }

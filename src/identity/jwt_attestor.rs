@@ -1,0 +1,282 @@
+//! The `jwt` attestor: a workload proves what it is with a token its platform issued to it (a
+//! Kubernetes projected service-account token, a CI OIDC token such as GitHub Actions'),
+//! checked against that issuer's JWKS and the audience configured for it. It observes the
+//! selectors `jwt:iss:<iss>`, `jwt:sub:<sub>` and `jwt:claim:<name>:<value>` for each claim the
+//! issuer's configuration names.
+//!
+//! The JWKS is a file the operator keeps current (for Kubernetes, `kubectl get --raw
+//! /openid/v1/jwks`). It is read at start (an unreadable one stops the start) and read again
+//! when a token names a key it does not hold, at most once per [`RELOAD_INTERVAL`], so a flood
+//! of made-up key ids cannot turn into a flood of reads.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::domain::UnixMillis;
+
+/// The shortest time between two reads of one issuer's JWKS file.
+pub const RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+/// Clock skew tolerated on `exp`, `nbf` and `iat`.
+const LEEWAY_SECONDS: i64 = 30;
+/// Largest external token accepted.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// One trusted external issuer, from the configuration (`[[identity.jwt_issuer]]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JwtIssuerConfig {
+    /// The exact `iss` of its tokens.
+    pub issuer: String,
+    /// The `aud` its tokens must carry for Warrant.
+    pub audience: String,
+    pub jwks_file: PathBuf,
+    /// Top-level string claims observed as `jwt:claim:<name>:<value>` selectors.
+    pub claims: Vec<String>,
+}
+
+/// Why a token was refused, as the audit trail records it; the caller is told less.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+}
+
+fn refuse(reason: &'static str) -> Refusal {
+    Refusal { reason }
+}
+
+/// A verification key from a JWKS.
+enum ExternalKey {
+    Rs256 {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
+    /// Uncompressed P-256 point.
+    Es256(Vec<u8>),
+}
+
+struct Keys {
+    by_kid: HashMap<String, ExternalKey>,
+    read_at: Instant,
+}
+
+struct TrustedIssuer {
+    config: JwtIssuerConfig,
+    keys: Mutex<Keys>,
+}
+
+/// The configured issuers and their keys.
+pub struct JwtAttestor {
+    issuers: Vec<TrustedIssuer>,
+}
+
+/// A JWKS file that could not be used at start.
+#[derive(Debug, thiserror::Error)]
+#[error("identity.jwt_issuer {issuer}: jwks_file {path}: {reason}")]
+pub struct JwksError {
+    issuer: String,
+    path: String,
+    reason: String,
+}
+
+impl JwtAttestor {
+    /// Reads every issuer's JWKS; fails on the first that cannot be read or holds no usable key.
+    pub fn load(configs: &[JwtIssuerConfig]) -> Result<JwtAttestor, JwksError> {
+        let issuers = configs
+            .iter()
+            .map(|config| {
+                let by_kid = read_jwks(config).map_err(|reason| JwksError {
+                    issuer: config.issuer.clone(),
+                    path: config.jwks_file.display().to_string(),
+                    reason,
+                })?;
+                Ok(TrustedIssuer {
+                    config: config.clone(),
+                    keys: Mutex::new(Keys {
+                        by_kid,
+                        read_at: Instant::now(),
+                    }),
+                })
+            })
+            .collect::<Result<_, JwksError>>()?;
+        Ok(JwtAttestor { issuers })
+    }
+
+    /// The selectors `token` proves at `now`, or why it proves nothing.
+    pub fn attest(&self, token: &str, now: UnixMillis) -> Result<Vec<String>, Refusal> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(refuse("oversized"));
+        }
+        let mut parts = token.split('.');
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(refuse("malformed"));
+        };
+        let header = decode_object(header).ok_or(refuse("malformed"))?;
+        let claims = decode_object(payload).ok_or(refuse("malformed"))?;
+        let signature = URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|_| refuse("malformed"))?;
+        let algorithm = header.get("alg").and_then(Value::as_str);
+        if !matches!(algorithm, Some("RS256" | "ES256")) {
+            return Err(refuse("algorithm"));
+        }
+        let issuer = claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .and_then(|iss| {
+                self.issuers
+                    .iter()
+                    .find(|trusted| trusted.config.issuer == iss)
+            })
+            .ok_or(refuse("unknown_issuer"))?;
+        let kid = header
+            .get("kid")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let signing_input = &token[..token.rfind('.').unwrap_or_default()];
+        if !issuer.verify(kid, algorithm, signing_input.as_bytes(), &signature) {
+            return Err(refuse("signature"));
+        }
+        check_times(&claims, now.as_seconds())?;
+        let audience_matches = match claims.get("aud") {
+            Some(Value::String(one)) => *one == issuer.config.audience,
+            Some(Value::Array(many)) => many.iter().any(|aud| *aud == *issuer.config.audience),
+            _ => false,
+        };
+        if !audience_matches {
+            return Err(refuse("audience"));
+        }
+        let subject = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .filter(|sub| !sub.is_empty())
+            .ok_or(refuse("no_subject"))?;
+        let mut selectors = vec![
+            format!("jwt:iss:{}", issuer.config.issuer),
+            format!("jwt:sub:{subject}"),
+        ];
+        for name in &issuer.config.claims {
+            if let Some(value) = claims.get(name).and_then(Value::as_str) {
+                selectors.push(format!("jwt:claim:{name}:{value}"));
+            }
+        }
+        Ok(selectors)
+    }
+}
+
+impl TrustedIssuer {
+    /// Checks the signature with key `kid`, reading the JWKS again (rate-limited) when it does
+    /// not hold that key. The key's type must be the one `algorithm` names.
+    fn verify(&self, kid: &str, algorithm: Option<&str>, message: &[u8], signature: &[u8]) -> bool {
+        let mut keys = match self.keys.lock() {
+            Ok(keys) => keys,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if !keys.by_kid.contains_key(kid) && keys.read_at.elapsed() >= RELOAD_INTERVAL {
+            keys.read_at = Instant::now();
+            match read_jwks(&self.config) {
+                Ok(by_kid) => keys.by_kid = by_kid,
+                Err(reason) => {
+                    tracing::warn!(issuer = %self.config.issuer, %reason, "cannot read the JWKS again; keeping the keys read before");
+                }
+            }
+        }
+        match (keys.by_kid.get(kid), algorithm) {
+            (Some(ExternalKey::Rs256 { n, e }), Some("RS256")) => RsaPublicKeyComponents { n, e }
+                .verify(&signature::RSA_PKCS1_2048_8192_SHA256, message, signature)
+                .is_ok(),
+            (Some(ExternalKey::Es256(point)), Some("ES256")) => {
+                UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+                    .verify(message, signature)
+                    .is_ok()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `exp` is required and must not have passed; `nbf` and `iat`, when present, must not be in
+/// the future (each with [`LEEWAY_SECONDS`]).
+fn check_times(claims: &Map<String, Value>, now: i64) -> Result<(), Refusal> {
+    let expires = claims
+        .get("exp")
+        .and_then(Value::as_i64)
+        .ok_or(refuse("no_expiry"))?;
+    if expires + LEEWAY_SECONDS <= now {
+        return Err(refuse("expired"));
+    }
+    for name in ["nbf", "iat"] {
+        if let Some(at) = claims.get(name) {
+            let at = at.as_i64().ok_or(refuse("malformed"))?;
+            if at > now + LEEWAY_SECONDS {
+                return Err(refuse("not_yet_valid"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn decode_object(part: &str) -> Option<Map<String, Value>> {
+    match serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()? {
+        Value::Object(object) => Some(object),
+        _ => None,
+    }
+}
+
+#[derive(Deserialize)]
+struct JwkSet {
+    keys: Vec<Map<String, Value>>,
+}
+
+/// The usable keys of the issuer's JWKS file, by `kid`: RSA keys and P-256 keys, skipping
+/// other types and keys marked for encryption.
+fn read_jwks(config: &JwtIssuerConfig) -> Result<HashMap<String, ExternalKey>, String> {
+    let text = std::fs::read(&config.jwks_file).map_err(|error| error.to_string())?;
+    let set: JwkSet =
+        serde_json::from_slice(&text).map_err(|error| format!("not a JWK Set: {error}"))?;
+    let member = |jwk: &Map<String, Value>, name: &str| {
+        jwk.get(name)
+            .and_then(Value::as_str)
+            .and_then(|text| URL_SAFE_NO_PAD.decode(text).ok())
+    };
+    let mut keys = HashMap::new();
+    for jwk in &set.keys {
+        if jwk.get("use").and_then(Value::as_str) == Some("enc") {
+            continue;
+        }
+        let kid = jwk
+            .get("kid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let key = match (
+            jwk.get("kty").and_then(Value::as_str),
+            jwk.get("crv").and_then(Value::as_str),
+        ) {
+            (Some("RSA"), _) => match (member(jwk, "n"), member(jwk, "e")) {
+                (Some(n), Some(e)) => ExternalKey::Rs256 { n, e },
+                _ => continue,
+            },
+            (Some("EC"), Some("P-256")) => match (member(jwk, "x"), member(jwk, "y")) {
+                (Some(x), Some(y)) if x.len() == 32 && y.len() == 32 => {
+                    ExternalKey::Es256([vec![0x04], x, y].concat())
+                }
+                _ => continue,
+            },
+            _ => continue,
+        };
+        keys.insert(kid, key);
+    }
+    if keys.is_empty() {
+        return Err("holds no RSA or P-256 signing key".into());
+    }
+    Ok(keys)
+}
