@@ -125,7 +125,7 @@ impl App {
         };
         let audit_key = master_key.audit_key();
         let ca = Ca::load_or_create(store.as_ref(), &master_key, &config.trust_domain).await?;
-        let jwt_attestor = JwtAttestor::load(&config.jwt_issuers)?;
+        let jwt_attestor = JwtAttestor::load(&config.jwt_issuers).await?;
         let keyring = Keyring::load(store.as_ref(), master_key, config.signing_algorithm).await?;
         let metrics = Arc::new(Metrics::new());
         let settings = BrokerSettings {

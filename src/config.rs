@@ -10,7 +10,8 @@ use serde::Deserialize;
 
 use crate::caller_limits::CallerLimitSettings;
 use crate::domain::TrustDomain;
-use crate::identity::jwt_attestor::JwtIssuerConfig;
+use crate::identity::jwks_fetch::HttpsUrl;
+use crate::identity::jwt_attestor::{DEFAULT_MIN_REFRESH, JwksSource, JwtIssuerConfig};
 use crate::issuer::KeyAlgorithm;
 use crate::store::StoreSettings;
 
@@ -476,7 +477,10 @@ struct IdentitySection {
 struct JwtIssuerSection {
     issuer: String,
     audience: String,
-    jwks_file: PathBuf,
+    jwks_file: Option<PathBuf>,
+    jwks_url: Option<String>,
+    jwks_ca_file: Option<PathBuf>,
+    jwks_min_refresh: Option<String>,
     #[serde(default)]
     claims: Vec<String>,
 }
@@ -611,11 +615,32 @@ fn jwt_issuers(
                 ));
             }
         }
+        let jwks = match (section.jwks_file, section.jwks_url, section.jwks_ca_file) {
+            (Some(file), None, None) => JwksSource::File(resolve(&file)),
+            (None, Some(url), ca_file) => JwksSource::Https {
+                url: HttpsUrl::parse(&url).map_err(|reason| error(&field("jwks_url"), reason))?,
+                ca_file: ca_file.as_deref().map(resolve),
+            },
+            (Some(_), None, Some(_)) => {
+                return Err(error(&field("jwks_ca_file"), "goes with jwks_url only"));
+            }
+            _ => {
+                return Err(error(
+                    &field("jwks_file"),
+                    "name exactly one of jwks_file and jwks_url",
+                ));
+            }
+        };
         issuers.push(JwtIssuerConfig {
             issuer: section.issuer,
             audience: section.audience,
-            jwks_file: resolve(&section.jwks_file),
+            jwks,
             claims: section.claims,
+            min_refresh: parse_duration(
+                &field("jwks_min_refresh"),
+                section.jwks_min_refresh.as_deref(),
+                DEFAULT_MIN_REFRESH,
+            )?,
         });
     }
     Ok(issuers)

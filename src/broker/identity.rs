@@ -142,7 +142,7 @@ impl Broker {
     /// An X.509-SVID for the holder of `token`, a JWT from a configured external issuer: the
     /// workload whose selectors the token's `jwt:` selectors all satisfy.
     pub async fn attest_with_jwt(&self, token: &str) -> Result<IssuedSvid> {
-        let observed = match self.jwt_attestor.attest(token, UnixMillis::now()) {
+        let observed = match self.jwt_attestor.attest(token, UnixMillis::now()).await {
             Ok(observed) => observed,
             Err(refusal) => {
                 self.record_failed_attestation("jwt", refusal.reason, None)

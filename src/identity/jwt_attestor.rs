@@ -5,25 +5,29 @@
 //! issuer's configuration names.
 //!
 //! The JWKS is a file the operator keeps current (for Kubernetes, `kubectl get --raw
-//! /openid/v1/jwks`). It is read at start (an unreadable one stops the start) and read again
-//! when a token names a key it does not hold, at most once per [`RELOAD_INTERVAL`], so a flood
-//! of made-up key ids cannot turn into a flood of reads.
+//! /openid/v1/jwks`) or an HTTPS URL (a CI provider's `.well-known/jwks`). A file is read at
+//! start (an unreadable one stops the start); a URL is fetched at start, and while it cannot be
+//! fetched that issuer's tokens are refused (fail closed, the broker still starts). Either is
+//! read again when a token names a key it does not hold, at most once per the issuer's
+//! `min_refresh`, so a flood of made-up key ids cannot turn into a flood of reads.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
+use rustls::RootCertStore;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::jwks_fetch::{self, HttpsUrl};
 use crate::domain::UnixMillis;
 
-/// The shortest time between two reads of one issuer's JWKS file.
-pub const RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+/// The default shortest time between two reads of one issuer's JWKS.
+pub const DEFAULT_MIN_REFRESH: Duration = Duration::from_secs(30);
 /// Clock skew tolerated on `exp`, `nbf` and `iat`.
 const LEEWAY_SECONDS: i64 = 30;
 /// Largest external token accepted.
@@ -36,9 +40,52 @@ pub struct JwtIssuerConfig {
     pub issuer: String,
     /// The `aud` its tokens must carry for Warrant.
     pub audience: String,
-    pub jwks_file: PathBuf,
+    pub jwks: JwksSource,
     /// Top-level string claims observed as `jwt:claim:<name>:<value>` selectors.
     pub claims: Vec<String>,
+    /// The shortest time between two reads of the JWKS.
+    pub min_refresh: Duration,
+}
+
+/// Where an issuer's JWKS comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+    /// Fetched with the roots in `ca_file` (PEM), or the system's CA bundle.
+    Https {
+        url: HttpsUrl,
+        ca_file: Option<PathBuf>,
+    },
+}
+
+impl JwksSource {
+    fn describe(&self) -> String {
+        match self {
+            JwksSource::File(path) => format!("jwks_file {}", path.display()),
+            JwksSource::Https { url, .. } => format!("jwks_url {}", url.as_str()),
+        }
+    }
+}
+
+/// A source ready to read: HTTPS roots loaded.
+enum Reader {
+    File(PathBuf),
+    Https {
+        url: HttpsUrl,
+        roots: Arc<RootCertStore>,
+    },
+}
+
+impl Reader {
+    async fn read(&self) -> Result<HashMap<String, ExternalKey>, String> {
+        let document = match self {
+            Reader::File(path) => tokio::fs::read(path)
+                .await
+                .map_err(|error| error.to_string())?,
+            Reader::Https { url, roots } => jwks_fetch::fetch(url, roots.clone()).await?,
+        };
+        parse_jwks(&document)
+    }
 }
 
 /// Why a token was refused, as the audit trail records it; the caller is told less.
@@ -62,12 +109,15 @@ enum ExternalKey {
 }
 
 struct Keys {
-    by_kid: HashMap<String, ExternalKey>,
-    read_at: Instant,
+    by_kid: Arc<HashMap<String, ExternalKey>>,
+    /// When the JWKS was last read (or a read last began); `None` before the first success
+    /// of a URL that could not be fetched at start.
+    read_at: Option<Instant>,
 }
 
 struct TrustedIssuer {
     config: JwtIssuerConfig,
+    reader: Reader,
     keys: Mutex<Keys>,
 }
 
@@ -78,38 +128,57 @@ pub struct JwtAttestor {
 
 /// A JWKS file that could not be used at start.
 #[derive(Debug, thiserror::Error)]
-#[error("identity.jwt_issuer {issuer}: jwks_file {path}: {reason}")]
+#[error("identity.jwt_issuer {issuer}: {location}: {reason}")]
 pub struct JwksError {
     issuer: String,
-    path: String,
+    location: String,
     reason: String,
 }
 
 impl JwtAttestor {
-    /// Reads every issuer's JWKS; fails on the first that cannot be read or holds no usable key.
-    pub fn load(configs: &[JwtIssuerConfig]) -> Result<JwtAttestor, JwksError> {
-        let issuers = configs
-            .iter()
-            .map(|config| {
-                let by_kid = read_jwks(config).map_err(|reason| JwksError {
-                    issuer: config.issuer.clone(),
-                    path: config.jwks_file.display().to_string(),
-                    reason,
-                })?;
-                Ok(TrustedIssuer {
-                    config: config.clone(),
-                    keys: Mutex::new(Keys {
-                        by_kid,
-                        read_at: Instant::now(),
-                    }),
-                })
-            })
-            .collect::<Result<_, JwksError>>()?;
+    /// Reads every issuer's JWKS. A file that cannot be read (or holds no usable key), or CA
+    /// roots that cannot be loaded, fail the start; a URL that cannot be fetched now is retried
+    /// when a token of its issuer comes.
+    pub async fn load(configs: &[JwtIssuerConfig]) -> Result<JwtAttestor, JwksError> {
+        let mut issuers = Vec::with_capacity(configs.len());
+        for config in configs {
+            let failed = |reason: String| JwksError {
+                issuer: config.issuer.clone(),
+                location: config.jwks.describe(),
+                reason,
+            };
+            let reader = match &config.jwks {
+                JwksSource::File(path) => Reader::File(path.clone()),
+                JwksSource::Https { url, ca_file } => Reader::Https {
+                    url: url.clone(),
+                    roots: Arc::new(jwks_fetch::roots(ca_file.as_deref()).map_err(failed)?),
+                },
+            };
+            let keys = match (reader.read().await, &reader) {
+                (Ok(by_kid), _) => Keys {
+                    by_kid: Arc::new(by_kid),
+                    read_at: Some(Instant::now()),
+                },
+                (Err(reason), Reader::Https { .. }) => {
+                    tracing::warn!(issuer = %config.issuer, %reason, "cannot fetch the JWKS; this issuer's tokens are refused until it can be");
+                    Keys {
+                        by_kid: Arc::default(),
+                        read_at: None,
+                    }
+                }
+                (Err(reason), Reader::File(_)) => return Err(failed(reason)),
+            };
+            issuers.push(TrustedIssuer {
+                config: config.clone(),
+                reader,
+                keys: Mutex::new(keys),
+            });
+        }
         Ok(JwtAttestor { issuers })
     }
 
     /// The selectors `token` proves at `now`, or why it proves nothing.
-    pub fn attest(&self, token: &str, now: UnixMillis) -> Result<Vec<String>, Refusal> {
+    pub async fn attest(&self, token: &str, now: UnixMillis) -> Result<Vec<String>, Refusal> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(refuse("oversized"));
         }
@@ -142,7 +211,8 @@ impl JwtAttestor {
             .and_then(Value::as_str)
             .unwrap_or_default();
         let signing_input = &token[..token.rfind('.').unwrap_or_default()];
-        if !issuer.verify(kid, algorithm, signing_input.as_bytes(), &signature) {
+        let keys = issuer.keys_holding(kid).await;
+        if !verify(&keys, kid, algorithm, signing_input.as_bytes(), &signature) {
             return Err(refuse("signature"));
         }
         check_times(&claims, now.as_seconds())?;
@@ -173,33 +243,60 @@ impl JwtAttestor {
 }
 
 impl TrustedIssuer {
-    /// Checks the signature with key `kid`, reading the JWKS again (rate-limited) when it does
-    /// not hold that key. The key's type must be the one `algorithm` names.
-    fn verify(&self, kid: &str, algorithm: Option<&str>, message: &[u8], signature: &[u8]) -> bool {
-        let mut keys = match self.keys.lock() {
+    /// The issuer's keys, read again first (at most once per `min_refresh`, and without
+    /// holding the lock while reading) when they do not hold `kid`.
+    async fn keys_holding(&self, kid: &str) -> Arc<HashMap<String, ExternalKey>> {
+        {
+            let mut keys = self.lock();
+            let due = !keys.by_kid.contains_key(kid)
+                && keys
+                    .read_at
+                    .is_none_or(|at| at.elapsed() >= self.config.min_refresh);
+            if !due {
+                return keys.by_kid.clone();
+            }
+            keys.read_at = Some(Instant::now());
+        }
+        match self.reader.read().await {
+            Ok(by_kid) => {
+                let by_kid = Arc::new(by_kid);
+                self.lock().by_kid = by_kid.clone();
+                by_kid
+            }
+            Err(reason) => {
+                tracing::warn!(issuer = %self.config.issuer, %reason, "cannot read the JWKS again; keeping the keys read before");
+                self.lock().by_kid.clone()
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Keys> {
+        match self.keys.lock() {
             Ok(keys) => keys,
             Err(poisoned) => poisoned.into_inner(),
-        };
-        if !keys.by_kid.contains_key(kid) && keys.read_at.elapsed() >= RELOAD_INTERVAL {
-            keys.read_at = Instant::now();
-            match read_jwks(&self.config) {
-                Ok(by_kid) => keys.by_kid = by_kid,
-                Err(reason) => {
-                    tracing::warn!(issuer = %self.config.issuer, %reason, "cannot read the JWKS again; keeping the keys read before");
-                }
-            }
         }
-        match (keys.by_kid.get(kid), algorithm) {
-            (Some(ExternalKey::Rs256 { n, e }), Some("RS256")) => RsaPublicKeyComponents { n, e }
-                .verify(&signature::RSA_PKCS1_2048_8192_SHA256, message, signature)
-                .is_ok(),
-            (Some(ExternalKey::Es256(point)), Some("ES256")) => {
-                UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
-                    .verify(message, signature)
-                    .is_ok()
-            }
-            _ => false,
+    }
+}
+
+/// Checks the signature with key `kid` of `keys`, whose type must be the one `algorithm`
+/// names.
+fn verify(
+    keys: &HashMap<String, ExternalKey>,
+    kid: &str,
+    algorithm: Option<&str>,
+    message: &[u8],
+    signature: &[u8],
+) -> bool {
+    match (keys.get(kid), algorithm) {
+        (Some(ExternalKey::Rs256 { n, e }), Some("RS256")) => RsaPublicKeyComponents { n, e }
+            .verify(&signature::RSA_PKCS1_2048_8192_SHA256, message, signature)
+            .is_ok(),
+        (Some(ExternalKey::Es256(point)), Some("ES256")) => {
+            UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+                .verify(message, signature)
+                .is_ok()
         }
+        _ => false,
     }
 }
 
@@ -236,12 +333,11 @@ struct JwkSet {
     keys: Vec<Map<String, Value>>,
 }
 
-/// The usable keys of the issuer's JWKS file, by `kid`: RSA keys and P-256 keys, skipping
-/// other types and keys marked for encryption.
-fn read_jwks(config: &JwtIssuerConfig) -> Result<HashMap<String, ExternalKey>, String> {
-    let text = std::fs::read(&config.jwks_file).map_err(|error| error.to_string())?;
+/// The usable keys of a JWKS document, by `kid`: RSA keys and P-256 keys, skipping other
+/// types and keys marked for encryption.
+fn parse_jwks(text: &[u8]) -> Result<HashMap<String, ExternalKey>, String> {
     let set: JwkSet =
-        serde_json::from_slice(&text).map_err(|error| format!("not a JWK Set: {error}"))?;
+        serde_json::from_slice(text).map_err(|error| format!("not a JWK Set: {error}"))?;
     let member = |jwk: &Map<String, Value>, name: &str| {
         jwk.get(name)
             .and_then(Value::as_str)

@@ -9,7 +9,8 @@ use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair};
 use serde_json::{Value, json};
 use tonic::Code;
-use warrant::identity::jwt_attestor::JwtIssuerConfig;
+use warrant::identity::jwks_fetch::HttpsUrl;
+use warrant::identity::jwt_attestor::{DEFAULT_MIN_REFRESH, JwksSource, JwtIssuerConfig};
 use warrant::proto;
 
 use crate::support::*;
@@ -131,8 +132,9 @@ async fn a_platform_token_buys_the_matching_svid_and_a_bad_one_buys_nothing() {
     config.jwt_issuers = vec![JwtIssuerConfig {
         issuer: ISSUER.into(),
         audience: AUDIENCE.into(),
-        jwks_file,
+        jwks: JwksSource::File(jwks_file),
         claims: vec!["repository".into()],
+        min_refresh: DEFAULT_MIN_REFRESH,
     }];
     let app = TestApp::spawn_with(config).await;
     let admin = app.admin().await;
@@ -301,4 +303,144 @@ async fn a_platform_token_buys_the_matching_svid_and_a_bad_one_buys_nothing() {
             "the trail names '{reason}': {reasons:?}"
         );
     }
+}
+
+/// A JWKS served over HTTPS by a stand-in for the platform, counting the fetches.
+struct JwksServer {
+    url: String,
+    ca_file: std::path::PathBuf,
+    document: std::sync::Arc<std::sync::Mutex<String>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl JwksServer {
+    async fn start(dir: &std::path::Path, document: String) -> JwksServer {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let ca_file = dir.join("jwks-server.pem");
+        std::fs::write(&ca_file, certified.cert.pem()).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "https://localhost:{}/jwks",
+            listener.local_addr().unwrap().port()
+        );
+        let document = std::sync::Arc::new(std::sync::Mutex::new(document));
+        let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (served, counted) = (document.clone(), fetches.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buffer).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(read) => request.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let body = served.lock().unwrap().clone();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(response.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        JwksServer {
+            url,
+            ca_file,
+            document,
+            fetches,
+        }
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_url_is_fetched_at_start_and_again_for_a_new_key_at_most_once_per_interval() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let platform = Platform::new(data.path());
+    let mut only_rsa = platform.jwks();
+    only_rsa["keys"].as_array_mut().unwrap().truncate(1);
+    let server = JwksServer::start(data.path(), only_rsa.to_string()).await;
+    let min_refresh = std::time::Duration::from_secs(1);
+    let mut config = data.config();
+    config.jwt_issuers = vec![JwtIssuerConfig {
+        issuer: ISSUER.into(),
+        audience: AUDIENCE.into(),
+        jwks: JwksSource::Https {
+            url: HttpsUrl::parse(&server.url).unwrap(),
+            ca_file: Some(server.ca_file.clone()),
+        },
+        claims: Vec::new(),
+        min_refresh,
+    }];
+    let app = TestApp::spawn_with(config).await;
+    assert_eq!(server.fetches(), 1, "fetched at start");
+    app.admin()
+        .await
+        .admin()
+        .create_workload(proto::CreateWorkloadRequest {
+            name: "crm".into(),
+            roles: vec![proto::Role::Agent as i32],
+            no_bearer_credential: true,
+            selectors: vec![
+                "jwt:iss:https://issuer.test".into(),
+                "jwt:sub:system:serviceaccount:prod:crm".into(),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let attest_with = |token: String| {
+        let app = &app;
+        async move {
+            app.connect(None)
+                .await
+                .attestation()
+                .attest(attest(token))
+                .await
+        }
+    };
+
+    attest_with(platform.sign("RS256", "rsa-1", &service_account_claims()))
+        .await
+        .expect("a key from the fetched JWKS");
+    assert_eq!(server.fetches(), 1, "a known key needs no fetch");
+
+    // The platform adds a key; a token signed with it makes the broker fetch again.
+    *server.document.lock().unwrap() = platform.jwks().to_string();
+    tokio::time::sleep(min_refresh).await;
+    attest_with(platform.sign("ES256", "ec-1", &service_account_claims()))
+        .await
+        .expect("the new key, fetched on demand");
+    assert_eq!(server.fetches(), 2);
+
+    // Made-up key ids within the interval cause no fetch at all.
+    for _ in 0..5 {
+        let refused = attest_with(platform.sign("RS256", "made-up", &service_account_claims()))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated);
+    }
+    assert_eq!(server.fetches(), 2, "unknown key ids are rate-limited");
 }
