@@ -777,6 +777,71 @@ mod tests {
     }
 
     #[test]
+    fn jwt_issuers_are_read_with_paths_resolved_and_bad_ones_are_refused_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "server.crt", "cert");
+        write(dir.path(), "server.key", "key");
+        let issuers = r#"
+[[identity.jwt_issuer]]
+issuer = "https://k8s.example"
+audience = "warrant"
+jwks_file = "k8s-jwks.json"
+claims = ["repository"]
+[[identity.jwt_issuer]]
+issuer = "https://ci.example"
+audience = "warrant"
+jwks_url = "https://ci.example:8443/.well-known/jwks"
+jwks_min_refresh = "5s"
+"#;
+        let text = format!("{VALID}{issuers}");
+        let config = Config::from_file(&write(dir.path(), "warrant.toml", &text), &no_env).unwrap();
+        let [file, url] = config.jwt_issuers.as_slice() else {
+            panic!("two issuers: {:?}", config.jwt_issuers);
+        };
+        assert_eq!(
+            file.jwks,
+            JwksSource::File(dir.path().join("k8s-jwks.json"))
+        );
+        assert_eq!(file.min_refresh, DEFAULT_MIN_REFRESH);
+        assert!(matches!(&url.jwks, JwksSource::Https { url, ca_file: None }
+            if url.as_str() == "https://ci.example:8443/.well-known/jwks"));
+        assert_eq!(url.min_refresh, Duration::from_secs(5));
+
+        let cases = [
+            (
+                issuers.replace("https://ci.example:8443", "http://ci.example"),
+                "identity.jwt_issuer[1].jwks_url",
+            ),
+            (
+                issuers.replace("jwks_file = \"k8s-jwks.json\"\n", ""),
+                "identity.jwt_issuer[0].jwks_file",
+            ),
+            (
+                issuers.replace("https://ci.example\"", "https://k8s.example\""),
+                "identity.jwt_issuer[1].issuer",
+            ),
+            (
+                issuers.replacen("audience = \"warrant\"", "audience = \"\"", 1),
+                "identity.jwt_issuer[0].audience",
+            ),
+            (
+                issuers.replace("[\"repository\"]", "[\"sub\"]"),
+                "identity.jwt_issuer[0].claims[0]",
+            ),
+            (
+                issuers.replace("\"5s\"", "\"soon\""),
+                "identity.jwt_issuer[1].jwks_min_refresh",
+            ),
+        ];
+        for (issuers, field) in cases {
+            let text = format!("{VALID}{issuers}");
+            let error =
+                Config::from_file(&write(dir.path(), "bad.toml", &text), &no_env).unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+        }
+    }
+
+    #[test]
     fn caller_limits_come_from_the_file_then_the_environment() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "server.crt", "cert");
