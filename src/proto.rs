@@ -14,7 +14,7 @@ pub mod spiffe_workload {
             f.debug_struct("X509svid")
                 .field("spiffe_id", &self.spiffe_id)
                 .field("x509_svid_bytes", &self.x509_svid.len())
-                .field("x509_svid_key", &redacted_bytes(&self.x509_svid_key))
+                .field("x509_svid_key", &redacted(&self.x509_svid_key))
                 .field("bundle_bytes", &self.bundle.len())
                 .field("hint", &self.hint)
                 .finish()
@@ -38,10 +38,6 @@ pub mod spiffe_workload {
                 .field("svid", &redacted(&self.svid))
                 .finish()
         }
-    }
-
-    fn redacted_bytes(secret: &[u8]) -> &'static str {
-        if secret.is_empty() { "" } else { "[redacted]" }
     }
 }
 
@@ -78,8 +74,12 @@ impl From<Jwk> for crate::issuer::Jwk {
 }
 
 /// Stands in for a secret in `Debug` output: says whether one is there, never what it is.
-fn redacted(secret: &str) -> &'static str {
-    if secret.is_empty() { "" } else { "[redacted]" }
+fn redacted(secret: impl AsRef<[u8]>) -> &'static str {
+    if secret.as_ref().is_empty() {
+        ""
+    } else {
+        "[redacted]"
+    }
 }
 
 impl std::fmt::Debug for Lease {

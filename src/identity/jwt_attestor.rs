@@ -25,13 +25,12 @@ use serde_json::{Map, Value};
 
 use super::jwks_fetch::{self, HttpsUrl};
 use crate::domain::UnixMillis;
+use crate::issuer::jwt::{JwsParts, TokenError, audience_names};
 
 /// The default shortest time between two reads of one issuer's JWKS.
 pub const DEFAULT_MIN_REFRESH: Duration = Duration::from_secs(30);
 /// Clock skew tolerated on `exp`, `nbf` and `iat`.
 const LEEWAY_SECONDS: i64 = 30;
-/// Largest external token accepted.
-const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 /// One trusted external issuer, from the configuration (`[[identity.jwt_issuer]]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,20 +178,12 @@ impl JwtAttestor {
 
     /// The selectors `token` proves at `now`, or why it proves nothing.
     pub async fn attest(&self, token: &str, now: UnixMillis) -> Result<Vec<String>, Refusal> {
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(refuse("oversized"));
-        }
-        let mut parts = token.split('.');
-        let (Some(header), Some(payload), Some(signature), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(refuse("malformed"));
-        };
-        let header = decode_object(header).ok_or(refuse("malformed"))?;
-        let claims = decode_object(payload).ok_or(refuse("malformed"))?;
-        let signature = URL_SAFE_NO_PAD
-            .decode(signature)
-            .map_err(|_| refuse("malformed"))?;
+        let parts = JwsParts::split(token).map_err(|_| refuse("malformed"))?;
+        let header = parts.json_header().map_err(|error| match error {
+            TokenError::UnsupportedHeader(_) => refuse("critical_header"),
+            _ => refuse("malformed"),
+        })?;
+        let claims = parts.json_claims().map_err(|_| refuse("malformed"))?;
         let algorithm = header.get("alg").and_then(Value::as_str);
         if !matches!(algorithm, Some("RS256" | "ES256")) {
             return Err(refuse("algorithm"));
@@ -210,18 +201,13 @@ impl JwtAttestor {
             .get("kid")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        let signing_input = &token[..token.rfind('.').unwrap_or_default()];
+        let signing_input = &token.as_bytes()[..parts.signing_input_len];
         let keys = issuer.keys_holding(kid).await;
-        if !verify(&keys, kid, algorithm, signing_input.as_bytes(), &signature) {
+        if !verify(&keys, kid, algorithm, signing_input, &parts.signature) {
             return Err(refuse("signature"));
         }
         check_times(&claims, now.as_seconds())?;
-        let audience_matches = match claims.get("aud") {
-            Some(Value::String(one)) => *one == issuer.config.audience,
-            Some(Value::Array(many)) => many.iter().any(|aud| *aud == *issuer.config.audience),
-            _ => false,
-        };
-        if !audience_matches {
+        if !audience_names(&claims, &issuer.config.audience) {
             return Err(refuse("audience"));
         }
         let subject = claims
@@ -319,13 +305,6 @@ fn check_times(claims: &Map<String, Value>, now: i64) -> Result<(), Refusal> {
         }
     }
     Ok(())
-}
-
-fn decode_object(part: &str) -> Option<Map<String, Value>> {
-    match serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()? {
-        Value::Object(object) => Some(object),
-        _ => None,
-    }
 }
 
 #[derive(Deserialize)]

@@ -11,6 +11,7 @@ use serde_json::{Map, Value, json};
 
 use crate::domain::{SpiffeId, TrustDomain, UnixMillis};
 use crate::error::{Error, Result};
+use crate::issuer::jwt::{JwsParts, TokenError, audience_names};
 use crate::issuer::{KeyAlgorithm, MasterKey, SigningKey};
 use crate::store::{Store, StoredJwtSvidKey};
 
@@ -102,13 +103,9 @@ impl JwtSvidKey {
         now: UnixMillis,
     ) -> Result<(SpiffeId, Map<String, Value>)> {
         let invalid = |reason: &str| Error::invalid("svid", reason);
-        let mut parts = token.split('.');
-        let (Some(header), Some(payload), Some(signature), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(invalid("not a JWS compact serialization"));
-        };
-        let header = decode_json(header).ok_or_else(|| invalid("the header is not JSON"))?;
+        let not_a_jwt = |error: TokenError| Error::invalid("svid", error.to_string());
+        let parts = JwsParts::split(token).map_err(not_a_jwt)?;
+        let header = parts.json_header().map_err(not_a_jwt)?;
         if header.get("alg").and_then(Value::as_str) != Some("ES256") {
             return Err(invalid("alg must be ES256"));
         }
@@ -123,20 +120,15 @@ impl JwtSvidKey {
                 "signed by a key not in this trust domain's JWT bundle",
             ));
         }
-        let signature = URL_SAFE_NO_PAD
-            .decode(signature)
-            .map_err(|_| invalid("the signature is not base64url"))?;
-        let signing_input = &token[..header_and_payload_len(token)];
+        let signing_input = &token.as_bytes()[..parts.signing_input_len];
         if !self
             .key
             .verifying_key()
-            .verify(signing_input.as_bytes(), &signature)
+            .verify(signing_input, &parts.signature)
         {
             return Err(invalid("the signature does not verify"));
         }
-        let Some(Value::Object(claims)) = decode_json(payload) else {
-            return Err(invalid("the claims are not a JSON object"));
-        };
+        let claims = parts.json_claims().map_err(not_a_jwt)?;
         let expires = claims
             .get("exp")
             .and_then(Value::as_i64)
@@ -144,12 +136,7 @@ impl JwtSvidKey {
         if expires <= now.as_seconds() {
             return Err(invalid("expired"));
         }
-        let audiences: Vec<&str> = match claims.get("aud") {
-            Some(Value::String(one)) => vec![one.as_str()],
-            Some(Value::Array(many)) => many.iter().filter_map(Value::as_str).collect(),
-            _ => Vec::new(),
-        };
-        if !audiences.contains(&audience) {
+        if !audience_names(&claims, audience) {
             return Err(invalid("the audience is not one the token names"));
         }
         let subject = claims
@@ -163,15 +150,6 @@ impl JwtSvidKey {
 
 fn seal_context(id: &str) -> Vec<u8> {
     format!("warrant-jwt-svid:{id}").into_bytes()
-}
-
-fn decode_json(part: &str) -> Option<Value> {
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()
-}
-
-/// The length of `header.payload`, the JWS signing input (the token has exactly two dots).
-fn header_and_payload_len(token: &str) -> usize {
-    token.rfind('.').unwrap_or(token.len())
 }
 
 #[cfg(test)]
@@ -220,6 +198,17 @@ mod tests {
         );
         let altered = format!("{}.{altered_claims}.{}", parts[0], parts[2]);
         assert!(reason(key.validate(&altered, "crm", now)).contains("signature"));
+
+        let critical_header = URL_SAFE_NO_PAD.encode(
+            json!({"alg": "ES256", "typ": "JWT", "kid": key.key.kid(), "crit": ["exp"]})
+                .to_string(),
+        );
+        let critical_input = format!("{critical_header}.{}", parts[1]);
+        let critical = format!(
+            "{critical_input}.{}",
+            URL_SAFE_NO_PAD.encode(key.key.sign(critical_input.as_bytes()))
+        );
+        assert!(reason(key.validate(&critical, "crm", now)).contains("crit"));
 
         let none_header = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","kid":"x"}"#);
         let unsigned = format!("{none_header}.{}.", parts[1]);

@@ -143,23 +143,77 @@ impl DecodedToken {
     }
 }
 
+/// A compact JWS (bounded in size) split at its dots and base64url-decoded. Nothing is
+/// trusted yet. The JWTs of other profiles (JWT-SVIDs, external platform tokens) are read
+/// through this too, with [`JwsParts::json_header`] refusing critical headers for them all.
+pub struct JwsParts {
+    pub header: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub signature: Vec<u8>,
+    /// The length of `header.payload`, the signing input, in the token's text.
+    pub signing_input_len: usize,
+}
+
+impl JwsParts {
+    pub fn split(token: &str) -> Result<JwsParts, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::Malformed("too long"));
+        }
+        let mut parts = token.split('.');
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed("not three dot-separated parts"));
+        };
+        let base64 = |part: &str| {
+            URL_SAFE_NO_PAD
+                .decode(part)
+                .map_err(|_| TokenError::Malformed("bad base64url"))
+        };
+        Ok(JwsParts {
+            header: base64(header)?,
+            payload: base64(payload)?,
+            signature: base64(signature)?,
+            signing_input_len: token.len() - signature.len() - 1,
+        })
+    }
+
+    /// The header as a JSON object; one naming `crit` is refused, as [`decode`] refuses it.
+    pub fn json_header(&self) -> Result<serde_json::Map<String, serde_json::Value>, TokenError> {
+        let header =
+            json_object(&self.header).ok_or(TokenError::Malformed("header is not JSON"))?;
+        if header.contains_key("crit") {
+            return Err(TokenError::UnsupportedHeader("crit"));
+        }
+        Ok(header)
+    }
+
+    /// The claims as a JSON object.
+    pub fn json_claims(&self) -> Result<serde_json::Map<String, serde_json::Value>, TokenError> {
+        json_object(&self.payload).ok_or(TokenError::Malformed("claims"))
+    }
+}
+
+fn json_object(bytes: &[u8]) -> Option<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::from_slice(bytes).ok()? {
+        serde_json::Value::Object(object) => Some(object),
+        _ => None,
+    }
+}
+
+/// Whether the `aud` claim (one string, or an array of them) names `audience`.
+pub fn audience_names(claims: &serde_json::Map<String, serde_json::Value>, audience: &str) -> bool {
+    match claims.get("aud") {
+        Some(serde_json::Value::String(one)) => one == audience,
+        Some(serde_json::Value::Array(many)) => many.iter().any(|aud| aud == audience),
+        _ => false,
+    }
+}
+
 /// Decodes a token's structure. Nothing is trusted yet.
 pub fn decode(token: &str) -> Result<DecodedToken, TokenError> {
-    if token.len() > MAX_TOKEN_BYTES {
-        return Err(TokenError::Malformed("too long"));
-    }
-    let mut parts = token.split('.');
-    let (Some(header), Some(payload), Some(signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(TokenError::Malformed("not three dot-separated parts"));
-    };
-    let base64 = |part: &str| {
-        URL_SAFE_NO_PAD
-            .decode(part)
-            .map_err(|_| TokenError::Malformed("bad base64url"))
-    };
-    let header: Header = serde_json::from_slice(&base64(header)?)
+    let parts = JwsParts::split(token)?;
+    let header: Header = serde_json::from_slice(&parts.header)
         .map_err(|_| TokenError::Malformed("header is not JSON"))?;
     if header.crit {
         return Err(TokenError::UnsupportedHeader("crit"));
@@ -173,12 +227,12 @@ pub fn decode(token: &str) -> Result<DecodedToken, TokenError> {
         .kid
         .ok_or(TokenError::UnsupportedHeader("kid missing"))?;
     let claims: AccessTokenClaims =
-        serde_json::from_slice(&base64(payload)?).map_err(|_| TokenError::Malformed("claims"))?;
+        serde_json::from_slice(&parts.payload).map_err(|_| TokenError::Malformed("claims"))?;
     Ok(DecodedToken {
         kid,
         algorithm,
-        signing_input_len: token.len() - signature.len() - 1,
-        signature: base64(signature)?,
+        signing_input_len: parts.signing_input_len,
+        signature: parts.signature,
         claims,
     })
 }

@@ -177,19 +177,8 @@ async fn a_join_token_buys_one_svid_that_follows_the_spiffe_rules() {
         );
     }
     assert_eq!(count_rows(&data, "svids").await, svids, "nothing stored");
-    let refusals = broker
-        .admin()
-        .await
-        .admin()
-        .query_audit(proto::QueryAuditRequest {
-            r#type: "identity.attestation_refused".into(),
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let refusals =
+        audit_events_of_type(&broker.admin().await, "identity.attestation_refused").await;
     assert_eq!(refusals.len(), 2, "each refusal is audited");
     let trail = serde_json::to_string(&format!("{refusals:?}")).unwrap();
     assert!(!trail.contains(&token[36..]), "the token's secret is not");

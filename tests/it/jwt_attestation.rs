@@ -9,6 +9,7 @@ use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair};
 use serde_json::{Value, json};
 use tonic::Code;
+use warrant::domain::UnixMillis;
 use warrant::identity::jwks_fetch::HttpsUrl;
 use warrant::identity::jwt_attestor::{DEFAULT_MIN_REFRESH, JwksSource, JwtIssuerConfig};
 use warrant::proto;
@@ -68,7 +69,12 @@ impl Platform {
 
     /// A token with `claims`, signed as `alg` by the key `kid` names.
     fn sign(&self, alg: &str, kid: &str, claims: &Value) -> String {
-        let header = json!({ "alg": alg, "kid": kid, "typ": "JWT" });
+        self.sign_with_header(&json!({ "alg": alg, "kid": kid, "typ": "JWT" }), claims)
+    }
+
+    /// A token with `header` and `claims`, signed with the key the header's `alg` names.
+    fn sign_with_header(&self, header: &Value, claims: &Value) -> String {
+        let alg = header["alg"].as_str().unwrap();
         let input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header.to_string()),
@@ -100,13 +106,7 @@ impl Platform {
 }
 
 fn now() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-    )
-    .unwrap()
+    UnixMillis::now().as_seconds()
 }
 
 fn service_account_claims() -> Value {
@@ -245,6 +245,10 @@ async fn a_platform_token_buys_the_matching_svid_and_a_bad_one_buys_nothing() {
         ),
         platform.sign("RS256", "unknown-kid", &service_account_claims()),
         platform.sign("ES256", "rsa-1", &service_account_claims()),
+        platform.sign_with_header(
+            &json!({ "alg": "RS256", "kid": "rsa-1", "crit": ["exp"] }),
+            &service_account_claims(),
+        ),
         format!("{unsigned_header}.{unsigned_claims}."),
         "not-a-jwt".into(),
     ];
@@ -275,23 +279,14 @@ async fn a_platform_token_buys_the_matching_svid_and_a_bad_one_buys_nothing() {
     assert_eq!(refused.code(), Code::Unauthenticated);
     assert_eq!(count_rows(&data, "svids").await, svids, "nothing stored");
 
-    let reasons: Vec<String> = app
-        .admin()
-        .await
-        .admin()
-        .query_audit(proto::QueryAuditRequest {
-            r#type: "identity.attestation_refused".into(),
-            limit: 20,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events
-        .iter()
-        .map(|event| format!("{event:?}"))
-        .collect();
+    let reasons: Vec<String> =
+        audit_events_of_type(&app.admin().await, "identity.attestation_refused")
+            .await
+            .iter()
+            .map(|event| format!("{event:?}"))
+            .collect();
     for reason in [
+        "critical_header",
         "signature",
         "unknown_issuer",
         "audience",

@@ -568,3 +568,18 @@ pub async fn postgres_replicas() -> (TestData, TestApp, TestApp) {
     second.admin_token = first.admin_token.clone();
     (data, first, second)
 }
+
+/// The audit events of `event_type` (up to 100), as `admin` queries them.
+pub async fn audit_events_of_type(admin: &Connection, event_type: &str) -> Vec<proto::AuditEvent> {
+    admin
+        .admin()
+        .query_audit(proto::QueryAuditRequest {
+            r#type: event_type.into(),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+}

@@ -10,6 +10,7 @@ use spiffe::{TrustDomain, WorkloadApiClient};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use warrant::client::Connection;
+use warrant::domain::UnixMillis;
 use warrant::proto;
 use warrant::proto::spiffe_workload::X509svidRequest;
 use warrant::proto::spiffe_workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
@@ -114,14 +115,7 @@ async fn a_spiffe_client_library_fetches_and_rotates_its_x509_svid() {
     );
 
     // Deleting the entry ends the identity: the stream's next re-issue is refused.
-    app.admin()
-        .await
-        .admin()
-        .delete_workload(proto::DeleteWorkloadRequest {
-            name: "this-test".into(),
-        })
-        .await
-        .unwrap();
+    delete_this_test(&app).await;
     let after_delete = tokio::time::timeout(SVID_TTL, updates.next())
         .await
         .expect("the stream answers by the next re-issue");
@@ -148,14 +142,7 @@ async fn a_workload_api_call_without_the_security_header_or_an_identity_is_refus
         "{without_header:?}"
     );
 
-    app.admin()
-        .await
-        .admin()
-        .delete_workload(proto::DeleteWorkloadRequest {
-            name: "this-test".into(),
-        })
-        .await
-        .unwrap();
+    delete_this_test(&app).await;
     let mut request = tonic::Request::new(X509svidRequest {});
     request
         .metadata_mut()
@@ -186,7 +173,7 @@ async fn a_spiffe_client_library_gets_a_jwt_svid_checked_by_the_api_and_by_the_b
         .expect("a JWT-SVID");
     assert_eq!(svid.spiffe_id().to_string(), THIS_TEST);
     assert_eq!(svid.audience(), ["https://crm.test".to_owned()]);
-    let lifetime = svid.expiry().unix_timestamp() - time_now_seconds();
+    let lifetime = svid.expiry().unix_timestamp() - UnixMillis::now().as_seconds();
     assert!((1..=300).contains(&lifetime), "short-lived: {lifetime} s");
 
     let validated = client
@@ -254,14 +241,7 @@ async fn a_spiffe_client_library_gets_a_jwt_svid_checked_by_the_api_and_by_the_b
             .is_err()
     );
     // The kill switch reaches JWT-SVIDs checked by the API at once.
-    app.admin()
-        .await
-        .admin()
-        .delete_workload(proto::DeleteWorkloadRequest {
-            name: "this-test".into(),
-        })
-        .await
-        .unwrap();
+    delete_this_test(&app).await;
     assert!(
         client
             .validate_jwt_token("https://crm.test", svid.token())
@@ -271,12 +251,14 @@ async fn a_spiffe_client_library_gets_a_jwt_svid_checked_by_the_api_and_by_the_b
     );
 }
 
-fn time_now_seconds() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-    )
-    .unwrap()
+/// Deletes this test process's entry: the kill switch.
+async fn delete_this_test(app: &TestApp) {
+    app.admin()
+        .await
+        .admin()
+        .delete_workload(proto::DeleteWorkloadRequest {
+            name: "this-test".into(),
+        })
+        .await
+        .unwrap();
 }
