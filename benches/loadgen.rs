@@ -17,7 +17,7 @@ use serde::Serialize;
 use sqlx::Connection as _;
 use tokio::sync::mpsc;
 use tonic::Status;
-use warrant::client::Connection;
+use warrant::client::{ClientIdentity, Connection};
 use warrant::domain::{SpiffeId, TrustDomain, UnixMillis};
 use warrant::identity::Ca;
 use warrant::issuer::{KeyAlgorithm, SigningKey};
@@ -231,44 +231,18 @@ impl Server {
         database_url: Option<&str>,
         extra_env: &[(&str, &str)],
     ) -> Server {
-        let catalog = data.path().join("scopes.toml");
-        if !catalog.exists() {
-            std::fs::write(&catalog, CATALOG).expect("write the scope catalog");
-        }
-        let mut command = Command::new(env!("CARGO_BIN_EXE_warrant"));
+        let mut command = Self::warrant_command(&data, &["serve", "--dev"]);
         command
-            .args(["serve", "--dev"])
             .envs(extra_env.iter().copied())
             .env("WARRANT_DATA_DIR", data.path())
             .env("WARRANT_GRPC_ADDR", "127.0.0.1:0")
-            .env("WARRANT_HTTP_ADDR", "127.0.0.1:0")
-            .env("WARRANT_LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn,warrant::cli=info")
-            // One agent and one API drive the whole load: measure the broker, not a caller's
-            // fair share (the limiter still runs on every call).
-            .env("WARRANT_CALLER_RATE", "10000000")
-            .env("WARRANT_CALLER_BURST", "10000000")
-            .env("WARRANT_CALLER_CONCURRENCY", "100000");
+            .env("WARRANT_HTTP_ADDR", "127.0.0.1:0");
         match database_url {
             Some(url) => command.env("WARRANT_DATABASE_URL", url),
             None => command.env_remove("WARRANT_DATABASE_URL"),
         };
         let spawned = Instant::now();
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start warrant");
-        let stdout = collect_lines(child.stdout.take().expect("stdout"));
-        let stderr = collect_lines(child.stderr.take().expect("stderr"));
-        let (grpc, http) = wait_for_line(&stderr, |line| {
-            let log: serde_json::Value = serde_json::from_str(line).ok()?;
-            let fields = log.get("fields")?;
-            Some((
-                fields.get("grpc")?.as_str()?.to_owned(),
-                fields.get("http")?.as_str()?.to_owned(),
-            ))
-        });
+        let (child, stdout, grpc, http) = Self::launch(command);
         while http_status(&http, "/readyz") != Some(200) {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -294,6 +268,98 @@ impl Server {
             ready_after,
             data: Some(data),
         }
+    }
+
+    /// `warrant <args>` with the catalog written into `data`, logging JSON, and caller limits
+    /// raised: one agent and one API drive the whole load, so measure the broker, not a
+    /// caller's fair share (the limiter still runs on every call).
+    fn warrant_command(data: &tempfile::TempDir, args: &[&str]) -> Command {
+        let catalog = data.path().join("scopes.toml");
+        if !catalog.exists() {
+            std::fs::write(&catalog, CATALOG).expect("write the scope catalog");
+        }
+        let mut command = Command::new(env!("CARGO_BIN_EXE_warrant"));
+        command
+            .args(args)
+            .env("WARRANT_LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn,warrant::cli=info")
+            .env("WARRANT_CALLER_RATE", "10000000")
+            .env("WARRANT_CALLER_BURST", "10000000")
+            .env("WARRANT_CALLER_CONCURRENCY", "100000");
+        command
+    }
+
+    /// Starts `command` and waits for the log line naming its listeners: the child, its
+    /// standard output's lines, and the gRPC and HTTP addresses.
+    fn launch(mut command: Command) -> (Child, Arc<std::sync::Mutex<Vec<String>>>, String, String) {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start warrant");
+        let stdout = collect_lines(child.stdout.take().expect("stdout"));
+        let stderr = collect_lines(child.stderr.take().expect("stderr"));
+        let (grpc, http) = wait_for_line(&stderr, |line| {
+            let log: serde_json::Value = serde_json::from_str(line).ok()?;
+            let fields = log.get("fields")?;
+            Some((
+                fields.get("grpc")?.as_str()?.to_owned(),
+                fields.get("http")?.as_str()?.to_owned(),
+            ))
+        });
+        (child, stdout, grpc, http)
+    }
+
+    /// `warrant serve --config` as deployed: TLS on both listeners with a self-signed
+    /// `localhost` certificate, a fresh SQLite store in `data`. Returns the server certificate
+    /// (PEM) too, for clients to trust; ready once its first admin credential is written.
+    fn tls_broker(data: tempfile::TempDir) -> (Server, Vec<u8>) {
+        let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+            .expect("server certificate");
+        let dir = data.path();
+        std::fs::write(dir.join("server.crt"), server.cert.pem()).expect("write");
+        std::fs::write(dir.join("server.key"), server.signing_key.serialize_pem()).expect("write");
+        use base64::Engine;
+        let master_key = base64::engine::general_purpose::STANDARD
+            .encode(warrant::issuer::random::bytes::<32>());
+        std::fs::write(dir.join("master.key"), master_key).expect("write");
+        std::fs::write(
+            dir.join("warrant.toml"),
+            "[server]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n\
+             [tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n\
+             [storage]\ndatabase_url = \"sqlite://warrant.db?mode=rwc\"\n\
+             [keys]\nmaster_key_file = \"master.key\"\n\
+             [issuer]\nurl = \"https://localhost\"\ntrust_domain = \"bench.local\"\n\
+             [catalog]\nscopes_file = \"scopes.toml\"\n",
+        )
+        .expect("write the configuration");
+        let mut command = Self::warrant_command(&data, &["serve", "--config", "warrant.toml"]);
+        command
+            .current_dir(dir)
+            .env_remove("WARRANT_DATABASE_URL")
+            .env_remove("WARRANT_MASTER_KEY");
+        let spawned = Instant::now();
+        let (child, _, grpc, _) = Self::launch(command);
+        let credential_file = dir.join("first-admin.credential");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let admin_credential = loop {
+            if let Ok(text) = std::fs::read_to_string(&credential_file)
+                && !text.trim().is_empty()
+            {
+                break text.trim().to_owned();
+            }
+            assert!(Instant::now() < deadline, "no first admin credential");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let port = grpc.rsplit(':').next().expect("a port").to_owned();
+        let broker = Server {
+            child,
+            grpc: format!("https://localhost:{port}"),
+            admin_credential: Some(admin_credential),
+            ready_after: spawned.elapsed(),
+            data: Some(data),
+        };
+        (broker, server.cert.pem().into_bytes())
     }
 
     /// This program again, as a plain tonic server of the standard health service: the cost of
@@ -473,11 +539,7 @@ async fn attestation(
         .await
         .expect("create workload");
     let anonymous = connections(&broker.grpc, None, 4).await;
-    let concurrencies: Vec<usize> = [16, 64]
-        .into_iter()
-        .filter(|k| options.concurrency.len() > 1 || options.concurrency.contains(k))
-        .collect();
-    for concurrency in concurrencies {
+    for concurrency in two_levels(options) {
         eprintln!("{backend}: Attest (join token) K={concurrency}");
         // Tokens for up to 3,000 attestations a second, made by 16 concurrent admin calls for
         // at most the duration itself; attestation is measured for as long as they last.
@@ -534,6 +596,148 @@ async fn attestation(
         rows.push(drive(concurrency, duration, attest).await.row(
             "join-token attestation: Attest (token consumed, SVID recorded)",
             backend,
+            concurrency,
+            Some(("raw SVID issuance", leaf_rate)),
+        ));
+    }
+    rows
+}
+
+/// The concurrencies of the two-level scenarios (16 and 64) that this run measures.
+fn two_levels(options: &Options) -> Vec<usize> {
+    [16, 64]
+        .into_iter()
+        .filter(|k| options.concurrency.len() > 1 || options.concurrency.contains(k))
+        .collect()
+}
+
+/// Registers agent `name` with a bearer credential, which it returns.
+async fn agent_credential(admin: &Connection, name: &str) -> String {
+    admin
+        .admin()
+        .create_workload(proto::CreateWorkloadRequest {
+            name: name.into(),
+            roles: vec![proto::Role::Agent as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("create workload")
+        .into_inner()
+        .credential
+}
+
+/// A broker deployed with TLS (SQLite): issuance by an agent presenting its X.509-SVID
+/// (mTLS) and by the same agent with its bearer credential over TLS, each against a plaintext
+/// `--dev` broker's bearer issuance measured just before at the same K; and `RenewSvid` over
+/// mTLS against raw leaf signing.
+async fn mtls(options: &Options) -> Vec<Row> {
+    let duration = options.duration;
+    let levels = two_levels(options);
+    let leaf_rate = raw_leaf_rate(duration.min(Duration::from_secs(3))).per_second();
+    let mut rows = Vec::new();
+    let mut plaintext_rates = HashMap::new();
+    {
+        let plain = Server::broker(tempfile::tempdir().expect("temporary directory"), None);
+        let admin = Connection::open(&plain.grpc, plain.admin_credential.as_deref(), None)
+            .await
+            .expect("connect");
+        let credential = agent_credential(&admin, "load-plain-agent").await;
+        let agents = connections(&plain.grpc, Some(&credential), 4).await;
+        for &concurrency in &levels {
+            eprintln!("sqlite: BeginTask, plaintext bearer, K={concurrency}");
+            let measured = drive(concurrency, duration, issuance(&agents)).await;
+            plaintext_rates.insert(concurrency, measured.per_second());
+            rows.push(measured.row(
+                "reference: BeginTask, bearer credential, plaintext (--dev)",
+                "sqlite",
+                concurrency,
+                None,
+            ));
+        }
+    }
+
+    let (broker, server_ca) = Server::tls_broker(tempfile::tempdir().expect("temporary directory"));
+    let open = |credential: Option<String>, identity: Option<ClientIdentity>| {
+        let (address, server_ca) = (broker.grpc.clone(), server_ca.clone());
+        async move {
+            Connection::open_as(
+                &address,
+                credential.as_deref(),
+                Some(&server_ca),
+                identity.as_ref(),
+            )
+            .await
+            .expect("connect over TLS")
+        }
+    };
+    let admin = open(broker.admin_credential.clone(), None).await;
+    let credential = agent_credential(&admin, "load-mtls-agent").await;
+    let join_token = admin
+        .admin()
+        .create_join_token(proto::CreateJoinTokenRequest {
+            name: "load-mtls-agent".into(),
+            ttl_seconds: 600,
+        })
+        .await
+        .expect("join token")
+        .into_inner()
+        .join_token;
+    let svid = open(None, None)
+        .await
+        .attestation()
+        .attest(proto::AttestRequest {
+            method: Some(proto::attest_request::Method::JoinToken(join_token)),
+        })
+        .await
+        .expect("attest")
+        .into_inner()
+        .svid
+        .expect("an SVID");
+    let identity = ClientIdentity {
+        certificate_pem: svid.certificate_pem.into_bytes(),
+        private_key_pem: svid.private_key_pem.into_bytes(),
+    };
+    let (mut bearer_agents, mut svid_agents) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        bearer_agents.push(open(Some(credential.clone()), None).await);
+        svid_agents.push(open(None, Some(identity.clone())).await);
+    }
+    for &concurrency in &levels {
+        let plaintext = ("plaintext bearer", plaintext_rates[&concurrency]);
+        for (agents, scenario) in [
+            (&bearer_agents, "BeginTask over TLS, bearer credential"),
+            (
+                &svid_agents,
+                "BeginTask over mTLS, X.509-SVID (token bound to it)",
+            ),
+        ] {
+            eprintln!("sqlite: {scenario} K={concurrency}");
+            rows.push(drive(concurrency, duration, issuance(agents)).await.row(
+                scenario,
+                "sqlite",
+                concurrency,
+                Some(plaintext),
+            ));
+        }
+    }
+    let next = Arc::new(round_robin(
+        svid_agents.iter().map(Connection::attestation).collect(),
+    ));
+    for &concurrency in &levels {
+        eprintln!("sqlite: RenewSvid K={concurrency}");
+        let next = next.clone();
+        let renew: Operation = Arc::new(move || {
+            let mut attestation = next();
+            Box::pin(async move {
+                attestation
+                    .renew_svid(proto::RenewSvidRequest {})
+                    .await
+                    .map(|_| ())
+            })
+        });
+        rows.push(drive(concurrency, duration, renew).await.row(
+            "RenewSvid over mTLS (new key and leaf, SVID recorded)",
+            "sqlite",
             concurrency,
             Some(("raw SVID issuance", leaf_rate)),
         ));
@@ -683,6 +887,7 @@ const SCENARIOS: &[&str] = &[
     "scale",
     "startup",
     "attest",
+    "mtls",
 ];
 
 impl Options {
@@ -861,6 +1066,10 @@ async fn run(options: &Options) -> Vec<Row> {
                 drop_postgres(base, url).await;
             }
         }
+    }
+
+    if options.runs("mtls") {
+        rows.extend(mtls(options).await);
     }
 
     if options.runs("startup") {

@@ -103,10 +103,10 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> Result<App, StartError> {
-        let master_key = bootstrap::master_key(&config.master_key)?;
+        let master_key = Arc::new(bootstrap::master_key(&config.master_key)?);
         let catalog = bootstrap::catalog(&config.catalog_file, config.create_demo_catalog)?;
         if let Some(tls) = &config.tls {
-            server_tls_config(tls)?;
+            server_tls_config(tls, None)?;
         }
         let grpc_listener = bind(config.grpc_addr).await?;
         let http_listener = bind(config.http_addr).await?;
@@ -124,7 +124,8 @@ impl App {
             None => None,
         };
         let audit_key = master_key.audit_key();
-        let ca = Ca::load_or_create(store.as_ref(), &master_key, &config.trust_domain).await?;
+        let ca =
+            Ca::load_or_create(store.as_ref(), master_key.clone(), &config.trust_domain).await?;
         let jwt_attestor = JwtAttestor::load(&config.jwt_issuers).await?;
         let keyring = Keyring::load(store.as_ref(), master_key, config.signing_algorithm).await?;
         let metrics = Arc::new(Metrics::new());
@@ -195,7 +196,7 @@ impl App {
         let (routes, health) = grpc::routes(self.broker.clone(), stop.clone())
             .await
             .map_err(|error| StartError::Serve(error.to_string()))?;
-        let mut server = tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
@@ -205,39 +206,37 @@ impl App {
         let layers = tower::ServiceBuilder::new()
             .layer(grpc::ObserveLayer::new(self.broker.clone()))
             .layer(grpc::AdmissionLayer::new(self.broker.clone()));
-        if let Some(tls) = &self.tls {
-            let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
-            // Client certificates are optional at the handshake: a workload attests (with a
-            // join token) before it holds an SVID. Each call then needs an identity, and a
-            // certificate presented must chain to Warrant's CA.
-            let client_ca = tonic::transport::Certificate::from_pem(self.broker.ca().bundle_pem());
-            server = server
-                .tls_config(
-                    tonic::transport::ServerTlsConfig::new()
-                        .identity(identity)
-                        .client_ca_root(client_ca)
-                        .client_auth_optional(true),
+        let router = server.layer(layers).add_routes(routes);
+        let connections =
+            grpc::incoming::limited(self.grpc_listener, grpc::incoming::MAX_GRPC_CONNECTIONS);
+        let grpc_stopped = |mut stop: watch::Receiver<bool>| async move {
+            let _ = stop.wait_for(|stopping| *stopping).await;
+        };
+        let grpc = match &self.tls {
+            // Client certificates are optional at the handshake (a workload attests before it
+            // holds an SVID); one presented must chain to the current trust bundle.
+            Some(tls) => {
+                let verifier = Arc::new(grpc::tls::BundleClientVerifier::new(
+                    self.broker.clone(),
+                    Arc::new(rustls::crypto::ring::default_provider()),
+                ));
+                let mut config = server_tls_config(tls, Some(verifier))?;
+                config.alpn_protocols = vec![b"h2".to_vec()];
+                let handshaken = grpc::tls::handshaken(
+                    connections,
+                    tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+                );
+                tokio::spawn(
+                    router.serve_with_incoming_shutdown(handshaken, grpc_stopped(stop.clone())),
                 )
-                .map_err(|error| StartError::Tls(error.to_string()))?;
-        }
-        let mut grpc_stop = stop.clone();
-        let grpc = tokio::spawn(
-            server
-                .layer(layers)
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(
-                    grpc::incoming::limited(
-                        self.grpc_listener,
-                        grpc::incoming::MAX_GRPC_CONNECTIONS,
-                    ),
-                    async move {
-                        let _ = grpc_stop.wait_for(|stopping| *stopping).await;
-                    },
-                ),
-        );
+            }
+            None => tokio::spawn(
+                router.serve_with_incoming_shutdown(connections, grpc_stopped(stop.clone())),
+            ),
+        };
         let acceptor = match &self.tls {
             Some(tls) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
-                server_tls_config(tls)?,
+                server_tls_config(tls, None)?,
             ))),
             None => None,
         };
@@ -359,7 +358,12 @@ fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, St
 }
 
 /// The rustls server configuration for HTTP (tonic builds its own from the same PEM).
-fn server_tls_config(tls: &TlsIdentity) -> Result<rustls::ServerConfig, StartError> {
+/// The listeners' TLS: the configured server certificate, and `client_verifier` for client
+/// certificates (none asked for without one); ALPN offers HTTP/2 and HTTP/1.1.
+fn server_tls_config(
+    tls: &TlsIdentity,
+    client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<rustls::ServerConfig, StartError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_slice_iter(&tls.cert_pem)
@@ -373,10 +377,14 @@ fn server_tls_config(tls: &TlsIdentity) -> Result<rustls::ServerConfig, StartErr
     let key = PrivateKeyDer::from_pem_slice(&tls.key_pem)
         .map_err(|error| StartError::Tls(format!("tls.key_file: {error}")))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|error| StartError::Tls(error.to_string()))?
-        .with_no_client_auth()
+        .map_err(|error| StartError::Tls(error.to_string()))?;
+    let config = match client_verifier {
+        Some(verifier) => config.with_client_cert_verifier(verifier),
+        None => config.with_no_client_auth(),
+    };
+    let mut config = config
         .with_single_cert(certs, key)
         .map_err(|error| StartError::Tls(format!("tls.key_file: {error}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::feed::Feed;
 use crate::grpc::CredentialCache;
 use crate::identity::jwt_attestor::JwtAttestor;
-use crate::identity::{Ca, IdentityAuthority};
+use crate::identity::{Ca, CaRotation, IdentityAuthority};
 use crate::issuer::jwt::{self, AccessTokenClaims, Expectations};
 use crate::issuer::keyring::Rotation;
 use crate::issuer::verified_tokens::VerifiedTokens;
@@ -850,6 +850,23 @@ impl Broker {
             .rotate(
                 self.store.as_ref(),
                 self.catalog.longest_max_ttl(),
+                caller.name.as_str(),
+            )
+            .await
+    }
+
+    /// Makes a new CA that signs from `activation_delay` on and retires the current one
+    /// ([`Ca::rotate`](crate::identity::Ca::rotate)).
+    pub async fn rotate_ca(
+        &self,
+        caller: &Caller,
+        activation_delay: Duration,
+    ) -> Result<CaRotation> {
+        self.ca
+            .rotate(
+                self.store.as_ref(),
+                activation_delay,
+                self.settings.svid_ttl,
                 caller.name.as_str(),
             )
             .await

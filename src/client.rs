@@ -71,6 +71,7 @@ impl Interceptor for BearerAuth {
 }
 
 /// A client certificate and its key (PEM), such as an X.509-SVID from attestation.
+#[derive(Clone)]
 pub struct ClientIdentity {
     pub certificate_pem: Vec<u8>,
     pub private_key_pem: Vec<u8>,

@@ -64,13 +64,13 @@ async fn jwks(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
 }
 
 async fn trust_bundle(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
-    Json(broker.ca().bundle_jwks())
+    Json(broker.ca().trust_bundle().jwks())
 }
 
 async fn trust_bundle_pem(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/x-pem-file")],
-        broker.ca().bundle_pem(),
+        broker.ca().trust_bundle().pem(),
     )
 }
 

@@ -1,7 +1,7 @@
 //! Housekeeping on a timer: the expiry reaper marks leases and tasks whose time has passed as
 //! expired and reports them on the revocation feed (it also runs once at start, for everything
-//! that expired while the broker was down); signing keys are reloaded when a replica sharing
-//! the database rotates them; and endings whose tokens have all expired are forgotten, in
+//! that expired while the broker was down); signing keys and CAs are reloaded when a replica
+//! sharing the database rotates them; and endings whose tokens have all expired are forgotten, in
 //! memory and in the revocation feed.
 
 use std::sync::Arc;
@@ -98,8 +98,13 @@ async fn prune_feed(broker: &Broker, horizon: UnixMillis) {
     }
 }
 
+/// Reloads the signing keys and the CAs, adopting another replica's rotation (and dropping a
+/// retired CA from the bundle once its time is over).
 async fn reload_keys(broker: &Broker) {
     if let Err(error) = broker.keyring().reload(broker.store().as_ref()).await {
         tracing::warn!(%error, "signing key reload failed; keeping the loaded keys");
+    }
+    if let Err(error) = broker.ca().reload(broker.store().as_ref()).await {
+        tracing::warn!(%error, "trust bundle reload failed; keeping the loaded CAs");
     }
 }

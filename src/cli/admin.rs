@@ -25,6 +25,14 @@ pub enum AdminCommand {
     },
     /// Start signing with a new key; the old one stays published until its tokens expire.
     RotateKey,
+    /// Rotate the X.509 CA: a new CA signs SVIDs after the activation delay; the current one
+    /// stays in the trust bundle until every SVID it signed has expired.
+    RotateCa {
+        /// Seconds before the new CA signs (default 300, the bundle's refresh hint), so bundle
+        /// consumers fetch its root first.
+        #[arg(long)]
+        activate_in: Option<u32>,
+    },
     /// Create a one-time join token for a workload (shown only once): `warrant svid attest`
     /// trades it for the workload's first X.509-SVID.
     JoinToken {
@@ -279,6 +287,29 @@ expires    {}
                     text(value, "new_kid"),
                     text(value, "retired_kid"),
                     text(value, "retired_key_published_until")
+                )
+            })?;
+        }
+        AdminCommand::RotateCa { activate_in } => {
+            let response = admin
+                .rotate_ca(proto::RotateCaRequest {
+                    activation_delay_seconds: *activate_in,
+                })
+                .await?
+                .into_inner();
+            let value = json!({
+                "new_ca_id": response.new_ca_id,
+                "activates_at": time(response.activates_at.as_ref()),
+                "retired_ca_id": response.retired_ca_id,
+                "retired_ca_published_until": time(response.retired_ca_published_until.as_ref()),
+            });
+            format.print(&value, |value| {
+                format!(
+                    "new CA {} signs from {}\nretired CA {} (in the trust bundle until {})\n",
+                    text(value, "new_ca_id"),
+                    text(value, "activates_at"),
+                    text(value, "retired_ca_id"),
+                    text(value, "retired_ca_published_until")
                 )
             })?;
         }

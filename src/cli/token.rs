@@ -170,7 +170,7 @@ fn client_certificate(path: Option<&Path>) -> Result<Option<Vec<u8>>, CommandErr
     let refuse =
         |why: String| CommandError::Usage(format!("--client-cert {}: {why}", path.display()));
     let pem = std::fs::read_to_string(path).map_err(|error| refuse(error.to_string()))?;
-    crate::identity::ca::first_certificate_der(&pem)
+    crate::identity::pem::first_certificate_der(&pem)
         .map(Some)
         .ok_or_else(|| refuse("no PEM certificate in it".into()))
 }

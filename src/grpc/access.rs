@@ -20,6 +20,7 @@ pub enum Rpc {
     RevokeWorkloadCredentials,
     Revoke,
     RotateSigningKey,
+    RotateCa,
     QueryAudit,
     ExportAudit,
     VerifyAudit,
@@ -47,6 +48,7 @@ impl Rpc {
             Rpc::RevokeWorkloadCredentials => "Admin.RevokeWorkloadCredentials",
             Rpc::Revoke => "Admin.Revoke",
             Rpc::RotateSigningKey => "Admin.RotateSigningKey",
+            Rpc::RotateCa => "Admin.RotateCa",
             Rpc::QueryAudit => "Admin.QueryAudit",
             Rpc::ExportAudit => "Admin.ExportAudit",
             Rpc::VerifyAudit => "Admin.VerifyAudit",
@@ -80,6 +82,7 @@ pub fn allowed_roles(rpc: Rpc) -> &'static [Role] {
         | Rpc::RevokeWorkloadCredentials
         | Rpc::Revoke
         | Rpc::RotateSigningKey
+        | Rpc::RotateCa
         | Rpc::QueryAudit
         | Rpc::ExportAudit
         | Rpc::VerifyAudit

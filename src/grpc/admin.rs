@@ -1,6 +1,7 @@
 //! The `Admin` service: registering workloads, revoking, rotating keys.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
@@ -20,6 +21,11 @@ use crate::store::{AuditFilter, IdentityEnd};
 const MAX_AUDIT_QUERY: u32 = 10_000;
 /// Events read from the store per round trip of an export.
 const EXPORT_PAGE: usize = 500;
+/// How long a rotated CA waits before it signs, unless the request says: the bundle's refresh
+/// hint, so consumers polling the bundle see the new root first.
+const DEFAULT_CA_ACTIVATION_DELAY: Duration = Duration::from_secs(300);
+/// The longest activation delay a rotation may ask for: a day.
+const MAX_CA_ACTIVATION_DELAY_SECONDS: u32 = 86_400;
 
 type AuditStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::AuditEvent, Status>> + Send>>;
@@ -203,6 +209,35 @@ impl proto::admin_server::Admin for AdminService {
             retired_kid: rotation.retired_kid,
             retired_key_published_until: Some(convert::timestamp(
                 rotation.retired_key_published_until,
+            )),
+        }))
+    }
+
+    async fn rotate_ca(
+        &self,
+        request: Request<proto::RotateCaRequest>,
+    ) -> Result<Response<proto::RotateCaResponse>, Status> {
+        let caller = self.admin(&request, Rpc::RotateCa).await?;
+        let delay = match request.into_inner().activation_delay_seconds {
+            None => DEFAULT_CA_ACTIVATION_DELAY,
+            Some(seconds) if seconds <= MAX_CA_ACTIVATION_DELAY_SECONDS => {
+                Duration::from_secs(seconds.into())
+            }
+            Some(_) => {
+                return Err(Error::invalid(
+                    "activation_delay_seconds",
+                    format!("at most {MAX_CA_ACTIVATION_DELAY_SECONDS}"),
+                )
+                .into());
+            }
+        };
+        let rotation = self.broker.rotate_ca(&caller, delay).await?;
+        Ok(Response::new(proto::RotateCaResponse {
+            new_ca_id: rotation.new_ca_id,
+            activates_at: Some(convert::timestamp(rotation.activates_at)),
+            retired_ca_id: rotation.retired_ca_id,
+            retired_ca_published_until: Some(convert::timestamp(
+                rotation.retired_ca_published_until,
             )),
         }))
     }

@@ -9,7 +9,7 @@ use super::access::Rpc;
 use super::auth::authorize;
 use crate::broker::Broker;
 use crate::error::Error;
-use crate::identity::ca::{key_to_pem, to_pem};
+use crate::identity::pem::{key_to_pem, to_pem};
 use crate::identity::{IssuedSvid, selectors};
 use crate::proto;
 use crate::proto::attest_request::Method;
@@ -28,7 +28,7 @@ impl AttestationService {
             spiffe_id: svid.spiffe_id.as_str().to_owned(),
             certificate_pem: to_pem(&svid.certificate),
             private_key_pem: key_to_pem(&svid.private_key),
-            bundle_pem: self.broker.ca().bundle_pem(),
+            bundle_pem: self.broker.ca().trust_bundle().pem(),
             expires_at: svid.expires_at.as_seconds(),
             thumbprint: svid.thumbprint,
         }

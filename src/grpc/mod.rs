@@ -12,6 +12,7 @@ mod credentials;
 pub mod incoming;
 mod observe;
 mod tasks;
+pub mod tls;
 mod tokens;
 mod workload_api;
 

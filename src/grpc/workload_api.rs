@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::broker::Broker;
 use crate::error::Error;
+use crate::identity::trust_bundle::TrustBundle;
 use crate::identity::{IssuedSvid, selectors};
 use crate::proto::spiffe_workload as api;
 
@@ -37,25 +38,42 @@ impl WorkloadApiService {
         WorkloadApiService { broker, shutdown }
     }
 
-    /// This trust domain's `bundle`, keyed as the specification keys bundles.
-    fn bundles(&self, bundle: Vec<u8>) -> std::collections::HashMap<String, Vec<u8>> {
-        let trust_domain = format!("spiffe://{}", self.broker.settings().trust_domain.as_str());
-        [(trust_domain, bundle)].into()
+    /// This trust domain as the specification keys its bundles.
+    fn trust_domain_key(&self) -> String {
+        format!("spiffe://{}", self.broker.settings().trust_domain.as_str())
     }
 
-    /// A stream of `message` that then stays open, as clients expect of a bundle stream, and
-    /// ends with the broker. The bundles hold one key each until CA rotation lands, so there is
-    /// no later message yet.
-    fn held_open<T: Send + 'static>(&self, message: T) -> Stream<T> {
+    /// A stream of `render(value)`, sent again each time `source` changes, that stays open
+    /// (as clients expect of a bundle stream) until the client leaves or the broker stops.
+    fn following<V, T>(
+        &self,
+        mut source: watch::Receiver<V>,
+        render: impl Fn(&V) -> T + Send + 'static,
+    ) -> Stream<T>
+    where
+        V: Send + Sync + 'static,
+        T: Send + 'static,
+    {
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            if sender.send(Ok(message)).await.is_err() {
-                return;
-            }
-            tokio::select! {
-                () = sender.closed() => {}
-                _ = shutdown.wait_for(|stopping| *stopping) => {}
+            let mut has_source = true;
+            loop {
+                let message = render(&source.borrow_and_update());
+                if sender.send(Ok(message)).await.is_err() {
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        changed = source.changed(), if has_source => match changed {
+                            Ok(()) => break,
+                            // A source that never changes again: hold the stream open.
+                            Err(_) => has_source = false,
+                        },
+                        () = sender.closed() => return,
+                        _ = shutdown.wait_for(|stopping| *stopping) => return,
+                    }
+                }
             }
         });
         ReceiverStream::new(receiver)
@@ -67,7 +85,7 @@ impl WorkloadApiService {
                 spiffe_id: svid.spiffe_id.as_str().to_owned(),
                 x509_svid: svid.certificate.clone(),
                 x509_svid_key: svid.private_key.clone(),
-                bundle: self.broker.ca().certificate().to_vec(),
+                bundle: self.broker.ca().trust_bundle().der(),
                 hint: String::new(),
             }],
             crl: Vec::new(),
@@ -132,13 +150,17 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApiService {
         let service = WorkloadApiService::new(self.broker.clone(), self.shutdown.clone());
         tokio::spawn(async move {
             let mut shutdown = service.shutdown.clone();
+            let mut bundle = service.broker.ca().watch_trust_bundle();
             let mut svid = first;
             loop {
+                bundle.mark_unchanged();
                 if sender.send(Ok(service.x509_response(&svid))).await.is_err() {
                     return;
                 }
+                // A fresh SVID at half-life, or at once with a rotated bundle.
                 tokio::select! {
                     () = tokio::time::sleep(refresh_after(&svid)) => {}
+                    _ = bundle.changed() => {}
                     () = sender.closed() => return,
                     _ = shutdown.wait_for(|stopping| *stopping) => return,
                 }
@@ -159,11 +181,15 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApiService {
         request: Request<api::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         local_peer(&self.broker, &request)?;
-        let bundles = api::X509BundlesResponse {
-            crl: Vec::new(),
-            bundles: self.bundles(self.broker.ca().certificate().to_vec()),
-        };
-        Ok(Response::new(self.held_open(bundles)))
+        let trust_domain = self.trust_domain_key();
+        let stream = self.following(
+            self.broker.ca().watch_trust_bundle(),
+            move |bundle: &Arc<TrustBundle>| api::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: [(trust_domain.clone(), bundle.der())].into(),
+            },
+        );
+        Ok(Response::new(stream))
     }
 
     async fn fetch_jwtsvid(
@@ -196,10 +222,13 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApiService {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         local_peer(&self.broker, &request)?;
         let jwks = self.broker.ca().jwt_svids().bundle_jwks().to_string();
-        let bundles = api::JwtBundlesResponse {
-            bundles: self.bundles(jwks.into_bytes()),
-        };
-        Ok(Response::new(self.held_open(bundles)))
+        // The JWT-SVID key does not rotate yet: a source that never changes.
+        let (_, unchanging) = watch::channel(jwks.into_bytes());
+        let trust_domain = self.trust_domain_key();
+        let stream = self.following(unchanging, move |jwks: &Vec<u8>| api::JwtBundlesResponse {
+            bundles: [(trust_domain.clone(), jwks.clone())].into(),
+        });
+        Ok(Response::new(stream))
     }
 
     async fn validate_jwtsvid(

@@ -6,9 +6,11 @@ pub mod join_token;
 pub mod jwks_fetch;
 pub mod jwt_attestor;
 pub mod jwt_svid;
+pub mod pem;
 pub mod selectors;
+pub mod trust_bundle;
 
-pub use ca::{Ca, IssuedSvid, thumbprint};
+pub use ca::{Ca, CaRotation, IssuedSvid, thumbprint};
 
 /// What the broker proves and issues identities with: its CA (X.509- and JWT-SVIDs) and the
 /// `jwt` attestor's trusted external issuers.

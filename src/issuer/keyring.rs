@@ -29,7 +29,7 @@ struct KeySet {
 /// Shared access to the signing keys.
 pub struct Keyring {
     keys: RwLock<Arc<KeySet>>,
-    master_key: MasterKey,
+    master_key: Arc<MasterKey>,
     algorithm: KeyAlgorithm,
     /// When a miss last caused a reload.
     last_reload: Mutex<Option<Instant>>,
@@ -52,7 +52,7 @@ impl Keyring {
     /// store. New keys made by rotation also use `algorithm`.
     pub async fn load(
         store: &dyn Store,
-        master_key: MasterKey,
+        master_key: Arc<MasterKey>,
         algorithm: KeyAlgorithm,
     ) -> Result<Self> {
         let now = UnixMillis::now();

@@ -50,6 +50,14 @@ impl MasterKey {
         })
     }
 
+    /// A random key that lives only in memory, for a CA that is never stored (the benchmark's
+    /// reference).
+    pub fn ephemeral() -> Self {
+        Self::from_base64("memory", &STANDARD.encode(super::random::bytes::<32>()))
+            // Base64 of 32 random bytes is always a well-formed key.
+            .expect("a well-formed random key")
+    }
+
     /// Reads the key at `path`, first creating it (owner-only permissions) if `create` is set
     /// and the file does not exist.
     pub fn load_or_create(path: &Path, create: bool) -> Result<Self, MasterKeyError> {

@@ -327,9 +327,29 @@ pub trait Store: Send + Sync + 'static {
 
     // --- workload identity ---
 
-    /// Stores `key` unless a CA key with its id exists; the CA keys after, oldest first. Two
-    /// replicas starting together both get the one stored first.
+    /// Stores `key` unless a CA key with its id exists; then the CAs in the trust bundle as of
+    /// its creation, oldest activation first. Two replicas starting together on a fresh store
+    /// both get the one stored first.
     async fn insert_ca_key(&self, key: StoredCaKey) -> Result<Vec<StoredCaKey>>;
+
+    /// The CAs in the trust bundle at `now` (not retired, or retired with `publish_until` still
+    /// ahead), oldest activation first.
+    async fn published_ca_keys(&self, now: UnixMillis) -> Result<Vec<StoredCaKey>>;
+
+    /// Retires the CA `retiring_id` (kept in the bundle until `publish_until`) and stores `new`
+    /// with `events`, atomically, notifying [`Topic::Keys`]; `FailedPrecondition` if
+    /// `retiring_id` is already retired (a concurrent rotation).
+    async fn rotate_ca(
+        &self,
+        new: StoredCaKey,
+        retiring_id: &str,
+        publish_until: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<()>;
+
+    /// The latest expiry of any X.509-SVID issued, so a retired CA stays trusted as long as
+    /// an SVID it may have signed.
+    async fn latest_svid_expiry(&self) -> Result<Option<UnixMillis>>;
 
     /// Stores `key` unless a JWT-SVID key with its id exists; returns the key stored under that
     /// id, so replicas starting together all sign with the one stored first.

@@ -40,7 +40,7 @@ pub enum IdentityEnd {
     Deleted,
 }
 
-/// The X.509 CA as stored: its certificate in clear, its private key sealed under the master
+/// An X.509 CA as stored: its certificate in clear, its private key sealed under the master
 /// key.
 #[derive(Clone, Debug)]
 pub struct StoredCaKey {
@@ -50,6 +50,10 @@ pub struct StoredCaKey {
     pub sealed_private_key: Vec<u8>,
     pub created_at: UnixMillis,
     pub expires_at: UnixMillis,
+    /// When it starts signing: the newest CA activated by now is the one that signs.
+    pub activated_at: UnixMillis,
+    /// Set when a rotation retires it: it stays in the trust bundle until then.
+    pub publish_until: Option<UnixMillis>,
 }
 
 /// The JWT-SVID signing key as stored: ES256 PKCS#8, sealed under the master key.
@@ -509,3 +513,7 @@ impl FeedColumns {
         })
     }
 }
+
+/// The refusal of a CA rotation that lost a race with another.
+pub const CA_CHANGED_DURING_ROTATION: &str =
+    "the CA changed during rotation (another rotation ran); retry";

@@ -35,6 +35,7 @@ const MATRIX: &[(&str, &[&str])] = &[
     ("warrant.v1.Admin/RevokeWorkloadCredentials", &[ADMIN]),
     ("warrant.v1.Admin/Revoke", &[ADMIN]),
     ("warrant.v1.Admin/RotateSigningKey", &[ADMIN]),
+    ("warrant.v1.Admin/RotateCa", &[ADMIN]),
     ("warrant.v1.Admin/QueryAudit", &[ADMIN]),
     ("warrant.v1.Admin/ExportAudit", &[ADMIN]),
     ("warrant.v1.Admin/VerifyAudit", &[ADMIN]),
@@ -126,6 +127,13 @@ async fn call(connection: &Connection, rpc: &str) -> Result<(), tonic::Status> {
             .map(drop),
         "warrant.v1.Admin/RotateSigningKey" => admin
             .rotate_signing_key(proto::RotateSigningKeyRequest {})
+            .await
+            .map(drop),
+        // A delay over the limit: refused after authorization, so nothing rotates.
+        "warrant.v1.Admin/RotateCa" => admin
+            .rotate_ca(proto::RotateCaRequest {
+                activation_delay_seconds: Some(86_401),
+            })
             .await
             .map(drop),
         "warrant.v1.Admin/QueryAudit" => admin

@@ -1935,6 +1935,8 @@ async fn the_first_ca_and_jwt_svid_keys_stored_win(backend: Backend) {
         sealed_private_key: vec![sealed; 16],
         created_at: UnixMillis::now(),
         expires_at: UnixMillis(UnixMillis::now().0 + 1_000),
+        activated_at: UnixMillis::now(),
+        publish_until: None,
     };
     let first = fixture.store.insert_ca_key(key(1)).await.unwrap();
     let second = fixture.store.insert_ca_key(key(2)).await.unwrap();
@@ -1944,6 +1946,46 @@ async fn the_first_ca_and_jwt_svid_keys_stored_win(backend: Backend) {
         second[0].sealed_private_key,
         vec![1; 16],
         "the first one stays"
+    );
+
+    // A rotation retires the CA once: a second rotation of the same CA lost the race.
+    let now = UnixMillis::now();
+    let rotated = |id: &str| StoredCaKey {
+        id: id.into(),
+        activated_at: now,
+        ..key(3)
+    };
+    fixture
+        .store
+        .rotate_ca(rotated("ca-2"), "ca-1", UnixMillis(now.0 + 60_000), vec![])
+        .await
+        .unwrap();
+    let error = fixture
+        .store
+        .rotate_ca(rotated("ca-3"), "ca-1", UnixMillis(now.0 + 60_000), vec![])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, warrant::error::Error::FailedPrecondition(_)),
+        "{error}"
+    );
+    let published = fixture.store.published_ca_keys(now).await.unwrap();
+    let ids: Vec<_> = published.iter().map(|key| key.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["ca-1", "ca-2"],
+        "nothing of the lost rotation is stored"
+    );
+    assert_eq!(published[0].publish_until, Some(UnixMillis(now.0 + 60_000)));
+    let later = fixture
+        .store
+        .published_ca_keys(UnixMillis(now.0 + 60_001))
+        .await
+        .unwrap();
+    assert_eq!(
+        later.len(),
+        1,
+        "the retired CA leaves the bundle at publish_until"
     );
 
     let jwt_key = |sealed: u8| StoredJwtSvidKey {

@@ -104,7 +104,7 @@ pub fn identity_of(svid: &proto::X509Svid) -> ClientIdentity {
 }
 
 /// `openssl <args>` in `dir`: (succeeded, standard output and error).
-fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
+pub fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
     let output = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -264,7 +264,7 @@ async fn an_svid_authenticates_over_mtls_and_binds_the_tokens_issued_to_it() {
     .await
     .unwrap();
     let der = |svid: &proto::X509Svid| {
-        warrant::identity::ca::first_certificate_der(&svid.certificate_pem).unwrap()
+        warrant::identity::pem::first_certificate_der(&svid.certificate_pem).unwrap()
     };
     let verified = verifier
         .verify_from_client(&token, Some(&der(&svid)))

@@ -30,6 +30,7 @@ mod support;
 mod access;
 mod audit;
 mod auth;
+mod ca_rotation;
 mod conformance;
 mod entries;
 mod feed_silence;

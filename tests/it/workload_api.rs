@@ -21,16 +21,23 @@ use crate::support::*;
 /// SVIDs live this long here, so the stream's re-issue (at half of it) comes within seconds.
 const SVID_TTL: Duration = Duration::from_secs(4);
 
-const THIS_TEST: &str = "spiffe://test.local/workload/this-test";
+pub const THIS_TEST: &str = "spiffe://test.local/workload/this-test";
 
 /// A broker with its local socket, and this test process registered by its Unix identity; the
 /// data directory lives as long as the returned `TestData`.
 async fn broker_with_this_process_registered() -> (TestData, TestApp, std::path::PathBuf) {
+    broker_with_this_process_registered_for(SVID_TTL).await
+}
+
+/// [`broker_with_this_process_registered`], with SVIDs that live `svid_ttl`.
+pub async fn broker_with_this_process_registered_for(
+    svid_ttl: Duration,
+) -> (TestData, TestApp, std::path::PathBuf) {
     let data = TestData::new(Backend::Sqlite).await;
     let socket = data.path().join("warrant.sock");
     let mut config = data.config();
     config.unix_socket = Some(socket.clone());
-    config.svid_ttl = SVID_TTL;
+    config.svid_ttl = svid_ttl;
     let app = TestApp::spawn_with(config).await;
     app.admin()
         .await
@@ -78,7 +85,7 @@ async fn a_spiffe_client_library_fetches_and_rotates_its_x509_svid() {
         .into_inner()
         .svid
         .unwrap();
-    let ca = warrant::identity::ca::first_certificate_der(&attested.bundle_pem).unwrap();
+    let ca = warrant::identity::pem::first_certificate_der(&attested.bundle_pem).unwrap();
     assert_eq!(
         bundle
             .authorities()

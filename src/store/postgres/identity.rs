@@ -7,9 +7,10 @@ use super::audit;
 use super::workloads::{WORKLOAD_COLUMN_COUNT, WORKLOAD_COLUMNS, workload_columns};
 use crate::audit::AuditEvent;
 use crate::domain::UnixMillis;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::records::{
-    JoinTokenRecord, StoredCaKey, StoredJwtSvidKey, SvidRecord, WorkloadRecord,
+    CA_CHANGED_DURING_ROTATION, JoinTokenRecord, StoredCaKey, StoredJwtSvidKey, SvidRecord,
+    WorkloadRecord,
 };
 
 /// Stores `key` unless its id is taken, and returns the key stored under the id.
@@ -38,22 +39,38 @@ pub async fn insert_jwt_svid_key(
     })
 }
 
+const CA_COLUMNS: &str =
+    "id, certificate, sealed_private_key, created_at, expires_at, activated_at, publish_until";
+
 pub async fn insert_ca_key(pool: &PgPool, key: &StoredCaKey) -> Result<Vec<StoredCaKey>> {
-    sqlx::query(
-        "INSERT INTO ca_keys (id, certificate, sealed_private_key, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-    )
+    insert_ca(pool, key).await?;
+    published_ca_keys(pool, key.created_at).await
+}
+
+async fn insert_ca<'e>(executor: impl sqlx::PgExecutor<'e>, key: &StoredCaKey) -> Result<()> {
+    sqlx::query(&format!(
+        "INSERT INTO ca_keys ({CA_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT DO NOTHING"
+    ))
     .bind(&key.id)
     .bind(&key.certificate)
     .bind(&key.sealed_private_key)
     .bind(key.created_at.0)
     .bind(key.expires_at.0)
-    .execute(pool)
+    .bind(key.activated_at.0)
+    .bind(key.publish_until.map(|at| at.0))
+    .execute(executor)
     .await?;
-    sqlx::query(
-        "SELECT id, certificate, sealed_private_key, created_at, expires_at FROM ca_keys \
-         ORDER BY created_at, id",
-    )
+    Ok(())
+}
+
+/// The CAs in the trust bundle at `now`, oldest activation first.
+pub async fn published_ca_keys(pool: &PgPool, now: UnixMillis) -> Result<Vec<StoredCaKey>> {
+    sqlx::query(&format!(
+        "SELECT {CA_COLUMNS} FROM ca_keys WHERE publish_until IS NULL OR publish_until > $1 \
+         ORDER BY activated_at, id"
+    ))
+    .bind(now.0)
     .fetch_all(pool)
     .await?
     .iter()
@@ -64,9 +81,45 @@ pub async fn insert_ca_key(pool: &PgPool, key: &StoredCaKey) -> Result<Vec<Store
             sealed_private_key: row.try_get(2)?,
             created_at: UnixMillis(row.try_get(3)?),
             expires_at: UnixMillis(row.try_get(4)?),
+            activated_at: UnixMillis(row.try_get(5)?),
+            publish_until: row.try_get::<Option<i64>, _>(6)?.map(UnixMillis),
         })
     })
     .collect()
+}
+
+/// Retires the CA `retiring_id` (in the bundle until `publish_until`) and stores `new`; refused
+/// if `retiring_id` was retired already, by a rotation that ran concurrently.
+pub async fn rotate_ca(
+    connection: &mut PgConnection,
+    new: &StoredCaKey,
+    retiring_id: &str,
+    publish_until: UnixMillis,
+    events: &[AuditEvent],
+) -> Result<()> {
+    let retired = sqlx::query(
+        "UPDATE ca_keys SET publish_until = $1 WHERE id = $2 AND publish_until IS NULL",
+    )
+    .bind(publish_until.0)
+    .bind(retiring_id)
+    .execute(&mut *connection)
+    .await?
+    .rows_affected();
+    if retired != 1 {
+        return Err(Error::FailedPrecondition(CA_CHANGED_DURING_ROTATION.into()));
+    }
+    insert_ca(&mut *connection, new).await?;
+    audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await
+}
+
+/// The latest expiry of any SVID issued.
+pub async fn latest_svid_expiry(pool: &PgPool) -> Result<Option<UnixMillis>> {
+    Ok(
+        sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(expires_at) FROM svids")
+            .fetch_one(pool)
+            .await?
+            .map(UnixMillis),
+    )
 }
 
 pub async fn insert_join_token(

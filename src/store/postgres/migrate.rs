@@ -55,6 +55,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "JWT-SVID keys",
         sql: include_str!("../../../migrations/postgres/0007_jwt_svid_keys.sql"),
     },
+    Migration {
+        version: 8,
+        description: "CA rotation",
+        sql: include_str!("../../../migrations/postgres/0008_ca_rotation.sql"),
+    },
 ];
 
 /// The advisory lock that makes replicas starting together migrate one at a time.

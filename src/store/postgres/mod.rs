@@ -552,6 +552,30 @@ impl Store for PostgresStore {
         identity::insert_ca_key(&self.pool, &key).await
     }
 
+    async fn published_ca_keys(&self, now: UnixMillis) -> Result<Vec<StoredCaKey>> {
+        identity::published_ca_keys(&self.pool, now).await
+    }
+
+    async fn rotate_ca(
+        &self,
+        new: StoredCaKey,
+        retiring_id: &str,
+        publish_until: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<()> {
+        self.write(Topic::Keys, |connection| {
+            let (new, retiring_id, events) = (new.clone(), retiring_id.to_owned(), events.clone());
+            Box::pin(async move {
+                identity::rotate_ca(connection, &new, &retiring_id, publish_until, &events).await
+            })
+        })
+        .await
+    }
+
+    async fn latest_svid_expiry(&self) -> Result<Option<UnixMillis>> {
+        identity::latest_svid_expiry(&self.pool).await
+    }
+
     async fn insert_join_token(
         &self,
         token: JoinTokenRecord,

@@ -7,26 +7,52 @@ use super::workloads::{WORKLOAD_COLUMN_COUNT, WORKLOAD_COLUMNS, workload_columns
 use super::writer::Write;
 use crate::audit::AuditEvent;
 use crate::domain::UnixMillis;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::store::Topic;
 use crate::store::records::{
-    JoinTokenRecord, StoredCaKey, StoredJwtSvidKey, SvidRecord, WorkloadRecord,
+    CA_CHANGED_DURING_ROTATION, JoinTokenRecord, StoredCaKey, StoredJwtSvidKey, SvidRecord,
+    WorkloadRecord,
 };
 
-pub fn insert_ca_key(write: &mut Write<'_>, key: &StoredCaKey) -> Result<()> {
-    write
+pub fn insert_ca_key(write: &mut Write<'_>, key: &StoredCaKey) -> Result<usize> {
+    Ok(write
         .connection
         .prepare_cached(
-            "INSERT INTO ca_keys (id, certificate, sealed_private_key, created_at, expires_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+            "INSERT INTO ca_keys (id, certificate, sealed_private_key, created_at, expires_at, \
+             activated_at, publish_until) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
         )?
         .execute(params![
             key.id,
             key.certificate,
             key.sealed_private_key,
             key.created_at.0,
-            key.expires_at.0
-        ])?;
-    Ok(())
+            key.expires_at.0,
+            key.activated_at.0,
+            key.publish_until.map(|at| at.0),
+        ])?)
+}
+
+/// Retires the CA `retiring_id` (in the bundle until `publish_until`) and stores `new`; refused
+/// if `retiring_id` was retired already, by a rotation that ran concurrently.
+pub fn rotate_ca(
+    write: &mut Write<'_>,
+    new: &StoredCaKey,
+    retiring_id: &str,
+    publish_until: UnixMillis,
+    events: &[AuditEvent],
+) -> Result<()> {
+    let retired = write
+        .connection
+        .prepare_cached(
+            "UPDATE ca_keys SET publish_until = ?1 WHERE id = ?2 AND publish_until IS NULL",
+        )?
+        .execute(params![publish_until.0, retiring_id])?;
+    if retired != 1 {
+        return Err(Error::FailedPrecondition(CA_CHANGED_DURING_ROTATION.into()));
+    }
+    insert_ca_key(write, new)?;
+    write.topics.push(Topic::Keys);
+    audit::insert_events(write, events)
 }
 
 /// Stores `key` unless its id is taken, and returns the key stored under the id.
@@ -55,23 +81,35 @@ pub fn insert_jwt_svid_key(
         })?)
 }
 
-pub fn ca_keys(connection: &Connection) -> Result<Vec<StoredCaKey>> {
+/// The CAs in the trust bundle at `now`, oldest first.
+pub fn published_ca_keys(connection: &Connection, now: UnixMillis) -> Result<Vec<StoredCaKey>> {
     connection
         .prepare_cached(
-            "SELECT id, certificate, sealed_private_key, created_at, expires_at FROM ca_keys \
-             ORDER BY created_at, id",
+            "SELECT id, certificate, sealed_private_key, created_at, expires_at, activated_at, \
+             publish_until FROM ca_keys WHERE publish_until IS NULL OR publish_until > ?1 \
+             ORDER BY activated_at, id",
         )?
-        .query_map([], |row| {
+        .query_map([now.0], |row| {
             Ok(StoredCaKey {
                 id: row.get(0)?,
                 certificate: row.get(1)?,
                 sealed_private_key: row.get(2)?,
                 created_at: UnixMillis(row.get(3)?),
                 expires_at: UnixMillis(row.get(4)?),
+                activated_at: UnixMillis(row.get(5)?),
+                publish_until: row.get::<_, Option<i64>>(6)?.map(UnixMillis),
             })
         })?
         .map(|key| Ok(key?))
         .collect()
+}
+
+/// The latest expiry of any SVID issued.
+pub fn latest_svid_expiry(connection: &Connection) -> Result<Option<UnixMillis>> {
+    Ok(connection
+        .prepare_cached("SELECT MAX(expires_at) FROM svids")?
+        .query_row([], |row| row.get::<_, Option<i64>>(0))?
+        .map(UnixMillis))
 }
 
 pub fn insert_join_token(

@@ -476,9 +476,34 @@ impl Store for SqliteStore {
         self.writer
             .run(move |write| {
                 identity::insert_ca_key(write, &key)?;
-                identity::ca_keys(write.connection)
+                identity::published_ca_keys(write.connection, key.created_at)
             })
             .await
+    }
+
+    async fn published_ca_keys(&self, now: UnixMillis) -> Result<Vec<StoredCaKey>> {
+        self.readers
+            .read(move |connection| identity::published_ca_keys(connection, now))
+            .await
+    }
+
+    async fn rotate_ca(
+        &self,
+        new: StoredCaKey,
+        retiring_id: &str,
+        publish_until: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<()> {
+        let retiring_id = retiring_id.to_owned();
+        self.writer
+            .run(move |write| {
+                identity::rotate_ca(write, &new, &retiring_id, publish_until, &events)
+            })
+            .await
+    }
+
+    async fn latest_svid_expiry(&self) -> Result<Option<UnixMillis>> {
+        self.readers.read(identity::latest_svid_expiry).await
     }
 
     async fn insert_join_token(

@@ -31,6 +31,9 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!(
             "../../../migrations/sqlite/0007_jwt_svid_keys.sql"
         )),
+        M::up(include_str!(
+            "../../../migrations/sqlite/0008_ca_rotation.sql"
+        )),
     ])
 }
 
