@@ -15,6 +15,7 @@ use crate::bootstrap::{self, CatalogLoadError};
 use crate::broker::{Broker, BrokerSettings};
 use crate::config::{Config, TlsIdentity};
 use crate::identity::jwt_attestor::JwtAttestor;
+use crate::identity::jwt_svid::JwtSvidKey;
 use crate::identity::{Ca, IdentityAuthority};
 use crate::issuer::master_key::MasterKeyError;
 use crate::issuer::{BearerCredential, Keyring};
@@ -51,6 +52,8 @@ pub enum StartError {
     MasterKey(#[from] MasterKeyError),
     #[error(transparent)]
     Jwks(#[from] crate::identity::jwt_attestor::JwksError),
+    #[error(transparent)]
+    UpstreamCa(#[from] crate::identity::upstream::UpstreamCaError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -80,6 +83,7 @@ impl StartError {
             | StartError::Catalog(_)
             | StartError::MasterKey(_)
             | StartError::Jwks(_)
+            | StartError::UpstreamCa(_)
             | StartError::Tls(_) => 64,
             StartError::Bind { .. } | StartError::Unix { .. } | StartError::Store(_) => 69,
             StartError::Broker(_) | StartError::Serve(_) => 70,
@@ -124,8 +128,22 @@ impl App {
             None => None,
         };
         let audit_key = master_key.audit_key();
-        let ca =
-            Ca::load_or_create(store.as_ref(), master_key.clone(), &config.trust_domain).await?;
+        let jwt_svids =
+            JwtSvidKey::load_or_create(store.as_ref(), &master_key, &config.trust_domain).await?;
+        let ca = match &config.upstream_ca {
+            None => {
+                Ca::load_or_create(
+                    store.as_ref(),
+                    master_key.clone(),
+                    &config.trust_domain,
+                    jwt_svids,
+                )
+                .await?
+            }
+            Some(files) => {
+                Ca::upstream(files, master_key.clone(), &config.trust_domain, jwt_svids)?
+            }
+        };
         let jwt_attestor = JwtAttestor::load(&config.jwt_issuers).await?;
         let keyring = Keyring::load(store.as_ref(), master_key, config.signing_algorithm).await?;
         let metrics = Arc::new(Metrics::new());

@@ -88,6 +88,23 @@ impl std::fmt::Debug for TlsIdentity {
     }
 }
 
+/// An intermediate CA from `[identity.upstream_ca]`, read at start: Warrant signs SVIDs with
+/// it, and the trust bundle is the organisation's roots.
+#[derive(Clone)]
+pub struct UpstreamCaFiles {
+    /// The CA certificate Warrant signs with, then any further intermediates up to a root.
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// The roots the chain ends at: the trust bundle.
+    pub bundle_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for UpstreamCaFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UpstreamCaFiles { key: [redacted] }")
+    }
+}
+
 /// Everything the broker needs to start. `Debug` hides the database password.
 #[derive(Clone)]
 pub struct Config {
@@ -126,6 +143,8 @@ pub struct Config {
     pub bearer_credentials: bool,
     /// The external issuers the `jwt` attestor trusts (`[[identity.jwt_issuer]]`).
     pub jwt_issuers: Vec<JwtIssuerConfig>,
+    /// An intermediate CA to sign SVIDs with instead of Warrant's own CA.
+    pub upstream_ca: Option<UpstreamCaFiles>,
 }
 
 impl std::fmt::Debug for Config {
@@ -244,6 +263,7 @@ impl Config {
             svid_ttl: DEFAULT_SVID_TTL,
             bearer_credentials: true,
             jwt_issuers: Vec::new(),
+            upstream_ca: None,
         };
         config.apply_environment(env)?;
         // Plaintext, a dev master key and a printed admin credential: never on a network.
@@ -369,6 +389,14 @@ impl Config {
             )?,
             bearer_credentials: file.identity.bearer_credentials.unwrap_or(true),
             jwt_issuers: jwt_issuers(file.identity.jwt_issuer, &resolve)?,
+            upstream_ca: match &file.identity.upstream_ca {
+                None => None,
+                Some(section) => Some(UpstreamCaFiles {
+                    cert_pem: read("identity.upstream_ca.cert_file", &section.cert_file)?,
+                    key_pem: read("identity.upstream_ca.key_file", &section.key_file)?,
+                    bundle_pem: read("identity.upstream_ca.bundle_file", &section.bundle_file)?,
+                }),
+            },
             caller_limits: CallerLimitSettings {
                 rate_per_second: positive(
                     "limits.caller_rate",
@@ -469,6 +497,16 @@ struct IdentitySection {
     bearer_credentials: Option<bool>,
     #[serde(default)]
     jwt_issuer: Vec<JwtIssuerSection>,
+    upstream_ca: Option<UpstreamCaSection>,
+}
+
+/// `[identity.upstream_ca]`: an intermediate CA, its key, and the roots it chains to.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamCaSection {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    bundle_file: PathBuf,
 }
 
 /// One `[[identity.jwt_issuer]]`: an external issuer whose tokens the `jwt` attestor accepts.

@@ -26,7 +26,11 @@ impl AttestationService {
     fn svid(&self, svid: IssuedSvid) -> proto::X509Svid {
         proto::X509Svid {
             spiffe_id: svid.spiffe_id.as_str().to_owned(),
-            certificate_pem: to_pem(&svid.certificate),
+            // The leaf first, then its chain: what a client presents as its certificate.
+            certificate_pem: std::iter::once(&svid.certificate)
+                .chain(&svid.chain)
+                .map(|der| to_pem(der))
+                .collect(),
             private_key_pem: key_to_pem(&svid.private_key),
             bundle_pem: self.broker.ca().trust_bundle().pem(),
             expires_at: svid.expires_at.as_seconds(),

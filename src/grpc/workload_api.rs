@@ -83,7 +83,12 @@ impl WorkloadApiService {
         api::X509svidResponse {
             svids: vec![api::X509svid {
                 spiffe_id: svid.spiffe_id.as_str().to_owned(),
-                x509_svid: svid.certificate.clone(),
+                // The leaf first, then any intermediates, as the specification orders them.
+                x509_svid: std::iter::once(&svid.certificate)
+                    .chain(&svid.chain)
+                    .flatten()
+                    .copied()
+                    .collect(),
                 x509_svid_key: svid.private_key.clone(),
                 bundle: self.broker.ca().trust_bundle().der(),
                 hint: String::new(),

@@ -28,6 +28,8 @@ use crate::store::{Store, StoredCaKey};
 
 use super::jwt_svid::JwtSvidKey;
 use super::trust_bundle::{LoadedCa, TrustBundle};
+use super::upstream::{self, UpstreamCaError};
+use crate::config::UpstreamCaFiles;
 
 /// The first CA's id: replicas starting together on one database all store this id, so the
 /// first insert wins and every replica signs with the same key.
@@ -46,6 +48,9 @@ pub struct IssuedSvid {
     pub spiffe_id: SpiffeId,
     /// The leaf, DER.
     pub certificate: Vec<u8>,
+    /// The certificates after the leaf in its chain (DER): none when Warrant's own CA, a root,
+    /// signed it; the configured chain when an intermediate did.
+    pub chain: Vec<Vec<u8>>,
     /// PKCS#8 DER. `Debug` of the types carrying it never shows it.
     pub private_key: Vec<u8>,
     /// Base64url SHA-256 of the leaf's DER: its RFC 8705 `x5t#S256` thumbprint.
@@ -63,6 +68,8 @@ pub struct Ca {
     master_key: Arc<MasterKey>,
     /// The bundle as last loaded; streams that carry the bundle watch it for changes.
     bundle: watch::Sender<Arc<TrustBundle>>,
+    /// Whether the signing CA is the configured intermediate, which nothing here rotates.
+    is_upstream: bool,
     jwt_svids: JwtSvidKey,
 }
 
@@ -81,17 +88,43 @@ impl Ca {
         store: &dyn Store,
         master_key: Arc<MasterKey>,
         trust_domain: &TrustDomain,
+        jwt_svids: JwtSvidKey,
     ) -> Result<Ca> {
         let now = UnixMillis::now();
         let candidate = generate(&master_key, trust_domain, FIRST_CA_ID, now, now)?;
         let stored = store.insert_ca_key(candidate).await?;
         let bundle = open_bundle(&master_key, trust_domain, &stored, 0)?;
-        Ok(Ca {
-            jwt_svids: JwtSvidKey::load_or_create(store, &master_key, trust_domain).await?,
-            trust_domain: trust_domain.clone(),
+        Ok(Self::new(
+            trust_domain,
             master_key,
-            bundle: watch::Sender::new(Arc::new(bundle)),
-        })
+            bundle,
+            false,
+            jwt_svids,
+        ))
+    }
+
+    /// The intermediate CA of `files`, checked: a probe SVID it signs must chain to the
+    /// configured roots, as the mTLS listener will require of every SVID.
+    pub fn upstream(
+        files: &UpstreamCaFiles,
+        master_key: Arc<MasterKey>,
+        trust_domain: &TrustDomain,
+        jwt_svids: JwtSvidKey,
+    ) -> std::result::Result<Ca, UpstreamCaError> {
+        let now = UnixMillis::now();
+        let (signer, roots) = upstream::load(files)?;
+        let bundle = TrustBundle::upstream(signer, roots.clone());
+        let ca = Self::new(trust_domain, master_key, bundle, true, jwt_svids);
+        let probe_id = SpiffeId::for_workload(
+            trust_domain,
+            &crate::domain::WorkloadName::parse("name", "start-up-probe")
+                .map_err(|_| upstream::refused("cert_file", "no probe name"))?,
+        );
+        let probe = ca
+            .issue(&probe_id, Duration::from_secs(60), now)
+            .map_err(|error| upstream::refused("cert_file", error.to_string()))?;
+        upstream::check_chain(&probe.certificate, &probe.chain, &roots)?;
+        Ok(ca)
     }
 
     /// A CA kept only in memory: the benchmark's reference for leaf signing, with the
@@ -103,18 +136,36 @@ impl Ca {
             id: FIRST_CA_ID.to_owned(),
             issuer: Issuer::new(ca_params(FIRST_CA_ID, trust_domain), key),
             certificate,
+            chain: Vec::new(),
             expires_at,
             activated_at: now,
             publish_until: None,
         };
-        let bundle = TrustBundle::new(vec![ca], 0)
+        let bundle = TrustBundle::own(vec![ca], 0)
             .ok_or_else(|| Error::internal("an empty trust bundle"))?;
-        Ok(Ca {
+        Ok(Self::new(
+            trust_domain,
+            Arc::new(MasterKey::ephemeral()),
+            bundle,
+            false,
+            JwtSvidKey::in_memory(trust_domain),
+        ))
+    }
+
+    fn new(
+        trust_domain: &TrustDomain,
+        master_key: Arc<MasterKey>,
+        bundle: TrustBundle,
+        is_upstream: bool,
+        jwt_svids: JwtSvidKey,
+    ) -> Ca {
+        Ca {
             trust_domain: trust_domain.clone(),
-            master_key: Arc::new(MasterKey::ephemeral()),
+            master_key,
             bundle: watch::Sender::new(Arc::new(bundle)),
-            jwt_svids: JwtSvidKey::in_memory(trust_domain),
-        })
+            is_upstream,
+            jwt_svids,
+        }
     }
 
     /// The key that signs and checks JWT-SVIDs.
@@ -135,6 +186,10 @@ impl Ca {
     /// Re-reads the CAs from the store: a rotation made by another replica, a retired CA
     /// whose time in the bundle is over. Watchers are told only of a change.
     pub async fn reload(&self, store: &dyn Store) -> Result<()> {
+        if self.is_upstream {
+            // Nothing of it is stored: it changes with the configuration, at a restart.
+            return Ok(());
+        }
         let stored = store.published_ca_keys(UnixMillis::now()).await?;
         let current = self.trust_bundle();
         if current.matches(&stored) {
@@ -166,6 +221,13 @@ impl Ca {
         svid_ttl: Duration,
         actor: &str,
     ) -> Result<CaRotation> {
+        if self.is_upstream {
+            return Err(Error::FailedPrecondition(
+                "the CA is the intermediate from identity.upstream_ca: rotate it by replacing \
+                 its files and restarting"
+                    .into(),
+            ));
+        }
         self.reload(store).await?;
         let now = UnixMillis::now();
         let bundle = self.trust_bundle();
@@ -247,6 +309,7 @@ impl Ca {
             spiffe_id: spiffe_id.clone(),
             thumbprint: thumbprint(&der),
             certificate: der,
+            chain: signer.chain.clone(),
             private_key: key.serialize_der(),
             serial: crate::domain::ids::hex(&serial),
             issued_at: now,
@@ -300,13 +363,14 @@ fn open_bundle(
                 id: stored.id.clone(),
                 issuer: Issuer::new(ca_params(&stored.id, trust_domain), key),
                 certificate: stored.certificate.clone(),
+                chain: Vec::new(),
                 expires_at: stored.expires_at,
                 activated_at: stored.activated_at,
                 publish_until: stored.publish_until,
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    TrustBundle::new(cas, generation).ok_or_else(|| Error::internal("no CA in the store"))
+    TrustBundle::own(cas, generation).ok_or_else(|| Error::internal("no CA in the store"))
 }
 
 /// A fresh CA key and its self-signed certificate (DER), valid from `now`.

@@ -9,6 +9,7 @@ pub mod jwt_svid;
 pub mod pem;
 pub mod selectors;
 pub mod trust_bundle;
+pub mod upstream;
 
 pub use ca::{Ca, CaRotation, IssuedSvid, thumbprint};
 

@@ -1,6 +1,7 @@
-//! The trust domain's X.509 CAs as last loaded from the store: every CA in the trust bundle
-//! (the current one, one a rotation will activate, retired ones whose SVIDs may still be
-//! live), and which of them signs at a given instant.
+//! The trust domain's X.509 CAs as last loaded: the CAs that may sign (Warrant's own from the
+//! store: the current one, one a rotation will activate, retired ones whose SVIDs may still be
+//! live; or the intermediate from the configuration), which of them signs at a given instant,
+//! and the roots that SVIDs chain to, which are the trust bundle.
 
 use rcgen::{Issuer, KeyPair};
 
@@ -10,30 +11,49 @@ use crate::store::StoredCaKey;
 /// How often a bundle consumer should fetch the bundle again, in seconds.
 const BUNDLE_REFRESH_HINT_SECONDS: u64 = 300;
 
-/// One CA of the bundle, its key unsealed.
+/// One CA that may sign, its key at hand.
 pub struct LoadedCa {
     pub id: String,
     /// DER.
     pub certificate: Vec<u8>,
+    /// What follows each leaf it signs in an SVID's chain (DER): nothing for Warrant's own
+    /// CAs, which are roots; the configured chain for an intermediate.
+    pub chain: Vec<Vec<u8>>,
     pub expires_at: UnixMillis,
     pub activated_at: UnixMillis,
     pub publish_until: Option<UnixMillis>,
     pub(super) issuer: Issuer<'static, KeyPair>,
 }
 
-/// The CAs of the trust bundle; never empty.
+/// The CAs that may sign (never none) and the trust bundle.
 pub struct TrustBundle {
     /// Oldest activation first.
     cas: Vec<LoadedCa>,
+    /// The bundle's certificates (DER): the CAs themselves, or the configured roots.
+    roots: Vec<Vec<u8>>,
     /// Grows with every change of the set, so what is built from a bundle (a TLS verifier)
     /// knows when to build again.
     generation: u64,
 }
 
 impl TrustBundle {
-    /// `cas` oldest activation first; `None` if empty.
-    pub(super) fn new(cas: Vec<LoadedCa>, generation: u64) -> Option<TrustBundle> {
-        (!cas.is_empty()).then_some(TrustBundle { cas, generation })
+    /// Warrant's own CAs, oldest activation first, each its own root; `None` if empty.
+    pub(super) fn own(cas: Vec<LoadedCa>, generation: u64) -> Option<TrustBundle> {
+        let roots = cas.iter().map(|ca| ca.certificate.clone()).collect();
+        (!cas.is_empty()).then_some(TrustBundle {
+            cas,
+            roots,
+            generation,
+        })
+    }
+
+    /// An intermediate CA that chains to `roots`.
+    pub(super) fn upstream(signer: LoadedCa, roots: Vec<Vec<u8>>) -> TrustBundle {
+        TrustBundle {
+            cas: vec![signer],
+            roots,
+            generation: 0,
+        }
     }
 
     pub fn generation(&self) -> u64 {
@@ -55,9 +75,9 @@ impl TrustBundle {
         self.cas.iter().find(|ca| ca.activated_at > now)
     }
 
-    /// The CA certificates (DER), oldest activation first.
+    /// The bundle's certificates (DER); Warrant's own CAs oldest activation first.
     pub fn certificates(&self) -> impl Iterator<Item = &[u8]> {
-        self.cas.iter().map(|ca| ca.certificate.as_slice())
+        self.roots.iter().map(Vec::as_slice)
     }
 
     /// The certificates' DER one after another, as the SPIFFE Workload API carries a bundle.
@@ -70,31 +90,10 @@ impl TrustBundle {
         self.certificates().map(super::pem::to_pem).collect()
     }
 
-    /// The bundle in the SPIFFE bundle format: a JWK Set with one key per CA, each with
-    /// `use: x509-svid` and its certificate in `x5c`.
+    /// The bundle in the SPIFFE bundle format: a JWK Set with one key per certificate, each
+    /// with `use: x509-svid` and the certificate in `x5c`.
     pub fn jwks(&self) -> serde_json::Value {
-        use base64::Engine;
-        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-        let keys: Vec<_> = self
-            .cas
-            .iter()
-            .map(|ca| {
-                // An uncompressed P-256 point: 0x04, then x and y, 32 bytes each.
-                let point = ca.issuer.key().public_key_raw();
-                let (x, y) = point
-                    .get(1..)
-                    .unwrap_or_default()
-                    .split_at(point.len().saturating_sub(1) / 2);
-                serde_json::json!({
-                    "use": "x509-svid",
-                    "kty": "EC",
-                    "crv": "P-256",
-                    "x": URL_SAFE_NO_PAD.encode(x),
-                    "y": URL_SAFE_NO_PAD.encode(y),
-                    "x5c": [STANDARD.encode(&ca.certificate)],
-                })
-            })
-            .collect();
+        let keys: Vec<_> = self.certificates().filter_map(jwk_of_certificate).collect();
         serde_json::json!({ "keys": keys, "spiffe_refresh_hint": BUNDLE_REFRESH_HINT_SECONDS })
     }
 
@@ -106,5 +105,44 @@ impl TrustBundle {
                 .iter()
                 .zip(stored)
                 .all(|(ca, key)| ca.id == key.id && ca.publish_until == key.publish_until)
+    }
+}
+
+/// The JWK of a CA certificate for the SPIFFE bundle: its public key (EC P-256 or P-384, or
+/// RSA), `use: x509-svid`, and the certificate in `x5c`; `None` for other keys or bad DER.
+pub fn jwk_of_certificate(der: &[u8]) -> Option<serde_json::Value> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    use x509_parser::public_key::PublicKey;
+    let (_, certificate) = X509Certificate::from_der(der).ok()?;
+    let x5c = [STANDARD.encode(der)];
+    // Big-endian integers without the sign byte DER may add.
+    let unsigned = |bytes: &[u8]| -> String {
+        let start = bytes
+            .iter()
+            .position(|byte| *byte != 0)
+            .unwrap_or(bytes.len());
+        URL_SAFE_NO_PAD.encode(&bytes[start..])
+    };
+    match certificate.public_key().parsed().ok()? {
+        PublicKey::EC(point) => {
+            // Uncompressed points only: 0x04, then x and y of equal length.
+            let (crv, coordinate) = match point.data() {
+                [0x04, rest @ ..] if rest.len() == 64 => ("P-256", 32),
+                [0x04, rest @ ..] if rest.len() == 96 => ("P-384", 48),
+                _ => return None,
+            };
+            let (x, y) = point.data()[1..].split_at(coordinate);
+            Some(serde_json::json!({
+                "use": "x509-svid", "kty": "EC", "crv": crv,
+                "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y), "x5c": x5c,
+            }))
+        }
+        PublicKey::RSA(key) => Some(serde_json::json!({
+            "use": "x509-svid", "kty": "RSA",
+            "n": unsigned(key.modulus), "e": unsigned(key.exponent), "x5c": x5c,
+        })),
+        _ => None,
     }
 }

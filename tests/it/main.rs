@@ -47,5 +47,6 @@ mod process;
 mod rotation;
 mod tasks;
 mod tokens;
+mod upstream_ca;
 mod verifier;
 mod workload_api;

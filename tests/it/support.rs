@@ -108,6 +108,7 @@ impl TestData {
             unix_socket: None,
             svid_ttl: Duration::from_secs(3600),
             jwt_issuers: Vec::new(),
+            upstream_ca: None,
             bearer_credentials: true,
         }
     }
