@@ -633,8 +633,14 @@ async fn agent_credential(admin: &Connection, name: &str) -> String {
 async fn mtls(options: &Options) -> Vec<Row> {
     let duration = options.duration;
     let levels = two_levels(options);
-    let leaf_rate = raw_leaf_rate(duration.min(Duration::from_secs(3))).per_second();
-    let mut rows = Vec::new();
+    let leaf = raw_leaf_rate(duration.min(Duration::from_secs(3)));
+    let leaf_rate = leaf.per_second();
+    let mut rows = vec![leaf.row(
+        "reference: raw X.509-SVID issuance (P-256 key + leaf, 1 core)",
+        "-",
+        1,
+        None,
+    )];
     let mut plaintext_rates = HashMap::new();
     {
         let plain = Server::broker(tempfile::tempdir().expect("temporary directory"), None);

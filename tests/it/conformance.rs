@@ -51,6 +51,7 @@ backend_tests!(
     a_stalled_database_refuses_writes_instead_of_queueing_them,
     a_failing_write_fails_alone_and_the_writes_beside_it_commit,
     a_join_token_is_used_once_and_revocation_ends_svids_and_tokens,
+    concurrent_uses_of_one_join_token_on_one_store_consume_it_once,
     the_first_ca_and_jwt_svid_keys_stored_win,
     a_revoked_identity_opens_no_task,
 );
@@ -1834,6 +1835,43 @@ fn svid(thumbprint: &str, workload_id: &str) -> SvidRecord {
         issued_at: now,
         expires_at: UnixMillis(now.0 + 3_600_000),
     }
+}
+
+/// Uses of one token that arrive together (on PostgreSQL, likely in one commit batch): one
+/// wins, and only its SVID is stored.
+async fn concurrent_uses_of_one_join_token_on_one_store_consume_it_once(backend: Backend) {
+    let fixture = Fixture::new(backend).await;
+    let now = UnixMillis::now();
+    fixture
+        .store
+        .insert_join_token(
+            join_token("jt-raced", &fixture.agent_a, UnixMillis(now.0 + 60_000)),
+            vec![],
+        )
+        .await
+        .unwrap();
+    let uses = (0..8).map(|n| {
+        let (store, agent) = (fixture.store.clone(), fixture.agent_a.clone());
+        async move {
+            let svid = svid(&format!("x5t-raced-{n}"), &agent);
+            store
+                .consume_join_token("jt-raced", now, svid, vec![])
+                .await
+                .unwrap()
+        }
+    });
+    let consumed = join_all(uses).await;
+    assert_eq!(
+        consumed.iter().filter(|won| **won).count(),
+        1,
+        "exactly one use wins: {consumed:?}"
+    );
+    let stored = (0..8).map(|n| format!("x5t-raced-{n}")).collect::<Vec<_>>();
+    let mut found = 0;
+    for thumbprint in &stored {
+        found += usize::from(fixture.store.find_svid(thumbprint).await.unwrap().is_some());
+    }
+    assert_eq!(found, 1, "only the winner's SVID is stored");
 }
 
 async fn a_join_token_is_used_once_and_revocation_ends_svids_and_tokens(backend: Backend) {

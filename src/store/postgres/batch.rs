@@ -22,8 +22,8 @@ use crate::audit::AuditEvent;
 use crate::domain::{LeaseState, RevocationReason, TaskId, TaskState, UnixMillis};
 use crate::error::{Error, Result};
 use crate::store::records::{
-    EndedLease, FeedEvent, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, TaskInsertion,
-    TaskRecord, ended_leases, task_ended,
+    EndedLease, FeedEvent, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, SvidRecord,
+    TaskInsertion, TaskRecord, ended_leases, task_ended,
 };
 
 /// One hot write.
@@ -56,6 +56,19 @@ pub enum Write {
         now: UnixMillis,
         actor: String,
     },
+    /// A join token consumed, if it is unused, unrevoked and unexpired at `now`, with the
+    /// X.509-SVID it bought.
+    ConsumeJoinToken {
+        id: String,
+        now: UnixMillis,
+        svid: SvidRecord,
+        events: Vec<AuditEvent>,
+    },
+    /// An X.509-SVID issued without a join token (a Unix or JWT attestation, a renewal).
+    InsertSvid {
+        svid: SvidRecord,
+        events: Vec<AuditEvent>,
+    },
 }
 
 /// What a write did, variant for variant.
@@ -67,6 +80,8 @@ pub enum Outcome {
     Renewed(RenewalOutcome),
     /// The revoked leases, or `None` when the task was not active.
     Completed(Option<Vec<EndedLease>>),
+    /// Whether the join token was consumed (and its SVID stored).
+    JoinTokenConsumed(bool),
 }
 
 /// The error for a committer answering a write with another kind of write's outcome.
@@ -92,6 +107,7 @@ pub async fn apply(
     let mut tasks = lock_tasks(connection, writes).await?;
     let live = lock_live_workloads(connection, writes).await?;
     let inserted = insert_tasks(connection, writes, &live).await?;
+    let consumed = consume_join_tokens(connection, writes).await?;
 
     let mut outcomes = Vec::with_capacity(writes.len());
     let mut new_leases: Vec<&LeaseRecord> = Vec::new();
@@ -153,8 +169,20 @@ pub async fn apply(
                 }
                 _ => Outcome::Completed(None),
             },
+            Write::ConsumeJoinToken { .. } => Outcome::JoinTokenConsumed(consumed.contains(&index)),
+            Write::InsertSvid { .. } => Outcome::Stored,
         });
     }
+    let svids: Vec<&SvidRecord> = writes
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|(write, outcome)| match (write, outcome) {
+            (Write::ConsumeJoinToken { svid, .. }, Outcome::JoinTokenConsumed(true))
+            | (Write::InsertSvid { svid, .. }, _) => Some(svid),
+            _ => None,
+        })
+        .collect();
+    insert_svids(connection, &svids).await?;
 
     insert_leases(connection, &new_leases).await?;
     for index in renew(connection, &renewals).await? {
@@ -189,7 +217,9 @@ fn recorded_events<'w>(write: &'w Write, outcome: &Outcome) -> &'w [AuditEvent] 
         (Write::Events(events), _)
         | (Write::NewTask { events, .. }, Outcome::TaskInserted(TaskInsertion::Inserted))
         | (Write::AddLease { events, .. }, Outcome::LeaseAdded(NewLeaseOutcome::Added))
-        | (Write::Renew { events, .. }, Outcome::Renewed(RenewalOutcome::Renewed)) => events,
+        | (Write::Renew { events, .. }, Outcome::Renewed(RenewalOutcome::Renewed))
+        | (Write::ConsumeJoinToken { events, .. }, Outcome::JoinTokenConsumed(true))
+        | (Write::InsertSvid { events, .. }, _) => events,
         _ => &[],
     }
 }
@@ -206,7 +236,10 @@ async fn lock_tasks(
             Write::AddLease { lease, .. } => Some(lease.task_id.as_str()),
             Write::Renew { renewal, .. } => Some(renewal.task_id.as_str()),
             Write::Complete { task_id, .. } => Some(task_id.as_str()),
-            Write::Events(_) | Write::NewTask { .. } => None,
+            Write::Events(_)
+            | Write::NewTask { .. }
+            | Write::ConsumeJoinToken { .. }
+            | Write::InsertSvid { .. } => None,
         })
         .collect();
     if ids.is_empty() {
@@ -486,4 +519,73 @@ pub fn with_task_event(
     let task = task_ended(task_id, reason, &lease_events, now);
     lease_events.push(task);
     lease_events
+}
+
+/// Consumes the batch's join tokens in one statement; returns the indexes of the writes whose
+/// token it consumed. Of two writes with one token, only the first can: a row is updated once.
+async fn consume_join_tokens(
+    connection: &mut PgConnection,
+    writes: &[Write],
+) -> Result<HashSet<usize>> {
+    let wanted: Vec<(usize, &str, i64)> = writes
+        .iter()
+        .enumerate()
+        .filter_map(|(index, write)| match write {
+            Write::ConsumeJoinToken { id, now, .. } => Some((index, id.as_str(), now.0)),
+            _ => None,
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut updated: HashSet<String> = sqlx::query(
+        "UPDATE join_tokens AS token SET consumed_at = wanted.now \
+         FROM UNNEST($1::text[], $2::bigint[]) AS wanted(id, now) \
+         WHERE token.id = wanted.id AND token.consumed_at IS NULL \
+         AND token.revoked_at IS NULL AND token.expires_at > wanted.now \
+         RETURNING token.id",
+    )
+    .bind(wanted.iter().map(|(_, id, _)| *id).collect::<Vec<_>>())
+    .bind(wanted.iter().map(|(_, _, now)| *now).collect::<Vec<_>>())
+    .fetch_all(&mut *connection)
+    .await?
+    .iter()
+    .map(|row| row.try_get(0))
+    .collect::<std::result::Result<_, _>>()?;
+    Ok(wanted
+        .into_iter()
+        .filter(|(_, id, _)| updated.remove(*id))
+        .map(|(index, ..)| index)
+        .collect())
+}
+
+/// Stores the batch's SVIDs in one statement.
+async fn insert_svids(connection: &mut PgConnection, svids: &[&SvidRecord]) -> Result<()> {
+    if svids.is_empty() {
+        return Ok(());
+    }
+    let column =
+        |pick: fn(&SvidRecord) -> &str| svids.iter().map(|svid| pick(svid)).collect::<Vec<_>>();
+    sqlx::query(
+        "INSERT INTO svids (thumbprint, workload_id, serial, issued_at, expires_at) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])",
+    )
+    .bind(column(|svid| &svid.thumbprint))
+    .bind(column(|svid| &svid.workload_id))
+    .bind(column(|svid| &svid.serial))
+    .bind(
+        svids
+            .iter()
+            .map(|svid| svid.issued_at.0)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        svids
+            .iter()
+            .map(|svid| svid.expires_at.0)
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
 }

@@ -168,47 +168,6 @@ pub async fn find_join_token(
 
 /// Consumes the token with a conditional update, so of two replicas racing on one token exactly
 /// one sees its row change.
-pub async fn consume_join_token(
-    connection: &mut PgConnection,
-    id: &str,
-    now: UnixMillis,
-    svid: &SvidRecord,
-    events: &[AuditEvent],
-) -> Result<bool> {
-    let consumed = sqlx::query(
-        "UPDATE join_tokens SET consumed_at = $1 WHERE id = $2 AND consumed_at IS NULL \
-         AND revoked_at IS NULL AND expires_at > $1",
-    )
-    .bind(now.0)
-    .bind(id)
-    .execute(&mut *connection)
-    .await?;
-    if consumed.rows_affected() == 0 {
-        return Ok(false);
-    }
-    insert_svid(connection, svid, events).await?;
-    Ok(true)
-}
-
-pub async fn insert_svid(
-    connection: &mut PgConnection,
-    svid: &SvidRecord,
-    events: &[AuditEvent],
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO svids (thumbprint, workload_id, serial, issued_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(&svid.thumbprint)
-    .bind(&svid.workload_id)
-    .bind(&svid.serial)
-    .bind(svid.issued_at.0)
-    .bind(svid.expires_at.0)
-    .execute(&mut *connection)
-    .await?;
-    audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await
-}
-
 pub async fn find_svid(
     pool: &PgPool,
     thumbprint: &str,

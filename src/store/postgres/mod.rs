@@ -599,21 +599,27 @@ impl Store for PostgresStore {
         svid: SvidRecord,
         events: Vec<AuditEvent>,
     ) -> Result<bool> {
-        in_transaction(&self.pool, |connection| {
-            let (id, svid, events) = (id.to_owned(), svid.clone(), events.clone());
-            Box::pin(async move {
-                identity::consume_join_token(connection, &id, now, &svid, &events).await
-            })
-        })
-        .await
+        let write = Write::ConsumeJoinToken {
+            id: id.to_owned(),
+            now,
+            svid,
+            events,
+        };
+        match self.committer.submit(write).await? {
+            Outcome::JoinTokenConsumed(consumed) => Ok(consumed),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn insert_svid(&self, svid: SvidRecord, events: Vec<AuditEvent>) -> Result<()> {
-        in_transaction(&self.pool, |connection| {
-            let (svid, events) = (svid.clone(), events.clone());
-            Box::pin(async move { identity::insert_svid(connection, &svid, &events).await })
-        })
-        .await
+        match self
+            .committer
+            .submit(Write::InsertSvid { svid, events })
+            .await?
+        {
+            Outcome::Stored => Ok(()),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn find_svid(&self, thumbprint: &str) -> Result<Option<(SvidRecord, WorkloadRecord)>> {
