@@ -243,6 +243,7 @@ impl App {
                 let handshaken = grpc::tls::handshaken(
                     connections,
                     tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+                    self.broker.clone(),
                 );
                 tokio::spawn(
                     router.serve_with_incoming_shutdown(handshaken, grpc_stopped(stop.clone())),

@@ -170,8 +170,8 @@ impl Broker {
         Broker {
             attestation_limits: CallerLimits::new(settings.caller_limits),
             failure_audit: CallerLimits::new(CallerLimitSettings {
-                rate_per_second: identity::FAILED_ATTESTATIONS_AUDITED_PER_SECOND,
-                burst: 2 * identity::FAILED_ATTESTATIONS_AUDITED_PER_SECOND,
+                rate_per_second: identity::REFUSALS_AUDITED_PER_SECOND,
+                burst: 2 * identity::REFUSALS_AUDITED_PER_SECOND,
                 concurrency: u32::MAX,
             }),
             ca: identity.ca,

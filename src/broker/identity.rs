@@ -14,8 +14,9 @@ use crate::store::{IdentityEnd, JoinTokenRecord, SvidRecord, WorkloadRecord};
 
 /// The longest a join token may wait for its use.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Failed attestations recorded per second at most, so a flood cannot fill the trail.
-pub const FAILED_ATTESTATIONS_AUDITED_PER_SECOND: u32 = 10;
+/// Refused attestations, and refused authentications, recorded per second at most (each), so
+/// a flood cannot fill the trail.
+pub const REFUSALS_AUDITED_PER_SECOND: u32 = 10;
 
 /// What the kill switch ended.
 #[derive(Debug)]
@@ -352,30 +353,51 @@ impl Broker {
         Ok(revoked)
     }
 
-    /// Records a refused attestation, at most [`FAILED_ATTESTATIONS_AUDITED_PER_SECOND`] a
-    /// second; beyond, refusals are only counted in the log.
+    /// Records a refused attestation (see [`Self::record_refusal`]).
     async fn record_failed_attestation(
         &self,
         method: &'static str,
         reason: &'static str,
         token_id: Option<&str>,
     ) {
-        if self.failure_audit.admit("attestation").is_err() {
-            tracing::warn!(
-                reason,
-                "attestation refused (not audited: too many refusals)"
-            );
-            return;
-        }
         let mut event = AuditEvent::new("identity.attestation_refused", "refused", "unknown")
             .with("method", method)
             .with("reason", reason);
         if let Some(id) = token_id {
             event = event.with("join_token_id", id);
         }
-        tracing::info!(reason, "attestation refused");
+        self.record_refusal("attestation", reason, event).await;
+    }
+
+    /// Records a refused authentication: a bearer credential that does not authenticate, or a
+    /// client certificate that is not a current SVID of this broker (at the handshake or on a
+    /// call), from `peer` (its IP address, if known). Never the presented secret itself.
+    pub async fn record_failed_authentication(
+        &self,
+        method: &'static str,
+        reason: &'static str,
+        peer: Option<std::net::IpAddr>,
+    ) {
+        let mut event = AuditEvent::new("identity.authentication_refused", "refused", "unknown")
+            .with("method", method)
+            .with("reason", reason);
+        if let Some(peer) = peer {
+            event = event.with("peer", peer.to_string());
+        }
+        self.record_refusal("authentication", reason, event).await;
+    }
+
+    /// Appends `event`, a refused `what` (attestation, authentication), to the audit trail: at
+    /// most [`REFUSALS_AUDITED_PER_SECOND`] a second of each, so that a flood cannot
+    /// fill the trail; beyond, refusals are only logged.
+    async fn record_refusal(&self, what: &'static str, reason: &'static str, event: AuditEvent) {
+        if self.failure_audit.admit(what).is_err() {
+            tracing::warn!(reason, "{what} refused (not audited: too many refusals)");
+            return;
+        }
+        tracing::info!(reason, "{what} refused");
         if let Err(error) = self.store.record_events(vec![event]).await {
-            tracing::warn!(%error, "could not record a refused attestation");
+            tracing::warn!(%error, "could not record a refused {what}");
         }
     }
 }

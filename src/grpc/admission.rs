@@ -1,7 +1,8 @@
 //! The admission layer: authenticates a call once, before any handler runs, and admits it
 //! under its caller's rate and concurrency limits ([`CallerLimits`]). The caller is the
 //! X.509-SVID presented as TLS client certificate (refused at once if it is not a current one),
-//! or else the bearer credential. The caller travels in the request's extensions, where
+//! or else the bearer credential; a refused certificate or credential is audited (rate-limited).
+//! The caller travels in the request's extensions, where
 //! [`super::auth::authorize`] finds it. A call with neither passes untouched (health,
 //! reflection, the JWKS and attestation need none); one with a bearer credential that does not
 //! authenticate passes too, and its handler refuses it with the same error.
@@ -19,6 +20,7 @@ use tower::{Layer, Service};
 use super::auth;
 use crate::broker::Broker;
 use crate::domain::Caller;
+use crate::error::Error;
 
 /// Wraps the gRPC services with [`Admission`].
 #[derive(Clone)]
@@ -83,7 +85,18 @@ where
                     .await
                 {
                     Ok(caller) => admit(&broker, caller, inner, request).await,
-                    Err(error) => Ok(tonic::Status::from(error).into_http()),
+                    Err(error) => {
+                        if matches!(error, Error::Unauthenticated(_)) {
+                            broker
+                                .record_failed_authentication(
+                                    "x509_svid",
+                                    "not_a_current_svid",
+                                    peer_ip(&request),
+                                )
+                                .await;
+                        }
+                        Ok(tonic::Status::from(error).into_http())
+                    }
                 };
             }
             let header = request
@@ -93,13 +106,31 @@ where
             let Some(header) = header else {
                 return inner.call(request).await;
             };
-            let Ok(caller) = auth::authenticate_header(broker.credentials(), Some(&header)).await
-            else {
-                return inner.call(request).await;
-            };
-            admit(&broker, caller, inner, request).await
+            match auth::authenticate_header(broker.credentials(), Some(&header)).await {
+                Ok(caller) => admit(&broker, caller, inner, request).await,
+                Err(refusal) => {
+                    if let Some(reason) = refusal.reason() {
+                        broker
+                            .record_failed_authentication("bearer", reason, peer_ip(&request))
+                            .await;
+                    }
+                    // The handler refuses it with the same error.
+                    inner.call(request).await
+                }
+            }
         })
     }
+}
+
+/// The IP address the call came from, over TLS or not.
+fn peer_ip<Body>(request: &http::Request<Body>) -> Option<std::net::IpAddr> {
+    let extensions = request.extensions();
+    extensions
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .map(TlsConnectInfo::get_ref)
+        .or_else(|| extensions.get::<TcpConnectInfo>())
+        .and_then(TcpConnectInfo::remote_addr)
+        .map(|address| address.ip())
 }
 
 /// Runs the call as `caller` if its limits admit it; answers RESOURCE_EXHAUSTED otherwise.

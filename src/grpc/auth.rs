@@ -33,7 +33,7 @@ async fn authenticate<T>(credentials: &CredentialCache, request: &Request<T>) ->
         .metadata()
         .get("authorization")
         .map(|value| value.to_str().unwrap_or_default());
-    authenticate_header(credentials, header).await
+    Ok(authenticate_header(credentials, header).await?)
 }
 
 /// [`authorize`] for an `authorization` header that did not come through gRPC (the HTTP
@@ -48,34 +48,70 @@ pub async fn authorize_header(
     Ok(caller)
 }
 
+/// Why a bearer credential did not authenticate.
+pub(super) enum BearerRefusal {
+    Missing,
+    SwitchedOff,
+    Malformed,
+    Unknown,
+    /// The check itself failed (the store): not the caller's fault.
+    Failed(Error),
+}
+
+impl BearerRefusal {
+    /// The audit trail's reason for a refused credential; `None` for no credential at all or
+    /// a failed check.
+    pub(super) fn reason(&self) -> Option<&'static str> {
+        match self {
+            BearerRefusal::Missing | BearerRefusal::Failed(_) => None,
+            BearerRefusal::SwitchedOff => Some("bearer_credentials_switched_off"),
+            BearerRefusal::Malformed => Some("malformed_credential"),
+            BearerRefusal::Unknown => Some("unknown_or_revoked_credential"),
+        }
+    }
+}
+
+impl From<BearerRefusal> for Error {
+    fn from(refusal: BearerRefusal) -> Error {
+        let unauthenticated = |message: &str| Error::Unauthenticated(message.into());
+        match refusal {
+            BearerRefusal::Missing => {
+                unauthenticated("missing 'authorization': send 'Bearer <workload credential>'")
+            }
+            BearerRefusal::SwitchedOff => unauthenticated(
+                "authorization: bearer credentials are switched off here \
+                 (identity.bearer_credentials = false); present your X.509-SVID over mTLS",
+            ),
+            BearerRefusal::Malformed => {
+                unauthenticated("authorization: not a 'Bearer wrt_...' workload credential")
+            }
+            BearerRefusal::Unknown => {
+                unauthenticated("authorization: unknown or revoked credential")
+            }
+            BearerRefusal::Failed(error) => error,
+        }
+    }
+}
+
 /// The workload behind an `authorization: Bearer <workload credential>` header value.
 pub(super) async fn authenticate_header(
     credentials: &CredentialCache,
     header: Option<&str>,
-) -> Result<Caller> {
-    let header = header.ok_or_else(|| {
-        Error::Unauthenticated(
-            "missing 'authorization': send 'Bearer <workload credential>'".into(),
-        )
-    })?;
+) -> std::result::Result<Caller, BearerRefusal> {
+    let header = header.ok_or(BearerRefusal::Missing)?;
     if !credentials.bearer_allowed() {
-        return Err(Error::Unauthenticated(
-            "authorization: bearer credentials are switched off here \
-             (identity.bearer_credentials = false); present your X.509-SVID over mTLS"
-                .into(),
-        ));
+        return Err(BearerRefusal::SwitchedOff);
     }
     let presented = bearer_value(header)
         .and_then(|credential| BearerCredential::parse(credential.trim()))
-        .ok_or_else(|| {
-            Error::Unauthenticated(
-                "authorization: not a 'Bearer wrt_...' workload credential".into(),
-            )
-        })?;
-    let unknown = || Error::Unauthenticated("authorization: unknown or revoked credential".into());
-    let (stored_hash, workload) = credentials.find(&presented.id).await?.ok_or_else(unknown)?;
+        .ok_or(BearerRefusal::Malformed)?;
+    let (stored_hash, workload) = credentials
+        .find(&presented.id)
+        .await
+        .map_err(BearerRefusal::Failed)?
+        .ok_or(BearerRefusal::Unknown)?;
     if !digests_match(&presented.secret_sha256, &stored_hash) {
-        return Err(unknown());
+        return Err(BearerRefusal::Unknown);
     }
     Ok(caller(workload, None))
 }

@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::Connected;
 
 use super::incoming::LimitedConnection;
 use crate::broker::Broker;
@@ -141,11 +142,12 @@ impl ClientCertVerifier for BundleClientVerifier {
 }
 
 /// The connections of `accepted` after their TLS handshake with `acceptor`; a failed or
-/// timed-out handshake closes its connection and is logged. Stops accepting once the server
-/// drops the stream.
+/// timed-out handshake closes its connection and is logged, and one that refused the client's
+/// certificate is audited through `broker`. Stops accepting once the server drops the stream.
 pub fn handshaken(
     accepted: impl Stream<Item = std::io::Result<LimitedConnection>> + Send + 'static,
     acceptor: TlsAcceptor,
+    broker: Arc<Broker>,
 ) -> impl Stream<Item = std::io::Result<TlsStream<LimitedConnection>>> {
     let (sender, receiver) = mpsc::channel(ACCEPTED_BUFFER);
     tokio::spawn(async move {
@@ -162,17 +164,49 @@ pub fn handshaken(
                 },
                 () = sender.closed() => return,
             };
-            let (acceptor, sender) = (acceptor.clone(), sender.clone());
+            let (acceptor, sender, broker) = (acceptor.clone(), sender.clone(), broker.clone());
             tokio::spawn(async move {
+                let peer = connection.connect_info().remote_addr();
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(connection)).await {
                     Ok(Ok(stream)) => {
                         let _ = sender.send(Ok(stream)).await;
                     }
-                    Ok(Err(error)) => tracing::debug!(%error, "a TLS handshake failed"),
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "a TLS handshake failed");
+                        if let Some(reason) = refused_certificate(&error) {
+                            broker
+                                .record_failed_authentication(
+                                    "x509_svid",
+                                    reason,
+                                    peer.map(|address| address.ip()),
+                                )
+                                .await;
+                        }
+                    }
                     Err(_) => tracing::debug!("a TLS handshake timed out"),
                 }
             });
         }
     });
     ReceiverStream::new(receiver)
+}
+
+/// The audit reason when a handshake failed because the client's certificate was refused;
+/// `None` for every other failure (a port scan, a plaintext client, a dropped connection).
+fn refused_certificate(error: &std::io::Error) -> Option<&'static str> {
+    use rustls::CertificateError;
+    let rustls::Error::InvalidCertificate(refusal) = error.get_ref()?.downcast_ref()? else {
+        return None;
+    };
+    Some(match refusal {
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            "certificate_expired"
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "certificate_not_yet_valid"
+        }
+        CertificateError::UnknownIssuer => "certificate_from_another_ca",
+        CertificateError::BadSignature => "certificate_bad_signature",
+        _ => "certificate_refused",
+    })
 }

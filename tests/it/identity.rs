@@ -353,6 +353,109 @@ async fn a_certificate_from_another_ca_or_none_gets_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_authentications_are_audited_with_the_reason_and_never_the_secret() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let broker = TlsBroker::start(&data, |_| {}).await;
+    let admin = broker.admin().await;
+
+    // A certificate from a CA Warrant does not trust: refused at the handshake.
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://test.local/workload/admin".try_into().unwrap(),
+    )];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let forged = ClientIdentity {
+        certificate_pem: params.self_signed(&key).unwrap().pem().into_bytes(),
+        private_key_pem: key.serialize_pem().into_bytes(),
+    };
+    if let Ok(connection) = broker.connect(None, Some(&forged)).await {
+        let refused = connection
+            .admin()
+            .list_workloads(proto::ListWorkloadsRequest {})
+            .await;
+        assert!(refused.is_err());
+    }
+
+    // A certificate Warrant issued, for an identity since revoked: refused on the call.
+    let join_token = broker
+        .register("gone-agent", &[proto::Role::Agent], &[])
+        .await;
+    let svid = broker.attest(&join_token).await.unwrap();
+    admin
+        .admin()
+        .revoke_identity(proto::RevokeIdentityRequest {
+            name: "gone-agent".into(),
+        })
+        .await
+        .unwrap();
+    let revoked = broker
+        .connect(None, Some(&identity_of(&svid)))
+        .await
+        .unwrap();
+    let status = revoked
+        .tasks()
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // A bearer credential with a wrong secret.
+    let credential = admin
+        .admin()
+        .create_workload(proto::CreateWorkloadRequest {
+            name: "bearer-agent".into(),
+            roles: vec![proto::Role::Agent as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .credential;
+    // The same credential id with one character of its secret changed.
+    let replacement = if credential.ends_with('A') { "B" } else { "A" };
+    let wrong = format!("{}{replacement}", &credential[..credential.len() - 1]);
+    let status = broker
+        .connect(Some(&wrong), None)
+        .await
+        .unwrap()
+        .tasks()
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    let reasons = || async {
+        audit_events_of_type(&admin, "identity.authentication_refused")
+            .await
+            .iter()
+            .map(|event| event.detail_json.clone())
+            .collect::<Vec<_>>()
+    };
+    let all_three = || async {
+        let details = reasons().await;
+        [
+            "certificate_from_another_ca",
+            "not_a_current_svid",
+            "unknown_or_revoked_credential",
+        ]
+        .iter()
+        .all(|reason| details.iter().any(|detail| detail.contains(reason)))
+    };
+    assert!(
+        eventually(Duration::from_secs(5), all_three).await,
+        "each refusal is audited with its reason: {:?}",
+        reasons().await
+    );
+    for detail in reasons().await {
+        assert!(detail.contains("127.0.0.1"), "the peer is named: {detail}");
+        assert!(
+            !detail.contains(&wrong) && !detail.contains(&credential),
+            "{detail}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kill_switch_refuses_the_identity_and_revokes_its_open_tasks() {
     let data = TestData::new(Backend::Sqlite).await;
     let broker = TlsBroker::start(&data, |_| {}).await;

@@ -641,6 +641,8 @@ fn readme_identity_walkthrough_works_verbatim() {
         "invalid: token bound to another client certificate\nrefused without the certificate",
         "refused: the join token was used",
         "spiffe id  spiffe://example.internal/workload/local-tool",
+        "retired CA ca-1 (in the trust bundle until",
+        "\n2\nagent-svid/svid.pem: OK",
         "1 open task(s) and 1 lease(s) revoked",
         "refused: the identity is revoked",
     ] {
