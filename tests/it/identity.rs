@@ -353,6 +353,51 @@ async fn a_certificate_from_another_ca_or_none_gets_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_svid_is_refused_on_an_open_connection_and_at_the_handshake() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let broker = TlsBroker::start(&data, |config| config.svid_ttl = Duration::from_secs(2)).await;
+    let join_token = broker
+        .register("short-lived", &[proto::Role::Agent], &[])
+        .await;
+    let svid = broker.attest(&join_token).await.unwrap();
+    let open = broker
+        .connect(None, Some(&identity_of(&svid)))
+        .await
+        .unwrap();
+    open.tasks()
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .expect("valid while it lasts");
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let status = open
+        .tasks()
+        .begin_task(begin(&["crm.contacts:read"]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("expired"), "{status:?}");
+
+    let refused = match broker.connect(None, Some(&identity_of(&svid))).await {
+        Err(_) => true,
+        Ok(connection) => connection
+            .tasks()
+            .begin_task(begin(&["crm.contacts:read"]))
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a new connection with it fails its handshake");
+    let admin = broker.admin().await;
+    let audited = || async {
+        audit_events_of_type(&admin, "identity.authentication_refused")
+            .await
+            .iter()
+            .any(|event| event.detail_json.contains("certificate_expired"))
+    };
+    assert!(eventually(Duration::from_secs(5), audited).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_authentications_are_audited_with_the_reason_and_never_the_secret() {
     let data = TestData::new(Backend::Sqlite).await;
     let broker = TlsBroker::start(&data, |_| {}).await;

@@ -521,8 +521,9 @@ pub fn with_task_event(
     lease_events
 }
 
-/// Consumes the batch's join tokens in one statement; returns the indexes of the writes whose
-/// token it consumed. Of two writes with one token, only the first can: a row is updated once.
+/// Consumes the batch's join tokens in one conditional statement, so that of two uses of one
+/// token (in this batch, or on another replica) exactly one sees its row change; returns the
+/// indexes of the writes whose token it consumed. Within the batch, the first use wins.
 async fn consume_join_tokens(
     connection: &mut PgConnection,
     writes: &[Write],

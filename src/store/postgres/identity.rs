@@ -166,8 +166,6 @@ pub async fn find_join_token(
     Ok(Some((token, workload_columns(&row)?.into_record()?)))
 }
 
-/// Consumes the token with a conditional update, so of two replicas racing on one token exactly
-/// one sees its row change.
 pub async fn find_svid(
     pool: &PgPool,
     thumbprint: &str,
