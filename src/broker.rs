@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::audit::{AuditEvent, AuditKey, BOOTSTRAP};
+use crate::audit::{AuditEvent, AuditKey, BOOTSTRAP, REAPER};
 use crate::caller_limits::{Admitted, CallerLimitSettings, CallerLimits};
 use crate::domain::task::{LeaseWindow, NewTask, parse_ttl_seconds};
 use crate::domain::{
@@ -869,6 +869,13 @@ impl Broker {
                 self.settings.svid_ttl,
                 caller.name.as_str(),
             )
+            .await
+    }
+
+    /// Rotates the CA when it is close to its expiry ([`Ca::rotate_if_expiring`]).
+    pub async fn rotate_expiring_ca(&self, now: UnixMillis) -> Result<Option<CaRotation>> {
+        self.ca
+            .rotate_if_expiring(self.store.as_ref(), self.settings.svid_ttl, REAPER, now)
             .await
     }
 

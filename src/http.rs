@@ -116,7 +116,7 @@ async fn introspect(
         .get(header::AUTHORIZATION)
         .map(|value| value.to_str().unwrap_or_default());
     let answer = async {
-        let caller = authorize_header(broker.credentials(), header, Rpc::Introspect).await?;
+        let caller = authorize_header(&broker, header, Rpc::Introspect).await?;
         let _admitted = broker.admit(&caller)?;
         let audience = match (form.audience, caller.audiences.as_slice()) {
             (Some(audience), _) => audience,

@@ -99,12 +99,15 @@ async fn prune_feed(broker: &Broker, horizon: UnixMillis) {
 }
 
 /// Reloads the signing keys and the CAs, adopting another replica's rotation (and dropping a
-/// retired CA from the bundle once its time is over).
+/// retired CA from the bundle once its time is over), and rotates a CA close to its expiry.
 async fn reload_keys(broker: &Broker) {
     if let Err(error) = broker.keyring().reload(broker.store().as_ref()).await {
         tracing::warn!(%error, "signing key reload failed; keeping the loaded keys");
     }
     if let Err(error) = broker.ca().reload(broker.store().as_ref()).await {
         tracing::warn!(%error, "trust bundle reload failed; keeping the loaded CAs");
+    }
+    if let Err(error) = broker.rotate_expiring_ca(UnixMillis::now()).await {
+        tracing::warn!(%error, "the CA expires soon and rotating it failed; retrying later");
     }
 }

@@ -21,9 +21,6 @@ use crate::store::{AuditFilter, IdentityEnd};
 const MAX_AUDIT_QUERY: u32 = 10_000;
 /// Events read from the store per round trip of an export.
 const EXPORT_PAGE: usize = 500;
-/// How long a rotated CA waits before it signs, unless the request says: the bundle's refresh
-/// hint, so consumers polling the bundle see the new root first.
-const DEFAULT_CA_ACTIVATION_DELAY: Duration = Duration::from_secs(300);
 /// The longest activation delay a rotation may ask for: a day.
 const MAX_CA_ACTIVATION_DELAY_SECONDS: u32 = 86_400;
 
@@ -219,7 +216,7 @@ impl proto::admin_server::Admin for AdminService {
     ) -> Result<Response<proto::RotateCaResponse>, Status> {
         let caller = self.admin(&request, Rpc::RotateCa).await?;
         let delay = match request.into_inner().activation_delay_seconds {
-            None => DEFAULT_CA_ACTIVATION_DELAY,
+            None => crate::identity::ca::DEFAULT_ACTIVATION_DELAY,
             Some(seconds) if seconds <= MAX_CA_ACTIVATION_DELAY_SECONDS => {
                 Duration::from_secs(seconds.into())
             }

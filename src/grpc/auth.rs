@@ -6,6 +6,7 @@ use tonic::Request;
 
 use super::CredentialCache;
 use super::access::{self, Rpc};
+use crate::broker::Broker;
 use crate::domain::Caller;
 use crate::error::{Error, Result};
 use crate::issuer::BearerCredential;
@@ -37,13 +38,19 @@ async fn authenticate<T>(credentials: &CredentialCache, request: &Request<T>) ->
 }
 
 /// [`authorize`] for an `authorization` header that did not come through gRPC (the HTTP
-/// introspection endpoint).
-pub async fn authorize_header(
-    credentials: &CredentialCache,
-    header: Option<&str>,
-    rpc: Rpc,
-) -> Result<Caller> {
-    let caller = authenticate_header(credentials, header).await?;
+/// introspection endpoint); a refused credential is audited, as the admission layer does.
+pub async fn authorize_header(broker: &Broker, header: Option<&str>, rpc: Rpc) -> Result<Caller> {
+    let caller = match authenticate_header(broker.credentials(), header).await {
+        Ok(caller) => caller,
+        Err(refusal) => {
+            if let Some(reason) = refusal.reason() {
+                broker
+                    .record_failed_authentication("bearer", reason, None)
+                    .await;
+            }
+            return Err(refusal.into());
+        }
+    };
     access::authorize(&caller, rpc)?;
     Ok(caller)
 }

@@ -38,6 +38,12 @@ const FIRST_CA_ID: &str = "ca-1";
 const CA_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// A certificate is valid from a little before its issuance, for clocks slightly behind ours.
 const BACKDATE: Duration = Duration::from_secs(30);
+/// How long a rotated CA waits before it signs, unless the rotation says: the bundle's
+/// refresh hint, so consumers polling the bundle see the new root first.
+pub const DEFAULT_ACTIVATION_DELAY: Duration = Duration::from_secs(300);
+/// How long before the signing CA expires a replacement is made without an admin: SVIDs never
+/// outlive their CA, so one that runs out would leave workloads with ever shorter SVIDs.
+const AUTOMATIC_ROTATION_BEFORE_EXPIRY: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How long a retired CA stays in the bundle beyond the expiry of the SVIDs it signed: a
 /// replica that has not reloaded yet may still sign with it (replicas reload on the store's
 /// notification, and every 30 s without one), and clocks differ a little.
@@ -221,6 +227,44 @@ impl Ca {
         svid_ttl: Duration,
         actor: &str,
     ) -> Result<CaRotation> {
+        self.rotate_at(store, activation_delay, svid_ttl, actor, UnixMillis::now())
+            .await
+    }
+
+    /// Rotates (as the housekeeping loop, `actor`) when the CA signing at `now` expires within
+    /// 30 days and no rotation awaits its activation; `None` when none was due. Of replicas
+    /// doing this together, one rotates and the others adopt it.
+    pub async fn rotate_if_expiring(
+        &self,
+        store: &dyn Store,
+        svid_ttl: Duration,
+        actor: &str,
+        now: UnixMillis,
+    ) -> Result<Option<CaRotation>> {
+        let bundle = self.trust_bundle();
+        let is_due = bundle.signer(now).expires_at <= now.plus(AUTOMATIC_ROTATION_BEFORE_EXPIRY);
+        if self.is_upstream || !is_due || bundle.pending(now).is_some() {
+            return Ok(None);
+        }
+        match self
+            .rotate_at(store, DEFAULT_ACTIVATION_DELAY, svid_ttl, actor, now)
+            .await
+        {
+            Ok(rotation) => Ok(Some(rotation)),
+            // Another replica rotated first.
+            Err(Error::FailedPrecondition(_)) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn rotate_at(
+        &self,
+        store: &dyn Store,
+        activation_delay: Duration,
+        svid_ttl: Duration,
+        actor: &str,
+        now: UnixMillis,
+    ) -> Result<CaRotation> {
         if self.is_upstream {
             return Err(Error::FailedPrecondition(
                 "the CA is the intermediate from identity.upstream_ca: rotate it by replacing \
@@ -229,7 +273,6 @@ impl Ca {
             ));
         }
         self.reload(store).await?;
-        let now = UnixMillis::now();
         let bundle = self.trust_bundle();
         if let Some(pending) = bundle.pending(now) {
             return Err(Error::FailedPrecondition(format!(

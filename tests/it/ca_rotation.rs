@@ -1,16 +1,23 @@
 //! CA rotation with overlap: a rotated CA signs new SVIDs from its activation on, the retired
 //! one stays in the trust bundle (HTTP, attestation answers, the Workload API's streams) so
-//! the SVIDs it signed keep working over mTLS, a pending rotation blocks another, and a replica
-//! on the same PostgreSQL adopts the rotation.
+//! the SVIDs it signed keep working over mTLS, a pending rotation blocks another, a replica on
+//! the same PostgreSQL adopts the rotation, and a CA close to its expiry is replaced without an
+//! admin, once.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use spiffe::{TrustDomain, WorkloadApiClient};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use warrant::client::Connection;
+use warrant::domain::{TrustDomain as OurTrustDomain, UnixMillis};
+use warrant::identity::Ca;
+use warrant::identity::jwt_svid::JwtSvidKey;
+use warrant::issuer::MasterKey;
 use warrant::proto;
+use warrant::store::StoreSettings;
 
 use crate::identity::{TlsBroker, identity_of, openssl};
 use crate::support::*;
@@ -209,5 +216,62 @@ async fn postgres_a_replica_adopts_a_rotation_and_concurrent_rotations_make_one_
     assert!(
         eventually(Duration::from_secs(5), both_serve_two_roots).await,
         "both replicas serve the current and the pending root, as PEM and as a SPIFFE bundle"
+    );
+}
+
+backend_tests!(a_ca_close_to_its_expiry_is_rotated_once_without_an_admin);
+
+/// Two replicas' CAs (one store: the race is decided there on either backend) checking a month
+/// before the CA's year is up: one rotates, and a pending rotation stops the next check.
+async fn a_ca_close_to_its_expiry_is_rotated_once_without_an_admin(backend: Backend) {
+    let data = TestData::new(backend).await;
+    let store = warrant::store::open(&data.database_url, StoreSettings::default())
+        .await
+        .unwrap();
+    let trust_domain = OurTrustDomain::parse("trust_domain", "test.local").unwrap();
+    let master_key = Arc::new(MasterKey::ephemeral());
+    let replica = || {
+        let (store, master_key, trust_domain) =
+            (store.clone(), master_key.clone(), trust_domain.clone());
+        async move {
+            let jwt_svids = JwtSvidKey::in_memory(&trust_domain);
+            Ca::load_or_create(store.as_ref(), master_key, &trust_domain, jwt_svids)
+                .await
+                .unwrap()
+        }
+    };
+    let (first, second) = (replica().await, replica().await);
+    let svid_ttl = Duration::from_secs(3600);
+    let now = UnixMillis::now();
+    let fresh = first
+        .rotate_if_expiring(store.as_ref(), svid_ttl, "test", now)
+        .await;
+    assert!(fresh.unwrap().is_none(), "a CA with a year left is not due");
+
+    let late = now.plus(Duration::from_secs(340 * 24 * 3600));
+    let (one, other) = tokio::join!(
+        first.rotate_if_expiring(store.as_ref(), svid_ttl, "test", late),
+        second.rotate_if_expiring(store.as_ref(), svid_ttl, "test", late),
+    );
+    let rotations: Vec<_> = [one.unwrap(), other.unwrap()]
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(
+        rotations.len(),
+        1,
+        "exactly one replica rotates: {rotations:?}"
+    );
+    assert_eq!(rotations[0].retired_ca_id, "ca-1");
+    for ca in [&first, &second] {
+        ca.reload(store.as_ref()).await.unwrap();
+        assert_eq!(ca.trust_bundle().certificates().count(), 2);
+    }
+    let again = first
+        .rotate_if_expiring(store.as_ref(), svid_ttl, "test", late)
+        .await;
+    assert!(
+        again.unwrap().is_none(),
+        "the pending rotation stops another"
     );
 }

@@ -353,6 +353,22 @@ async fn a_certificate_from_another_ca_or_none_gets_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_credential_on_http_introspection_is_audited_too() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let app = TestApp::spawn(&data).await;
+    let made_up = "wrt_not_a_real_credential";
+    let (status, _) = http_introspect(app.http_addr, Some(made_up), "token=x");
+    assert_eq!(status, 401);
+    let events = audit_events_of_type(&app.admin().await, "identity.authentication_refused").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        events[0].detail_json.contains("\"method\":\"bearer\""),
+        "{events:?}"
+    );
+    assert!(!events[0].detail_json.contains(made_up));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_svid_is_refused_on_an_open_connection_and_at_the_handshake() {
     let data = TestData::new(Backend::Sqlite).await;
     let broker = TlsBroker::start(&data, |config| config.svid_ttl = Duration::from_secs(2)).await;
