@@ -376,7 +376,6 @@ fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, St
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// The rustls server configuration for HTTP (tonic builds its own from the same PEM).
 /// The listeners' TLS: the configured server certificate, and `client_verifier` for client
 /// certificates (none asked for without one); ALPN offers HTTP/2 and HTTP/1.1.
 fn server_tls_config(

@@ -14,8 +14,8 @@ use crate::store::{IdentityEnd, JoinTokenRecord, SvidRecord, WorkloadRecord};
 
 /// The longest a join token may wait for its use.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Refused attestations, and refused authentications, recorded per second at most (each), so
-/// a flood cannot fill the trail.
+/// Refused attestations, and refused authentications of each method, recorded per second at
+/// most, so a flood cannot fill the trail.
 pub const REFUSALS_AUDITED_PER_SECOND: u32 = 10;
 
 /// What the kill switch ended.
@@ -366,7 +366,8 @@ impl Broker {
         if let Some(id) = token_id {
             event = event.with("join_token_id", id);
         }
-        self.record_refusal("attestation", reason, event).await;
+        self.record_refusal("attestation", "attestation", reason, event)
+            .await;
     }
 
     /// Records a refused authentication: a bearer credential that does not authenticate, or a
@@ -384,14 +385,24 @@ impl Broker {
         if let Some(peer) = peer {
             event = event.with("peer", peer.to_string());
         }
-        self.record_refusal("authentication", reason, event).await;
+        // One allowance per method, so that a flood of bad handshakes cannot hide a run of
+        // guessed bearer credentials from the trail.
+        let bucket = format!("authentication:{method}");
+        self.record_refusal("authentication", &bucket, reason, event)
+            .await;
     }
 
     /// Appends `event`, a refused `what` (attestation, authentication), to the audit trail: at
-    /// most [`REFUSALS_AUDITED_PER_SECOND`] a second of each, so that a flood cannot
-    /// fill the trail; beyond, refusals are only logged.
-    async fn record_refusal(&self, what: &'static str, reason: &'static str, event: AuditEvent) {
-        if self.failure_audit.admit(what).is_err() {
+    /// most [`REFUSALS_AUDITED_PER_SECOND`] a second from each `bucket`, so that a flood
+    /// cannot fill the trail; beyond, refusals are only logged.
+    async fn record_refusal(
+        &self,
+        what: &'static str,
+        bucket: &str,
+        reason: &'static str,
+        event: AuditEvent,
+    ) {
+        if self.failure_audit.admit(bucket).is_err() {
             tracing::warn!(reason, "{what} refused (not audited: too many refusals)");
             return;
         }

@@ -70,7 +70,14 @@ impl BundleClientVerifier {
                 .allow_unauthenticated()
                 .build()
                 .map_err(|error| rustls::Error::General(error.to_string()))?;
-        *built = Some((bundle.generation(), verifier.clone()));
+        // A handshake that read an older bundle than the one cached uses it, without
+        // replacing the newer one.
+        if built
+            .as_ref()
+            .is_none_or(|(generation, _)| *generation < bundle.generation())
+        {
+            *built = Some((bundle.generation(), verifier.clone()));
+        }
         Ok(verifier)
     }
 }

@@ -14,6 +14,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::broker::Broker;
+use crate::domain::UnixMillis;
 use crate::error::Error;
 use crate::identity::trust_bundle::TrustBundle;
 use crate::identity::{IssuedSvid, selectors};
@@ -129,10 +130,20 @@ fn no_identity(error: Error) -> Status {
     }
 }
 
-/// When to issue the next SVID: once half of this one's lifetime has passed.
-fn refresh_after(svid: &IssuedSvid) -> Duration {
-    let lifetime = svid.expires_at.0.saturating_sub(svid.issued_at.0);
-    Duration::from_millis(u64::try_from(lifetime / 2).unwrap_or_default())
+/// The shortest wait between two SVIDs on one stream, whatever their lifetimes say.
+const MIN_REISSUE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When to issue the next SVID: once half of this one's lifetime has passed, or a second after
+/// a pending CA activates (so the next SVID is its), and never sooner than a second from now.
+fn reissue_deadline(broker: &Broker, svid: &IssuedSvid) -> tokio::time::Instant {
+    let now = UnixMillis::now();
+    let half_life = svid.expires_at.0.saturating_sub(svid.issued_at.0) / 2;
+    let mut due_at = svid.issued_at.0.saturating_add(half_life);
+    if let Some(pending) = broker.ca().trust_bundle().pending(now) {
+        due_at = due_at.min(pending.activated_at.0.saturating_add(1000));
+    }
+    let wait = Duration::from_millis(u64::try_from(due_at - now.0).unwrap_or_default());
+    tokio::time::Instant::now() + wait.max(MIN_REISSUE_INTERVAL)
 }
 
 #[tonic::async_trait]
@@ -162,12 +173,20 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApiService {
                 if sender.send(Ok(service.x509_response(&svid))).await.is_err() {
                     return;
                 }
-                // A fresh SVID at half-life, or at once with a rotated bundle.
-                tokio::select! {
-                    () = tokio::time::sleep(refresh_after(&svid)) => {}
-                    _ = bundle.changed() => {}
+                // A fresh SVID at half-life, when a pending CA activates, or when a rotated
+                // bundle has another signer; a bundle change alone sends this SVID again with
+                // the new bundle.
+                let is_due = tokio::select! {
+                    () = tokio::time::sleep_until(reissue_deadline(&service.broker, &svid)) => true,
+                    _ = bundle.changed() => {
+                        let bundle = service.broker.ca().trust_bundle();
+                        bundle.signer(UnixMillis::now()).id != svid.ca_id
+                    }
                     () = sender.closed() => return,
                     _ = shutdown.wait_for(|stopping| *stopping) => return,
+                };
+                if !is_due {
+                    continue;
                 }
                 svid = match service.broker.attest_unix(&observed).await {
                     Ok(svid) => svid,

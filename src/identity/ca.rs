@@ -48,6 +48,9 @@ const AUTOMATIC_ROTATION_BEFORE_EXPIRY: Duration = Duration::from_secs(30 * 24 *
 /// replica that has not reloaded yet may still sign with it (replicas reload on the store's
 /// notification, and every 30 s without one), and clocks differ a little.
 const RETIREMENT_MARGIN: Duration = Duration::from_secs(90);
+/// The shortest lifetime an SVID may have: a CA closer than this to its expiry signs nothing,
+/// rather than hand out certificates that are dead on arrival.
+const MIN_SVID_LIFETIME: Duration = Duration::from_secs(60);
 
 /// An X.509-SVID and its private key, as handed to its workload once.
 pub struct IssuedSvid {
@@ -59,6 +62,8 @@ pub struct IssuedSvid {
     pub chain: Vec<Vec<u8>>,
     /// PKCS#8 DER. `Debug` of the types carrying it never shows it.
     pub private_key: Vec<u8>,
+    /// The CA that signed it.
+    pub ca_id: String,
     /// Base64url SHA-256 of the leaf's DER: its RFC 8705 `x5t#S256` thumbprint.
     pub thumbprint: String,
     /// Hex.
@@ -74,6 +79,9 @@ pub struct Ca {
     master_key: Arc<MasterKey>,
     /// The bundle as last loaded; streams that carry the bundle watch it for changes.
     bundle: watch::Sender<Arc<TrustBundle>>,
+    /// Held while reloading, so that reloads (the housekeeping loop's, a rotation's) publish
+    /// bundles in the order they read the store, each with the next generation.
+    reloading: tokio::sync::Mutex<()>,
     /// Whether the signing CA is the configured intermediate, which nothing here rotates.
     is_upstream: bool,
     jwt_svids: JwtSvidKey,
@@ -119,6 +127,12 @@ impl Ca {
     ) -> std::result::Result<Ca, UpstreamCaError> {
         let now = UnixMillis::now();
         let (signer, roots) = upstream::load(files)?;
+        if signer.expires_at <= now.plus(AUTOMATIC_ROTATION_BEFORE_EXPIRY) {
+            tracing::warn!(
+                expires_at = signer.expires_at.as_seconds(),
+                "the CA of identity.upstream_ca expires within 30 days; replace its files"
+            );
+        }
         let bundle = TrustBundle::upstream(signer, roots.clone());
         let ca = Self::new(trust_domain, master_key, bundle, true, jwt_svids);
         let probe_id = SpiffeId::for_workload(
@@ -169,6 +183,7 @@ impl Ca {
             trust_domain: trust_domain.clone(),
             master_key,
             bundle: watch::Sender::new(Arc::new(bundle)),
+            reloading: tokio::sync::Mutex::new(()),
             is_upstream,
             jwt_svids,
         }
@@ -196,6 +211,7 @@ impl Ca {
             // Nothing of it is stored: it changes with the configuration, at a restart.
             return Ok(());
         }
+        let _serialized = self.reloading.lock().await;
         let stored = store.published_ca_keys(UnixMillis::now()).await?;
         let current = self.trust_bundle();
         if current.matches(&stored) {
@@ -242,14 +258,18 @@ impl Ca {
         now: UnixMillis,
     ) -> Result<Option<CaRotation>> {
         let bundle = self.trust_bundle();
-        let is_due = bundle.signer(now).expires_at <= now.plus(AUTOMATIC_ROTATION_BEFORE_EXPIRY);
+        let expires_at = bundle.signer(now).expires_at;
+        let is_due = expires_at <= now.plus(AUTOMATIC_ROTATION_BEFORE_EXPIRY);
         if self.is_upstream || !is_due || bundle.pending(now).is_some() {
             return Ok(None);
         }
-        match self
-            .rotate_at(store, DEFAULT_ACTIVATION_DELAY, svid_ttl, actor, now)
-            .await
-        {
+        // A CA that can no longer sign is replaced at once: nobody can use its SVIDs anyway.
+        let delay = if expires_at <= now.plus(MIN_SVID_LIFETIME) {
+            Duration::ZERO
+        } else {
+            DEFAULT_ACTIVATION_DELAY
+        };
+        match self.rotate_at(store, delay, svid_ttl, actor, now).await {
             Ok(rotation) => Ok(Some(rotation)),
             // Another replica rotated first.
             Err(Error::FailedPrecondition(_)) => Ok(None),
@@ -304,7 +324,10 @@ impl Ca {
         store
             .rotate_ca(record, &retiring.id, published_until, vec![event])
             .await?;
-        self.reload(store).await?;
+        if let Err(error) = self.reload(store).await {
+            // The rotation is stored; the next reload (within 30 s) adopts it.
+            tracing::warn!(%error, "rotated the CA but could not reload it yet");
+        }
         tracing::info!(
             new_ca = %rotation.new_ca_id,
             retired_ca = %rotation.retired_ca_id,
@@ -326,6 +349,12 @@ impl Ca {
             .map_err(|error| Error::internal(format!("cannot generate an SVID key: {error}")))?;
         let bundle = self.trust_bundle();
         let signer = bundle.signer(now);
+        if signer.expires_at <= now.plus(MIN_SVID_LIFETIME) {
+            return Err(Error::Unavailable(format!(
+                "CA {} has expired or is about to; it signs nothing until it is rotated",
+                signer.id
+            )));
+        }
         let expires_at = UnixMillis(now.0.saturating_add(millis(ttl)).min(signer.expires_at.0));
         let serial = serial_number();
         let mut params = CertificateParams::default();
@@ -353,6 +382,7 @@ impl Ca {
             thumbprint: thumbprint(&der),
             certificate: der,
             chain: signer.chain.clone(),
+            ca_id: signer.id.clone(),
             private_key: key.serialize_der(),
             serial: crate::domain::ids::hex(&serial),
             issued_at: now,
@@ -480,4 +510,32 @@ fn offset(at: UnixMillis) -> Result<OffsetDateTime> {
 
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::WorkloadName;
+
+    #[test]
+    fn a_ca_at_its_expiry_signs_nothing_rather_than_dead_certificates() {
+        let trust_domain = TrustDomain::parse("trust_domain", "test.local").unwrap();
+        let ca = Ca::in_memory(&trust_domain).unwrap();
+        let id = SpiffeId::for_workload(&trust_domain, &WorkloadName::parse("name", "a").unwrap());
+        let now = UnixMillis::now();
+        let svid = ca.issue(&id, Duration::from_secs(3600), now).unwrap();
+        assert_eq!(svid.expires_at, now.plus(Duration::from_secs(3600)));
+
+        // Close to the CA's end, an SVID is cut short at it; past its last minute, none.
+        let late = now.plus(CA_LIFETIME - Duration::from_secs(600));
+        let cut = ca.issue(&id, Duration::from_secs(3600), late).unwrap();
+        assert!(cut.expires_at < late.plus(Duration::from_secs(600)));
+        let too_late = now.plus(CA_LIFETIME - Duration::from_secs(30));
+        let refused = ca.issue(&id, Duration::from_secs(3600), too_late);
+        assert!(
+            matches!(refused, Err(Error::Unavailable(_))),
+            "{:?}",
+            refused.err()
+        );
+    }
 }

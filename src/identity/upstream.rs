@@ -17,7 +17,7 @@ use crate::config::UpstreamCaFiles;
 use crate::domain::UnixMillis;
 
 /// The id the upstream CA has in logs and audit events.
-pub const UPSTREAM_CA_ID: &str = "upstream";
+const UPSTREAM_CA_ID: &str = "upstream";
 
 /// Why the configured intermediate CA cannot be used; names the setting to fix.
 #[derive(Debug, thiserror::Error)]

@@ -189,6 +189,41 @@ async fn a_spiffe_client_library_receives_the_rotated_bundle_and_svid_on_its_str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_rotation_resends_the_same_svid_with_the_new_bundle() {
+    let (_data, app, socket) =
+        broker_with_this_process_registered_for(Duration::from_secs(600)).await;
+    let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
+        .await
+        .unwrap();
+    let trust_domain = TrustDomain::new("test.local").unwrap();
+    let mut contexts = client.stream_x509_contexts().await.unwrap();
+    let first = contexts.next().await.unwrap().unwrap();
+
+    rotate(&app.admin().await, 3600).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), contexts.next())
+        .await
+        .expect("the stream sends the new bundle at once")
+        .unwrap()
+        .unwrap();
+    let roots = |context: &spiffe::X509Context| {
+        context
+            .bundle_set()
+            .get(&trust_domain)
+            .unwrap()
+            .authorities()
+            .len()
+    };
+    assert_eq!((roots(&first), roots(&next)), (1, 2));
+    let leaf =
+        |context: &spiffe::X509Context| context.default_svid().unwrap().leaf().as_bytes().to_vec();
+    assert_eq!(
+        leaf(&first),
+        leaf(&next),
+        "the CA that signs has not changed, so neither has the SVID"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(warrant_postgres_tests),
     ignore = "set WARRANT_TEST_DATABASE_URL to run the PostgreSQL tests"

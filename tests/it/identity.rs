@@ -385,7 +385,8 @@ async fn an_expired_svid_is_refused_on_an_open_connection_and_at_the_handshake()
         .await
         .expect("valid while it lasts");
 
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Past its expiry by more than the second to which certificate times are rounded.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     let status = open
         .tasks()
         .begin_task(begin(&["crm.contacts:read"]))
@@ -410,7 +411,11 @@ async fn an_expired_svid_is_refused_on_an_open_connection_and_at_the_handshake()
             .iter()
             .any(|event| event.detail_json.contains("certificate_expired"))
     };
-    assert!(eventually(Duration::from_secs(5), audited).await);
+    assert!(
+        eventually(Duration::from_secs(5), audited).await,
+        "the refused handshake is audited: {:?}",
+        audit_events_of_type(&admin, "identity.authentication_refused").await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -523,23 +523,28 @@ pub fn with_task_event(
 
 /// Consumes the batch's join tokens in one conditional statement, so that of two uses of one
 /// token (in this batch, or on another replica) exactly one sees its row change; returns the
-/// indexes of the writes whose token it consumed. Within the batch, the first use wins.
+/// indexes of the writes whose token it consumed. Within the batch, only the first use of a
+/// token is tried.
 async fn consume_join_tokens(
     connection: &mut PgConnection,
     writes: &[Write],
 ) -> Result<HashSet<usize>> {
+    // One row per token (its first use), so that the statement checks that use's own time.
+    let mut seen = HashSet::new();
     let wanted: Vec<(usize, &str, i64)> = writes
         .iter()
         .enumerate()
         .filter_map(|(index, write)| match write {
-            Write::ConsumeJoinToken { id, now, .. } => Some((index, id.as_str(), now.0)),
+            Write::ConsumeJoinToken { id, now, .. } if seen.insert(id.as_str()) => {
+                Some((index, id.as_str(), now.0))
+            }
             _ => None,
         })
         .collect();
     if wanted.is_empty() {
         return Ok(HashSet::new());
     }
-    let mut updated: HashSet<String> = sqlx::query(
+    let updated: HashSet<String> = sqlx::query(
         "UPDATE join_tokens AS token SET consumed_at = wanted.now \
          FROM UNNEST($1::text[], $2::bigint[]) AS wanted(id, now) \
          WHERE token.id = wanted.id AND token.consumed_at IS NULL \
@@ -555,7 +560,7 @@ async fn consume_join_tokens(
     .collect::<std::result::Result<_, _>>()?;
     Ok(wanted
         .into_iter()
-        .filter(|(_, id, _)| updated.remove(*id))
+        .filter(|(_, id, _)| updated.contains(*id))
         .map(|(index, ..)| index)
         .collect())
 }

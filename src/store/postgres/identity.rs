@@ -47,8 +47,9 @@ pub async fn insert_ca_key(pool: &PgPool, key: &StoredCaKey) -> Result<Vec<Store
     published_ca_keys(pool, key.created_at).await
 }
 
-async fn insert_ca<'e>(executor: impl sqlx::PgExecutor<'e>, key: &StoredCaKey) -> Result<()> {
-    sqlx::query(&format!(
+/// Stores `key` unless its id is taken; the number of rows stored.
+async fn insert_ca<'e>(executor: impl sqlx::PgExecutor<'e>, key: &StoredCaKey) -> Result<u64> {
+    Ok(sqlx::query(&format!(
         "INSERT INTO ca_keys ({CA_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
          ON CONFLICT DO NOTHING"
     ))
@@ -60,8 +61,8 @@ async fn insert_ca<'e>(executor: impl sqlx::PgExecutor<'e>, key: &StoredCaKey) -
     .bind(key.activated_at.0)
     .bind(key.publish_until.map(|at| at.0))
     .execute(executor)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected())
 }
 
 /// The CAs in the trust bundle at `now`, oldest activation first.
@@ -108,7 +109,9 @@ pub async fn rotate_ca(
     if retired != 1 {
         return Err(Error::FailedPrecondition(CA_CHANGED_DURING_ROTATION.into()));
     }
-    insert_ca(&mut *connection, new).await?;
+    if insert_ca(&mut *connection, new).await? != 1 {
+        return Err(Error::FailedPrecondition(CA_CHANGED_DURING_ROTATION.into()));
+    }
     audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await
 }
 

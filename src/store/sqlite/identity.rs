@@ -14,6 +14,7 @@ use crate::store::records::{
     WorkloadRecord,
 };
 
+/// Stores `key` unless its id is taken; the number of rows stored.
 pub fn insert_ca_key(write: &mut Write<'_>, key: &StoredCaKey) -> Result<usize> {
     Ok(write
         .connection
@@ -50,7 +51,9 @@ pub fn rotate_ca(
     if retired != 1 {
         return Err(Error::FailedPrecondition(CA_CHANGED_DURING_ROTATION.into()));
     }
-    insert_ca_key(write, new)?;
+    if insert_ca_key(write, new)? != 1 {
+        return Err(Error::FailedPrecondition(CA_CHANGED_DURING_ROTATION.into()));
+    }
     write.topics.push(Topic::Keys);
     audit::insert_events(write, events)
 }
