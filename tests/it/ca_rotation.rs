@@ -141,14 +141,20 @@ async fn a_rotated_ca_signs_new_svids_and_the_retired_one_stays_trusted() {
     assert!(events[0].detail_json.contains(&rotation.new_ca_id));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_spiffe_client_library_receives_the_rotated_bundle_and_svid_on_its_streams() {
-    // SVIDs live long here, so what the streams send next comes from the rotation.
-    let (_data, app, socket) =
+/// A broker with this process registered, and a SPIFFE client library on its socket. SVIDs
+/// live long here, so what the streams send next comes from a rotation, not their half-life.
+async fn workload_api_client() -> (TestData, TestApp, WorkloadApiClient) {
+    let (data, app, socket) =
         broker_with_this_process_registered_for(Duration::from_secs(600)).await;
     let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
         .await
         .unwrap();
+    (data, app, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spiffe_client_library_receives_the_rotated_bundle_and_svid_on_its_streams() {
+    let (_data, app, client) = workload_api_client().await;
     let trust_domain = TrustDomain::new("test.local").unwrap();
     let mut bundles = client.stream_x509_bundles().await.unwrap();
     let mut svids = client.stream_x509_svids().await.unwrap();
@@ -190,11 +196,7 @@ async fn a_spiffe_client_library_receives_the_rotated_bundle_and_svid_on_its_str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_rotation_resends_the_same_svid_with_the_new_bundle() {
-    let (_data, app, socket) =
-        broker_with_this_process_registered_for(Duration::from_secs(600)).await;
-    let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
-        .await
-        .unwrap();
+    let (_data, app, client) = workload_api_client().await;
     let trust_domain = TrustDomain::new("test.local").unwrap();
     let mut contexts = client.stream_x509_contexts().await.unwrap();
     let first = contexts.next().await.unwrap().unwrap();
