@@ -31,8 +31,6 @@ pub const TRUST_BUNDLE_PATH: &str = "/trust-bundle.json";
 pub const TRUST_BUNDLE_PEM_PATH: &str = "/trust-bundle.pem";
 /// How long a client may cache the JWKS; a verifier meeting an unknown kid refetches anyway.
 const JWKS_MAX_AGE_SECONDS: u32 = 60;
-/// A TLS handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that has not sent a request's headers within this is dropped (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Open HTTP connections at most; beyond, new connections are closed at once. The endpoints
@@ -64,13 +62,13 @@ async fn jwks(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
 }
 
 async fn trust_bundle(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
-    Json(broker.ca().trust_bundle().jwks())
+    Json(broker.ca().trust_bundle().jwks().clone())
 }
 
 async fn trust_bundle_pem(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/x-pem-file")],
-        broker.ca().trust_bundle().pem(),
+        broker.ca().trust_bundle().pem().to_owned(),
     )
 }
 
@@ -239,7 +237,12 @@ pub async fn serve(
             match tls {
                 None => serve_connection(stream, service, watcher).await,
                 Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(
+                        crate::grpc::tls::HANDSHAKE_TIMEOUT,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
                         Ok(Ok(stream)) => serve_connection(stream, service, watcher).await,
                         _ => tracing::debug!("TLS handshake failed or timed out"),
                     }

@@ -109,11 +109,7 @@ where
             match auth::authenticate_header(broker.credentials(), Some(&header)).await {
                 Ok(caller) => admit(&broker, caller, inner, request).await,
                 Err(refusal) => {
-                    if let Some(reason) = refusal.reason() {
-                        broker
-                            .record_failed_authentication("bearer", reason, peer_ip(&request))
-                            .await;
-                    }
+                    refusal.audit(&broker, peer_ip(&request)).await;
                     // The handler refuses it with the same error.
                     inner.call(request).await
                 }

@@ -32,7 +32,7 @@ impl AttestationService {
                 .map(|der| to_pem(der))
                 .collect(),
             private_key_pem: key_to_pem(&svid.private_key),
-            bundle_pem: self.broker.ca().trust_bundle().pem(),
+            bundle_pem: self.broker.ca().trust_bundle().pem().to_owned(),
             expires_at: svid.expires_at.as_seconds(),
             thumbprint: svid.thumbprint,
         }

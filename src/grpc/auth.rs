@@ -43,11 +43,7 @@ pub async fn authorize_header(broker: &Broker, header: Option<&str>, rpc: Rpc) -
     let caller = match authenticate_header(broker.credentials(), header).await {
         Ok(caller) => caller,
         Err(refusal) => {
-            if let Some(reason) = refusal.reason() {
-                broker
-                    .record_failed_authentication("bearer", reason, None)
-                    .await;
-            }
+            refusal.audit(broker, None).await;
             return Err(refusal.into());
         }
     };
@@ -66,9 +62,19 @@ pub(super) enum BearerRefusal {
 }
 
 impl BearerRefusal {
+    /// Records the refusal of a presented credential from `peer` in the audit trail (nothing
+    /// for no credential at all, or a failed check).
+    pub(super) async fn audit(&self, broker: &Broker, peer: Option<std::net::IpAddr>) {
+        if let Some(reason) = self.reason() {
+            broker
+                .record_failed_authentication("bearer", reason, peer)
+                .await;
+        }
+    }
+
     /// The audit trail's reason for a refused credential; `None` for no credential at all or
     /// a failed check.
-    pub(super) fn reason(&self) -> Option<&'static str> {
+    fn reason(&self) -> Option<&'static str> {
         match self {
             BearerRefusal::Missing | BearerRefusal::Failed(_) => None,
             BearerRefusal::SwitchedOff => Some("bearer_credentials_switched_off"),

@@ -22,8 +22,8 @@ use tonic::transport::server::Connected;
 use super::incoming::LimitedConnection;
 use crate::broker::Broker;
 
-/// How long a client has to complete its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to complete its TLS handshake (on the HTTP listener too).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Completed handshakes waiting for the server to take them.
 const ACCEPTED_BUFFER: usize = 64;
 

@@ -91,7 +91,7 @@ impl WorkloadApiService {
                     .copied()
                     .collect(),
                 x509_svid_key: svid.private_key.clone(),
-                bundle: self.broker.ca().trust_bundle().der(),
+                bundle: self.broker.ca().trust_bundle().der().to_vec(),
                 hint: String::new(),
             }],
             crl: Vec::new(),
@@ -210,7 +210,7 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApiService {
             self.broker.ca().watch_trust_bundle(),
             move |bundle: &Arc<TrustBundle>| api::X509BundlesResponse {
                 crl: Vec::new(),
-                bundles: [(trust_domain.clone(), bundle.der())].into(),
+                bundles: [(trust_domain.clone(), bundle.der().to_vec())].into(),
             },
         );
         Ok(Response::new(stream))

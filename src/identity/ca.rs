@@ -345,8 +345,6 @@ impl Ca {
         ttl: Duration,
         now: UnixMillis,
     ) -> Result<IssuedSvid> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|error| Error::internal(format!("cannot generate an SVID key: {error}")))?;
         let bundle = self.trust_bundle();
         let signer = bundle.signer(now);
         if signer.expires_at <= now.plus(MIN_SVID_LIFETIME) {
@@ -355,6 +353,8 @@ impl Ca {
                 signer.id
             )));
         }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|error| Error::internal(format!("cannot generate an SVID key: {error}")))?;
         let expires_at = UnixMillis(now.0.saturating_add(millis(ttl)).min(signer.expires_at.0));
         let serial = serial_number();
         let mut params = CertificateParams::default();

@@ -31,17 +31,47 @@ pub struct TrustBundle {
     cas: Vec<LoadedCa>,
     /// The bundle's certificates (DER): the CAs themselves, or the configured roots.
     roots: Vec<Vec<u8>>,
+    /// The bundle as every answer carries it, encoded once per bundle.
+    encoded: Encoded,
     /// Grows with every change of the set, so what is built from a bundle (a TLS verifier)
     /// knows when to build again.
     generation: u64,
 }
 
+/// The bundle's certificates in the forms the answers carry.
+struct Encoded {
+    /// DER one after another, as the SPIFFE Workload API carries a bundle.
+    der: Vec<u8>,
+    /// PEM, one block each.
+    pem: String,
+    /// The SPIFFE bundle format.
+    jwks: serde_json::Value,
+}
+
+impl Encoded {
+    fn of(roots: &[Vec<u8>]) -> Encoded {
+        let keys: Vec<_> = roots
+            .iter()
+            .filter_map(|root| jwk_of_certificate(root))
+            .collect();
+        Encoded {
+            der: roots.concat(),
+            pem: roots.iter().map(|root| super::pem::to_pem(root)).collect(),
+            jwks: serde_json::json!({
+                "keys": keys,
+                "spiffe_refresh_hint": BUNDLE_REFRESH_HINT_SECONDS,
+            }),
+        }
+    }
+}
+
 impl TrustBundle {
     /// Warrant's own CAs, oldest activation first, each its own root; `None` if empty.
     pub(super) fn own(cas: Vec<LoadedCa>, generation: u64) -> Option<TrustBundle> {
-        let roots = cas.iter().map(|ca| ca.certificate.clone()).collect();
-        (!cas.is_empty()).then_some(TrustBundle {
+        let roots: Vec<_> = cas.iter().map(|ca| ca.certificate.clone()).collect();
+        (!cas.is_empty()).then(|| TrustBundle {
             cas,
+            encoded: Encoded::of(&roots),
             roots,
             generation,
         })
@@ -51,6 +81,7 @@ impl TrustBundle {
     pub(super) fn upstream(signer: LoadedCa, roots: Vec<Vec<u8>>) -> TrustBundle {
         TrustBundle {
             cas: vec![signer],
+            encoded: Encoded::of(&roots),
             roots,
             generation: 0,
         }
@@ -81,20 +112,19 @@ impl TrustBundle {
     }
 
     /// The certificates' DER one after another, as the SPIFFE Workload API carries a bundle.
-    pub fn der(&self) -> Vec<u8> {
-        self.certificates().flatten().copied().collect()
+    pub fn der(&self) -> &[u8] {
+        &self.encoded.der
     }
 
     /// The certificates as PEM, one block each.
-    pub fn pem(&self) -> String {
-        self.certificates().map(super::pem::to_pem).collect()
+    pub fn pem(&self) -> &str {
+        &self.encoded.pem
     }
 
     /// The bundle in the SPIFFE bundle format: a JWK Set with one key per certificate, each
     /// with `use: x509-svid` and the certificate in `x5c`.
-    pub fn jwks(&self) -> serde_json::Value {
-        let keys: Vec<_> = self.certificates().filter_map(jwk_of_certificate).collect();
-        serde_json::json!({ "keys": keys, "spiffe_refresh_hint": BUNDLE_REFRESH_HINT_SECONDS })
+    pub fn jwks(&self) -> &serde_json::Value {
+        &self.encoded.jwks
     }
 
     /// Whether `stored` holds exactly these CAs, with the same retirement.

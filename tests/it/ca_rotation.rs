@@ -122,6 +122,12 @@ async fn a_rotated_ca_signs_new_svids_and_the_retired_one_stays_trusted() {
     assert_eq!(pending.retired_ca_id, rotation.new_ca_id);
     let refused = rotate(&admin, 0).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
+    let too_long = rotate(&admin, 86_401).await.unwrap_err();
+    assert_eq!(too_long.code(), Code::InvalidArgument);
+    assert!(
+        too_long.message().contains("activation_delay_seconds"),
+        "{too_long:?}"
+    );
     assert!(
         refused.message().contains(&pending.new_ca_id),
         "{refused:?}"
