@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use crate::bootstrap::{self, CatalogLoadError};
-use crate::broker::{Broker, BrokerSettings};
+use crate::broker::{Broker, BrokerSettings, GrantRules};
 use crate::config::{Config, TlsIdentity};
 use crate::identity::jwt_attestor::JwtAttestor;
 use crate::identity::jwt_svid::JwtSvidKey;
@@ -49,6 +49,8 @@ pub enum StartError {
     #[error(transparent)]
     Catalog(#[from] CatalogLoadError),
     #[error(transparent)]
+    Policy(#[from] bootstrap::PolicyLoadError),
+    #[error(transparent)]
     MasterKey(#[from] MasterKeyError),
     #[error(transparent)]
     Jwks(#[from] crate::identity::jwt_attestor::JwksError),
@@ -81,6 +83,7 @@ impl StartError {
         match self {
             StartError::Config(_)
             | StartError::Catalog(_)
+            | StartError::Policy(_)
             | StartError::MasterKey(_)
             | StartError::Jwks(_)
             | StartError::UpstreamCa(_)
@@ -103,12 +106,16 @@ pub struct App {
     reaper_interval: Duration,
     audit_checkpoint_interval: Duration,
     drain_timeout: Duration,
+    /// SIGHUP, listened for from the start so that none arriving once the broker serves is
+    /// taken for the default "terminate"; `None` if the signal cannot be listened for.
+    hangups: Option<tokio::signal::unix::Signal>,
 }
 
 impl App {
     pub async fn build(config: Config) -> Result<App, StartError> {
         let master_key = Arc::new(bootstrap::master_key(&config.master_key)?);
         let catalog = bootstrap::catalog(&config.catalog_file, config.create_demo_catalog)?;
+        let policy = bootstrap::policy(&config.policy, config.create_default_policy)?;
         if let Some(tls) = &config.tls {
             server_tls_config(tls, None)?;
         }
@@ -160,7 +167,7 @@ impl App {
             store,
             audit_key,
             keyring,
-            catalog,
+            GrantRules { catalog, policy },
             IdentityAuthority { ca, jwt_attestor },
             settings,
             metrics,
@@ -178,6 +185,13 @@ impl App {
             reaper_interval: config.reaper_interval,
             audit_checkpoint_interval: config.audit_checkpoint_interval,
             drain_timeout: config.drain_timeout,
+            hangups: match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(signal) => Some(signal),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGHUP; reload policy with `warrant admin reload-policy`");
+                    None
+                }
+            },
         })
     }
 
@@ -277,6 +291,13 @@ impl App {
             self.reaper_interval,
             stop.clone(),
         ));
+        if let Some(hangups) = self.hangups {
+            tokio::spawn(reload_policy_on_hangup(
+                hangups,
+                self.broker.clone(),
+                stop.clone(),
+            ));
+        }
         let job_runner = tokio::spawn(jobs::run(
             self.broker.store().clone(),
             job_handlers(),
@@ -407,4 +428,24 @@ fn server_tls_config(
         .map_err(|error| StartError::Tls(format!("tls.key_file: {error}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// Reloads the policy set on each SIGHUP until the broker stops, as `Admin.ReloadPolicy` does.
+async fn reload_policy_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    broker: Arc<Broker>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = async { drop(stop.wait_for(|stopping| *stopping).await) } => return,
+            received = hangups.recv() => {
+                if received.is_none() {
+                    return;
+                }
+                // The outcome is logged and audited by the broker.
+                let _ = broker.reload_policy(crate::audit::SIGNAL).await;
+            }
+        }
+    }
 }

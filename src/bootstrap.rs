@@ -1,4 +1,5 @@
-//! First start of a broker: the master key, the scope catalog and the first admin credential.
+//! First start of a broker: the master key, the scope catalog, the policy set and the first
+//! admin credential.
 //! A restart finds them and reuses them.
 
 use std::path::Path;
@@ -10,6 +11,7 @@ use crate::domain::{Catalog, WorkloadName};
 use crate::error::Result;
 use crate::issuer::master_key::{MasterKeyError, write_private_file};
 use crate::issuer::{BearerCredential, MasterKey};
+use crate::policy::{PolicyEngine, PolicyError, PolicySource};
 
 /// The demo catalog `serve --dev` starts with (also the annotated example in `deploy/`).
 pub const DEMO_CATALOG: &str = include_str!("../deploy/scopes.toml");
@@ -59,6 +61,42 @@ pub fn catalog(path: &Path, create_demo: bool) -> Result<Catalog, CatalogLoadErr
         path: display,
         source,
     })
+}
+
+/// Why the policy set could not be loaded at start.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyLoadError {
+    #[error("cannot create the policy directory {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("policy refused: {0}")]
+    Invalid(#[from] PolicyError),
+}
+
+/// Loads the policy set, first writing Warrant's default into its directory if `create_default`
+/// is set and the directory does not exist.
+pub fn policy(
+    source: &PolicySource,
+    create_default: bool,
+) -> Result<PolicyEngine, PolicyLoadError> {
+    if let (PolicySource::Dir(dir), true) = (source, create_default) {
+        crate::policy::load::create_default_dir(dir).map_err(|source| PolicyLoadError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    let engine = PolicyEngine::load(source.clone())?;
+    let summary = &engine.current().summary;
+    tracing::info!(
+        source = %summary.source,
+        policies = summary.decision_policies.len(),
+        approval_rules = summary.approval_rules.len(),
+        digest = %summary.digest,
+        "policy loaded"
+    );
+    Ok(engine)
 }
 
 /// On a store with no workloads, registers the `admin` workload and returns its credential,

@@ -2,6 +2,7 @@
 //! hands it validated domain values; it decides, persists the change together with its audit
 //! events in one transaction, and only then returns credentials. Refusals are recorded too.
 
+mod grant_decision;
 mod identity;
 
 use std::fmt;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::audit::{AuditEvent, AuditKey, BOOTSTRAP, REAPER};
 use crate::caller_limits::{Admitted, CallerLimitSettings, CallerLimits};
-use crate::domain::task::{LeaseWindow, NewTask, parse_ttl_seconds};
+use crate::domain::task::{LeaseWindow, NewGrant, NewTask, parse_ttl_seconds};
 use crate::domain::{
     Caller, Catalog, Labels, LeaseId, LeaseState, Role, ScopeDefinition, ScopeName, SpiffeId,
     TaskId, TaskState, TrustDomain, UnixMillis, WorkloadName,
@@ -28,14 +29,13 @@ use crate::issuer::{BearerCredential, Keyring, SigningKey};
 use crate::metrics::{
     CredentialLabels, LimitLabels, Metrics, OperationLabels, ResultLabels, ScopeLabels,
 };
+use crate::policy::{PolicyEngine, PolicySummary};
 use crate::store::{
     CompletionOutcome, EndedLease, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
     SharedStore, TaskInsertion, TaskRecord, WorkloadRecord,
 };
+use grant_decision::{GrantAsk, Refused};
 pub use identity::RevokedIdentity;
-
-/// The policy that decides today: the scope catalog (policy-as-code will join it).
-const CATALOG_POLICY: &str = "scope-catalog";
 
 /// The longest audience an introspection may name.
 pub const MAX_AUDIENCE_BYTES: usize = 512;
@@ -85,12 +85,19 @@ pub struct Broker {
     audit_key: AuditKey,
     keyring: Keyring,
     catalog: Catalog,
+    policy: PolicyEngine,
     feed: Feed,
     settings: BrokerSettings,
     metrics: Arc<Metrics>,
     /// Tokens introspection has found well signed, so that checking one again skips the
     /// signature verification.
     verified_tokens: VerifiedTokens,
+}
+
+/// What decides grant requests: the scope catalog, then the policy set.
+pub struct GrantRules {
+    pub catalog: Catalog,
+    pub policy: PolicyEngine,
 }
 
 /// A secret credential in clear, on its way to its workload. `Debug` never shows it.
@@ -162,7 +169,7 @@ impl Broker {
         store: SharedStore,
         audit_key: AuditKey,
         keyring: Keyring,
-        catalog: Catalog,
+        rules: GrantRules,
         identity: IdentityAuthority,
         settings: BrokerSettings,
         metrics: Arc<Metrics>,
@@ -186,7 +193,8 @@ impl Broker {
             store,
             audit_key,
             keyring,
-            catalog,
+            catalog: rules.catalog,
+            policy: rules.policy,
             settings,
             metrics,
             verified_tokens: VerifiedTokens::default(),
@@ -310,27 +318,40 @@ impl Broker {
         let mut events = Vec::new();
         let mut definitions = Vec::new();
         for (index, scope) in request.scopes.iter().enumerate() {
-            let decision = self
-                .catalog
-                .authorize(caller, &format!("scopes[{index}]"), scope);
-            let event = self
-                .decision_event(caller, &task_id, scope, &decision)
-                .context(&context_json);
-            events.push(event);
-            match decision {
-                Ok(definition) => definitions.push(definition),
-                Err(refusal) => {
+            let field = format!("scopes[{index}]");
+            let checked = self
+                .catalog_check(caller, &task_id, &field, scope)
+                .and_then(|definition| {
+                    let ask = GrantAsk {
+                        field: &field,
+                        task_id: &task_id,
+                        purpose: &request.purpose,
+                        context: &request.context,
+                        ttl: None,
+                        risk: request.risk,
+                        now,
+                    };
+                    match self.policy_check(caller, definition, &ask) {
+                        (event, Ok(())) => Ok((definition, event)),
+                        (event, Err(error)) => Err(Box::new(Refused { error, event })),
+                    }
+                });
+            match checked {
+                Ok((definition, event)) => {
+                    events.push(event.context(&context_json));
+                    definitions.push(definition);
+                }
+                Err(refused) => {
+                    let Refused { error, event } = *refused;
+                    events.push(event.context(&context_json));
                     let refused = AuditEvent::new("task.refused", "denied", caller.name.as_str())
                         .workload(&caller.name)
                         .task(&task_id)
                         .context(&context_json)
                         .with("purpose", request.purpose.as_str())
-                        .with("reason", refusal.to_string());
+                        .with("reason", error.to_string());
                     events.push(refused);
-                    self.count_denied(scope);
-                    self.timed("record_events", self.store.record_events(events))
-                        .await?;
-                    return Err(refusal);
+                    return self.refuse(scope, error, events).await;
                 }
             }
         }
@@ -413,28 +434,18 @@ impl Broker {
     }
 
     /// Adds a lease for `scope` to an active task of the caller.
-    pub async fn request_grant(
-        &self,
-        caller: &Caller,
-        task_id: &TaskId,
-        scope: &ScopeName,
-        ttl_seconds: u32,
-    ) -> Result<IssuedLease> {
-        let decision = self.catalog.authorize(caller, "scope", scope);
-        let decision_event = self.decision_event(caller, task_id, scope, &decision);
-        let definition = match decision {
+    pub async fn request_grant(&self, caller: &Caller, grant: NewGrant) -> Result<IssuedLease> {
+        let NewGrant {
+            task_id,
+            scope,
+            ttl_seconds,
+            risk,
+        } = &grant;
+        let definition = match self.catalog_check(caller, task_id, "scope", scope) {
             Ok(definition) => definition,
-            Err(refusal) => {
-                self.count_denied(scope);
-                self.timed(
-                    "record_events",
-                    self.store.record_events(vec![decision_event]),
-                )
-                .await?;
-                return Err(refusal);
-            }
+            Err(refused) => return self.refuse(scope, refused.error, vec![refused.event]).await,
         };
-        let ttl = parse_ttl_seconds("ttl_seconds", ttl_seconds, definition.max_ttl)?;
+        let ttl = parse_ttl_seconds("ttl_seconds", *ttl_seconds, definition.max_ttl)?;
         let task = self
             .store
             .find_task(task_id, &caller.workload_id)
@@ -442,11 +453,26 @@ impl Broker {
             .ok_or_else(|| task_id.not_found())?;
         let now = UnixMillis::now();
         ensure_task_active(&task, now)?;
+        let context_json = task.context.to_json();
+        let ask = GrantAsk {
+            field: "scope",
+            task_id,
+            purpose: &task.purpose,
+            context: &task.context,
+            ttl,
+            risk: *risk,
+            now,
+        };
+        let (decision_event, verdict) = self.policy_check(caller, definition, &ask);
+        let decision_event = decision_event.context(&context_json);
+        if let Err(refusal) = verdict {
+            return self.refuse(scope, refusal, vec![decision_event]).await;
+        }
         let lease = self.issue(caller, &task, definition, ttl, now, &self.keyring.current());
         let events = vec![
             decision_event,
             self.issuance_event(caller, "lease.issued", &lease)
-                .context(&task.context.to_json()),
+                .context(&context_json),
         ];
         match self
             .timed(
@@ -462,6 +488,51 @@ impl Broker {
                 Ok(lease)
             }
             NewLeaseOutcome::TaskNotActive => Err(task_not_active(task_id)),
+        }
+    }
+
+    /// Records a refused grant request and returns its refusal.
+    async fn refuse<T>(
+        &self,
+        scope: &ScopeName,
+        refusal: Error,
+        events: Vec<AuditEvent>,
+    ) -> Result<T> {
+        self.count_denied(scope);
+        self.timed("record_events", self.store.record_events(events))
+            .await?;
+        Err(refusal)
+    }
+
+    /// Reads the policy set again; `actor` is who asked (an admin, or `warrant/signal`). The
+    /// outcome is audited either way; a refused set leaves the one in force.
+    pub async fn reload_policy(&self, actor: &str) -> Result<PolicySummary> {
+        let in_force = self.policy.current().summary.digest.clone();
+        let reloaded = self.policy.reload();
+        let event = match &reloaded {
+            Ok(summary) => AuditEvent::new("policy.reloaded", "ok", actor)
+                .with("source", summary.source.as_str())
+                .with("digest", summary.digest.as_str())
+                .with("previous_digest", in_force.as_str())
+                .with("policies", summary.decision_policies.clone())
+                .with("approval_rules", summary.approval_rules.clone()),
+            Err(error) => AuditEvent::new("policy.reloaded", "refused", actor)
+                .with("reason", error.to_string())
+                .with("digest_in_force", in_force.as_str()),
+        };
+        self.store.record_events(vec![event]).await?;
+        match reloaded {
+            Ok(summary) => {
+                tracing::info!(digest = %summary.digest, policies = summary.decision_policies.len(), approval_rules = summary.approval_rules.len(), "policy reloaded");
+                Ok(summary)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "policy reload refused; the set in force stays");
+                Err(Error::FailedPrecondition(format!(
+                    "policy refused, the set in force ({}) stays: {error}",
+                    &in_force[..16]
+                )))
+            }
         }
     }
 
@@ -940,28 +1011,6 @@ impl Broker {
             leases,
             replayed: true,
         })
-    }
-
-    /// The audit event of a policy decision on `scope` for `caller`.
-    fn decision_event(
-        &self,
-        caller: &Caller,
-        task_id: &TaskId,
-        scope: &ScopeName,
-        decision: &Result<&ScopeDefinition>,
-    ) -> AuditEvent {
-        let event = AuditEvent::new("grant.decided", "allowed", caller.name.as_str())
-            .workload(&caller.name)
-            .task(task_id)
-            .scope(scope)
-            .with("policies", vec![CATALOG_POLICY]);
-        match decision {
-            Ok(_) => event.with("reason", "the catalog lists this workload for the scope"),
-            Err(refusal) => AuditEvent {
-                outcome: "denied",
-                ..event.with("reason", refusal.to_string())
-            },
-        }
     }
 
     /// The audit event of a credential handed out to its owner `caller`: its HMAC, never the

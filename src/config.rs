@@ -13,6 +13,7 @@ use crate::domain::TrustDomain;
 use crate::identity::jwks_fetch::HttpsUrl;
 use crate::identity::jwt_attestor::{DEFAULT_MIN_REFRESH, JwksSource, JwtIssuerConfig};
 use crate::issuer::KeyAlgorithm;
+use crate::policy::PolicySource;
 use crate::store::StoreSettings;
 
 /// Data directory for `--dev` (files created on first start).
@@ -41,7 +42,8 @@ pub const ENV_CALLER_CONCURRENCY: &str = "WARRANT_CALLER_CONCURRENCY";
 
 const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:7400";
 const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7401";
-const DEFAULT_DATA_DIR: &str = "./warrant-data";
+/// Where `--dev` keeps its files unless `WARRANT_DATA_DIR` says otherwise.
+pub const DEFAULT_DATA_DIR: &str = "./warrant-data";
 const DEV_TRUST_DOMAIN: &str = "warrant.local";
 const DEFAULT_MAX_TASK_TTL: Duration = Duration::from_secs(8 * 3600);
 const DEFAULT_REAPER_INTERVAL: Duration = Duration::from_secs(1);
@@ -115,6 +117,11 @@ pub struct Config {
     pub catalog_file: PathBuf,
     /// Write the demo catalog to `catalog_file` if it does not exist (dev only).
     pub create_demo_catalog: bool,
+    /// Where the policy set is read from (`[policy] dir`).
+    pub policy: PolicySource,
+    /// Write Warrant's schema and default policy into the policy directory if it does not
+    /// exist (dev only).
+    pub create_default_policy: bool,
     /// The `iss` of tokens; `None` derives `http://<bound HTTP address>` (dev only).
     pub issuer: Option<String>,
     pub trust_domain: TrustDomain,
@@ -156,6 +163,7 @@ impl std::fmt::Debug for Config {
             .field("master_key", &self.master_key)
             .field("catalog_file", &self.catalog_file)
             .field("create_demo_catalog", &self.create_demo_catalog)
+            .field("policy", &self.policy)
             .field("issuer", &self.issuer)
             .field("trust_domain", &self.trust_domain)
             .field("signing_algorithm", &self.signing_algorithm)
@@ -246,6 +254,8 @@ impl Config {
             },
             catalog_file: data_dir.join("scopes.toml"),
             create_demo_catalog: true,
+            policy: PolicySource::Dir(data_dir.join("policy")),
+            create_default_policy: true,
             issuer: None,
             trust_domain: TrustDomain::parse("trust_domain", DEV_TRUST_DOMAIN)
                 .map_err(|e| error("trust_domain", e))?,
@@ -329,6 +339,10 @@ impl Config {
             },
             catalog_file: resolve(&file.catalog.scopes_file),
             create_demo_catalog: false,
+            policy: file.policy.map_or(PolicySource::BuiltIn, |policy| {
+                PolicySource::Dir(resolve(&policy.dir))
+            }),
+            create_default_policy: false,
             issuer: Some(issuer.trim_end_matches('/').to_owned()),
             trust_domain: TrustDomain::parse("issuer.trust_domain", &file.issuer.trust_domain)
                 .map_err(|e| error("issuer.trust_domain", e))?,
@@ -484,6 +498,7 @@ struct ConfigFile {
     keys: KeysSection,
     issuer: IssuerSection,
     catalog: CatalogSection,
+    policy: Option<PolicySection>,
     #[serde(default)]
     limits: LimitsSection,
     #[serde(default)]
@@ -568,6 +583,13 @@ struct IssuerSection {
 #[serde(deny_unknown_fields)]
 struct CatalogSection {
     scopes_file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicySection {
+    /// A directory of `*.cedar` files and optionally `schema.cedarschema`.
+    dir: PathBuf,
 }
 
 #[derive(Deserialize, Default)]

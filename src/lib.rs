@@ -39,6 +39,8 @@ pub mod issuer;
 pub mod jobs;
 /// Prometheus metrics.
 pub mod metrics;
+/// Policy-as-code (Cedar): who may have what, and when operators must approve first.
+pub mod policy;
 /// Generated protobuf and gRPC code for `warrant.v1`.
 pub mod proto;
 /// Marks leases and tasks past their deadline as expired.

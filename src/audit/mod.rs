@@ -25,6 +25,8 @@ use crate::domain::UnixMillis;
 pub const REAPER: &str = "warrant/reaper";
 /// The actor name of first-start set-up.
 pub const BOOTSTRAP: &str = "warrant/bootstrap";
+/// The actor of what a signal to the process did (SIGHUP reloads policy).
+pub const SIGNAL: &str = "warrant/signal";
 
 /// An event to be written with the action it records.
 #[derive(Clone, Debug, PartialEq)]

@@ -33,6 +33,9 @@ pub enum AdminCommand {
         #[arg(long)]
         activate_in: Option<u32>,
     },
+    /// Make the broker read its policy directory again; an invalid set is refused with the
+    /// validator's message and the set in force stays (SIGHUP does the same).
+    ReloadPolicy,
     /// Create a one-time join token for a workload (shown only once): `warrant svid attest`
     /// trades it for the workload's first X.509-SVID.
     JoinToken {
@@ -287,6 +290,31 @@ expires    {}
                     text(value, "new_kid"),
                     text(value, "retired_kid"),
                     text(value, "retired_key_published_until")
+                )
+            })?;
+        }
+        AdminCommand::ReloadPolicy => {
+            let response = admin
+                .reload_policy(proto::ReloadPolicyRequest {})
+                .await?
+                .into_inner();
+            let value = json!({
+                "source": response.source,
+                "digest": response.digest,
+                "policies": response.policies,
+                "approval_rules": response.approval_rules,
+            });
+            format.print(&value, |value| {
+                format!(
+                    "policy reloaded from {}
+digest          {}
+policies        {}
+approval rules  {}
+",
+                    text(value, "source"),
+                    text(value, "digest"),
+                    response.policies.join(", "),
+                    response.approval_rules.join(", ")
                 )
             })?;
         }

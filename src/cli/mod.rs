@@ -3,6 +3,7 @@
 mod admin;
 mod audit;
 mod output;
+mod policy;
 mod serve;
 mod svid;
 mod task;
@@ -77,6 +78,9 @@ enum Command {
     /// Get and renew this workload's X.509-SVID (its identity without a long-lived secret).
     #[command(subcommand)]
     Svid(svid::SvidCommand),
+    /// Validate a policy set and try requests against it, offline (as an admin).
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 /// Parses the command line and runs the command.
@@ -98,6 +102,7 @@ pub fn run() -> ExitCode {
             Command::Admin(command) => admin::run(&cli, command, &format).await,
             Command::Audit(command) => audit::run(&cli, command, &format).await,
             Command::Svid(command) => svid::run(&cli, command, &format).await,
+            Command::Policy(command) => policy::run(command, &format),
         };
         match result {
             Ok(code) => code,
@@ -221,6 +226,18 @@ fn ttl_seconds(flag: &str, text: &str) -> Result<u32, CommandError> {
 
 /// Refuses a text flag longer than the broker accepts, before sending it: a much longer one
 /// would otherwise be cut off by the transport's message limit with an error naming no field.
+/// `KEY=VALUE` arguments of a repeatable flag as pairs.
+fn key_values(flag: &str, pairs: &[String]) -> Result<Vec<(String, String)>, CommandError> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                .ok_or_else(|| CommandError::Usage(format!("{flag} {pair}: expected KEY=VALUE")))
+        })
+        .collect()
+}
+
 fn check_length(flag: &str, text: &str, max_bytes: usize) -> Result<(), CommandError> {
     if text.len() > max_bytes {
         return Err(CommandError::Usage(format!(

@@ -6,7 +6,7 @@ use clap::Subcommand;
 use serde_json::{Value, json};
 
 use super::output::{Format, text, time};
-use super::{Cli, CommandError, check_length, ttl_seconds};
+use super::{Cli, CommandError, check_length, key_values, ttl_seconds};
 use crate::domain::task::MAX_PURPOSE_BYTES;
 use crate::proto;
 
@@ -35,6 +35,9 @@ pub enum TaskCommand {
         /// Makes a retried command return the same task instead of opening another.
         #[arg(long, default_value = "")]
         idempotency_key: String,
+        /// Your guardrail's risk signal for this request, 0 to 100, for policy to read.
+        #[arg(long)]
+        risk: Option<u32>,
     },
     /// Add a credential for one more scope to an active task.
     Grant {
@@ -46,6 +49,9 @@ pub enum TaskCommand {
         /// Lifetime, e.g. 5m (default: the scope's).
         #[arg(long, allow_hyphen_values = true)]
         ttl: Option<String>,
+        /// Your guardrail's risk signal for this request, 0 to 100, for policy to read.
+        #[arg(long)]
+        risk: Option<u32>,
     },
     /// Extend a lease and receive a fresh credential for it. The new expiry is now plus the
     /// TTL, never past the scope's max_ttl from first issuance or the task's deadline.
@@ -79,18 +85,9 @@ pub async fn run(
             tools,
             labels,
             idempotency_key,
+            risk,
         } => {
-            let labels = labels
-                .iter()
-                .map(|label| {
-                    label
-                        .split_once('=')
-                        .map(|(key, value)| (key.to_owned(), value.to_owned()))
-                        .ok_or_else(|| {
-                            CommandError::Usage(format!("--label {label}: expected KEY=VALUE"))
-                        })
-                })
-                .collect::<Result<_, _>>()?;
+            let labels = key_values("--label", labels)?.into_iter().collect();
             check_length("--purpose", purpose, MAX_PURPOSE_BYTES)?;
             let request = proto::BeginTaskRequest {
                 purpose: purpose.clone(),
@@ -102,6 +99,7 @@ pub async fn run(
                     labels,
                 }),
                 idempotency_key: idempotency_key.clone(),
+                risk: *risk,
             };
             let response = tasks.begin_task(request).await?.into_inner();
             let value = json!({
@@ -126,12 +124,14 @@ pub async fn run(
             task_id,
             scope,
             ttl,
+            risk,
         } => {
             let ttl_seconds = optional_ttl_seconds(ttl.as_deref())?;
             let request = proto::RequestGrantRequest {
                 task_id: task_id.clone(),
                 scope: scope.clone(),
                 ttl_seconds,
+                risk: *risk,
             };
             let lease = tasks
                 .request_grant(request)

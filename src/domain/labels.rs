@@ -79,6 +79,11 @@ impl Labels {
     pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
         self.0.iter()
     }
+
+    /// Each label as `key=value`, the form policy reads.
+    pub fn pairs(&self) -> impl Iterator<Item = String> + '_ {
+        self.0.iter().map(|(key, value)| format!("{key}={value}"))
+    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,13 @@
 //! The scope catalog: which scopes exist, which audience and lifetime each has, and which
 //! workloads may ask for it. Anything not in the catalog is refused.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::labels::Labels;
 use super::workload::{Caller, WorkloadName};
 use crate::error::Error;
 
@@ -89,6 +90,8 @@ pub struct ScopeDefinition {
     /// Longest lifetime of a lease, counted from its first issuance, renewals included.
     pub max_ttl: Duration,
     pub allowed_workloads: AllowedWorkloads,
+    /// What policy reads of it (`labels = { access = "write" }`).
+    pub labels: Labels,
 }
 
 /// The parsed scope catalog, built once at start and shared.
@@ -123,6 +126,8 @@ struct ScopeEntry {
     default_ttl: String,
     max_ttl: String,
     workloads: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 impl Catalog {
@@ -229,6 +234,8 @@ impl ScopeEntry {
             }
             AllowedWorkloads::Named(names)
         };
+        let labels = Labels::parse(&field("labels"), &self.labels)
+            .map_err(|error| fail("labels", error_message(error)))?;
         Ok(ScopeDefinition {
             name,
             description: self.description,
@@ -237,6 +244,7 @@ impl ScopeEntry {
             default_ttl,
             max_ttl,
             allowed_workloads,
+            labels,
         })
     }
 }
@@ -271,6 +279,7 @@ mod tests {
             spiffe_id: SpiffeId::from_stored(format!("spiffe://test/workload/{name}")),
             roles: vec![Role::Agent],
             certificate_thumbprint: None,
+            labels: Labels::default(),
         }
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::ids::TaskId;
 use super::scope::{ScopeDefinition, ScopeName};
 use super::time::UnixMillis;
 use crate::error::Error;
@@ -160,6 +161,9 @@ impl TaskContext {
     }
 }
 
+/// The highest risk signal a caller may send: its guardrail is certain of an attack.
+pub const MAX_RISK: u32 = 100;
+
 /// A validated `BeginTask` request.
 #[derive(Clone, Debug)]
 pub struct NewTask {
@@ -168,6 +172,29 @@ pub struct NewTask {
     pub ttl: Duration,
     pub context: TaskContext,
     pub idempotency_key: Option<String>,
+    /// The caller's risk signal for policy (0 to [`MAX_RISK`]); not part of the task.
+    pub risk: Option<u32>,
+}
+
+/// A validated `RequestGrant` request.
+#[derive(Clone, Debug)]
+pub struct NewGrant {
+    pub task_id: TaskId,
+    pub scope: ScopeName,
+    /// 0 for the scope's default.
+    pub ttl_seconds: u32,
+    pub risk: Option<u32>,
+}
+
+/// Checks a caller's risk signal (`field` names it).
+pub fn parse_risk(field: &str, risk: Option<u32>) -> Result<Option<u32>, Error> {
+    match risk {
+        Some(risk) if risk > MAX_RISK => Err(Error::invalid(
+            field,
+            format!("must be from 0 (no risk seen) to {MAX_RISK} (certain attack)"),
+        )),
+        risk => Ok(risk),
+    }
 }
 
 impl NewTask {
@@ -179,7 +206,9 @@ impl NewTask {
         context: TaskContext,
         idempotency_key: String,
         max_ttl: Duration,
+        risk: Option<u32>,
     ) -> Result<Self, Error> {
+        let risk = parse_risk("risk", risk)?;
         check_text("purpose", &purpose, MAX_PURPOSE_BYTES)?;
         if scopes.len() > MAX_SCOPES_PER_REQUEST {
             return Err(Error::invalid(
@@ -223,17 +252,26 @@ impl NewTask {
             ttl,
             context,
             idempotency_key,
+            risk,
         })
     }
 
     /// A digest of everything the request asks for, so that a retry with the same idempotency
     /// key can be told apart from a different request reusing the key.
     pub fn request_digest(&self) -> String {
+        // Keys in sorted order: serde_json keeps insertion order when a dependency turns on
+        // its `preserve_order` feature (cedar-policy does), and digests stored before must
+        // still match.
+        let context = &self.context;
         let canonical = serde_json::json!({
+            "context": {
+                "labels": context.labels,
+                "planned_tools": context.planned_tools,
+                "prompt_digest": context.prompt_digest,
+            },
             "purpose": self.purpose,
             "scopes": self.scopes.iter().map(ScopeName::as_str).collect::<Vec<_>>(),
             "ttl_seconds": self.ttl.as_secs(),
-            "context": self.context,
         });
         let digest = ring::digest::digest(&ring::digest::SHA256, canonical.to_string().as_bytes());
         super::ids::hex(digest.as_ref())
@@ -333,6 +371,7 @@ mod tests {
             default_ttl: Duration::from_secs(default_secs),
             max_ttl: Duration::from_secs(max_secs),
             allowed_workloads: AllowedWorkloads::Any,
+            labels: crate::domain::Labels::default(),
         }
     }
 
@@ -372,12 +411,18 @@ mod tests {
             TaskContext::default(),
             "k".into(),
             Duration::from_secs(3600),
+            None,
         )
         .unwrap();
         let mut other = base.clone();
         other.context.planned_tools.push("crm.search".into());
         assert_ne!(base.request_digest(), other.request_digest());
         assert_eq!(base.request_digest(), base.clone().request_digest());
+        // Stored digests must keep matching retries after an upgrade: pinned.
+        assert_eq!(
+            base.request_digest(),
+            "2a6bc2ae030876bdc84bde924877cd0715a9288a59fbf0e8db96747281a8b8e2"
+        );
     }
 
     #[test]
@@ -391,6 +436,7 @@ mod tests {
                 TaskContext::default(),
                 String::new(),
                 max,
+                None,
             )
         };
         let field_of = |error: Error| match error {

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use super::labels::Labels;
 use crate::error::Error;
 
 /// A workload's registered name: 1 to 64 bytes of `a-z`, `0-9`, `-`, `_`, `.`, starting with a
@@ -183,6 +184,8 @@ pub struct Caller {
     pub audiences: Vec<String>,
     /// The thumbprint of the X.509-SVID it authenticated with; `None` for a bearer credential.
     pub certificate_thumbprint: Option<String>,
+    /// Its entry's labels, for policy.
+    pub labels: Labels,
 }
 
 impl Caller {

@@ -21,6 +21,7 @@ pub enum Rpc {
     Revoke,
     RotateSigningKey,
     RotateCa,
+    ReloadPolicy,
     QueryAudit,
     ExportAudit,
     VerifyAudit,
@@ -49,6 +50,7 @@ impl Rpc {
             Rpc::Revoke => "Admin.Revoke",
             Rpc::RotateSigningKey => "Admin.RotateSigningKey",
             Rpc::RotateCa => "Admin.RotateCa",
+            Rpc::ReloadPolicy => "Admin.ReloadPolicy",
             Rpc::QueryAudit => "Admin.QueryAudit",
             Rpc::ExportAudit => "Admin.ExportAudit",
             Rpc::VerifyAudit => "Admin.VerifyAudit",
@@ -83,6 +85,7 @@ pub fn allowed_roles(rpc: Rpc) -> &'static [Role] {
         | Rpc::Revoke
         | Rpc::RotateSigningKey
         | Rpc::RotateCa
+        | Rpc::ReloadPolicy
         | Rpc::QueryAudit
         | Rpc::ExportAudit
         | Rpc::VerifyAudit

@@ -239,6 +239,20 @@ impl proto::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn reload_policy(
+        &self,
+        request: Request<proto::ReloadPolicyRequest>,
+    ) -> Result<Response<proto::ReloadPolicyResponse>, Status> {
+        let caller = self.admin(&request, Rpc::ReloadPolicy).await?;
+        let summary = self.broker.reload_policy(caller.name.as_str()).await?;
+        Ok(Response::new(proto::ReloadPolicyResponse {
+            source: summary.source,
+            digest: summary.digest,
+            policies: summary.decision_policies,
+            approval_rules: summary.approval_rules,
+        }))
+    }
+
     async fn query_audit(
         &self,
         request: Request<proto::QueryAuditRequest>,

@@ -156,6 +156,7 @@ fn caller(workload: WorkloadRecord, certificate_thumbprint: Option<String>) -> C
         roles: workload.roles,
         audiences: workload.audiences,
         certificate_thumbprint,
+        labels: workload.labels,
     }
 }
 

@@ -8,7 +8,7 @@ use super::access::Rpc;
 use super::auth::authorize;
 use super::convert;
 use crate::broker::Broker;
-use crate::domain::task::NewTask;
+use crate::domain::task::{NewGrant, NewTask, parse_risk};
 use crate::domain::{LeaseId, ScopeName, TaskContext, TaskId};
 use crate::proto;
 
@@ -51,6 +51,7 @@ impl proto::tasks_server::Tasks for TasksService {
             context,
             message.idempotency_key,
             self.broker.settings().max_task_ttl,
+            message.risk,
         )?;
         let opened = self.broker.begin_task(&caller, new_task).await?;
         record_task(opened.task.id.as_str());
@@ -70,11 +71,13 @@ impl proto::tasks_server::Tasks for TasksService {
         let message = request.into_inner();
         let task_id = TaskId::parse("task_id", &message.task_id)?;
         record_task(task_id.as_str());
-        let scope = ScopeName::parse("scope", &message.scope)?;
-        let lease = self
-            .broker
-            .request_grant(&caller, &task_id, &scope, message.ttl_seconds)
-            .await?;
+        let grant = NewGrant {
+            task_id,
+            scope: ScopeName::parse("scope", &message.scope)?,
+            ttl_seconds: message.ttl_seconds,
+            risk: parse_risk("risk", message.risk)?,
+        };
+        let lease = self.broker.request_grant(&caller, grant).await?;
         Ok(Response::new(proto::RequestGrantResponse {
             lease: Some(convert::lease(lease)),
         }))

@@ -36,6 +36,7 @@ const MATRIX: &[(&str, &[&str])] = &[
     ("warrant.v1.Admin/Revoke", &[ADMIN]),
     ("warrant.v1.Admin/RotateSigningKey", &[ADMIN]),
     ("warrant.v1.Admin/RotateCa", &[ADMIN]),
+    ("warrant.v1.Admin/ReloadPolicy", &[ADMIN]),
     ("warrant.v1.Admin/QueryAudit", &[ADMIN]),
     ("warrant.v1.Admin/ExportAudit", &[ADMIN]),
     ("warrant.v1.Admin/VerifyAudit", &[ADMIN]),
@@ -134,6 +135,10 @@ async fn call(connection: &Connection, rpc: &str) -> Result<(), tonic::Status> {
             .rotate_ca(proto::RotateCaRequest {
                 activation_delay_seconds: Some(86_401),
             })
+            .await
+            .map(drop),
+        "warrant.v1.Admin/ReloadPolicy" => admin
+            .reload_policy(proto::ReloadPolicyRequest {})
             .await
             .map(drop),
         "warrant.v1.Admin/QueryAudit" => admin

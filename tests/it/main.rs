@@ -42,6 +42,7 @@ mod lifecycle;
 mod limits;
 mod lossy_fs;
 mod metrics;
+mod policy;
 mod power_loss;
 mod process;
 mod rotation;

@@ -21,7 +21,7 @@ pub(crate) struct BrokerProcess {
 }
 
 impl BrokerProcess {
-    fn start(args: &[&str], data_dir: &Path) -> BrokerProcess {
+    pub(crate) fn start(args: &[&str], data_dir: &Path) -> BrokerProcess {
         Self::start_logging(args, data_dir, "info")
     }
 
@@ -122,7 +122,7 @@ impl BrokerProcess {
         self.stdout.lock().unwrap().clone()
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 
@@ -144,7 +144,7 @@ impl BrokerProcess {
     }
 
     /// Sends SIGTERM and returns the exit code.
-    fn terminate(mut self) -> (i32, String) {
+    pub(crate) fn terminate(mut self) -> (i32, String) {
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()

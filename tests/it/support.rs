@@ -13,6 +13,7 @@ use warrant::client::Connection;
 use warrant::config::{Config, MasterKeySource};
 use warrant::domain::TrustDomain;
 use warrant::issuer::KeyAlgorithm;
+use warrant::policy::PolicySource;
 use warrant::proto;
 
 /// The scopes every test broker knows.
@@ -93,6 +94,8 @@ impl TestData {
             },
             catalog_file: self.path().join("scopes.toml"),
             create_demo_catalog: false,
+            policy: PolicySource::BuiltIn,
+            create_default_policy: false,
             issuer: None,
             trust_domain: TrustDomain::parse("trust_domain", "test.local").unwrap(),
             signing_algorithm: KeyAlgorithm::EdDsa,
@@ -355,6 +358,7 @@ pub fn begin(scopes: &[&str]) -> proto::BeginTaskRequest {
             labels: [("ticket".to_string(), "T-1".to_string())].into(),
         }),
         idempotency_key: String::new(),
+        risk: None,
     }
 }
 
@@ -363,6 +367,7 @@ pub fn grant_request(task_id: &str, scope: &str, ttl_seconds: u32) -> proto::Req
         task_id: task_id.into(),
         scope: scope.into(),
         ttl_seconds,
+        risk: None,
     }
 }
 

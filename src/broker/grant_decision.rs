@@ -1,0 +1,128 @@
+//! Deciding one grant request: the scope catalog first (is the scope defined, may this workload
+//! ask for it), then the policy set with the request's full context. Each decision becomes an
+//! audit event naming the policies that decided it and the version of the set.
+
+use std::time::Duration;
+
+use super::Broker;
+use crate::audit::AuditEvent;
+use crate::domain::{Caller, ScopeDefinition, ScopeName, TaskContext, TaskId, UnixMillis};
+use crate::error::{Error, Result};
+use crate::policy::{Decision, GrantQuery};
+
+/// The policy that the catalog's own check is recorded as.
+const CATALOG_POLICY: &str = "scope-catalog";
+
+/// The characters of the policy set's digest kept in each decision event.
+const POLICY_VERSION_CHARS: usize = 16;
+
+/// A refused grant request: what the caller is told, and the audit event of the decision.
+pub struct Refused {
+    pub error: Error,
+    pub event: AuditEvent,
+}
+
+/// What policy reads of a grant request besides the caller and the scope.
+pub struct GrantAsk<'a> {
+    /// The request field that named the scope, for error messages.
+    pub field: &'a str,
+    pub task_id: &'a TaskId,
+    pub purpose: &'a str,
+    pub context: &'a TaskContext,
+    /// The lease lifetime asked for; `None` for the scope's default.
+    pub ttl: Option<Duration>,
+    pub risk: Option<u32>,
+    pub now: UnixMillis,
+}
+
+impl Broker {
+    /// The catalog's answer for `scope`, and its audit event when it refuses.
+    pub(super) fn catalog_check(
+        &self,
+        caller: &Caller,
+        task_id: &TaskId,
+        field: &str,
+        scope: &ScopeName,
+    ) -> std::result::Result<&ScopeDefinition, Box<Refused>> {
+        self.catalog
+            .authorize(caller, field, scope)
+            .map_err(|error| {
+                let event = decided(caller, task_id, scope, "denied")
+                    .with("policies", vec![CATALOG_POLICY])
+                    .with("reason", error.to_string());
+                Box::new(Refused { error, event })
+            })
+    }
+
+    /// Policy's answer for a scope the catalog allows, with its audit event; the error is
+    /// what the caller is told when the answer is not a plain allow.
+    pub(super) fn policy_check(
+        &self,
+        caller: &Caller,
+        definition: &ScopeDefinition,
+        ask: &GrantAsk<'_>,
+    ) -> (AuditEvent, Result<()>) {
+        let policy = self.policy.current();
+        let decision = policy.decide(&GrantQuery {
+            caller,
+            scope: definition,
+            purpose: ask.purpose,
+            context: ask.context,
+            requested_ttl: ask.ttl.unwrap_or(definition.default_ttl),
+            delegation_depth: 0,
+            now: ask.now,
+            risk: ask.risk,
+        });
+        let scope = &definition.name;
+        let mut policies = vec![CATALOG_POLICY];
+        policies.extend(decision.policies());
+        let version = &policy.summary.digest[..POLICY_VERSION_CHARS];
+        let event = decided(caller, ask.task_id, scope, decision.outcome())
+            .with("policies", policies)
+            .with("policy_version", version);
+        // Recorded only when sent: to policy, absent and zero mean different things.
+        let event = match ask.risk {
+            Some(risk) => event.with("risk", risk),
+            None => event,
+        };
+        let field = ask.field;
+        match decision {
+            Decision::Allow { policies } => (
+                event.with("reason", format!("permitted by {}", policies.join(", "))),
+                Ok(()),
+            ),
+            Decision::Deny { reason, .. } => (
+                event.with("reason", reason.clone()),
+                Err(Error::PermissionDenied(format!(
+                    "{field}: policy denies scope '{scope}': {reason}"
+                ))),
+            ),
+            Decision::StepUp { requirement, .. } => {
+                let needed = requirement.describe();
+                let rules = requirement.rules.join(", ");
+                let event = event
+                    .with("reason", format!("approval required by {rules}"))
+                    .with("approval_required", needed.clone());
+                (
+                    event,
+                    Err(Error::FailedPrecondition(format!(
+                        "{field}: scope '{scope}' needs {needed} under policy {rules}, and this \
+                         broker does not hold requests for approval yet"
+                    ))),
+                )
+            }
+        }
+    }
+}
+
+fn decided(
+    caller: &Caller,
+    task_id: &TaskId,
+    scope: &ScopeName,
+    outcome: &'static str,
+) -> AuditEvent {
+    AuditEvent::new("grant.decided", outcome, caller.name.as_str())
+        .workload(&caller.name)
+        .task(task_id)
+        .scope(scope)
+}

@@ -1,0 +1,254 @@
+//! `warrant policy ...`: validate a policy set and try requests against it before loading it,
+//! offline: the same loader and evaluator the broker uses, no broker needed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use serde_json::json;
+
+use super::output::{Format, text};
+use super::{CommandError, key_values};
+use crate::domain::task::{MAX_RISK, parse_risk};
+use crate::domain::{
+    Caller, Catalog, Labels, Role, ScopeName, SpiffeId, TaskContext, UnixMillis, WorkloadName,
+};
+use crate::policy::{Decision, GrantQuery, PolicySource};
+
+#[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only obscure the arguments"
+)]
+pub enum PolicyCommand {
+    /// Parse and validate a policy directory against its schema, as a reload would.
+    Check {
+        /// The directory of *.cedar files (default: the --dev data directory's policy/).
+        dir: Option<PathBuf>,
+    },
+    /// Decide one grant request against a policy directory and print the answer.
+    Test {
+        /// The directory of *.cedar files (default: the --dev data directory's policy/).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The scope catalog the scope is read from (default: the --dev data directory's
+        /// scopes.toml).
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+        /// The workload asking (its registration entry's name).
+        #[arg(long)]
+        workload: String,
+        /// A role of the workload (repeatable; default: agent).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// A label KEY=VALUE of the workload's entry (repeatable).
+        #[arg(long = "workload-label")]
+        workload_labels: Vec<String>,
+        /// The scope asked for.
+        #[arg(long)]
+        scope: String,
+        #[arg(long, default_value = "policy test")]
+        purpose: String,
+        /// The lease lifetime asked for, e.g. 5m (default: the scope's).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// A tool the task plans to call (repeatable).
+        #[arg(long = "tool")]
+        tools: Vec<String>,
+        /// A task label KEY=VALUE (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// The caller's risk signal, 0 to 100.
+        #[arg(long)]
+        risk: Option<u32>,
+        /// The hour of the day (UTC, 0-23) to decide at (default: now).
+        #[arg(long)]
+        hour: Option<u8>,
+        /// Whether the workload authenticates with its X.509-SVID (else a bearer credential).
+        #[arg(long)]
+        svid: bool,
+        /// Exit 1 unless the answer is this one: allow, deny or step-up.
+        #[arg(long)]
+        expect: Option<String>,
+    },
+}
+
+pub fn run(command: &PolicyCommand, format: &Format) -> Result<ExitCode, CommandError> {
+    match command {
+        PolicyCommand::Check { dir } => {
+            let source =
+                PolicySource::Dir(dir.clone().unwrap_or_else(|| data_dir().join("policy")));
+            let loaded = crate::policy::load::load(&source)
+                .map_err(|error| CommandError::Usage(format!("policy refused: {error}")))?;
+            let summary = &loaded.summary;
+            let value = json!({
+                "source": summary.source,
+                "digest": summary.digest,
+                "policies": summary.decision_policies,
+                "approval_rules": summary.approval_rules,
+            });
+            format.print(&value, |value| {
+                format!(
+                    "ok: {} policies and {} approval rules in {}\ndigest  {}\n",
+                    summary.decision_policies.len(),
+                    summary.approval_rules.len(),
+                    text(value, "source"),
+                    text(value, "digest"),
+                )
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Test {
+            dir,
+            catalog,
+            workload,
+            roles,
+            workload_labels,
+            scope,
+            purpose,
+            ttl,
+            tools,
+            labels,
+            risk,
+            hour,
+            svid,
+            expect,
+        } => {
+            let usage = |error: crate::error::Error| CommandError::Usage(error.to_string());
+            let source =
+                PolicySource::Dir(dir.clone().unwrap_or_else(|| data_dir().join("policy")));
+            let loaded = crate::policy::load::load(&source)
+                .map_err(|error| CommandError::Usage(format!("policy refused: {error}")))?;
+            let catalog_file = catalog
+                .clone()
+                .unwrap_or_else(|| data_dir().join("scopes.toml"));
+            let catalog_text = std::fs::read_to_string(&catalog_file).map_err(|error| {
+                CommandError::Usage(format!("--catalog {}: {error}", catalog_file.display()))
+            })?;
+            let catalog = Catalog::from_toml(&catalog_text)
+                .map_err(|error| CommandError::Usage(format!("--catalog: {error}")))?;
+            let roles = match roles.as_slice() {
+                [] => vec![Role::Agent],
+                roles => roles
+                    .iter()
+                    .map(|role| {
+                        Role::parse(role).ok_or_else(|| {
+                            CommandError::Usage(format!(
+                                "--role {role}: one of agent, operator, admin, resource_server"
+                            ))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            };
+            let name = WorkloadName::parse("--workload", workload).map_err(usage)?;
+            let entry_labels = key_values("--workload-label", workload_labels)?;
+            let caller = Caller {
+                workload_id: String::new(),
+                spiffe_id: SpiffeId::from_stored(format!("spiffe://policy-test/{name}")),
+                name,
+                roles,
+                audiences: Vec::new(),
+                certificate_thumbprint: svid.then(String::new),
+                labels: Labels::parse("--workload-label", entry_labels.iter().map(|(k, v)| (k, v)))
+                    .map_err(usage)?,
+            };
+            let scope = ScopeName::parse("--scope", scope).map_err(usage)?;
+            let definition = catalog
+                .authorize(&caller, "--scope", &scope)
+                .map_err(usage)?;
+            let context = TaskContext::parse("", tools.clone(), key_values("--label", labels)?)
+                .map_err(usage)?;
+            let requested_ttl = match ttl {
+                Some(text) => humantime::parse_duration(text)
+                    .map_err(|error| CommandError::Usage(format!("--ttl {text}: {error}")))?,
+                None => definition.default_ttl,
+            };
+            let risk = parse_risk("--risk", *risk).map_err(usage)?;
+            let now = match hour {
+                Some(hour @ 0..=23) => UnixMillis(i64::from(*hour) * 3_600_000),
+                Some(_) => return Err(CommandError::Usage("--hour: 0 to 23".into())),
+                None => UnixMillis::now(),
+            };
+            let decision = loaded.decide(&GrantQuery {
+                caller: &caller,
+                scope: definition,
+                purpose,
+                context: &context,
+                requested_ttl,
+                delegation_depth: 0,
+                now,
+                risk,
+            });
+            print_decision(&decision, format)?;
+            let answer = answer_name(&decision);
+            match expect.as_deref() {
+                None => Ok(ExitCode::SUCCESS),
+                Some(expected) if ["allow", "deny", "step-up"].contains(&expected) => {
+                    if expected == answer {
+                        Ok(ExitCode::SUCCESS)
+                    } else {
+                        eprintln!("expected {expected}, policy answered {answer}");
+                        Ok(ExitCode::FAILURE)
+                    }
+                }
+                Some(other) => Err(CommandError::Usage(format!(
+                    "--expect {other}: one of allow, deny, step-up (risk is 0 to {MAX_RISK})"
+                ))),
+            }
+        }
+    }
+}
+
+fn answer_name(decision: &Decision) -> &'static str {
+    match decision {
+        Decision::Allow { .. } => "allow",
+        Decision::Deny { .. } => "deny",
+        Decision::StepUp { .. } => "step-up",
+    }
+}
+
+fn print_decision(decision: &Decision, format: &Format) -> Result<(), CommandError> {
+    let mut value = json!({
+        "decision": answer_name(decision),
+        "policies": decision.policies(),
+    });
+    match decision {
+        Decision::Allow { .. } => {}
+        Decision::Deny { reason, .. } => value["reason"] = reason.as_str().into(),
+        Decision::StepUp { requirement, .. } => {
+            value["approval"] = json!({
+                "quorum": requirement.quorum,
+                "approver_role": Role::Operator.as_str(),
+                "approver_labels": requirement.approver_labels,
+                "wait_seconds": requirement.wait.as_secs(),
+                "rules": requirement.rules,
+            });
+        }
+    }
+    format.print(&value, |value| {
+        let mut out = format!(
+            "decision  {}\npolicies  {}\n",
+            text(value, "decision"),
+            decision.policies().join(", ")
+        );
+        match decision {
+            Decision::Allow { .. } => {}
+            Decision::Deny { reason, .. } => out.push_str(&format!("reason    {reason}\n")),
+            Decision::StepUp { requirement, .. } => out.push_str(&format!(
+                "needs     {} (rules: {})\n",
+                requirement.describe(),
+                requirement.rules.join(", ")
+            )),
+        }
+        out
+    })?;
+    Ok(())
+}
+
+/// The `--dev` data directory, where `serve --dev` keeps its policy and catalog.
+fn data_dir() -> PathBuf {
+    PathBuf::from(
+        crate::config::process_environment(crate::config::ENV_DATA_DIR)
+            .unwrap_or_else(|| crate::config::DEFAULT_DATA_DIR.into()),
+    )
+}

@@ -1,0 +1,381 @@
+//! Reading a policy set: a directory of `*.cedar` files and an optional `schema.cedarschema`
+//! (Warrant's own schema when absent). Every policy is named (its `@id`, else
+//! `<file>#<position>`), validated against the schema in strict mode, and sorted into the
+//! decision set or the `@approval` rules. Whatever is wrong is reported with its file, line and
+//! column; a set that fails loads nothing.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use cedar_policy::{Effect, PolicyId, PolicySet, Schema, ValidationMode, Validator};
+use miette::Diagnostic;
+
+use super::decision::{APPROVAL, ApprovalRule, REQUIREMENT_KEYS};
+use super::request::probe_request;
+use crate::issuer::master_key::write_private_file;
+
+/// Warrant's schema: what it puts in every request.
+pub const BUILT_IN_SCHEMA: &str = include_str!("schema.cedarschema");
+/// The policy `serve --dev` starts with.
+pub const DEFAULT_POLICIES: &str = include_str!("default.cedar");
+/// The schema's file name in a policy directory.
+pub const SCHEMA_FILE: &str = "schema.cedarschema";
+/// The default policy file's name in a directory `serve --dev` creates.
+pub const DEFAULT_POLICY_FILE: &str = "policies.cedar";
+
+/// The longest policy id.
+const MAX_POLICY_ID_BYTES: usize = 128;
+
+/// Where the policy set comes from.
+#[derive(Clone, Debug)]
+pub enum PolicySource {
+    /// Warrant's default policy, for a configuration without `[policy]`.
+    BuiltIn,
+    /// A directory of `*.cedar` files.
+    Dir(PathBuf),
+}
+
+impl fmt::Display for PolicySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicySource::BuiltIn => f.write_str("the built-in default policy"),
+            PolicySource::Dir(dir) => write!(f, "{}", dir.display()),
+        }
+    }
+}
+
+/// Why a policy set was refused: the file (and where in it) and what is wrong.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct PolicyError {
+    pub location: String,
+    pub message: String,
+}
+
+impl PolicyError {
+    fn new(location: impl Into<String>, message: impl Into<String>) -> Self {
+        PolicyError {
+            location: location.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// One source file of a set.
+pub struct PolicyFile {
+    pub name: String,
+    pub text: String,
+}
+
+/// A validated policy set, ready to decide.
+pub struct LoadedPolicy {
+    /// The policies that allow or deny.
+    pub(super) decisions: PolicySet,
+    /// The `@approval` permits, consulted once a request is allowed.
+    pub(super) approvals: PolicySet,
+    pub(super) rules: HashMap<PolicyId, ApprovalRule>,
+    pub summary: PolicySummary,
+}
+
+/// What a loaded set holds, for the audit trail and the operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicySummary {
+    /// The ids of the policies that allow or deny, sorted.
+    pub decision_policies: Vec<String>,
+    /// The ids of the `@approval` rules, sorted.
+    pub approval_rules: Vec<String>,
+    /// SHA-256 (hex) over the schema and every file, naming this version of the set.
+    pub digest: String,
+    pub source: String,
+}
+
+/// Reads and validates the set at `source`.
+pub fn load(source: &PolicySource) -> Result<LoadedPolicy, PolicyError> {
+    match source {
+        PolicySource::BuiltIn => from_files(
+            BUILT_IN_SCHEMA,
+            vec![PolicyFile {
+                name: DEFAULT_POLICY_FILE.into(),
+                text: DEFAULT_POLICIES.into(),
+            }],
+            source.to_string(),
+        ),
+        PolicySource::Dir(dir) => {
+            let (schema, files) = read_dir(dir)?;
+            from_files(&schema, files, source.to_string())
+        }
+    }
+}
+
+/// Writes Warrant's schema and default policy into `dir` unless it exists (`serve --dev`): into
+/// a fresh directory beside it first, flushed, then renamed into place, so that a crash during
+/// the first start never leaves a half-written set for the next start to refuse.
+pub fn create_default_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let staging = dir.with_extension("new");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    std::fs::create_dir_all(&staging)?;
+    write_private_file(&staging.join(SCHEMA_FILE), BUILT_IN_SCHEMA.as_bytes())?;
+    write_private_file(
+        &staging.join(DEFAULT_POLICY_FILE),
+        DEFAULT_POLICIES.as_bytes(),
+    )?;
+    std::fs::File::open(&staging)?.sync_all()?;
+    std::fs::rename(&staging, dir)?;
+    if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The schema (the directory's, else the built-in one) and the `*.cedar` files, by name.
+fn read_dir(dir: &Path) -> Result<(String, Vec<PolicyFile>), PolicyError> {
+    let shown = dir.display().to_string();
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| PolicyError::new(&shown, format!("cannot read: {e}")))?;
+    let mut names = BTreeSet::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| PolicyError::new(&shown, format!("cannot read: {e}")))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".cedar") {
+            names.insert(name);
+        }
+    }
+    if names.is_empty() {
+        return Err(PolicyError::new(
+            shown,
+            "holds no *.cedar file (an empty set would deny every request; write the policies, \
+             or one file with a comment to deny on purpose)",
+        ));
+    }
+    let read = |path: PathBuf| {
+        std::fs::read_to_string(&path)
+            .map_err(|e| PolicyError::new(path.display().to_string(), format!("cannot read: {e}")))
+    };
+    let schema_path = dir.join(SCHEMA_FILE);
+    let schema = if schema_path.exists() {
+        read(schema_path)?
+    } else {
+        BUILT_IN_SCHEMA.to_owned()
+    };
+    let files = names
+        .into_iter()
+        .map(|name| {
+            read(dir.join(&name)).map(|text| PolicyFile {
+                name: dir.join(&name).display().to_string(),
+                text,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((schema, files))
+}
+
+/// Parses, names, sorts and validates a set.
+pub fn from_files(
+    schema_text: &str,
+    files: Vec<PolicyFile>,
+    source: String,
+) -> Result<LoadedPolicy, PolicyError> {
+    let (schema, warnings) = Schema::from_cedarschema_str(schema_text)
+        .map_err(|error| located(SCHEMA_FILE, schema_text, &error))?;
+    for warning in warnings {
+        tracing::warn!(%warning, "policy schema");
+    }
+    let digest = digest(schema_text, &files);
+    let mut decisions = PolicySet::new();
+    let mut approvals = PolicySet::new();
+    let mut rules = HashMap::new();
+    // Which file each policy came from, to place validation errors.
+    let mut origin: HashMap<PolicyId, &PolicyFile> = HashMap::new();
+    for file in &files {
+        let parsed = PolicySet::from_str(&file.text)
+            .map_err(|error| located(&file.name, &file.text, &error))?;
+        if let Some(template) = parsed.templates().next() {
+            return Err(PolicyError::new(
+                &file.name,
+                format!(
+                    "policy {} is a template (it has a slot such as ?principal); Warrant loads \
+                     only static policies",
+                    template.id()
+                ),
+            ));
+        }
+        // `from_str` names the policies policy0, policy1, .. in the order they appear.
+        let mut policies: Vec<_> = parsed
+            .policies()
+            .map(|policy| (position_in_file(policy.id()), policy.clone()))
+            .collect();
+        policies.sort_by_key(|(position, _)| *position);
+        for (position, policy) in policies {
+            let id = policy_id(&file.name, position, policy.annotation("id"))?;
+            let policy = policy.new_id(id.clone());
+            if origin.insert(id.clone(), file).is_some() {
+                return Err(PolicyError::new(
+                    &file.name,
+                    format!("policy id '{id}' is used twice"),
+                ));
+            }
+            let is_approval = policy.annotation(APPROVAL).is_some();
+            let add = |set: &mut PolicySet| {
+                set.add(policy.clone())
+                    .map_err(|error| PolicyError::new(&file.name, format!("policy {id}: {error}")))
+            };
+            if is_approval {
+                if policy.effect() != Effect::Permit {
+                    return Err(PolicyError::new(
+                        &file.name,
+                        format!(
+                            "policy {id}: @{APPROVAL} applies to permit policies only (a forbid \
+                             already denies)"
+                        ),
+                    ));
+                }
+                let rule = ApprovalRule::from_annotations(|key| policy.annotation(key)).map_err(
+                    |message| PolicyError::new(&file.name, format!("policy {id}: {message}")),
+                )?;
+                add(&mut approvals)?;
+                rules.insert(id, rule);
+            } else {
+                if let Some(key) = REQUIREMENT_KEYS
+                    .iter()
+                    .find(|key| policy.annotation(key).is_some())
+                {
+                    return Err(PolicyError::new(
+                        &file.name,
+                        format!(
+                            "policy {id}: @{key} means something only on an @{APPROVAL} policy"
+                        ),
+                    ));
+                }
+                add(&mut decisions)?;
+            }
+        }
+    }
+    let validator = Validator::new(schema.clone());
+    for set in [&decisions, &approvals] {
+        let result = validator.validate(set, ValidationMode::Strict);
+        if let Some(error) = result.validation_errors().next() {
+            let refused = match origin.get(error.policy_id()) {
+                Some(file) => located(&file.name, &file.text, error),
+                None => PolicyError::new(SCHEMA_FILE, error.to_string()),
+            };
+            return Err(PolicyError {
+                message: format!("does not validate against the schema: {}", refused.message),
+                ..refused
+            });
+        }
+        for warning in result.validation_warnings() {
+            tracing::warn!(%warning, "policy");
+        }
+    }
+    probe_request(&schema).map_err(|message| {
+        PolicyError::new(
+            SCHEMA_FILE,
+            format!("does not describe the requests Warrant makes: {message}"),
+        )
+    })?;
+    let ids = |set: &PolicySet| {
+        let mut ids: Vec<String> = set
+            .policies()
+            .map(|policy| policy.id().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let summary = PolicySummary {
+        decision_policies: ids(&decisions),
+        approval_rules: ids(&approvals),
+        digest,
+        source,
+    };
+    Ok(LoadedPolicy {
+        decisions,
+        approvals,
+        rules,
+        summary,
+    })
+}
+
+/// The position `PolicySet::from_str` gave a policy (`policy<N>`).
+fn position_in_file(id: &PolicyId) -> usize {
+    id.to_string()
+        .strip_prefix("policy")
+        .and_then(|number| number.parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
+/// A policy's id: its `@id` annotation, else `<file name>#<position from 1>`.
+fn policy_id(
+    file: &str,
+    position: usize,
+    annotated: Option<&str>,
+) -> Result<PolicyId, PolicyError> {
+    let id = match annotated {
+        Some(id) => {
+            let is_printable = id.chars().all(|c| c.is_ascii_graphic());
+            if id.is_empty() || id.len() > MAX_POLICY_ID_BYTES || !is_printable {
+                return Err(PolicyError::new(
+                    file,
+                    format!(
+                        "@id(\"{}\") must be 1 to {MAX_POLICY_ID_BYTES} printable characters \
+                         without spaces",
+                        id.chars().take(40).collect::<String>()
+                    ),
+                ));
+            }
+            id.to_owned()
+        }
+        None => format!("{}#{}", base_name(file), position + 1),
+    };
+    Ok(PolicyId::new(id))
+}
+
+/// An error with the file, line and column its first label points at.
+fn located(file: &str, text: &str, error: &(dyn Diagnostic + 'static)) -> PolicyError {
+    let position = error
+        .labels()
+        .and_then(|mut labels| labels.next())
+        .map(|label| line_and_column(text, label.offset()));
+    let location = match position {
+        Some((line, column)) => format!("{file}:{line}:{column}"),
+        None => file.to_owned(),
+    };
+    let mut message = error.to_string();
+    if let Some(help) = error.help() {
+        message.push_str(&format!(" ({help})"));
+    }
+    PolicyError::new(location, message)
+}
+
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |newline| before.len() - newline - 1)
+        + 1;
+    (line, column)
+}
+
+fn digest(schema: &str, files: &[PolicyFile]) -> String {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let named = files
+        .iter()
+        .flat_map(|file| [base_name(&file.name), file.text.as_str()]);
+    for text in std::iter::once(schema).chain(named) {
+        context.update(&(text.len() as u64).to_be_bytes());
+        context.update(text.as_bytes());
+    }
+    crate::domain::ids::hex(context.finish().as_ref())
+}
+
+/// The file name of a path given as text.
+fn base_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}

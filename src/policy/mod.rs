@@ -1,0 +1,360 @@
+//! Policy-as-code: a Cedar policy set decides every grant request, deny by default, and says
+//! when a permitted request must first be approved by operators (step-up). The set is parsed
+//! and validated once per load; a reload that fails leaves the set in force unchanged.
+
+pub mod decision;
+pub mod load;
+pub mod request;
+
+use std::sync::{Arc, RwLock};
+
+use cedar_policy::{Authorizer, Entities, PolicySet, Request, Response};
+
+pub use decision::{ApprovalRequirement, Decision};
+pub use load::{LoadedPolicy, PolicyError, PolicySource, PolicySummary};
+pub use request::GrantQuery;
+
+/// The policy set in force, replaceable while requests are being decided.
+pub struct PolicyEngine {
+    source: PolicySource,
+    current: RwLock<Arc<LoadedPolicy>>,
+    /// Serializes reloads, so that two of them publish in the order they read the files.
+    reloading: std::sync::Mutex<()>,
+}
+
+impl PolicyEngine {
+    /// Loads the set at `source`; refusing to start on a set that does not load.
+    pub fn load(source: PolicySource) -> Result<Self, PolicyError> {
+        let loaded = load::load(&source)?;
+        Ok(PolicyEngine {
+            source,
+            current: RwLock::new(Arc::new(loaded)),
+            reloading: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// Reads the source again; on success the new set decides from now on, on failure the set
+    /// in force stays and the error says why.
+    pub fn reload(&self) -> Result<PolicySummary, PolicyError> {
+        let _serialized = self
+            .reloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let loaded = load::load(&self.source)?;
+        let summary = loaded.summary.clone();
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded);
+        Ok(summary)
+    }
+
+    /// The set in force.
+    pub fn current(&self) -> Arc<LoadedPolicy> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn decide(&self, query: &GrantQuery<'_>) -> Decision {
+        self.current().decide(query)
+    }
+}
+
+impl LoadedPolicy {
+    /// Decides `query`: the decision set first, then, once it allows, the approval rules. A
+    /// policy that fails to evaluate denies, since a forbid that errors would otherwise stop
+    /// forbidding.
+    pub fn decide(&self, query: &GrantQuery<'_>) -> Decision {
+        let (request, entities) = match query.to_cedar(None) {
+            Ok(built) => built,
+            Err(error) => {
+                return Decision::Deny {
+                    policies: Vec::new(),
+                    reason: format!("the request does not fit the policy schema: {error}"),
+                };
+            }
+        };
+        let decided = evaluate(&request, &self.decisions, &entities);
+        if let Some(failed) = evaluation_failure(&decided) {
+            return failed;
+        }
+        let policies = determining(&decided);
+        if decided.decision() == cedar_policy::Decision::Deny {
+            let reason = if policies.is_empty() {
+                "no policy permits it (deny by default)".to_owned()
+            } else {
+                format!("forbidden by policy {}", policies.join(", "))
+            };
+            return Decision::Deny { policies, reason };
+        }
+        if self.rules.is_empty() {
+            return Decision::Allow { policies };
+        }
+        let matched = evaluate(&request, &self.approvals, &entities);
+        if let Some(failed) = evaluation_failure(&matched) {
+            return failed;
+        }
+        let mut rules: Vec<_> = matched
+            .diagnostics()
+            .reason()
+            .filter_map(|id| {
+                self.rules
+                    .get(id)
+                    .map(|rule| (id.to_string(), rule.clone()))
+            })
+            .collect();
+        rules.sort_by(|(a, _), (b, _)| a.cmp(b));
+        match ApprovalRequirement::combine(rules) {
+            Some(requirement) => Decision::StepUp {
+                policies,
+                requirement,
+            },
+            None => Decision::Allow { policies },
+        }
+    }
+}
+
+fn evaluate(request: &Request, policies: &PolicySet, entities: &Entities) -> Response {
+    Authorizer::new().is_authorized(request, policies, entities)
+}
+
+/// A deny naming the policies that failed to evaluate, if any did.
+fn evaluation_failure(response: &Response) -> Option<Decision> {
+    let errors: Vec<String> = response
+        .diagnostics()
+        .errors()
+        .map(ToString::to_string)
+        .collect();
+    if errors.is_empty() {
+        return None;
+    }
+    let mut policies: Vec<String> = response
+        .diagnostics()
+        .errors()
+        .map(
+            |cedar_policy::AuthorizationError::PolicyEvaluationError(error)| {
+                error.policy_id().to_string()
+            },
+        )
+        .collect();
+    policies.sort();
+    Some(Decision::Deny {
+        policies,
+        reason: format!("denied because {}", errors.join("; ")),
+    })
+}
+
+fn determining(response: &Response) -> Vec<String> {
+    sorted(response.diagnostics().reason().map(ToString::to_string))
+}
+
+fn sorted<T: Ord>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut items: Vec<T> = items.collect();
+    items.sort();
+    items
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::load::{BUILT_IN_SCHEMA, PolicyFile, from_files};
+    use super::*;
+    use crate::domain::scope::AllowedWorkloads;
+    use crate::domain::{
+        Caller, CredentialKind, Labels, Role, ScopeDefinition, ScopeName, SpiffeId, TaskContext,
+        UnixMillis, WorkloadName,
+    };
+
+    fn set(text: &str) -> Result<LoadedPolicy, PolicyError> {
+        from_files(
+            BUILT_IN_SCHEMA,
+            vec![PolicyFile {
+                name: "fleet.cedar".into(),
+                text: text.into(),
+            }],
+            "test".into(),
+        )
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        let owned: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Labels::parse("labels", owned.iter().map(|(k, v)| (k, v))).unwrap()
+    }
+
+    fn decide(
+        policy: &LoadedPolicy,
+        scope: &str,
+        scope_labels: &[(&str, &str)],
+        hour: i64,
+        risk: Option<u32>,
+    ) -> Decision {
+        let caller = Caller {
+            workload_id: "w".into(),
+            name: WorkloadName::parse("name", "billing-agent").unwrap(),
+            spiffe_id: SpiffeId::from_stored("spiffe://test/billing-agent".into()),
+            roles: vec![Role::Agent],
+            audiences: Vec::new(),
+            certificate_thumbprint: None,
+            labels: labels(&[("team", "billing")]),
+        };
+        let scope = ScopeDefinition {
+            name: ScopeName::parse("scope", scope).unwrap(),
+            description: String::new(),
+            audience: "https://api".into(),
+            kind: CredentialKind::Jwt,
+            default_ttl: Duration::from_secs(60),
+            max_ttl: Duration::from_secs(600),
+            allowed_workloads: AllowedWorkloads::Any,
+            labels: labels(scope_labels),
+        };
+        policy.decide(&GrantQuery {
+            caller: &caller,
+            scope: &scope,
+            purpose: "refund order 42",
+            context: &TaskContext::default(),
+            requested_ttl: Duration::from_secs(60),
+            delegation_depth: 0,
+            now: UnixMillis(hour * 3_600_000),
+            risk,
+        })
+    }
+
+    const FLEET: &str = r#"
+        @id("reads-are-free")
+        permit (principal in Warrant::Role::"agent", action == Warrant::Action::"RequestGrant", resource)
+        when { resource.labels.contains("access=read") };
+
+        @id("writes-with-approval")
+        permit (principal in Warrant::Role::"agent", action == Warrant::Action::"RequestGrant", resource)
+        when { resource.labels.contains("access=write") };
+
+        @id("writes-need-one")
+        @approval
+        permit (principal, action, resource) when { resource.labels.contains("access=write") };
+
+        @id("payments-need-finance")
+        @approval @quorum("2") @approver_label("team=finance") @wait("10m")
+        permit (principal, action, resource) when { resource.name like "payments:*" };
+
+        @id("risky-needs-a-human")
+        @approval
+        permit (principal, action, resource) when { context has risk && context.risk >= 50 };
+
+        forbid (principal, action, resource) when { resource.labels.contains("frozen=true") };
+    "#;
+
+    #[test]
+    fn decides_allow_deny_and_step_up_naming_the_policies() {
+        let policy = set(FLEET).unwrap();
+        assert_eq!(
+            decide(&policy, "crm:read", &[("access", "read")], 10, None),
+            Decision::Allow {
+                policies: vec!["reads-are-free".into()]
+            }
+        );
+        match decide(&policy, "tickets:write", &[("access", "write")], 10, None) {
+            Decision::StepUp {
+                policies,
+                requirement,
+            } => {
+                assert_eq!(policies, ["writes-with-approval"]);
+                assert_eq!(requirement.quorum, 1);
+                assert_eq!(requirement.rules, ["writes-need-one"]);
+            }
+            other => panic!("expected a step-up, got {other:?}"),
+        }
+        match decide(&policy, "payments:refund", &[("access", "write")], 10, None) {
+            Decision::StepUp { requirement, .. } => {
+                assert_eq!(requirement.quorum, 2);
+                assert_eq!(requirement.approver_labels, ["team=finance"]);
+                assert_eq!(requirement.wait, Duration::from_secs(600));
+            }
+            other => panic!("expected a step-up, got {other:?}"),
+        }
+        // Deny by default: nothing permits a scope without an access label.
+        assert_eq!(
+            decide(&policy, "misc:do", &[], 10, None),
+            Decision::Deny {
+                policies: vec![],
+                reason: "no policy permits it (deny by default)".into()
+            }
+        );
+        // A forbid wins over a permit, and is named.
+        match decide(
+            &policy,
+            "crm:read",
+            &[("access", "read"), ("frozen", "true")],
+            10,
+            None,
+        ) {
+            Decision::Deny { policies, .. } => assert_eq!(policies, ["fleet.cedar#6"]),
+            other => panic!("expected a deny, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_risk_signal_turns_a_free_scope_into_a_step_up() {
+        let policy = set(FLEET).unwrap();
+        let read = [("access", "read")];
+        assert!(matches!(
+            decide(&policy, "crm:read", &read, 10, Some(10)),
+            Decision::Allow { .. }
+        ));
+        match decide(&policy, "crm:read", &read, 10, Some(80)) {
+            Decision::StepUp { requirement, .. } => {
+                assert_eq!(requirement.rules, ["risky-needs-a-human"])
+            }
+            other => panic!("expected a step-up, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_policy_that_fails_to_evaluate_denies() {
+        // Validates, then overflows at evaluation: a forbid that errors must still deny.
+        let policy = set(r#"
+            @id("all")
+            permit (principal, action, resource);
+            @id("broken-forbid")
+            forbid (principal, action, resource) when { context.now * 9223372036854775807 > 0 };
+            "#)
+        .unwrap();
+        match decide(&policy, "crm:read", &[], 10, None) {
+            Decision::Deny { policies, reason } => {
+                assert_eq!(policies, ["broken-forbid"]);
+                assert!(reason.contains("overflow"), "{reason}");
+            }
+            other => panic!("expected a deny, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refuses_sets_that_do_not_validate_naming_file_and_line() {
+        let error = set("permit (principal, action, resource) when { context.nope == 1 };")
+            .err()
+            .unwrap();
+        assert!(error.location.starts_with("fleet.cedar:1:"), "{error}");
+        assert!(error.message.contains("schema"), "{error}");
+        let error = set("permit (principal, action, resource\n").err().unwrap();
+        assert!(error.location.starts_with("fleet.cedar:"), "{error}");
+        let error = set("@approval\nforbid (principal, action, resource);")
+            .err()
+            .unwrap();
+        assert!(error.message.contains("permit policies only"), "{error}");
+        let error = set("@quorum(\"2\")\npermit (principal, action, resource);")
+            .err()
+            .unwrap();
+        assert!(error.message.contains("@quorum"), "{error}");
+        let error = set("@id(\"a\") permit (principal, action, resource);\n@id(\"a\") permit (principal, action, resource);").err().unwrap();
+        assert!(error.message.contains("used twice"), "{error}");
+        let error = set("permit (principal == ?principal, action, resource);")
+            .err()
+            .unwrap();
+        assert!(error.message.contains("template"), "{error}");
+    }
+}

@@ -1,0 +1,205 @@
+//! A grant request in Cedar's terms: the workload as principal (a member of its roles), the
+//! scope as resource, and the task and time as context, typed as `schema.cedarschema` says.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use cedar_policy::{
+    Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request, RestrictedExpression,
+    Schema,
+};
+
+use crate::domain::scope::AllowedWorkloads;
+use crate::domain::{
+    Caller, CredentialKind, Labels, Role, ScopeDefinition, ScopeName, SpiffeId, TaskContext,
+    UnixMillis, WorkloadName,
+};
+
+struct Types {
+    role: EntityTypeName,
+    workload: EntityTypeName,
+    scope: EntityTypeName,
+    request_grant: EntityUid,
+}
+
+static TYPES: LazyLock<Types> = LazyLock::new(|| {
+    let name = |text: &str| EntityTypeName::from_str(text).expect("a valid built-in type name");
+    Types {
+        role: name("Warrant::Role"),
+        workload: name("Warrant::Workload"),
+        scope: name("Warrant::Scope"),
+        request_grant: EntityUid::from_type_name_and_id(
+            name("Warrant::Action"),
+            EntityId::new("RequestGrant"),
+        ),
+    }
+});
+
+/// Everything policy reads about one request for a scope.
+pub struct GrantQuery<'a> {
+    pub caller: &'a Caller,
+    pub scope: &'a ScopeDefinition,
+    pub purpose: &'a str,
+    pub context: &'a TaskContext,
+    /// The lease lifetime asked for.
+    pub requested_ttl: Duration,
+    pub delegation_depth: u32,
+    pub now: UnixMillis,
+    /// The caller's risk signal, 0 to [`crate::domain::task::MAX_RISK`].
+    pub risk: Option<u32>,
+}
+
+impl GrantQuery<'_> {
+    /// The Cedar request and the entities it refers to.
+    pub fn to_cedar(&self, schema: Option<&Schema>) -> Result<(Request, Entities), String> {
+        let types = &*TYPES;
+        let role_uid = |role: &Role| {
+            EntityUid::from_type_name_and_id(types.role.clone(), EntityId::new(role.as_str()))
+        };
+        let roles: HashSet<EntityUid> = self.caller.roles.iter().map(role_uid).collect();
+        let principal = EntityUid::from_type_name_and_id(
+            types.workload.clone(),
+            EntityId::new(self.caller.name.as_str()),
+        );
+        let authenticated_by = if self.caller.certificate_thumbprint.is_some() {
+            "svid"
+        } else {
+            "bearer"
+        };
+        let workload = Entity::new(
+            principal.clone(),
+            HashMap::from([
+                ("name".into(), string(self.caller.name.as_str())),
+                ("spiffe_id".into(), string(self.caller.spiffe_id.as_str())),
+                ("labels".into(), strings(self.caller.labels.pairs())),
+                ("authenticated_by".into(), string(authenticated_by)),
+            ]),
+            roles.clone(),
+        )
+        .map_err(|error| error.to_string())?;
+        let resource = EntityUid::from_type_name_and_id(
+            types.scope.clone(),
+            EntityId::new(self.scope.name.as_str()),
+        );
+        let scope = Entity::new(
+            resource.clone(),
+            HashMap::from([
+                ("name".into(), string(self.scope.name.as_str())),
+                ("audience".into(), string(&self.scope.audience)),
+                ("kind".into(), string(self.scope.kind.as_str())),
+                ("max_ttl_secs".into(), seconds(self.scope.max_ttl)),
+                ("labels".into(), strings(self.scope.labels.pairs())),
+            ]),
+            HashSet::new(),
+        )
+        .map_err(|error| error.to_string())?;
+        let role_entities = roles
+            .into_iter()
+            .map(|uid| Entity::new_no_attrs(uid, HashSet::new()));
+        let entities = Entities::from_entities(role_entities.chain([workload, scope]), schema)
+            .map_err(|error| error.to_string())?;
+        let now_seconds = self.now.0.div_euclid(1000);
+        let mut context = vec![
+            ("purpose".to_owned(), string(self.purpose)),
+            (
+                "prompt_digest".to_owned(),
+                string(self.context.prompt_digest.as_deref().unwrap_or_default()),
+            ),
+            (
+                "planned_tools".to_owned(),
+                strings(self.context.planned_tools.iter().cloned()),
+            ),
+            (
+                "labels".to_owned(),
+                strings(
+                    self.context
+                        .labels
+                        .iter()
+                        .map(|(key, value)| format!("{key}={value}")),
+                ),
+            ),
+            ("requested_ttl_secs".to_owned(), seconds(self.requested_ttl)),
+            (
+                "delegation_depth".to_owned(),
+                RestrictedExpression::new_long(i64::from(self.delegation_depth)),
+            ),
+            (
+                "now".to_owned(),
+                RestrictedExpression::new_long(now_seconds),
+            ),
+            (
+                "hour".to_owned(),
+                RestrictedExpression::new_long(now_seconds.rem_euclid(86_400) / 3600),
+            ),
+        ];
+        if let Some(risk) = self.risk {
+            context.push((
+                "risk".to_owned(),
+                RestrictedExpression::new_long(i64::from(risk)),
+            ));
+        }
+        let context = Context::from_pairs(context).map_err(|error| error.to_string())?;
+        let request = Request::new(
+            principal,
+            types.request_grant.clone(),
+            resource,
+            context,
+            schema,
+        )
+        .map_err(|error| error.to_string())?;
+        Ok((request, entities))
+    }
+}
+
+/// Checks that a request of every shape Warrant makes conforms to `schema` (a directory may
+/// bring its own schema; Warrant still builds the requests).
+pub fn probe_request(schema: &Schema) -> Result<(), String> {
+    let caller = Caller {
+        workload_id: "probe".into(),
+        name: WorkloadName::parse("name", "probe").map_err(|e| e.to_string())?,
+        spiffe_id: SpiffeId::from_stored("spiffe://probe.local/probe".into()),
+        roles: vec![Role::Agent],
+        audiences: Vec::new(),
+        certificate_thumbprint: None,
+        labels: Labels::default(),
+    };
+    let scope = ScopeDefinition {
+        name: ScopeName::parse("name", "probe:read").map_err(|e| e.to_string())?,
+        description: String::new(),
+        audience: "https://probe.local".into(),
+        kind: CredentialKind::Jwt,
+        default_ttl: Duration::from_secs(60),
+        max_ttl: Duration::from_secs(60),
+        allowed_workloads: AllowedWorkloads::Any,
+        labels: Labels::default(),
+    };
+    let context = TaskContext::default();
+    for risk in [None, Some(0)] {
+        GrantQuery {
+            caller: &caller,
+            scope: &scope,
+            purpose: "probe",
+            context: &context,
+            requested_ttl: Duration::from_secs(60),
+            delegation_depth: 0,
+            now: UnixMillis(0),
+            risk,
+        }
+        .to_cedar(Some(schema))?;
+    }
+    Ok(())
+}
+
+fn string(text: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(text.to_owned())
+}
+
+fn strings(texts: impl Iterator<Item = String>) -> RestrictedExpression {
+    RestrictedExpression::new_set(texts.map(RestrictedExpression::new_string))
+}
+
+fn seconds(duration: Duration) -> RestrictedExpression {
+    RestrictedExpression::new_long(i64::try_from(duration.as_secs()).unwrap_or(i64::MAX))
+}
