@@ -455,6 +455,95 @@ fn round_robin<T: Clone + Send + Sync + 'static>(
 }
 
 /// Raw Ed25519 signing and verification on one core with the broker's own key code.
+/// The raw signing rate measured at the start of the run.
+fn signing_rate_of(rows: &[Row]) -> f64 {
+    rows.iter()
+        .find(|row| row.scenario.starts_with("reference: raw Ed25519 sign"))
+        .map_or(f64::NAN, |row| row.per_second)
+}
+
+/// Times `LoadedPolicy::decide` on one thread against a set of `count` policies shaped like a
+/// fleet's: one permit per scope by name, a label-reading permit and forbid, and approval rules
+/// reading the context; the decided request matches a permit near the end of the set.
+fn policy_decisions(count: usize, duration: Duration) -> Measurement {
+    use warrant::domain::scope::AllowedWorkloads;
+    use warrant::domain::{
+        Caller, CredentialKind, Labels, Role, ScopeDefinition, ScopeName, SpiffeId, TaskContext,
+        UnixMillis, WorkloadName,
+    };
+    use warrant::policy::load::{BUILT_IN_SCHEMA, PolicyFile, from_files};
+    let mut text = String::from(
+        "@id(\"reads\") permit (principal in Warrant::Role::\"agent\", action, resource) \
+         when { resource.labels.contains(\"access=read\") };\n\
+         @id(\"frozen\") forbid (principal, action, resource) when { resource.labels.contains(\"frozen=true\") };\n\
+         @id(\"risky\") @approval permit (principal, action, resource) when { context has risk && context.risk >= 50 };\n",
+    );
+    for index in 3..count {
+        text.push_str(&format!(
+            "@id(\"scope-{index}\") permit (principal in Warrant::Role::\"agent\", action, \
+             resource == Warrant::Scope::\"scope:{index}\") when {{ context.requested_ttl_secs <= 900 }};\n"
+        ));
+    }
+    let policy = from_files(
+        BUILT_IN_SCHEMA,
+        vec![PolicyFile {
+            name: "bench.cedar".into(),
+            text,
+        }],
+        "bench".into(),
+    )
+    .expect("the benchmark policy set loads");
+    let labels = |pairs: &[(&str, &str)]| {
+        let owned: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Labels::parse("labels", owned.iter().map(|(k, v)| (k, v))).expect("labels")
+    };
+    let caller = Caller {
+        workload_id: "w".into(),
+        name: WorkloadName::parse("name", "bench-agent").expect("name"),
+        spiffe_id: SpiffeId::from_stored("spiffe://bench/bench-agent".into()),
+        roles: vec![Role::Agent],
+        audiences: Vec::new(),
+        certificate_thumbprint: None,
+        labels: labels(&[("team", "support")]),
+    };
+    let scope = ScopeDefinition {
+        name: ScopeName::parse("scope", &format!("scope:{}", count.max(4) - 1)).expect("scope"),
+        description: String::new(),
+        audience: "https://bench".into(),
+        kind: CredentialKind::Jwt,
+        default_ttl: Duration::from_secs(300),
+        max_ttl: Duration::from_secs(900),
+        allowed_workloads: AllowedWorkloads::Any,
+        labels: labels(&[("access", "write")]),
+    };
+    let context = TaskContext::default();
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    while started.elapsed() < duration {
+        let began = Instant::now();
+        let decision = policy.decide(&warrant::policy::GrantQuery {
+            caller: &caller,
+            scope: &scope,
+            purpose: "bench",
+            context: &context,
+            requested_ttl: Duration::from_secs(300),
+            delegation_depth: 0,
+            now: UnixMillis::now(),
+            risk: Some(10),
+        });
+        latencies.push(began.elapsed());
+        std::hint::black_box(decision);
+    }
+    Measurement {
+        operations: latencies.len() as u64,
+        elapsed: started.elapsed(),
+        latencies,
+    }
+}
+
 fn raw_signature_rates(duration: Duration) -> (Measurement, Measurement) {
     let (key, _) = SigningKey::generate(KeyAlgorithm::EdDsa);
     let message = [7u8; 300]; // about the size of a token's signing input
@@ -867,6 +956,7 @@ fn begin_request(scopes: &[&str], ttl_seconds: u32) -> proto::BeginTaskRequest {
         ttl_seconds,
         context: None,
         idempotency_key: String::new(),
+        risk: None,
     }
 }
 
@@ -894,6 +984,7 @@ const SCENARIOS: &[&str] = &[
     "startup",
     "attest",
     "mtls",
+    "policy",
 ];
 
 impl Options {
@@ -1000,6 +1091,26 @@ async fn run(options: &Options) -> Vec<Row> {
     let echo_rate = echo_measurement.per_second();
     rows.push(echo_measurement.row("reference: gRPC echo (tonic health check)", "-", 64, None));
     drop(echo);
+    if options.runs("policy") {
+        let sign_rate = signing_rate_of(&rows);
+        for policies in [10, 100, 1000] {
+            eprintln!("policy: decisions with {policies} policies");
+            let measured = policy_decisions(policies, duration.min(Duration::from_secs(3)));
+            rows.push(measured.row(
+                &format!("policy decision, {policies} policies (in process, 1 core)"),
+                "-",
+                1,
+                Some(("raw Ed25519 sign", sign_rate)),
+            ));
+            if let Some(row) = rows.last() {
+                eprintln!(
+                    "policy: {policies} policies: p50 {:.1} us, p99 {:.1} us",
+                    row.p50_ms * 1000.0,
+                    row.p99_ms * 1000.0
+                );
+            }
+        }
+    }
 
     let mut backends: Vec<(&str, Option<String>)> = vec![("sqlite", None)];
     if let Some(base) = &options.postgres {
@@ -1187,6 +1298,7 @@ async fn broker_scenarios(
                 task_id: open_task.clone(),
                 scope: "tickets:write".into(),
                 ttl_seconds: 0,
+                risk: None,
             };
             Box::pin(async move { tasks.request_grant(request).await.map(|_| ()) })
         });
@@ -1228,6 +1340,7 @@ async fn broker_scenarios(
                                 task_id: task.task_id.clone(),
                                 scope: "crm.contacts:read".into(),
                                 ttl_seconds: 0,
+                                risk: None,
                             };
                             tasks.request_grant(request).await.expect("grant");
                         }
