@@ -455,6 +455,73 @@ fn round_robin<T: Clone + Send + Sync + 'static>(
 }
 
 /// Raw Ed25519 signing and verification on one core with the broker's own key code.
+/// A set of `count` policies shaped like a fleet's: a label-reading forbid, an approval rule
+/// reading the risk signal (which the measured requests keep low), one permit per scope by name,
+/// and last the permit that matches `matched`.
+fn fleet_policies(count: usize, matched: &str) -> String {
+    let mut text = String::from(
+        "@id(\"frozen\") forbid (principal, action, resource) when { resource.labels.contains(\"frozen=true\") };\n\
+         @id(\"risky\") @approval permit (principal, action, resource) when { context has risk && context.risk >= 50 };\n",
+    );
+    for index in 2..count.saturating_sub(1) {
+        text.push_str(&format!(
+            "@id(\"scope-{index}\") permit (principal in Warrant::Role::\"agent\", action, \
+             resource == Warrant::Scope::\"scope:{index}\") when {{ context.requested_ttl_secs <= 900 }};\n"
+        ));
+    }
+    text.push_str(&format!(
+        "@id(\"matched\") permit (principal in Warrant::Role::\"agent\", action, \
+         resource == Warrant::Scope::\"{matched}\") when {{ context.requested_ttl_secs <= 900 }};\n"
+    ));
+    text
+}
+
+/// BeginTask on a `--dev` broker deciding with a set of 1,000 policies, as a ratio of the same
+/// run's BeginTask on one with the default policy (one permit).
+async fn policy_issuance(levels: &[usize], duration: Duration) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let default = Server::broker(tempfile::tempdir().expect("temporary directory"), None);
+    let large_data = tempfile::tempdir().expect("temporary directory");
+    let policy_dir = large_data.path().join("policy");
+    std::fs::create_dir(&policy_dir).expect("policy directory");
+    std::fs::write(
+        policy_dir.join("fleet.cedar"),
+        fleet_policies(1000, "crm.contacts:read"),
+    )
+    .expect("write the policy set");
+    let large = Server::broker(large_data, None);
+    let mut default_rates = HashMap::new();
+    for (server, name) in [(&default, "default"), (&large, "large")] {
+        let admin = Connection::open(&server.grpc, server.admin_credential.as_deref(), None)
+            .await
+            .expect("connect");
+        let credential = agent_credential(&admin, &format!("policy-{name}-agent")).await;
+        let agents = connections(&server.grpc, Some(&credential), 4).await;
+        for &concurrency in levels {
+            eprintln!("sqlite: BeginTask with the {name} policy set, K={concurrency}");
+            let measured = drive(concurrency, duration, issuance(&agents)).await;
+            if name == "default" {
+                default_rates.insert(concurrency, measured.per_second());
+                rows.push(measured.row(
+                    "reference: BeginTask, default policy (1 permit)",
+                    "sqlite",
+                    concurrency,
+                    None,
+                ));
+            } else {
+                let reference = default_rates.get(&concurrency).copied().unwrap_or(f64::NAN);
+                rows.push(measured.row(
+                    "BeginTask, 1,000 policies",
+                    "sqlite",
+                    concurrency,
+                    Some(("BeginTask, default policy", reference)),
+                ));
+            }
+        }
+    }
+    rows
+}
+
 /// The raw signing rate measured at the start of the run.
 fn signing_rate_of(rows: &[Row]) -> f64 {
     rows.iter()
@@ -471,21 +538,10 @@ fn policy_decisions(count: usize, duration: Duration) -> Measurement {
         Caller, CredentialKind, Labels, Role, ScopeDefinition, ScopeName, SpiffeId, TaskContext,
         UnixMillis, WorkloadName,
     };
-    use warrant::policy::load::{BUILT_IN_SCHEMA, PolicyFile, from_files};
-    let mut text = String::from(
-        "@id(\"reads\") permit (principal in Warrant::Role::\"agent\", action, resource) \
-         when { resource.labels.contains(\"access=read\") };\n\
-         @id(\"frozen\") forbid (principal, action, resource) when { resource.labels.contains(\"frozen=true\") };\n\
-         @id(\"risky\") @approval permit (principal, action, resource) when { context has risk && context.risk >= 50 };\n",
-    );
-    for index in 3..count {
-        text.push_str(&format!(
-            "@id(\"scope-{index}\") permit (principal in Warrant::Role::\"agent\", action, \
-             resource == Warrant::Scope::\"scope:{index}\") when {{ context.requested_ttl_secs <= 900 }};\n"
-        ));
-    }
+    use warrant::policy::load::{PolicyFile, from_files};
+    let matched = format!("scope:{}", count - 1);
+    let text = fleet_policies(count, &matched);
     let policy = from_files(
-        BUILT_IN_SCHEMA,
         vec![PolicyFile {
             name: "bench.cedar".into(),
             text,
@@ -510,7 +566,7 @@ fn policy_decisions(count: usize, duration: Duration) -> Measurement {
         labels: labels(&[("team", "support")]),
     };
     let scope = ScopeDefinition {
-        name: ScopeName::parse("scope", &format!("scope:{}", count.max(4) - 1)).expect("scope"),
+        name: ScopeName::parse("scope", &matched).expect("scope"),
         description: String::new(),
         audience: "https://bench".into(),
         kind: CredentialKind::Jwt,
@@ -1110,6 +1166,7 @@ async fn run(options: &Options) -> Vec<Row> {
                 );
             }
         }
+        rows.extend(policy_issuance(&two_levels(options), duration).await);
     }
 
     let mut backends: Vec<(&str, Option<String>)> = vec![("sqlite", None)];

@@ -157,6 +157,11 @@ pub struct CompletedTask {
     pub already_completed: bool,
 }
 
+/// Whether a lease is issued and unexpired at `now`: one whose credential may be handed out.
+fn is_live(record: &LeaseRecord, now: UnixMillis) -> bool {
+    record.state == LeaseState::Issued && record.window.expires_at > now
+}
+
 /// What an admin revokes.
 #[derive(Debug, Clone)]
 pub enum RevocationTarget {
@@ -331,10 +336,8 @@ impl Broker {
                         risk: request.risk,
                         now,
                     };
-                    match self.policy_check(caller, definition, &ask) {
-                        (event, Ok(())) => Ok((definition, event)),
-                        (event, Err(error)) => Err(Box::new(Refused { error, event })),
-                    }
+                    self.policy_check(caller, definition, &ask)
+                        .map(|event| (definition, event))
                 });
             match checked {
                 Ok((definition, event)) => {
@@ -463,11 +466,13 @@ impl Broker {
             risk: *risk,
             now,
         };
-        let (decision_event, verdict) = self.policy_check(caller, definition, &ask);
-        let decision_event = decision_event.context(&context_json);
-        if let Err(refusal) = verdict {
-            return self.refuse(scope, refusal, vec![decision_event]).await;
-        }
+        let decision_event = match self.policy_check(caller, definition, &ask) {
+            Ok(event) => event.context(&context_json),
+            Err(refused) => {
+                let event = refused.event.context(&context_json);
+                return self.refuse(scope, refused.error, vec![event]).await;
+            }
+        };
         let lease = self.issue(caller, &task, definition, ttl, now, &self.keyring.current());
         let events = vec![
             decision_event,
@@ -505,23 +510,27 @@ impl Broker {
     }
 
     /// Reads the policy set again; `actor` is who asked (an admin, or `warrant/signal`). The
-    /// outcome is audited either way; a refused set leaves the one in force.
+    /// outcome is audited before a new set decides; a refused set leaves the one in force.
     pub async fn reload_policy(&self, actor: &str) -> Result<PolicySummary> {
-        let in_force = self.policy.current().summary.digest.clone();
-        let reloaded = self.policy.reload();
-        let event = match &reloaded {
-            Ok(summary) => AuditEvent::new("policy.reloaded", "ok", actor)
-                .with("source", summary.source.as_str())
-                .with("digest", summary.digest.as_str())
-                .with("previous_digest", in_force.as_str())
-                .with("policies", summary.decision_policies.clone())
-                .with("approval_rules", summary.approval_rules.clone()),
-            Err(error) => AuditEvent::new("policy.reloaded", "refused", actor)
-                .with("reason", error.to_string())
-                .with("digest_in_force", in_force.as_str()),
-        };
-        self.store.record_events(vec![event]).await?;
-        match reloaded {
+        let store = &self.store;
+        let outcome = self
+            .policy
+            .reload(|outcome, in_force| {
+                let event = match outcome {
+                    Ok(summary) => AuditEvent::new("policy.reloaded", "ok", actor)
+                        .with("source", summary.source.as_str())
+                        .with("digest", summary.digest.as_str())
+                        .with("previous_digest", in_force.digest.as_str())
+                        .with("policies", summary.decision_policies.clone())
+                        .with("approval_rules", summary.approval_rules.clone()),
+                    Err(error) => AuditEvent::new("policy.reloaded", "refused", actor)
+                        .with("reason", error.to_string())
+                        .with("digest_in_force", in_force.digest.as_str()),
+                };
+                store.record_events(vec![event])
+            })
+            .await?;
+        match outcome {
             Ok(summary) => {
                 tracing::info!(digest = %summary.digest, policies = summary.decision_policies.len(), approval_rules = summary.approval_rules.len(), "policy reloaded");
                 Ok(summary)
@@ -530,7 +539,7 @@ impl Broker {
                 tracing::warn!(%error, "policy reload refused; the set in force stays");
                 Err(Error::FailedPrecondition(format!(
                     "policy refused, the set in force ({}) stays: {error}",
-                    &in_force[..16]
+                    self.policy.current().summary.version()
                 )))
             }
         }
@@ -562,6 +571,30 @@ impl Broker {
                 }
             )));
         }
+        // Policy decides a renewal as it decides a new grant: a set reloaded since the lease was
+        // issued, or a rule on lease lifetimes, applies to it too.
+        let task = self
+            .store
+            .find_task(&lease.task_id, &caller.workload_id)
+            .await?
+            .ok_or_else(|| lease_id.not_found())?;
+        let ask = GrantAsk {
+            field: "lease_id",
+            task_id: &task.id,
+            purpose: &task.purpose,
+            context: &task.context,
+            ttl: Some(ttl),
+            risk: None,
+            now,
+        };
+        let decision_event = match self.policy_check(caller, definition, &ask) {
+            Ok(event) => event,
+            Err(refused) => {
+                return self
+                    .refuse(&lease.scope, refused.error, vec![refused.event])
+                    .await;
+            }
+        };
         let window = lease
             .window
             .renewed(now, ttl)
@@ -585,7 +618,10 @@ impl Broker {
             now,
         };
         match self
-            .timed("renew_lease", self.store.renew_lease(renewal, vec![event]))
+            .timed(
+                "renew_lease",
+                self.store.renew_lease(renewal, vec![decision_event, event]),
+            )
             .await?
         {
             RenewalOutcome::Renewed => {
@@ -988,23 +1024,47 @@ impl Broker {
         }
         let now = UnixMillis::now();
         ensure_task_active(&task, now)?;
+        let records = self.store.leases_of_task(&task.id).await?;
+        // A retry hands out fresh credentials, so policy decides each again, with the retry's
+        // own risk signal: a set reloaded since, or a risen signal, applies to it.
+        let mut events = Vec::new();
+        for record in records.iter().filter(|record| is_live(record, now)) {
+            let checked = self
+                .catalog_check(caller, &task.id, "scopes", &record.scope)
+                .and_then(|definition| {
+                    let ask = GrantAsk {
+                        field: "scopes",
+                        task_id: &task.id,
+                        purpose: &task.purpose,
+                        context: &task.context,
+                        ttl: None,
+                        risk: request.risk,
+                        now,
+                    };
+                    self.policy_check(caller, definition, &ask)
+                });
+            match checked {
+                Ok(event) => events.push(event),
+                Err(refused) => {
+                    events.push(refused.event);
+                    return self.refuse(&record.scope, refused.error, events).await;
+                }
+            }
+        }
         let key = self.keyring.current();
-        let leases: Vec<IssuedLease> = self
-            .store
-            .leases_of_task(&task.id)
-            .await?
+        let leases: Vec<IssuedLease> = records
             .into_iter()
             .map(|record| {
-                let is_live = record.state == LeaseState::Issued && record.window.expires_at > now;
-                let credential = is_live.then(|| self.mint(caller, &record, &key));
+                let credential = is_live(&record, now).then(|| self.mint(caller, &record, &key));
                 IssuedLease { record, credential }
             })
             .collect();
-        let events: Vec<AuditEvent> = leases
-            .iter()
-            .filter(|lease| lease.credential.is_some())
-            .map(|lease| self.issuance_event(caller, "lease.reissued", lease))
-            .collect();
+        events.extend(
+            leases
+                .iter()
+                .filter(|lease| lease.credential.is_some())
+                .map(|lease| self.issuance_event(caller, "lease.reissued", lease)),
+        );
         self.store.record_events(events).await?;
         Ok(OpenedTask {
             task,

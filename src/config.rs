@@ -588,7 +588,7 @@ struct CatalogSection {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicySection {
-    /// A directory of `*.cedar` files and optionally `schema.cedarschema`.
+    /// A directory of `*.cedar` files (validated against Warrant's schema).
     dir: PathBuf,
 }
 

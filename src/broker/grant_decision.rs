@@ -7,14 +7,11 @@ use std::time::Duration;
 use super::Broker;
 use crate::audit::AuditEvent;
 use crate::domain::{Caller, ScopeDefinition, ScopeName, TaskContext, TaskId, UnixMillis};
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::policy::{Decision, GrantQuery};
 
 /// The policy that the catalog's own check is recorded as.
 const CATALOG_POLICY: &str = "scope-catalog";
-
-/// The characters of the policy set's digest kept in each decision event.
-const POLICY_VERSION_CHARS: usize = 16;
 
 /// A refused grant request: what the caller is told, and the audit event of the decision.
 pub struct Refused {
@@ -54,14 +51,14 @@ impl Broker {
             })
     }
 
-    /// Policy's answer for a scope the catalog allows, with its audit event; the error is
-    /// what the caller is told when the answer is not a plain allow.
+    /// Policy's answer for a scope the catalog allows: the audit event of an allow, or what
+    /// the caller is told (with the event) otherwise.
     pub(super) fn policy_check(
         &self,
         caller: &Caller,
         definition: &ScopeDefinition,
         ask: &GrantAsk<'_>,
-    ) -> (AuditEvent, Result<()>) {
+    ) -> std::result::Result<AuditEvent, Box<Refused>> {
         let policy = self.policy.current();
         let decision = policy.decide(&GrantQuery {
             caller,
@@ -74,44 +71,40 @@ impl Broker {
             risk: ask.risk,
         });
         let scope = &definition.name;
-        let mut policies = vec![CATALOG_POLICY];
-        policies.extend(decision.policies());
-        let version = &policy.summary.digest[..POLICY_VERSION_CHARS];
         let event = decided(caller, ask.task_id, scope, decision.outcome())
-            .with("policies", policies)
-            .with("policy_version", version);
+            .with("policies", decision.policies())
+            .with("policy_version", policy.summary.version());
         // Recorded only when sent: to policy, absent and zero mean different things.
         let event = match ask.risk {
             Some(risk) => event.with("risk", risk),
             None => event,
         };
         let field = ask.field;
-        match decision {
-            Decision::Allow { policies } => (
-                event.with("reason", format!("permitted by {}", policies.join(", "))),
-                Ok(()),
-            ),
+        let (error, event) = match decision {
+            Decision::Allow { policies } => {
+                return Ok(event.with("reason", format!("permitted by {}", policies.join(", "))));
+            }
             Decision::Deny { reason, .. } => (
-                event.with("reason", reason.clone()),
-                Err(Error::PermissionDenied(format!(
+                Error::PermissionDenied(format!(
                     "{field}: policy denies scope '{scope}': {reason}"
-                ))),
+                )),
+                event.with("reason", reason),
             ),
             Decision::StepUp { requirement, .. } => {
                 let needed = requirement.describe();
                 let rules = requirement.rules.join(", ");
-                let event = event
-                    .with("reason", format!("approval required by {rules}"))
-                    .with("approval_required", needed.clone());
                 (
-                    event,
-                    Err(Error::FailedPrecondition(format!(
+                    Error::FailedPrecondition(format!(
                         "{field}: scope '{scope}' needs {needed} under policy {rules}, and this \
                          broker does not hold requests for approval yet"
-                    ))),
+                    )),
+                    event
+                        .with("reason", format!("approval required by {rules}"))
+                        .with("approval_required", needed),
                 )
             }
-        }
+        };
+        Err(Box::new(Refused { error, event }))
     }
 }
 

@@ -224,8 +224,6 @@ fn ttl_seconds(flag: &str, text: &str) -> Result<u32, CommandError> {
     }
 }
 
-/// Refuses a text flag longer than the broker accepts, before sending it: a much longer one
-/// would otherwise be cut off by the transport's message limit with an error naming no field.
 /// `KEY=VALUE` arguments of a repeatable flag as pairs.
 fn key_values(flag: &str, pairs: &[String]) -> Result<Vec<(String, String)>, CommandError> {
     pairs
@@ -238,6 +236,8 @@ fn key_values(flag: &str, pairs: &[String]) -> Result<Vec<(String, String)>, Com
         .collect()
 }
 
+/// Refuses a text flag longer than the broker accepts, before sending it: a much longer one
+/// would otherwise be cut off by the transport's message limit with an error naming no field.
 fn check_length(flag: &str, text: &str, max_bytes: usize) -> Result<(), CommandError> {
     if text.len() > max_bytes {
         return Err(CommandError::Usage(format!(

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::output::{Format, text};
 use super::{CommandError, key_values};
-use crate::domain::task::{MAX_RISK, parse_risk};
+use crate::domain::task::{MAX_RISK, parse_risk, parse_ttl_seconds};
 use crate::domain::{
     Caller, Catalog, Labels, Role, ScopeName, SpiffeId, TaskContext, UnixMillis, WorkloadName,
 };
@@ -21,6 +21,8 @@ use crate::policy::{Decision, GrantQuery, PolicySource};
     reason = "parsed once per process; boxing would only obscure the arguments"
 )]
 pub enum PolicyCommand {
+    /// Print Warrant's Cedar schema: what every request carries, what policies may read.
+    Schema,
     /// Parse and validate a policy directory against its schema, as a reload would.
     Check {
         /// The directory of *.cedar files (default: the --dev data directory's policy/).
@@ -61,7 +63,7 @@ pub enum PolicyCommand {
         /// The caller's risk signal, 0 to 100.
         #[arg(long)]
         risk: Option<u32>,
-        /// The hour of the day (UTC, 0-23) to decide at (default: now).
+        /// Decide at this hour (UTC, 0-23) of today (default: now).
         #[arg(long)]
         hour: Option<u8>,
         /// Whether the workload authenticates with its X.509-SVID (else a bearer credential).
@@ -75,6 +77,10 @@ pub enum PolicyCommand {
 
 pub fn run(command: &PolicyCommand, format: &Format) -> Result<ExitCode, CommandError> {
     match command {
+        PolicyCommand::Schema => {
+            print!("{}", crate::policy::load::BUILT_IN_SCHEMA);
+            Ok(ExitCode::SUCCESS)
+        }
         PolicyCommand::Check { dir } => {
             let source =
                 PolicySource::Dir(dir.clone().unwrap_or_else(|| data_dir().join("policy")));
@@ -158,14 +164,20 @@ pub fn run(command: &PolicyCommand, format: &Format) -> Result<ExitCode, Command
                 .map_err(usage)?;
             let context = TaskContext::parse("", tools.clone(), key_values("--label", labels)?)
                 .map_err(usage)?;
-            let requested_ttl = match ttl {
-                Some(text) => humantime::parse_duration(text)
-                    .map_err(|error| CommandError::Usage(format!("--ttl {text}: {error}")))?,
-                None => definition.default_ttl,
+            // The broker's own TTL rules: whole seconds, at most the scope's max_ttl.
+            let ttl_seconds = match ttl {
+                Some(text) => super::ttl_seconds("--ttl", text)?,
+                None => 0,
             };
+            let requested_ttl = parse_ttl_seconds("--ttl", ttl_seconds, definition.max_ttl)
+                .map_err(usage)?
+                .unwrap_or(definition.default_ttl);
             let risk = parse_risk("--risk", *risk).map_err(usage)?;
             let now = match hour {
-                Some(hour @ 0..=23) => UnixMillis(i64::from(*hour) * 3_600_000),
+                Some(hour @ 0..=23) => {
+                    let today = UnixMillis::now().0.div_euclid(MILLIS_PER_DAY) * MILLIS_PER_DAY;
+                    UnixMillis(today + i64::from(*hour) * 3_600_000)
+                }
                 Some(_) => return Err(CommandError::Usage("--hour: 0 to 23".into())),
                 None => UnixMillis::now(),
             };
@@ -198,6 +210,8 @@ pub fn run(command: &PolicyCommand, format: &Format) -> Result<ExitCode, Command
         }
     }
 }
+
+const MILLIS_PER_DAY: i64 = 86_400_000;
 
 fn answer_name(decision: &Decision) -> &'static str {
     match decision {

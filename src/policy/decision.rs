@@ -17,6 +17,11 @@ pub const WAIT: &str = "wait";
 
 /// The annotation keys that only mean something on an `@approval` policy.
 pub const REQUIREMENT_KEYS: [&str; 3] = [QUORUM, APPROVER_LABEL, WAIT];
+/// A policy's own name.
+pub const ID: &str = "id";
+/// Every annotation Warrant reads; any other is refused at load, so that a misspelt
+/// `@aproval` cannot turn an approval rule into a plain permit.
+pub const KNOWN_ANNOTATIONS: [&str; 5] = [ID, APPROVAL, QUORUM, APPROVER_LABEL, WAIT];
 
 /// The most approvers a rule may ask for.
 pub const MAX_QUORUM: u32 = 10;

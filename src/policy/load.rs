@@ -1,10 +1,10 @@
-//! Reading a policy set: a directory of `*.cedar` files and an optional `schema.cedarschema`
-//! (Warrant's own schema when absent). Every policy is named (its `@id`, else
+//! Reading a policy set: a directory of `*.cedar` files (and, for reference, a copy of
+//! Warrant's schema). Every policy is named (its `@id`, else
 //! `<file>#<position>`), validated against the schema in strict mode, and sorted into the
 //! decision set or the `@approval` rules. Whatever is wrong is reported with its file, line and
 //! column; a set that fails loads nothing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -12,11 +12,11 @@ use std::str::FromStr;
 use cedar_policy::{Effect, PolicyId, PolicySet, Schema, ValidationMode, Validator};
 use miette::Diagnostic;
 
-use super::decision::{APPROVAL, ApprovalRule, REQUIREMENT_KEYS};
-use super::request::probe_request;
+use super::decision::{APPROVAL, ApprovalRule, ID, KNOWN_ANNOTATIONS, REQUIREMENT_KEYS};
+use super::index::IndexedPolicies;
 use crate::issuer::master_key::write_private_file;
 
-/// Warrant's schema: what it puts in every request.
+/// Warrant's schema: what it puts in every request (`warrant policy schema` prints it).
 pub const BUILT_IN_SCHEMA: &str = include_str!("schema.cedarschema");
 /// The policy `serve --dev` starts with.
 pub const DEFAULT_POLICIES: &str = include_str!("default.cedar");
@@ -72,9 +72,9 @@ pub struct PolicyFile {
 /// A validated policy set, ready to decide.
 pub struct LoadedPolicy {
     /// The policies that allow or deny.
-    pub(super) decisions: PolicySet,
+    pub(super) decisions: IndexedPolicies,
     /// The `@approval` permits, consulted once a request is allowed.
-    pub(super) approvals: PolicySet,
+    pub(super) approvals: IndexedPolicies,
     pub(super) rules: HashMap<PolicyId, ApprovalRule>,
     pub summary: PolicySummary,
 }
@@ -91,21 +91,27 @@ pub struct PolicySummary {
     pub source: String,
 }
 
+impl PolicySummary {
+    /// The start of the digest, short enough for every decision's audit event.
+    pub fn version(&self) -> &str {
+        &self.digest[..VERSION_CHARS]
+    }
+}
+
+/// The characters of the digest [`PolicySummary::version`] keeps.
+const VERSION_CHARS: usize = 16;
+
 /// Reads and validates the set at `source`.
 pub fn load(source: &PolicySource) -> Result<LoadedPolicy, PolicyError> {
     match source {
         PolicySource::BuiltIn => from_files(
-            BUILT_IN_SCHEMA,
             vec![PolicyFile {
                 name: DEFAULT_POLICY_FILE.into(),
                 text: DEFAULT_POLICIES.into(),
             }],
             source.to_string(),
         ),
-        PolicySource::Dir(dir) => {
-            let (schema, files) = read_dir(dir)?;
-            from_files(&schema, files, source.to_string())
-        }
+        PolicySource::Dir(dir) => from_files(read_dir(dir)?, source.to_string()),
     }
 }
 
@@ -134,54 +140,66 @@ pub fn create_default_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The schema (the directory's, else the built-in one) and the `*.cedar` files, by name.
-fn read_dir(dir: &Path) -> Result<(String, Vec<PolicyFile>), PolicyError> {
+/// The `*.cedar` files of `dir` (dotfiles, such as editors' lock files, skipped), read as they
+/// are listed, by name. A `schema.cedarschema` there must be Warrant's own schema: Warrant builds
+/// every request from it, so a different one could validate policies that name what Warrant
+/// never supplies (a forbid on an attribute that never exists never fires).
+fn read_dir(dir: &Path) -> Result<Vec<PolicyFile>, PolicyError> {
     let shown = dir.display().to_string();
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| PolicyError::new(&shown, format!("cannot read: {e}")))?;
-    let mut names = BTreeSet::new();
+    let cannot_read = |path: &Path, e: std::io::Error| {
+        PolicyError::new(path.display().to_string(), format!("cannot read: {e}"))
+    };
+    let entries = std::fs::read_dir(dir).map_err(|e| cannot_read(dir, e))?;
+    let mut files = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| PolicyError::new(&shown, format!("cannot read: {e}")))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".cedar") {
-            names.insert(name);
+        let path = entry.map_err(|e| cannot_read(dir, e))?.path();
+        let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
+            continue;
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        if name == SCHEMA_FILE {
+            let text = std::fs::read_to_string(&path).map_err(|e| cannot_read(&path, e))?;
+            if normalized(&text) != normalized(BUILT_IN_SCHEMA) {
+                return Err(PolicyError::new(
+                    path.display().to_string(),
+                    "differs from Warrant's schema, which every request is built from; delete \
+                     it (policies are validated against Warrant's schema) or replace it with \
+                     `warrant policy schema`",
+                ));
+            }
+        } else if name.ends_with(".cedar") {
+            let text = std::fs::read_to_string(&path).map_err(|e| cannot_read(&path, e))?;
+            files.push(PolicyFile {
+                name: path.display().to_string(),
+                text,
+            });
         }
     }
-    if names.is_empty() {
+    if files.is_empty() {
         return Err(PolicyError::new(
             shown,
             "holds no *.cedar file (an empty set would deny every request; write the policies, \
              or one file with a comment to deny on purpose)",
         ));
     }
-    let read = |path: PathBuf| {
-        std::fs::read_to_string(&path)
-            .map_err(|e| PolicyError::new(path.display().to_string(), format!("cannot read: {e}")))
-    };
-    let schema_path = dir.join(SCHEMA_FILE);
-    let schema = if schema_path.exists() {
-        read(schema_path)?
-    } else {
-        BUILT_IN_SCHEMA.to_owned()
-    };
-    let files = names
-        .into_iter()
-        .map(|name| {
-            read(dir.join(&name)).map(|text| PolicyFile {
-                name: dir.join(&name).display().to_string(),
-                text,
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    Ok((schema, files))
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
 }
 
-/// Parses, names, sorts and validates a set.
-pub fn from_files(
-    schema_text: &str,
-    files: Vec<PolicyFile>,
-    source: String,
-) -> Result<LoadedPolicy, PolicyError> {
+/// A schema's text without comments and whitespace, to compare two copies.
+fn normalized(schema: &str) -> String {
+    schema
+        .lines()
+        .map(|line| line.split("//").next().unwrap_or_default())
+        .flat_map(str::split_whitespace)
+        .collect()
+}
+
+/// Parses, names, sorts and validates a set against Warrant's schema.
+pub fn from_files(files: Vec<PolicyFile>, source: String) -> Result<LoadedPolicy, PolicyError> {
+    let schema_text = BUILT_IN_SCHEMA;
     let (schema, warnings) = Schema::from_cedarschema_str(schema_text)
         .map_err(|error| located(SCHEMA_FILE, schema_text, &error))?;
     for warning in warnings {
@@ -213,7 +231,19 @@ pub fn from_files(
             .collect();
         policies.sort_by_key(|(position, _)| *position);
         for (position, policy) in policies {
-            let id = policy_id(&file.name, position, policy.annotation("id"))?;
+            let id = policy_id(&file.name, position, policy.annotation(ID))?;
+            if let Some((key, _)) = policy
+                .annotations()
+                .find(|(key, _)| !KNOWN_ANNOTATIONS.contains(key))
+            {
+                return Err(PolicyError::new(
+                    &file.name,
+                    format!(
+                        "policy {id}: unknown annotation @{key} (Warrant reads @{})",
+                        KNOWN_ANNOTATIONS.join(", @")
+                    ),
+                ));
+            }
             let policy = policy.new_id(id.clone());
             if origin.insert(id.clone(), file).is_some() {
                 return Err(PolicyError::new(
@@ -274,12 +304,6 @@ pub fn from_files(
             tracing::warn!(%warning, "policy");
         }
     }
-    probe_request(&schema).map_err(|message| {
-        PolicyError::new(
-            SCHEMA_FILE,
-            format!("does not describe the requests Warrant makes: {message}"),
-        )
-    })?;
     let ids = |set: &PolicySet| {
         let mut ids: Vec<String> = set
             .policies()
@@ -288,9 +312,13 @@ pub fn from_files(
         ids.sort();
         ids
     };
+    let index = |set: PolicySet| {
+        IndexedPolicies::new(set).map_err(|error| PolicyError::new(&source, error))
+    };
+    let (decisions, approvals) = (index(decisions)?, index(approvals)?);
     let summary = PolicySummary {
-        decision_policies: ids(&decisions),
-        approval_rules: ids(&approvals),
+        decision_policies: ids(decisions.all()),
+        approval_rules: ids(approvals.all()),
         digest,
         source,
     };
@@ -302,12 +330,12 @@ pub fn from_files(
     })
 }
 
-/// The position `PolicySet::from_str` gave a policy (`policy<N>`).
+/// The position `PolicySet::from_str` gave a policy (`policy<N>`, N from 0).
 fn position_in_file(id: &PolicyId) -> usize {
     id.to_string()
         .strip_prefix("policy")
         .and_then(|number| number.parse().ok())
-        .unwrap_or(usize::MAX)
+        .expect("PolicySet::from_str names its policies policy0, policy1, ..")
 }
 
 /// A policy's id: its `@id` annotation, else `<file name>#<position from 1>`.

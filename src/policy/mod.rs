@@ -3,6 +3,7 @@
 //! and validated once per load; a reload that fails leaves the set in force unchanged.
 
 pub mod decision;
+mod index;
 pub mod load;
 pub mod request;
 
@@ -18,8 +19,9 @@ pub use request::GrantQuery;
 pub struct PolicyEngine {
     source: PolicySource,
     current: RwLock<Arc<LoadedPolicy>>,
-    /// Serializes reloads, so that two of them publish in the order they read the files.
-    reloading: std::sync::Mutex<()>,
+    /// Serializes reloads, so that each one records the set it replaces and sets publish in
+    /// the order they were read.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl PolicyEngine {
@@ -29,24 +31,8 @@ impl PolicyEngine {
         Ok(PolicyEngine {
             source,
             current: RwLock::new(Arc::new(loaded)),
-            reloading: std::sync::Mutex::new(()),
+            reloading: tokio::sync::Mutex::new(()),
         })
-    }
-
-    /// Reads the source again; on success the new set decides from now on, on failure the set
-    /// in force stays and the error says why.
-    pub fn reload(&self) -> Result<PolicySummary, PolicyError> {
-        let _serialized = self
-            .reloading
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let loaded = load::load(&self.source)?;
-        let summary = loaded.summary.clone();
-        *self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded);
-        Ok(summary)
     }
 
     /// The set in force.
@@ -57,8 +43,36 @@ impl PolicyEngine {
             .clone()
     }
 
-    pub fn decide(&self, query: &GrantQuery<'_>) -> Decision {
-        self.current().decide(query)
+    /// Reads the source again (off the async threads), has `record` note the outcome with the
+    /// summary of the set in force, and only then publishes a set that loaded: no set decides
+    /// before its reload is recorded, and when recording fails the set in force stays. The
+    /// outer error is `record`'s; the inner one says why the set was refused.
+    pub async fn reload<Record, Recorded>(
+        &self,
+        record: Record,
+    ) -> crate::error::Result<Result<PolicySummary, PolicyError>>
+    where
+        Record: FnOnce(&Result<PolicySummary, PolicyError>, &PolicySummary) -> Recorded,
+        Recorded: std::future::Future<Output = crate::error::Result<()>>,
+    {
+        let _serialized = self.reloading.lock().await;
+        let in_force = self.current();
+        let source = self.source.clone();
+        let loaded = tokio::task::spawn_blocking(move || load::load(&source))
+            .await
+            .map_err(crate::error::Error::internal)?;
+        let outcome = loaded
+            .as_ref()
+            .map(|set| set.summary.clone())
+            .map_err(Clone::clone);
+        record(&outcome, &in_force.summary).await?;
+        if let Ok(loaded) = loaded {
+            *self
+                .current
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded);
+        }
+        Ok(outcome)
     }
 }
 
@@ -76,7 +90,8 @@ impl LoadedPolicy {
                 };
             }
         };
-        let decided = evaluate(&request, &self.decisions, &entities);
+        let resource = request.resource();
+        let decided = evaluate(&request, self.decisions.for_resource(resource), &entities);
         if let Some(failed) = evaluation_failure(&decided) {
             return failed;
         }
@@ -92,7 +107,7 @@ impl LoadedPolicy {
         if self.rules.is_empty() {
             return Decision::Allow { policies };
         }
-        let matched = evaluate(&request, &self.approvals, &entities);
+        let matched = evaluate(&request, self.approvals.for_resource(resource), &entities);
         if let Some(failed) = evaluation_failure(&matched) {
             return failed;
         }
@@ -160,7 +175,7 @@ fn sorted<T: Ord>(items: impl Iterator<Item = T>) -> Vec<T> {
 mod tests {
     use std::time::Duration;
 
-    use super::load::{BUILT_IN_SCHEMA, PolicyFile, from_files};
+    use super::load::{PolicyFile, from_files};
     use super::*;
     use crate::domain::scope::AllowedWorkloads;
     use crate::domain::{
@@ -170,7 +185,6 @@ mod tests {
 
     fn set(text: &str) -> Result<LoadedPolicy, PolicyError> {
         from_files(
-            BUILT_IN_SCHEMA,
             vec![PolicyFile {
                 name: "fleet.cedar".into(),
                 text: text.into(),
@@ -299,6 +313,40 @@ mod tests {
     }
 
     #[test]
+    fn policies_naming_one_scope_decide_requests_for_it_and_no_other() {
+        let policy = set(r#"
+            @id("reads") permit (principal, action, resource) when { resource.labels.contains("access=read") };
+            @id("crm-frozen") forbid (principal, action, resource == Warrant::Scope::"crm:read");
+            @id("tickets") permit (principal, action, resource == Warrant::Scope::"tickets:write");
+            @id("tickets-approval") @approval permit (principal, action, resource == Warrant::Scope::"tickets:write");
+        "#)
+        .unwrap();
+        let read = [("access", "read")];
+        match decide(&policy, "crm:read", &read, 10, None) {
+            Decision::Deny { policies, .. } => assert_eq!(policies, ["crm-frozen"]),
+            other => panic!("expected a deny, got {other:?}"),
+        }
+        assert!(matches!(
+            decide(&policy, "docs:read", &read, 10, None),
+            Decision::Allow { .. }
+        ));
+        match decide(&policy, "tickets:write", &[], 10, None) {
+            Decision::StepUp {
+                policies,
+                requirement,
+            } => {
+                assert_eq!(policies, ["tickets"]);
+                assert_eq!(requirement.rules, ["tickets-approval"]);
+            }
+            other => panic!("expected a step-up, got {other:?}"),
+        }
+        assert!(matches!(
+            decide(&policy, "misc:write", &[], 10, None),
+            Decision::Deny { .. }
+        ));
+    }
+
+    #[test]
     fn a_risk_signal_turns_a_free_scope_into_a_step_up() {
         let policy = set(FLEET).unwrap();
         let read = [("access", "read")];
@@ -331,6 +379,28 @@ mod tests {
             }
             other => panic!("expected a deny, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_directory_schema_must_be_warrants_own() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("fleet.cedar"),
+            "permit (principal, action, resource);",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(".#fleet.cedar"), "not cedar at all").unwrap();
+        let source = PolicySource::Dir(dir.path().to_owned());
+        let schema = dir.path().join(load::SCHEMA_FILE);
+        std::fs::write(&schema, format!("// a copy\n{}", load::BUILT_IN_SCHEMA)).unwrap();
+        load::load(&source).expect("a copy of the schema (and an editor's dotfile) loads");
+        let widened = load::BUILT_IN_SCHEMA.replace("entity Role;", "entity Role;\n  entity Team;");
+        std::fs::write(&schema, widened).unwrap();
+        let error = load::load(&source).err().unwrap();
+        assert!(
+            error.message.contains("differs from Warrant's schema"),
+            "{error}"
+        );
     }
 
     #[test]

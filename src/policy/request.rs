@@ -11,11 +11,7 @@ use cedar_policy::{
     Schema,
 };
 
-use crate::domain::scope::AllowedWorkloads;
-use crate::domain::{
-    Caller, CredentialKind, Labels, Role, ScopeDefinition, ScopeName, SpiffeId, TaskContext,
-    UnixMillis, WorkloadName,
-};
+use crate::domain::{Caller, Role, ScopeDefinition, TaskContext, UnixMillis};
 
 struct Types {
     role: EntityTypeName,
@@ -153,45 +149,6 @@ impl GrantQuery<'_> {
     }
 }
 
-/// Checks that a request of every shape Warrant makes conforms to `schema` (a directory may
-/// bring its own schema; Warrant still builds the requests).
-pub fn probe_request(schema: &Schema) -> Result<(), String> {
-    let caller = Caller {
-        workload_id: "probe".into(),
-        name: WorkloadName::parse("name", "probe").map_err(|e| e.to_string())?,
-        spiffe_id: SpiffeId::from_stored("spiffe://probe.local/probe".into()),
-        roles: vec![Role::Agent],
-        audiences: Vec::new(),
-        certificate_thumbprint: None,
-        labels: Labels::default(),
-    };
-    let scope = ScopeDefinition {
-        name: ScopeName::parse("name", "probe:read").map_err(|e| e.to_string())?,
-        description: String::new(),
-        audience: "https://probe.local".into(),
-        kind: CredentialKind::Jwt,
-        default_ttl: Duration::from_secs(60),
-        max_ttl: Duration::from_secs(60),
-        allowed_workloads: AllowedWorkloads::Any,
-        labels: Labels::default(),
-    };
-    let context = TaskContext::default();
-    for risk in [None, Some(0)] {
-        GrantQuery {
-            caller: &caller,
-            scope: &scope,
-            purpose: "probe",
-            context: &context,
-            requested_ttl: Duration::from_secs(60),
-            delegation_depth: 0,
-            now: UnixMillis(0),
-            risk,
-        }
-        .to_cedar(Some(schema))?;
-    }
-    Ok(())
-}
-
 fn string(text: &str) -> RestrictedExpression {
     RestrictedExpression::new_string(text.to_owned())
 }
@@ -202,4 +159,59 @@ fn strings(texts: impl Iterator<Item = String>) -> RestrictedExpression {
 
 fn seconds(duration: Duration) -> RestrictedExpression {
     RestrictedExpression::new_long(i64::try_from(duration.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::scope::AllowedWorkloads;
+    use crate::domain::{CredentialKind, Labels, ScopeName, SpiffeId, WorkloadName};
+    use crate::policy::load::BUILT_IN_SCHEMA;
+
+    /// Decisions are made without the schema (it costs a validation per request), so the
+    /// requests Warrant builds must conform to it: checked here with it, both with and without
+    /// a risk signal, with labels in every set.
+    #[test]
+    fn requests_conform_to_warrants_schema() {
+        let (schema, _) = Schema::from_cedarschema_str(BUILT_IN_SCHEMA).unwrap();
+        let labels = Labels::parse("labels", [(&"team".to_owned(), &"x".to_owned())]).unwrap();
+        let caller = Caller {
+            workload_id: "w".into(),
+            name: WorkloadName::parse("name", "probe").unwrap(),
+            spiffe_id: SpiffeId::from_stored("spiffe://probe.local/probe".into()),
+            roles: vec![Role::Agent, Role::Operator],
+            audiences: Vec::new(),
+            certificate_thumbprint: Some("t".into()),
+            labels: labels.clone(),
+        };
+        let scope = ScopeDefinition {
+            name: ScopeName::parse("name", "probe:read").unwrap(),
+            description: String::new(),
+            audience: "https://probe.local".into(),
+            kind: CredentialKind::Jwt,
+            default_ttl: Duration::from_secs(60),
+            max_ttl: Duration::from_secs(60),
+            allowed_workloads: AllowedWorkloads::Any,
+            labels,
+        };
+        let context = TaskContext {
+            prompt_digest: Some(format!("sha256:{}", "a".repeat(64))),
+            planned_tools: vec!["crm.search".into()],
+            labels: [("ticket".to_owned(), "T-1".to_owned())].into(),
+        };
+        for risk in [None, Some(0), Some(100)] {
+            GrantQuery {
+                caller: &caller,
+                scope: &scope,
+                purpose: "probe",
+                context: &context,
+                requested_ttl: Duration::from_secs(60),
+                delegation_depth: 0,
+                now: UnixMillis(1_700_000_000_000),
+                risk,
+            }
+            .to_cedar(Some(&schema))
+            .unwrap();
+        }
+    }
 }

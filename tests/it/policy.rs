@@ -139,18 +139,17 @@ async fn policy_decides_each_grant_and_the_audit_names_the_deciding_policies() {
             .clone()
     };
     let read = of("crm.contacts:read", "allowed");
-    assert_eq!(
-        read["policies"],
-        serde_json::json!(["scope-catalog", "reads-are-free"])
-    );
+    assert_eq!(read["policies"], serde_json::json!(["reads-are-free"]));
     assert_eq!(read["policy_version"].as_str().unwrap().len(), 16);
     assert_eq!(
         of("tickets:write", "denied")["policies"],
-        serde_json::json!(["scope-catalog", "no-writes-for-interns"])
+        serde_json::json!(["no-writes-for-interns"])
     );
+    let by_default = of("archive:purge", "denied");
+    assert_eq!(by_default["policies"], serde_json::json!([]));
     assert_eq!(
-        of("archive:purge", "denied")["policies"],
-        serde_json::json!(["scope-catalog"])
+        by_default["reason"],
+        "no policy permits it (deny by default)"
     );
     // The intern's refused task was not opened: its allowed read was not issued either.
     let issued = audit_events_of_type(&admin, "lease.issued").await;
@@ -207,6 +206,33 @@ async fn a_high_risk_signal_makes_a_free_scope_wait_for_an_operator() {
         "{}",
         out_of_range.message()
     );
+    // A retried BeginTask hands out fresh credentials, so it is decided again with its own
+    // signal: the same request with a risen signal gets nothing.
+    let keyed = |risk: u32| proto::BeginTaskRequest {
+        idempotency_key: "ticket-T-1".into(),
+        risk: Some(risk),
+        ..begin(&["crm.contacts:read"])
+    };
+    agent
+        .tasks()
+        .begin_task(keyed(5))
+        .await
+        .expect("first call");
+    let retried = agent
+        .tasks()
+        .begin_task(keyed(5))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retried.replayed && !retried.leases[0].credential.is_empty());
+    let risen = agent.tasks().begin_task(keyed(90)).await.unwrap_err();
+    assert_eq!(
+        risen.code(),
+        Code::FailedPrecondition,
+        "{}",
+        risen.message()
+    );
+
     let decided = decisions(&app.admin().await).await;
     let step_up = decided
         .iter()
@@ -229,7 +255,11 @@ async fn a_reload_replaces_the_set_and_a_broken_set_leaves_the_one_in_force() {
         let mut tasks = agent.tasks();
         async move { tasks.begin_task(begin(&["tickets:write"])).await }
     };
-    begin_write().await.expect("writes are permitted at first");
+    let opened = begin_write()
+        .await
+        .expect("writes are permitted at first")
+        .into_inner();
+    let lease_id = opened.leases[0].lease_id.clone();
 
     let frozen = format!(
         "{POLICY}\n@id(\"writes-frozen\")\nforbid (principal, action, resource) when {{ resource.labels.contains(\"access=write\") }};\n"
@@ -252,6 +282,18 @@ async fn a_reload_replaces_the_set_and_a_broken_set_leaves_the_one_in_force() {
         refused.message().contains("writes-frozen"),
         "{}",
         refused.message()
+    );
+    // A lease issued before the reload is not renewed past the new set either.
+    let renewal = agent
+        .tasks()
+        .renew_lease(renew_request(&lease_id, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(renewal.code(), Code::PermissionDenied);
+    assert!(
+        renewal.message().starts_with("lease_id:") && renewal.message().contains("writes-frozen"),
+        "{}",
+        renewal.message()
     );
 
     // A set that does not validate is refused with the file and line, and the set in force (the
@@ -347,7 +389,7 @@ fn the_example_policy_set_validates_and_answers_as_documented() {
     let write = [&agent[..], &["--scope", "tickets:write", "--hour", "10"]].concat();
     let one = answer(&write);
     assert_eq!(one["approval"]["quorum"], 1);
-    let long = answer(&[&write[..], &["--ttl", "1h"]].concat());
+    let long = answer(&[&write[..], &["--ttl", "12m"]].concat());
     assert_eq!(long["decision"], "deny");
     assert_eq!(
         long["policies"],
