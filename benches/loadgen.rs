@@ -466,12 +466,12 @@ fn fleet_policies(count: usize, matched: &str) -> String {
     for index in 2..count.saturating_sub(1) {
         text.push_str(&format!(
             "@id(\"scope-{index}\") permit (principal in Warrant::Role::\"agent\", action, \
-             resource == Warrant::Scope::\"scope:{index}\") when {{ context.requested_ttl_secs <= 900 }};\n"
+             resource == Warrant::Scope::\"scope:{index}\") when {{ context.requested_ttl_secs <= 86400 }};\n"
         ));
     }
     text.push_str(&format!(
         "@id(\"matched\") permit (principal in Warrant::Role::\"agent\", action, \
-         resource == Warrant::Scope::\"{matched}\") when {{ context.requested_ttl_secs <= 900 }};\n"
+         resource == Warrant::Scope::\"{matched}\") when {{ context.requested_ttl_secs <= 86400 }};\n"
     ));
     text
 }

@@ -18,6 +18,12 @@ pub struct CredentialLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `allowed`, `denied` or `step_up`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabels {
     pub scope: String,
 }
@@ -62,6 +68,7 @@ pub struct Metrics {
     pub credentials_issued: Family<CredentialLabels, Counter>,
     pub credentials_renewed: Family<CredentialLabels, Counter>,
     pub credentials_denied: Family<ScopeLabels, Counter>,
+    pub policy_decisions: Family<DecisionLabels, Counter>,
     pub credentials_revoked: Family<RevocationLabels, Counter>,
     pub introspections: Family<ResultLabels, Counter>,
     pub rpc_seconds: Histograms<MethodLabels>,
@@ -88,6 +95,7 @@ impl Metrics {
             credentials_issued: Family::default(),
             credentials_renewed: Family::default(),
             credentials_denied: Family::default(),
+            policy_decisions: Family::default(),
             credentials_revoked: Family::default(),
             introspections: Family::default(),
             rpc_seconds: Family::new_with_constructor(latency_histogram),
@@ -112,6 +120,11 @@ impl Metrics {
             "credentials_denied",
             "Grant requests refused by policy, by scope",
             metrics.credentials_denied.clone(),
+        );
+        registry.register(
+            "policy_decisions",
+            "Policy decisions on grant requests, renewals and retries, by outcome",
+            metrics.policy_decisions.clone(),
         );
         registry.register(
             "credentials_revoked",

@@ -8,6 +8,7 @@ use super::Broker;
 use crate::audit::AuditEvent;
 use crate::domain::{Caller, ScopeDefinition, ScopeName, TaskContext, TaskId, UnixMillis};
 use crate::error::Error;
+use crate::metrics::DecisionLabels;
 use crate::policy::{Decision, GrantQuery};
 
 /// The policy that the catalog's own check is recorded as.
@@ -71,6 +72,12 @@ impl Broker {
             risk: ask.risk,
         });
         let scope = &definition.name;
+        self.metrics
+            .policy_decisions
+            .get_or_create(&DecisionLabels {
+                outcome: decision.outcome(),
+            })
+            .inc();
         let event = decided(caller, ask.task_id, scope, decision.outcome())
             .with("policies", decision.policies())
             .with("policy_version", policy.summary.version());

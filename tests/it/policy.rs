@@ -239,6 +239,11 @@ async fn a_high_risk_signal_makes_a_free_scope_wait_for_an_operator() {
         .find(|value| value["outcome"] == "step_up")
         .expect("the step-up is audited");
     assert_eq!(step_up["risk"], 80);
+    let metrics = http_get(app.http_addr, "/metrics").1;
+    assert!(
+        metrics.contains("warrant_policy_decisions_total{outcome=\"step_up\"} 2"),
+        "{metrics}"
+    );
     assert_eq!(
         step_up["approval_required"],
         "1 approval(s) from operators within 15m"

@@ -575,6 +575,10 @@ async fn readme_walkthrough_works_verbatim() {
         .expect("introspection after completion printed active: false");
     assert!(valid < revoked);
     assert!(stdout.contains("invalid: token revoked"), "{stdout}");
+    assert!(
+        stdout.contains("decision  allow\npolicies  agents-request-catalog-scopes"),
+        "{stdout}"
+    );
 }
 
 /// The identity walk-through, word for word, from a directory laid out as the repository is:
