@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "warrant/v1/tokens.proto",
     "warrant/v1/admin.proto",
     "warrant/v1/attestation.proto",
+    "warrant/v1/approvals.proto",
     "spiffe/workload.proto",
 ];
 

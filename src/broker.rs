@@ -2,6 +2,7 @@
 //! hands it validated domain values; it decides, persists the change together with its audit
 //! events in one transaction, and only then returns credentials. Refusals are recorded too.
 
+mod approvals;
 mod grant_decision;
 mod identity;
 
@@ -34,7 +35,9 @@ use crate::store::{
     CompletionOutcome, EndedLease, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
     SharedStore, TaskInsertion, TaskRecord, WorkloadRecord,
 };
-use grant_decision::{GrantAsk, Refused};
+use approvals::HeldGrant;
+pub use approvals::{GrantAnswer, GrantStatus};
+use grant_decision::{GrantAsk, PolicyAnswer, Refused};
 pub use identity::RevokedIdentity;
 
 /// The longest audience an introspection may name.
@@ -337,6 +340,14 @@ impl Broker {
                         now,
                     };
                     self.policy_check(caller, definition, &ask)
+                        .and_then(|answer| {
+                            answer.allowed_now(
+                                &field,
+                                scope,
+                                "open the task without it, then ask with RequestGrant, which \
+                                 waits for the approval",
+                            )
+                        })
                         .map(|event| (definition, event))
                 });
             match checked {
@@ -437,7 +448,7 @@ impl Broker {
     }
 
     /// Adds a lease for `scope` to an active task of the caller.
-    pub async fn request_grant(&self, caller: &Caller, grant: NewGrant) -> Result<IssuedLease> {
+    pub async fn request_grant(&self, caller: &Caller, grant: NewGrant) -> Result<GrantAnswer> {
         let NewGrant {
             task_id,
             scope,
@@ -467,7 +478,20 @@ impl Broker {
             now,
         };
         let decision_event = match self.policy_check(caller, definition, &ask) {
-            Ok(event) => event.context(&context_json),
+            Ok(PolicyAnswer::Allow(event)) => event.context(&context_json),
+            Ok(PolicyAnswer::StepUp(event, requirement)) => {
+                let held = HeldGrant {
+                    task: &task,
+                    scope,
+                    ttl_seconds: *ttl_seconds,
+                    risk: *risk,
+                    requirement,
+                };
+                return self
+                    .hold_for_approval(caller, held, event.context(&context_json), now)
+                    .await
+                    .map(GrantAnswer::Pending);
+            }
             Err(refused) => {
                 let event = refused.event.context(&context_json);
                 return self.refuse(scope, refused.error, vec![event]).await;
@@ -490,7 +514,7 @@ impl Broker {
             NewLeaseOutcome::Added => {
                 self.count_issued(&lease);
                 tracing::debug!(task_id = %task.id, lease_id = %lease.record.id, %scope, "lease issued");
-                Ok(lease)
+                Ok(GrantAnswer::Issued(lease))
             }
             NewLeaseOutcome::TaskNotActive => Err(task_not_active(task_id)),
         }
@@ -587,7 +611,16 @@ impl Broker {
             risk: None,
             now,
         };
-        let decision_event = match self.policy_check(caller, definition, &ask) {
+        let checked = self
+            .policy_check(caller, definition, &ask)
+            .and_then(|answer| {
+                answer.allowed_now(
+                    "lease_id",
+                    &lease.scope,
+                    "a renewal cannot wait for approval: ask for a new grant with RequestGrant",
+                )
+            });
+        let decision_event = match checked {
             Ok(event) => event,
             Err(refused) => {
                 return self
@@ -1042,6 +1075,13 @@ impl Broker {
                         now,
                     };
                     self.policy_check(caller, definition, &ask)
+                        .and_then(|answer| {
+                            answer.allowed_now(
+                                "scopes",
+                                &record.scope,
+                                "a retry cannot wait for approval: ask with RequestGrant",
+                            )
+                        })
                 });
             match checked {
                 Ok(event) => events.push(event),

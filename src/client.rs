@@ -9,6 +9,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::proto::admin_client::AdminClient;
+use crate::proto::approvals_client::ApprovalsClient;
 use crate::proto::attestation_client::AttestationClient;
 use crate::proto::tasks_client::TasksClient;
 use crate::proto::tokens_client::TokensClient;
@@ -178,6 +179,10 @@ impl Connection {
 
     pub fn tokens(&self) -> TokensClient<Authenticated> {
         TokensClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    pub fn approvals(&self) -> ApprovalsClient<Authenticated> {
+        ApprovalsClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 
     pub fn admin(&self) -> AdminClient<Authenticated> {

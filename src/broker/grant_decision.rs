@@ -9,7 +9,7 @@ use crate::audit::AuditEvent;
 use crate::domain::{Caller, ScopeDefinition, ScopeName, TaskContext, TaskId, UnixMillis};
 use crate::error::Error;
 use crate::metrics::DecisionLabels;
-use crate::policy::{Decision, GrantQuery};
+use crate::policy::{ApprovalRequirement, Decision, GrantQuery};
 
 /// The policy that the catalog's own check is recorded as.
 const CATALOG_POLICY: &str = "scope-catalog";
@@ -52,14 +52,14 @@ impl Broker {
             })
     }
 
-    /// Policy's answer for a scope the catalog allows: the audit event of an allow, or what
-    /// the caller is told (with the event) otherwise.
+    /// Policy's answer for a scope the catalog allows, with its audit event; a deny is the
+    /// refusal the caller is told.
     pub(super) fn policy_check(
         &self,
         caller: &Caller,
         definition: &ScopeDefinition,
         ask: &GrantAsk<'_>,
-    ) -> std::result::Result<AuditEvent, Box<Refused>> {
+    ) -> std::result::Result<PolicyAnswer, Box<Refused>> {
         let policy = self.policy.current();
         let decision = policy.decide(&GrantQuery {
             caller,
@@ -89,7 +89,8 @@ impl Broker {
         let field = ask.field;
         let (error, event) = match decision {
             Decision::Allow { policies } => {
-                return Ok(event.with("reason", format!("permitted by {}", policies.join(", "))));
+                let event = event.with("reason", format!("permitted by {}", policies.join(", ")));
+                return Ok(PolicyAnswer::Allow(event));
             }
             Decision::Deny { reason, .. } => (
                 Error::PermissionDenied(format!(
@@ -98,20 +99,45 @@ impl Broker {
                 event.with("reason", reason),
             ),
             Decision::StepUp { requirement, .. } => {
-                let needed = requirement.describe();
                 let rules = requirement.rules.join(", ");
-                (
-                    Error::FailedPrecondition(format!(
-                        "{field}: scope '{scope}' needs {needed} under policy {rules}, and this \
-                         broker does not hold requests for approval yet"
-                    )),
-                    event
-                        .with("reason", format!("approval required by {rules}"))
-                        .with("approval_required", needed),
-                )
+                let event = event
+                    .with("reason", format!("approval required by {rules}"))
+                    .with("approval_required", requirement.describe());
+                return Ok(PolicyAnswer::StepUp(event, requirement));
             }
         };
         Err(Box::new(Refused { error, event }))
+    }
+}
+
+/// What policy said of a request it did not refuse.
+pub enum PolicyAnswer {
+    /// Allowed now; the decision's audit event.
+    Allow(AuditEvent),
+    /// Allowed once operators approve.
+    StepUp(AuditEvent, ApprovalRequirement),
+}
+
+impl PolicyAnswer {
+    /// For a request that cannot wait for approval (a renewal, a retry, a task being opened):
+    /// the allow's event, or the refusal saying what approval the scope needs.
+    pub fn allowed_now(
+        self,
+        field: &str,
+        scope: &ScopeName,
+        instead: &str,
+    ) -> std::result::Result<AuditEvent, Box<Refused>> {
+        match self {
+            PolicyAnswer::Allow(event) => Ok(event),
+            PolicyAnswer::StepUp(event, requirement) => Err(Box::new(Refused {
+                error: Error::FailedPrecondition(format!(
+                    "{field}: scope '{scope}' needs {} under policy {}; {instead}",
+                    requirement.describe(),
+                    requirement.rules.join(", ")
+                )),
+                event,
+            })),
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `warrant` command line: `serve` runs a broker; the other commands are gRPC clients of one.
 
 mod admin;
+mod approvals;
 mod audit;
 mod output;
 mod policy;
@@ -78,6 +79,9 @@ enum Command {
     /// Get and renew this workload's X.509-SVID (its identity without a long-lived secret).
     #[command(subcommand)]
     Svid(svid::SvidCommand),
+    /// See and answer the grants that wait for approval (as an operator).
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCommand),
     /// Validate a policy set and try requests against it, offline (as an admin).
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -103,6 +107,7 @@ pub fn run() -> ExitCode {
             Command::Audit(command) => audit::run(&cli, command, &format).await,
             Command::Svid(command) => svid::run(&cli, command, &format).await,
             Command::Policy(command) => policy::run(command, &format),
+            Command::Approvals(command) => approvals::run(&cli, command, &format).await,
         };
         match result {
             Ok(code) => code,

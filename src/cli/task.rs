@@ -52,6 +52,15 @@ pub enum TaskCommand {
         /// Your guardrail's risk signal for this request, 0 to 100, for policy to read.
         #[arg(long)]
         risk: Option<u32>,
+        /// If the grant waits for approval, wait for it (as `task watch` does).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Wait for a grant that waits for operators' approval: prints the lease with its
+    /// credential once approved; exits 1 if it is denied, expires or its task ends.
+    Watch {
+        /// The grant's lease id, as `task grant` printed it.
+        lease_id: String,
     },
     /// Extend a lease and receive a fresh credential for it. The new expiry is now plus the
     /// TTL, never past the scope's max_ttl from first issuance or the task's deadline.
@@ -125,6 +134,7 @@ pub async fn run(
             scope,
             ttl,
             risk,
+            wait,
         } => {
             let ttl_seconds = optional_ttl_seconds(ttl.as_deref())?;
             let request = proto::RequestGrantRequest {
@@ -133,13 +143,25 @@ pub async fn run(
                 ttl_seconds,
                 risk: *risk,
             };
-            let lease = tasks
-                .request_grant(request)
-                .await?
-                .into_inner()
-                .lease
-                .unwrap_or_default();
-            format.print(&lease_json(&lease), lease_text)?;
+            let answer = tasks.request_grant(request).await?.into_inner();
+            match (answer.lease, answer.pending) {
+                (Some(lease), _) => format.print(&lease_json(&lease), lease_text)?,
+                (None, Some(pending)) if *wait => {
+                    eprint!("{}", pending_text(&pending));
+                    return watch_grant(&mut tasks, &pending.lease_id, format).await;
+                }
+                (None, Some(pending)) => {
+                    format.print(&grant_json(&pending), |_| pending_text(&pending))?
+                }
+                (None, None) => {
+                    return Err(CommandError::Usage(
+                        "the broker answered neither a lease nor a pending grant".into(),
+                    ));
+                }
+            }
+        }
+        TaskCommand::Watch { lease_id } => {
+            return watch_grant(&mut tasks, lease_id, format).await;
         }
         TaskCommand::Renew { lease_id, ttl } => {
             let ttl_seconds = optional_ttl_seconds(ttl.as_deref())?;
@@ -189,6 +211,83 @@ pub async fn run(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Follows `WatchGrant` to its end: the lease once issued (exit 0), else the reason (exit 1).
+async fn watch_grant(
+    tasks: &mut crate::proto::tasks_client::TasksClient<crate::client::Authenticated>,
+    lease_id: &str,
+    format: &Format,
+) -> Result<ExitCode, CommandError> {
+    let mut stream = tasks
+        .watch_grant(proto::WatchGrantRequest {
+            lease_id: lease_id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    while let Some(status) = stream.message().await? {
+        match status.state() {
+            proto::GrantState::Pending => {
+                eprintln!(
+                    "waiting: {} of {} approval(s)",
+                    status.approvals, status.quorum
+                );
+            }
+            proto::GrantState::Issued => {
+                let lease = status.lease.unwrap_or_default();
+                format.print(&lease_json(&lease), lease_text)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            state => {
+                eprintln!(
+                    "grant {lease_id} {}: {}",
+                    grant_state_name(state),
+                    status.reason
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Err(CommandError::Rpc(tonic::Status::unavailable(
+        "the broker ended the stream before the grant was decided; run `warrant task watch` again",
+    )))
+}
+
+fn grant_state_name(state: proto::GrantState) -> &'static str {
+    match state {
+        proto::GrantState::Pending => "pending",
+        proto::GrantState::Issued => "issued",
+        proto::GrantState::Denied => "denied",
+        proto::GrantState::Expired => "expired",
+        proto::GrantState::Cancelled => "cancelled",
+        proto::GrantState::Unspecified => "unknown",
+    }
+}
+
+fn grant_json(status: &proto::GrantStatus) -> Value {
+    json!({
+        "lease_id": status.lease_id,
+        "scope": status.scope,
+        "state": grant_state_name(status.state()),
+        "approvals": status.approvals,
+        "quorum": status.quorum,
+        "wait_until": time(status.wait_until.as_ref()),
+    })
+}
+
+fn pending_text(status: &proto::GrantStatus) -> String {
+    format!(
+        "pending   {}
+  scope      {}
+  needs      {} approval(s), {} so far
+  decide by  {}
+",
+        status.lease_id,
+        status.scope,
+        status.quorum,
+        status.approvals,
+        time(status.wait_until.as_ref())
+    )
 }
 
 /// `--ttl` when given, else 0 (the scope's default).

@@ -178,6 +178,11 @@ impl Catalog {
         self.scopes.values().any(|scope| scope.audience == audience)
     }
 
+    /// The definition of `scope`, if the catalog has it.
+    pub fn get(&self, scope: &ScopeName) -> Option<&ScopeDefinition> {
+        self.scopes.get(scope)
+    }
+
     /// Whether the catalog defines `scope`.
     pub fn contains(&self, scope: &ScopeName) -> bool {
         self.scopes.contains_key(scope)

@@ -41,6 +41,27 @@ pub enum LeaseState {
     Revoked,
 }
 
+/// The state of a grant request that waits for operators' approval.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantRequestState {
+    Pending,
+    /// The quorum approved: the lease with the request's id exists.
+    Issued,
+    /// An operator denied it.
+    Denied,
+    /// Not decided in time.
+    Expired,
+    /// Its task ended first.
+    Cancelled,
+}
+
+/// An operator's answer to a grant request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Approve,
+    Deny,
+}
+
 /// Why a lease or task stopped being valid, as the revocation feed reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RevocationReason {
@@ -72,6 +93,14 @@ stored_names!(LeaseState {
     Expired => "expired",
     Revoked => "revoked",
 });
+stored_names!(GrantRequestState {
+    Pending => "pending",
+    Issued => "issued",
+    Denied => "denied",
+    Expired => "expired",
+    Cancelled => "cancelled",
+});
+stored_names!(Verdict { Approve => "approve", Deny => "deny" });
 stored_names!(RevocationReason {
     TaskCompleted => "task_completed",
     Revoked => "revoked",

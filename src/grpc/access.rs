@@ -10,6 +10,10 @@ use crate::error::Error;
 pub enum Rpc {
     BeginTask,
     RequestGrant,
+    WatchGrant,
+    ListPending,
+    Approve,
+    Deny,
     RenewLease,
     CompleteTask,
     Introspect,
@@ -39,6 +43,10 @@ impl Rpc {
         match self {
             Rpc::BeginTask => "Tasks.BeginTask",
             Rpc::RequestGrant => "Tasks.RequestGrant",
+            Rpc::WatchGrant => "Tasks.WatchGrant",
+            Rpc::ListPending => "Approvals.ListPending",
+            Rpc::Approve => "Approvals.Approve",
+            Rpc::Deny => "Approvals.Deny",
             Rpc::RenewLease => "Tasks.RenewLease",
             Rpc::CompleteTask => "Tasks.CompleteTask",
             Rpc::Introspect => "Tokens.Introspect",
@@ -69,7 +77,12 @@ impl Rpc {
 /// broker and may check any token, but open no tasks.
 pub fn allowed_roles(rpc: Rpc) -> &'static [Role] {
     match rpc {
-        Rpc::BeginTask | Rpc::RequestGrant | Rpc::RenewLease | Rpc::CompleteTask => &[Role::Agent],
+        Rpc::BeginTask
+        | Rpc::RequestGrant
+        | Rpc::WatchGrant
+        | Rpc::RenewLease
+        | Rpc::CompleteTask => &[Role::Agent],
+        Rpc::ListPending | Rpc::Approve | Rpc::Deny => &[Role::Operator],
         Rpc::Introspect | Rpc::WatchRevocations => &[Role::ResourceServer, Role::Admin],
         // Any identity may renew its own SVID.
         Rpc::RenewSvid => &[

@@ -6,11 +6,12 @@ use prost_types::Timestamp;
 
 use crate::audit::verify::Anchor;
 use crate::broker::IssuedLease;
+use crate::domain::task::{GrantRequestState, Verdict};
 use crate::domain::{CredentialKind, LeaseState, RevocationReason, Role, TaskState, UnixMillis};
 use crate::error::Error;
 use crate::issuer::{Jwk, VerifyingKey};
 use crate::proto;
-use crate::store::{AuditRecord, Checkpoint, WorkloadRecord};
+use crate::store::{AuditRecord, Checkpoint, GrantRequestRecord, WorkloadRecord};
 
 pub fn timestamp(at: UnixMillis) -> Timestamp {
     Timestamp {
@@ -165,4 +166,68 @@ pub fn audit_anchor(anchor: proto::AuditAnchor) -> Result<Anchor, Error> {
         },
         keys,
     })
+}
+
+pub fn grant_state(state: GrantRequestState) -> proto::GrantState {
+    match state {
+        GrantRequestState::Pending => proto::GrantState::Pending,
+        GrantRequestState::Issued => proto::GrantState::Issued,
+        GrantRequestState::Denied => proto::GrantState::Denied,
+        GrantRequestState::Expired => proto::GrantState::Expired,
+        GrantRequestState::Cancelled => proto::GrantState::Cancelled,
+    }
+}
+
+/// A grant request as its agent sees it; `lease` once issued.
+pub fn grant_status(
+    request: &GrantRequestRecord,
+    lease: Option<IssuedLease>,
+) -> proto::GrantStatus {
+    proto::GrantStatus {
+        lease_id: request.id.as_str().to_owned(),
+        state: grant_state(request.state).into(),
+        approvals: approvals_of(request),
+        quorum: request.quorum,
+        wait_until: Some(timestamp(request.wait_until)),
+        reason: request.reason.clone().unwrap_or_default(),
+        lease: lease.map(self::lease),
+        scope: request.scope.as_str().to_owned(),
+    }
+}
+
+/// A grant request as operators see it.
+pub fn pending_grant(request: GrantRequestRecord) -> proto::PendingGrant {
+    proto::PendingGrant {
+        lease_id: request.id.as_str().to_owned(),
+        task_id: request.task_id.as_str().to_owned(),
+        workload: request.workload_name,
+        scope: request.scope.as_str().to_owned(),
+        ttl_seconds: request.ttl_seconds,
+        request_digest: request.request_digest,
+        detail_json: request.detail_json,
+        quorum: request.quorum,
+        approver_labels: request.approver_labels,
+        created_at: Some(timestamp(request.created_at)),
+        wait_until: Some(timestamp(request.wait_until)),
+        approvals: request
+            .approvals
+            .into_iter()
+            .map(|approval| proto::Approval {
+                approver: approval.approver_name,
+                verdict: approval.verdict.as_str().to_owned(),
+                reason: approval.reason,
+                decided_at: Some(timestamp(approval.decided_at)),
+            })
+            .collect(),
+    }
+}
+
+/// How many distinct operators approved `request`.
+pub fn approvals_of(request: &GrantRequestRecord) -> u32 {
+    let approving = request
+        .approvals
+        .iter()
+        .filter(|approval| approval.verdict == Verdict::Approve)
+        .count();
+    u32::try_from(approving).unwrap_or(u32::MAX)
 }

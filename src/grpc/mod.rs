@@ -5,6 +5,7 @@
 pub mod access;
 mod admin;
 mod admission;
+mod approvals;
 mod attestation;
 mod auth;
 mod convert;
@@ -23,6 +24,7 @@ use tonic::service::Routes;
 
 use crate::broker::Broker;
 use crate::proto::admin_server::AdminServer;
+use crate::proto::approvals_server::ApprovalsServer;
 use crate::proto::attestation_server::AttestationServer;
 use crate::proto::spiffe_workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::proto::tasks_server::TasksServer;
@@ -65,6 +67,9 @@ pub async fn routes(
         .set_serving::<TokensServer<tokens::TokensService>>()
         .await;
     health_reporter
+        .set_serving::<ApprovalsServer<approvals::ApprovalsService>>()
+        .await;
+    health_reporter
         .set_serving::<AdminServer<admin::AdminService>>()
         .await;
     health_reporter
@@ -81,7 +86,11 @@ pub async fn routes(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(
-            TasksServer::new(tasks::TasksService::new(broker.clone()))
+            TasksServer::new(tasks::TasksService::new(broker.clone(), shutdown.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            ApprovalsServer::new(approvals::ApprovalsService::new(broker.clone()))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(

@@ -1,24 +1,35 @@
 //! The `Tasks` service: what agents call.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 
 use tonic::{Request, Response, Status};
 
 use super::access::Rpc;
 use super::auth::authorize;
 use super::convert;
-use crate::broker::Broker;
+use crate::broker::{Broker, GrantAnswer, GrantStatus};
+use crate::domain::task::GrantRequestState;
 use crate::domain::task::{NewGrant, NewTask, parse_risk};
 use crate::domain::{LeaseId, ScopeName, TaskContext, TaskId};
 use crate::proto;
+use crate::store::Topic;
+
+/// How often a `WatchGrant` stream looks again without a notification.
+const WATCH_GRANT_POLL: Duration = Duration::from_secs(1);
 
 pub struct TasksService {
     broker: Arc<Broker>,
+    /// Ends open `WatchGrant` streams when the broker stops.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl TasksService {
-    pub fn new(broker: Arc<Broker>) -> Self {
-        TasksService { broker }
+    pub fn new(broker: Arc<Broker>, shutdown: watch::Receiver<bool>) -> Self {
+        TasksService { broker, shutdown }
     }
 
     async fn agent<T>(
@@ -77,10 +88,65 @@ impl proto::tasks_server::Tasks for TasksService {
             ttl_seconds: message.ttl_seconds,
             risk: parse_risk("risk", message.risk)?,
         };
-        let lease = self.broker.request_grant(&caller, grant).await?;
-        Ok(Response::new(proto::RequestGrantResponse {
-            lease: Some(convert::lease(lease)),
-        }))
+        let answer = match self.broker.request_grant(&caller, grant).await? {
+            GrantAnswer::Issued(lease) => proto::RequestGrantResponse {
+                lease: Some(convert::lease(lease)),
+                pending: None,
+            },
+            GrantAnswer::Pending(request) => proto::RequestGrantResponse {
+                lease: None,
+                pending: Some(convert::grant_status(&request, None)),
+            },
+        };
+        Ok(Response::new(answer))
+    }
+
+    type WatchGrantStream = ReceiverStream<Result<proto::GrantStatus, Status>>;
+
+    async fn watch_grant(
+        &self,
+        request: Request<proto::WatchGrantRequest>,
+    ) -> Result<Response<Self::WatchGrantStream>, Status> {
+        let caller = self.agent(&request, Rpc::WatchGrant).await?;
+        let id = LeaseId::parse("lease_id", &request.get_ref().lease_id)?;
+        // The first answer comes before the stream, so an unknown id is an error, not a stream.
+        let first = self.broker.grant_status(&caller, &id).await?;
+        let (sender, receiver) = mpsc::channel(4);
+        let broker = self.broker.clone();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut changes = broker.store().changes().subscribe(Topic::Approvals);
+            let mut status = first;
+            let mut last_sent = None;
+            loop {
+                let (message, is_final) = grant_message(status);
+                if last_sent.as_ref() != Some(&message) {
+                    if sender.send(Ok(message.clone())).await.is_err() {
+                        return;
+                    }
+                    last_sent = Some(message);
+                }
+                if is_final {
+                    return;
+                }
+                // A notification wakes the stream at once (this replica's answers, and the
+                // others' on PostgreSQL); the timer catches a lost one and the request's expiry.
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    () = tokio::time::sleep(WATCH_GRANT_POLL) => {}
+                    () = sender.closed() => return,
+                    _ = shutdown.wait_for(|stopping| *stopping) => return,
+                }
+                status = match broker.grant_status(&caller, &id).await {
+                    Ok(status) => status,
+                    Err(error) => {
+                        let _ = sender.send(Err(error.into())).await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
     async fn renew_lease(
@@ -119,6 +185,17 @@ impl proto::tasks_server::Tasks for TasksService {
             ended_at: Some(convert::timestamp(completed.ended_at)),
             already_completed: completed.already_completed,
         }))
+    }
+}
+
+/// The stream message for `status`, and whether it is the last.
+fn grant_message(status: GrantStatus) -> (proto::GrantStatus, bool) {
+    match status {
+        GrantStatus::Request(request) => {
+            let is_final = request.state != GrantRequestState::Pending;
+            (convert::grant_status(&request, None), is_final)
+        }
+        GrantStatus::Issued(request, lease) => (convert::grant_status(&request, Some(lease)), true),
     }
 }
 

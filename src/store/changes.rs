@@ -19,10 +19,18 @@ pub enum Topic {
     Workloads,
     /// Jobs were queued.
     Jobs,
+    /// Grant requests were made, approved, denied or ended.
+    Approvals,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 4] = [Topic::Feed, Topic::Keys, Topic::Workloads, Topic::Jobs];
+    pub const ALL: [Topic; 5] = [
+        Topic::Feed,
+        Topic::Keys,
+        Topic::Workloads,
+        Topic::Jobs,
+        Topic::Approvals,
+    ];
 
     /// The name sent between replicas.
     pub fn as_str(self) -> &'static str {
@@ -31,6 +39,7 @@ impl Topic {
             Topic::Keys => "keys",
             Topic::Workloads => "workloads",
             Topic::Jobs => "jobs",
+            Topic::Approvals => "approvals",
         }
     }
 
@@ -46,7 +55,7 @@ impl Topic {
 /// One counter per topic, bumped on every change; readers wait for it to move.
 #[derive(Debug)]
 pub struct Changes {
-    counters: [watch::Sender<u64>; 4],
+    counters: [watch::Sender<u64>; Topic::ALL.len()],
 }
 
 impl Default for Changes {

@@ -49,10 +49,11 @@ use crate::issuer::credential::StoredCredential;
 pub use changes::{Changes, Topic};
 pub use jobs::{ClaimedJob, JobOutcome, JobRecord, NewJob};
 pub use records::{
-    AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedEvent,
-    FeedPage, FeedRecord, IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal,
-    RenewalOutcome, StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion,
-    TaskRecord, WorkloadRecord,
+    ApprovalRecord, AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease,
+    ExpiryReport, FeedEvent, FeedPage, FeedRecord, GrantDecision, GrantDecisionOutcome,
+    GrantRequestInsertion, GrantRequestRecord, IdentityEnd, JoinTokenRecord, LeaseRecord,
+    NewLeaseOutcome, Renewal, RenewalOutcome, StoredCaKey, StoredJwtSvidKey, StoredSigningKey,
+    SvidRecord, TaskInsertion, TaskRecord, WorkloadRecord,
 };
 pub use revocations::RevocationState;
 
@@ -203,6 +204,38 @@ pub trait Store: Send + Sync + 'static {
     /// the broker's half of introspection. Answered from [`RevocationState`] while it is
     /// current, from the database otherwise.
     async fn is_lease_live(&self, lease: &LeaseId, task: &TaskId, now: UnixMillis) -> Result<bool>;
+
+    // Grant requests waiting for approval.
+
+    /// Stores a grant request with `events` if its workload's task is active at `now` and the
+    /// workload has fewer than `max_pending` requests waiting.
+    async fn insert_grant_request(
+        &self,
+        request: GrantRequestRecord,
+        max_pending: u32,
+        now: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<GrantRequestInsertion>;
+
+    /// The grant request `id` with its approvals.
+    async fn find_grant_request(&self, id: &LeaseId) -> Result<Option<GrantRequestRecord>>;
+
+    /// Up to `limit` pending requests after `after` (ids sort by age), oldest first.
+    async fn pending_grant_requests(
+        &self,
+        after: Option<&LeaseId>,
+        limit: usize,
+    ) -> Result<Vec<GrantRequestRecord>>;
+
+    /// Records an operator's answer under the request's lock, so that concurrent answers (on
+    /// any replica) issue exactly one lease: a pending, unexpired request of an active task
+    /// takes the answer once per operator; a denial ends it; the approval that reaches the
+    /// quorum inserts `decision.lease`.
+    async fn decide_grant_request(
+        &self,
+        decision: GrantDecision,
+        now: UnixMillis,
+    ) -> Result<GrantDecisionOutcome>;
 
     // --- the revocation feed ---
 

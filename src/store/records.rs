@@ -1,8 +1,9 @@
 //! What the store keeps and returns, as plain values: the same for every backend. Each backend
 //! decodes its own rows into these.
 
+use crate::audit::AuditEvent;
 use crate::audit::chain::SealedEvent;
-use crate::domain::task::LeaseWindow;
+use crate::domain::task::{GrantRequestState, LeaseWindow, Verdict};
 use crate::domain::{
     CredentialKind, Labels, LeaseId, LeaseState, RevocationReason, Role, ScopeName, SpiffeId,
     TaskContext, TaskId, TaskState, UnixMillis, WorkloadName,
@@ -159,6 +160,90 @@ pub enum NewLeaseOutcome {
     Added,
     /// The task is not active (completed, expired, revoked, or past its deadline).
     TaskNotActive,
+}
+
+/// A grant request waiting for (or decided by) operators.
+#[derive(Clone, Debug)]
+pub struct GrantRequestRecord {
+    /// Also the id of the lease the quorum's approval issues.
+    pub id: LeaseId,
+    pub task_id: TaskId,
+    pub workload_id: String,
+    pub workload_name: String,
+    pub scope: ScopeName,
+    /// As asked; 0 for the scope's default.
+    pub ttl_seconds: u32,
+    /// SHA-256 (hex) of the exact request; every approval is bound to it.
+    pub request_digest: String,
+    /// What operators see to judge it (purpose, context, risk, the policies' reasons), JSON.
+    pub detail_json: String,
+    pub quorum: u32,
+    /// Labels (`key=value`) every approver must carry.
+    pub approver_labels: Vec<String>,
+    pub state: GrantRequestState,
+    pub created_at: UnixMillis,
+    /// Undecided by then, it expires.
+    pub wait_until: UnixMillis,
+    pub decided_at: Option<UnixMillis>,
+    /// Why it was denied, expired or cancelled.
+    pub reason: Option<String>,
+    /// The operators' answers so far, oldest first.
+    pub approvals: Vec<ApprovalRecord>,
+}
+
+/// One operator's answer to a grant request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApprovalRecord {
+    pub approver_id: String,
+    pub approver_name: String,
+    pub verdict: Verdict,
+    pub reason: String,
+    pub decided_at: UnixMillis,
+}
+
+/// What [`Store::insert_grant_request`](super::Store::insert_grant_request) did.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum GrantRequestInsertion {
+    Inserted,
+    /// The task is not active; nothing was stored.
+    TaskNotActive,
+    /// The workload already has this many requests waiting; nothing was stored.
+    TooManyPending(u32),
+}
+
+/// An operator's answer to store, with what it leads to.
+#[derive(Clone, Debug)]
+pub struct GrantDecision {
+    pub request_id: LeaseId,
+    pub approval: ApprovalRecord,
+    /// The lease to insert if this answer completes the quorum (its window starts now).
+    pub lease: LeaseRecord,
+    /// Written with the answer whatever it leads to.
+    pub events: Vec<AuditEvent>,
+    /// Written too when the lease is issued.
+    pub issued_events: Vec<AuditEvent>,
+}
+
+/// What [`Store::decide_grant_request`](super::Store::decide_grant_request) did.
+#[derive(Debug, PartialEq, Eq, Clone)]
+pub enum GrantDecisionOutcome {
+    /// Recorded; this many distinct operators approve so far.
+    Recorded {
+        approvals: u32,
+    },
+    /// This operator had answered already: counted once, nothing changed.
+    AlreadyAnswered,
+    /// The answer completed the quorum: the lease is issued.
+    Issued,
+    Denied,
+    /// No such request.
+    Unknown,
+    /// Already decided, expired or cancelled (nothing changed), in this state.
+    NotPending(GrantRequestState),
+    /// Its wait ended before this answer: now expired.
+    Expired,
+    /// Its task ended first: now cancelled.
+    TaskEnded,
 }
 
 /// A renewal to store: the lease moves to `window`, its token now signed by `kid`.
@@ -517,3 +602,94 @@ impl FeedColumns {
 /// The refusal of a CA rotation that lost a race with another.
 pub const CA_CHANGED_DURING_ROTATION: &str =
     "the CA changed during rotation (another rotation ran); retry";
+
+/// Why a grant request expired, as recorded.
+pub const GRANT_NOT_DECIDED_IN_TIME: &str = "not decided in time";
+/// Why a grant request was cancelled, as recorded.
+pub const GRANT_TASK_ENDED: &str = "its task ended";
+
+/// The columns of a stored grant request, in the order both backends select them.
+pub const GRANT_REQUEST_COLUMNS: &str = "id, task_id, workload_id, workload_name, scope, \
+     ttl_seconds, request_digest, detail_json, quorum, approver_labels_json, state, created_at, \
+     wait_until, decided_at, reason";
+
+/// The columns of a stored approval.
+pub const APPROVAL_COLUMNS: &str = "approver_id, approver_name, verdict, reason, decided_at";
+
+/// Decodes the fields of a stored grant request row.
+pub struct GrantRequestColumns {
+    pub id: String,
+    pub task_id: String,
+    pub workload_id: String,
+    pub workload_name: String,
+    pub scope: String,
+    pub ttl_seconds: i64,
+    pub request_digest: String,
+    pub detail_json: String,
+    pub quorum: i64,
+    pub approver_labels_json: String,
+    pub state: String,
+    pub created_at: i64,
+    pub wait_until: i64,
+    pub decided_at: Option<i64>,
+    pub reason: Option<String>,
+}
+
+impl GrantRequestColumns {
+    pub fn into_record(self, approvals: Vec<ApprovalRecord>) -> Result<GrantRequestRecord, Error> {
+        let unreadable = |column: &str| {
+            Error::internal(format!(
+                "grant_requests.{column}: not a value Warrant writes"
+            ))
+        };
+        Ok(GrantRequestRecord {
+            id: LeaseId::from_stored(self.id),
+            task_id: TaskId::from_stored(self.task_id),
+            workload_id: self.workload_id,
+            workload_name: self.workload_name,
+            scope: ScopeName::parse("grant_requests.scope", &self.scope)
+                .map_err(|_| corrupt("grant_requests.scope", &self.scope))?,
+            ttl_seconds: u32::try_from(self.ttl_seconds).map_err(|_| unreadable("ttl_seconds"))?,
+            request_digest: self.request_digest,
+            detail_json: self.detail_json,
+            quorum: u32::try_from(self.quorum).map_err(|_| unreadable("quorum"))?,
+            approver_labels: serde_json::from_str(&self.approver_labels_json)
+                .map_err(|_| unreadable("approver_labels_json"))?,
+            state: parse_stored(
+                "grant_requests.state",
+                &self.state,
+                GrantRequestState::from_stored,
+            )?,
+            created_at: UnixMillis(self.created_at),
+            wait_until: UnixMillis(self.wait_until),
+            decided_at: self.decided_at.map(UnixMillis),
+            reason: self.reason,
+            approvals,
+        })
+    }
+}
+
+/// Decodes the fields of a stored approval row.
+pub struct ApprovalColumns {
+    pub approver_id: String,
+    pub approver_name: String,
+    pub verdict: String,
+    pub reason: String,
+    pub decided_at: i64,
+}
+
+impl ApprovalColumns {
+    pub fn into_record(self) -> Result<ApprovalRecord, Error> {
+        Ok(ApprovalRecord {
+            approver_id: self.approver_id,
+            approver_name: self.approver_name,
+            verdict: parse_stored(
+                "grant_approvals.verdict",
+                &self.verdict,
+                Verdict::from_stored,
+            )?,
+            reason: self.reason,
+            decided_at: UnixMillis(self.decided_at),
+        })
+    }
+}

@@ -18,6 +18,10 @@ const OPERATOR: &str = "operator";
 const MATRIX: &[(&str, &[&str])] = &[
     ("warrant.v1.Tasks/BeginTask", &[AGENT]),
     ("warrant.v1.Tasks/RequestGrant", &[AGENT]),
+    ("warrant.v1.Tasks/WatchGrant", &[AGENT]),
+    ("warrant.v1.Approvals/ListPending", &[OPERATOR]),
+    ("warrant.v1.Approvals/Approve", &[OPERATOR]),
+    ("warrant.v1.Approvals/Deny", &[OPERATOR]),
     ("warrant.v1.Tasks/RenewLease", &[AGENT]),
     ("warrant.v1.Tasks/CompleteTask", &[AGENT]),
     ("warrant.v1.Tokens/Introspect", &[RESOURCE_SERVER, ADMIN]),
@@ -67,6 +71,36 @@ async fn call(connection: &Connection, rpc: &str) -> Result<(), tonic::Status> {
         "warrant.v1.Tasks/BeginTask" => tasks.begin_task(begin(&["no.such:scope"])).await.map(drop),
         "warrant.v1.Tasks/RequestGrant" => tasks
             .request_grant(grant_request(&no_task, "crm.contacts:read", 0))
+            .await
+            .map(drop),
+        // Unknown ids: refused after authorization, so nothing is decided.
+        "warrant.v1.Tasks/WatchGrant" => tasks
+            .watch_grant(proto::WatchGrantRequest {
+                lease_id: no_lease.clone(),
+            })
+            .await
+            .map(drop),
+        "warrant.v1.Approvals/ListPending" => connection
+            .approvals()
+            .list_pending(proto::ListPendingRequest::default())
+            .await
+            .map(drop),
+        "warrant.v1.Approvals/Approve" => connection
+            .approvals()
+            .approve(proto::AnswerRequest {
+                lease_id: no_lease.clone(),
+                reason: "checking access".into(),
+                request_digest: String::new(),
+            })
+            .await
+            .map(drop),
+        "warrant.v1.Approvals/Deny" => connection
+            .approvals()
+            .deny(proto::AnswerRequest {
+                lease_id: no_lease.clone(),
+                reason: "checking access".into(),
+                request_digest: String::new(),
+            })
             .await
             .map(drop),
         "warrant.v1.Tasks/RenewLease" => tasks

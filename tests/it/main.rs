@@ -28,6 +28,7 @@ macro_rules! backend_tests {
 mod support;
 
 mod access;
+mod approvals;
 mod audit;
 mod auth;
 mod ca_rotation;

@@ -174,27 +174,23 @@ async fn a_high_risk_signal_makes_a_free_scope_wait_for_an_operator() {
         risk,
         ..grant_request(&task.task_id, "crm.contacts:read", 0)
     };
-    agent
+    let free = agent
         .tasks()
         .request_grant(grant(Some(10)))
         .await
-        .expect("a low risk signal changes nothing");
+        .expect("a low risk signal changes nothing")
+        .into_inner();
+    assert!(free.lease.is_some() && free.pending.is_none());
     let stepped_up = agent
         .tasks()
         .request_grant(grant(Some(80)))
         .await
-        .unwrap_err();
-    assert_eq!(stepped_up.code(), Code::FailedPrecondition);
-    assert!(
-        stepped_up
-            .message()
-            .contains("1 approval(s) from operators")
-            && stepped_up
-                .message()
-                .contains("risky-requests-need-an-operator"),
-        "{}",
-        stepped_up.message()
-    );
+        .expect("a high signal makes the grant wait, it does not refuse it")
+        .into_inner();
+    assert!(stepped_up.lease.is_none(), "nothing issued before approval");
+    let pending = stepped_up.pending.expect("the grant waits for an operator");
+    assert_eq!(pending.state(), proto::GrantState::Pending);
+    assert_eq!((pending.approvals, pending.quorum), (0, 1));
     let out_of_range = agent
         .tasks()
         .request_grant(grant(Some(101)))

@@ -536,13 +536,14 @@ fn readme_walkthrough(name: &str) -> String {
         .join("\n")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readme_walkthrough_works_verbatim() {
+/// Runs the README walk-through `name` word for word against a fresh `serve --dev` broker, as
+/// its admin; its standard output.
+async fn run_dev_walkthrough(name: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = BrokerProcess::start(&["serve", "--dev"], dir.path());
     let (grpc, _) = broker.wait_until_serving();
     let admin = broker.admin_credential().unwrap();
-    let script = readme_walkthrough("walkthrough");
+    let script = readme_walkthrough(name);
     let binary_dir = warrant_binary().parent().unwrap().to_owned();
     let path = format!(
         "{}:{}",
@@ -563,12 +564,18 @@ async fn readme_walkthrough_works_verbatim() {
     .await
     .unwrap();
 
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "walk-through failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_walkthrough_works_verbatim() {
+    let stdout = run_dev_walkthrough("walkthrough").await;
     let valid = stdout.find("valid\n").expect("token verify printed valid");
     let revoked = stdout
         .find("active: false")
@@ -579,6 +586,19 @@ async fn readme_walkthrough_works_verbatim() {
         stdout.contains("decision  allow\npolicies  agents-request-catalog-scopes"),
         "{stdout}"
     );
+}
+
+/// The approvals walk-through, word for word: the agent's stream delivers the credential once
+/// the operator approves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_approvals_walkthrough_works_verbatim() {
+    let stdout = run_dev_walkthrough("approvals-walkthrough").await;
+    assert!(stdout.contains("asks for payments:refund"), "{stdout}");
+    assert!(
+        stdout.contains("GRANT_STATE_ISSUED: 1 of 1 approval(s)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("active: true"), "{stdout}");
 }
 
 /// The identity walk-through, word for word, from a directory laid out as the repository is:

@@ -480,6 +480,7 @@ pub async fn end_leases_of_tasks(
     new_state: LeaseState,
     reason: RevocationReason,
 ) -> Result<HashMap<String, Vec<FeedEvent>>> {
+    super::grants::cancel_for_tasks(&mut *connection, ids, nows).await?;
     let rows = sqlx::query(
         "UPDATE leases l SET state = $3, ended_at = v.now FROM UNNEST($1::text[], $2::bigint[]) \
          AS v(task_id, now) WHERE l.task_id = v.task_id AND l.state = 'issued' \

@@ -60,6 +60,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "CA rotation",
         sql: include_str!("../../../migrations/postgres/0008_ca_rotation.sql"),
     },
+    Migration {
+        version: 9,
+        description: "grant approvals",
+        sql: include_str!("../../../migrations/postgres/0009_grant_approvals.sql"),
+    },
 ];
 
 /// The advisory lock that makes replicas starting together migrate one at a time.

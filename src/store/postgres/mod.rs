@@ -23,6 +23,7 @@ mod audit;
 mod batch;
 mod committer;
 mod feed;
+mod grants;
 mod identity;
 mod jobs;
 mod keys;
@@ -49,7 +50,8 @@ use self::replicas::Announcer;
 use self::retry::in_transaction;
 use super::records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedEvent,
-    FeedPage, IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
+    FeedPage, GrantDecision, GrantDecisionOutcome, GrantRequestInsertion, GrantRequestRecord,
+    IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
     StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord,
     WorkloadRecord, ended_leases,
 };
@@ -414,6 +416,46 @@ impl Store for PostgresStore {
 
     async fn query_audit(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>> {
         audit::query(&self.pool, &filter).await
+    }
+
+    async fn insert_grant_request(
+        &self,
+        request: GrantRequestRecord,
+        max_pending: u32,
+        now: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<GrantRequestInsertion> {
+        self.write(Topic::Approvals, |connection| {
+            let (request, events) = (request.clone(), events.clone());
+            Box::pin(async move {
+                grants::insert(connection, &request, max_pending, now, &events).await
+            })
+        })
+        .await
+    }
+
+    async fn find_grant_request(&self, id: &LeaseId) -> Result<Option<GrantRequestRecord>> {
+        grants::find(&self.pool, id).await
+    }
+
+    async fn pending_grant_requests(
+        &self,
+        after: Option<&LeaseId>,
+        limit: usize,
+    ) -> Result<Vec<GrantRequestRecord>> {
+        grants::pending(&self.pool, after, limit).await
+    }
+
+    async fn decide_grant_request(
+        &self,
+        decision: GrantDecision,
+        now: UnixMillis,
+    ) -> Result<GrantDecisionOutcome> {
+        self.write(Topic::Approvals, |connection| {
+            let decision = decision.clone();
+            Box::pin(async move { grants::decide(connection, &decision, now).await })
+        })
+        .await
     }
 
     async fn insert_signing_key(

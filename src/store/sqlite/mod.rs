@@ -11,6 +11,7 @@
 mod audit;
 mod connection;
 mod feed;
+mod grants;
 mod identity;
 mod jobs;
 mod keys;
@@ -31,9 +32,9 @@ use self::readers::Readers;
 use self::writer::{AfterCommit, Writer};
 use super::records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedPage,
-    IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
-    StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord,
-    WorkloadRecord,
+    GrantDecision, GrantDecisionOutcome, GrantRequestInsertion, GrantRequestRecord, IdentityEnd,
+    JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, StoredCaKey,
+    StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord, WorkloadRecord,
 };
 use super::{
     Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
@@ -215,6 +216,44 @@ impl Store for SqliteStore {
         let workload_id = workload_id.to_owned();
         self.writer
             .run(move |write| tasks::add_lease(write, &workload_id, &lease, now, &events))
+            .await
+    }
+
+    async fn insert_grant_request(
+        &self,
+        request: GrantRequestRecord,
+        max_pending: u32,
+        now: UnixMillis,
+        events: Vec<AuditEvent>,
+    ) -> Result<GrantRequestInsertion> {
+        self.writer
+            .run(move |write| grants::insert(write, &request, max_pending, now, &events))
+            .await
+    }
+
+    async fn find_grant_request(&self, id: &LeaseId) -> Result<Option<GrantRequestRecord>> {
+        self.readers
+            .read(|connection| grants::find(connection, id))
+            .await
+    }
+
+    async fn pending_grant_requests(
+        &self,
+        after: Option<&LeaseId>,
+        limit: usize,
+    ) -> Result<Vec<GrantRequestRecord>> {
+        self.readers
+            .read(|connection| grants::pending(connection, after, limit))
+            .await
+    }
+
+    async fn decide_grant_request(
+        &self,
+        decision: GrantDecision,
+        now: UnixMillis,
+    ) -> Result<GrantDecisionOutcome> {
+        self.writer
+            .run(move |write| grants::decide(write, &decision, now))
             .await
     }
 

@@ -34,6 +34,9 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!(
             "../../../migrations/sqlite/0008_ca_rotation.sql"
         )),
+        M::up(include_str!(
+            "../../../migrations/sqlite/0009_grant_approvals.sql"
+        )),
     ])
 }
 

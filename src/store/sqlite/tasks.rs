@@ -132,15 +132,7 @@ pub fn add_lease(
     now: UnixMillis,
     events: &[AuditEvent],
 ) -> Result<NewLeaseOutcome> {
-    let is_open = write
-        .connection
-        .prepare_cached(
-            "SELECT 1 FROM tasks WHERE id = ?1 AND workload_id = ?2 AND state = 'active' AND deadline > ?3",
-        )?
-        .query_row(params![lease.task_id.as_str(), workload_id, now.0], |_| Ok(()))
-        .optional()?
-        .is_some();
-    if !is_open {
+    if !is_task_open(write.connection, &lease.task_id, workload_id, now)? {
         return Ok(NewLeaseOutcome::TaskNotActive);
     }
     insert_leases(write.connection, std::slice::from_ref(lease))?;
@@ -148,7 +140,23 @@ pub fn add_lease(
     Ok(NewLeaseOutcome::Added)
 }
 
-fn insert_leases(connection: &Connection, leases: &[LeaseRecord]) -> Result<()> {
+/// Whether `workload_id`'s task `id` is active and before its deadline at `now`.
+pub fn is_task_open(
+    connection: &Connection,
+    id: &TaskId,
+    workload_id: &str,
+    now: UnixMillis,
+) -> Result<bool> {
+    Ok(connection
+        .prepare_cached(
+            "SELECT 1 FROM tasks WHERE id = ?1 AND workload_id = ?2 AND state = 'active' AND deadline > ?3",
+        )?
+        .query_row(params![id.as_str(), workload_id, now.0], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+pub fn insert_leases(connection: &Connection, leases: &[LeaseRecord]) -> Result<()> {
     let mut insert = connection.prepare_cached(&format!(
         "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
     ))?;
@@ -316,6 +324,7 @@ fn end_task(
     reason: RevocationReason,
     now: UnixMillis,
 ) -> Result<Vec<FeedEvent>> {
+    super::grants::cancel_for_task(write, task_id, now)?;
     let new_state = if reason == RevocationReason::TaskExpired {
         LeaseState::Expired
     } else {

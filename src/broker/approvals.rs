@@ -1,0 +1,355 @@
+//! Grants that wait for people: a request policy answered with a step-up is stored with what
+//! operators need to judge it and a digest of exactly what was asked; operators answer it; the
+//! approval that reaches the quorum issues the lease (its TTL starting then), and the agent
+//! receives the credential through `WatchGrant`.
+
+use super::{Broker, Credential, IssuedLease, is_live, task_not_active};
+use crate::audit::AuditEvent;
+use crate::domain::task::{GrantRequestState, LeaseWindow, Verdict};
+use crate::domain::{Caller, LeaseId, LeaseState, ScopeName, UnixMillis};
+use crate::error::{Error, Result};
+use crate::policy::ApprovalRequirement;
+use crate::store::{
+    ApprovalRecord, GrantDecision, GrantDecisionOutcome, GrantRequestInsertion, GrantRequestRecord,
+    LeaseRecord, TaskRecord,
+};
+
+/// Requests one workload may have waiting at once; more are refused with RESOURCE_EXHAUSTED, so
+/// an agent steered into asking again and again cannot bury the operators' queue.
+pub const MAX_PENDING_PER_WORKLOAD: u32 = 20;
+/// The longest reason an operator may give.
+pub const MAX_REASON_BYTES: usize = 512;
+
+/// What `RequestGrant` answers.
+#[derive(Debug)]
+pub enum GrantAnswer {
+    Issued(IssuedLease),
+    /// Waiting for operators.
+    Pending(GrantRequestRecord),
+}
+
+/// Where a grant request stands, for its agent.
+#[derive(Debug)]
+pub enum GrantStatus {
+    /// Still waiting (or ended: denied, expired, cancelled).
+    Request(GrantRequestRecord),
+    /// Issued: the lease, with a fresh credential while it lives.
+    Issued(GrantRequestRecord, IssuedLease),
+}
+
+/// A stepped-up request to hold.
+pub struct HeldGrant<'a> {
+    pub task: &'a TaskRecord,
+    pub scope: &'a ScopeName,
+    pub ttl_seconds: u32,
+    pub risk: Option<u32>,
+    pub requirement: ApprovalRequirement,
+}
+
+impl Broker {
+    /// Stores a stepped-up request with the decision's audit event.
+    pub(super) async fn hold_for_approval(
+        &self,
+        caller: &Caller,
+        held: HeldGrant<'_>,
+        decision_event: AuditEvent,
+        now: UnixMillis,
+    ) -> Result<GrantRequestRecord> {
+        let task = held.task;
+        let detail = serde_json::json!({
+            "approval_rules": held.requirement.rules,
+            "labels": task.context.labels,
+            "planned_tools": task.context.planned_tools,
+            "prompt_digest": task.context.prompt_digest,
+            "purpose": task.purpose,
+            "risk": held.risk,
+        });
+        let request = GrantRequestRecord {
+            id: LeaseId::generate(now),
+            task_id: task.id.clone(),
+            workload_id: caller.workload_id.clone(),
+            workload_name: caller.name.to_string(),
+            scope: held.scope.clone(),
+            ttl_seconds: held.ttl_seconds,
+            request_digest: request_digest(task, held.scope, held.ttl_seconds, held.risk),
+            detail_json: detail.to_string(),
+            quorum: held.requirement.quorum,
+            approver_labels: held.requirement.approver_labels.clone(),
+            state: GrantRequestState::Pending,
+            created_at: now,
+            wait_until: now.plus(held.requirement.wait),
+            decided_at: None,
+            reason: None,
+            approvals: Vec::new(),
+        };
+        let waiting = AuditEvent::new("grant.pending", "ok", caller.name.as_str())
+            .workload(&caller.name)
+            .task(&task.id)
+            .scope(held.scope)
+            .lease(&request.id)
+            .context(&task.context.to_json())
+            .with("quorum", request.quorum)
+            .with("approver_labels", request.approver_labels.clone())
+            .with("wait_until", request.wait_until.0)
+            .with("request_digest", request.request_digest.as_str());
+        match self
+            .store
+            .insert_grant_request(
+                request.clone(),
+                MAX_PENDING_PER_WORKLOAD,
+                now,
+                vec![decision_event, waiting],
+            )
+            .await?
+        {
+            GrantRequestInsertion::Inserted => Ok(request),
+            GrantRequestInsertion::TaskNotActive => Err(task_not_active(&task.id)),
+            GrantRequestInsertion::TooManyPending(pending) => {
+                Err(Error::ResourceExhausted(format!(
+                    "scope: {pending} requests of this workload already wait for approval (at most \
+                 {MAX_PENDING_PER_WORKLOAD}); wait for them to be decided"
+                )))
+            }
+        }
+    }
+
+    /// A page of the pending requests, oldest first, after `after`, without those whose wait
+    /// has passed (they are expired, whether or not an answer has yet recorded it); and the id
+    /// the next page starts after, if the page was full.
+    pub async fn pending_grants(
+        &self,
+        after: Option<&LeaseId>,
+        limit: usize,
+    ) -> Result<(Vec<GrantRequestRecord>, Option<LeaseId>)> {
+        let page = self.store.pending_grant_requests(after, limit).await?;
+        let next = (page.len() == limit)
+            .then(|| page.last().map(|last| last.id.clone()))
+            .flatten();
+        let now = UnixMillis::now();
+        let waiting = page
+            .into_iter()
+            .filter(|request| request.wait_until > now)
+            .collect();
+        Ok((waiting, next))
+    }
+
+    /// An operator's answer to request `id`. Refused before anything is stored: an unknown
+    /// request, the requester answering itself, an approver without the labels the rule asks
+    /// for, a digest that is not the request's, an empty reason.
+    pub async fn answer_grant(
+        &self,
+        caller: &Caller,
+        id: &LeaseId,
+        verdict: Verdict,
+        reason: String,
+        expected_digest: Option<String>,
+    ) -> Result<(GrantDecisionOutcome, GrantRequestRecord)> {
+        if reason.trim().is_empty() || reason.len() > MAX_REASON_BYTES {
+            return Err(Error::invalid(
+                "reason",
+                format!("must be 1 to {MAX_REASON_BYTES} bytes (why you decide so)"),
+            ));
+        }
+        let request = self
+            .store
+            .find_grant_request(id)
+            .await?
+            .ok_or_else(|| unknown_request(id))?;
+        if request.workload_id == caller.workload_id {
+            return Err(Error::PermissionDenied(format!(
+                "lease_id: workload '{}' asked for this grant and may not answer it",
+                caller.name
+            )));
+        }
+        let held: Vec<String> = caller.labels.pairs().collect();
+        if let Some(missing) = request
+            .approver_labels
+            .iter()
+            .find(|label| !held.contains(label))
+        {
+            return Err(Error::PermissionDenied(format!(
+                "lease_id: this request needs approvers with {}; workload '{}' lacks {missing}",
+                request.approver_labels.join(", "),
+                caller.name
+            )));
+        }
+        if let Some(expected) = expected_digest
+            && expected != request.request_digest
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "request_digest: the request is {}, not the one you judged",
+                request.request_digest
+            )));
+        }
+        let now = UnixMillis::now();
+        let lease = self.approved_lease(&request, now).await?;
+        let answered = AuditEvent::new(
+            match verdict {
+                Verdict::Approve => "grant.approved",
+                Verdict::Deny => "grant.denied",
+            },
+            "ok",
+            caller.name.as_str(),
+        )
+        .workload(&request.workload_name)
+        .task(&request.task_id)
+        .scope(&request.scope)
+        .lease(&request.id)
+        .with("reason", reason.as_str())
+        .with("request_digest", request.request_digest.as_str());
+        let issued = AuditEvent::new("lease.issued", "ok", caller.name.as_str())
+            .workload(&request.workload_name)
+            .task(&request.task_id)
+            .lease(&request.id)
+            .scope(&request.scope)
+            .with("kind", lease.kind.as_str())
+            .with("audience", lease.audience.as_str())
+            .with("expires_at", lease.window.expires_at.0)
+            .with("approved_by_quorum", request.quorum);
+        let decision = GrantDecision {
+            request_id: request.id.clone(),
+            approval: ApprovalRecord {
+                approver_id: caller.workload_id.clone(),
+                approver_name: caller.name.to_string(),
+                verdict,
+                reason,
+                decided_at: now,
+            },
+            lease,
+            events: vec![answered],
+            issued_events: vec![issued],
+        };
+        let outcome = self.store.decide_grant_request(decision, now).await?;
+        let ended = match outcome {
+            GrantDecisionOutcome::Expired => Some("grant.expired"),
+            GrantDecisionOutcome::TaskEnded => Some("grant.cancelled"),
+            _ => None,
+        };
+        if let Some(event_type) = ended {
+            let event = AuditEvent::new(event_type, "ok", caller.name.as_str())
+                .workload(&request.workload_name)
+                .task(&request.task_id)
+                .scope(&request.scope)
+                .lease(&request.id);
+            self.store.record_events(vec![event]).await?;
+        }
+        let after = self
+            .store
+            .find_grant_request(id)
+            .await?
+            .ok_or_else(|| Error::internal("a grant request vanished"))?;
+        match &outcome {
+            GrantDecisionOutcome::Unknown => Err(unknown_request(id)),
+            GrantDecisionOutcome::NotPending(state) => Err(Error::FailedPrecondition(format!(
+                "lease_id: grant request {id} is already {}",
+                state.as_str()
+            ))),
+            GrantDecisionOutcome::Expired => Err(Error::FailedPrecondition(format!(
+                "lease_id: grant request {id} expired before this answer"
+            ))),
+            GrantDecisionOutcome::TaskEnded => Err(Error::FailedPrecondition(format!(
+                "lease_id: the task of grant request {id} has ended; the request is cancelled"
+            ))),
+            _ => Ok((outcome, after)),
+        }
+    }
+
+    /// The lease that issuing `request` at `now` creates: the request's id, its TTL counted
+    /// from now, within its task's deadline.
+    async fn approved_lease(
+        &self,
+        request: &GrantRequestRecord,
+        now: UnixMillis,
+    ) -> Result<LeaseRecord> {
+        let definition = self.catalog.get(&request.scope).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "lease_id: scope '{}' is no longer in the catalog",
+                request.scope
+            ))
+        })?;
+        let task = self
+            .store
+            .find_task(&request.task_id, &request.workload_id)
+            .await?
+            .ok_or_else(|| task_not_active(&request.task_id))?;
+        let ttl = crate::domain::task::parse_ttl_seconds(
+            "ttl_seconds",
+            request.ttl_seconds,
+            definition.max_ttl,
+        )?;
+        Ok(LeaseRecord {
+            id: request.id.clone(),
+            task_id: request.task_id.clone(),
+            scope: definition.name.clone(),
+            kind: definition.kind,
+            audience: definition.audience.clone(),
+            state: LeaseState::Issued,
+            kid: Some(self.keyring.current().kid().to_owned()),
+            window: LeaseWindow::new(now, definition, ttl, task.deadline),
+            ended_at: None,
+        })
+    }
+
+    /// Where the caller's own request `id` stands; once issued, with a fresh credential for
+    /// its lease while the lease lives (each delivery audited).
+    pub async fn grant_status(&self, caller: &Caller, id: &LeaseId) -> Result<GrantStatus> {
+        let mut request = self
+            .store
+            .find_grant_request(id)
+            .await?
+            .filter(|request| request.workload_id == caller.workload_id)
+            .ok_or_else(|| unknown_request(id))?;
+        let now = UnixMillis::now();
+        if request.state == GrantRequestState::Pending && request.wait_until <= now {
+            // Undecided in time: expired, whether or not an answer has yet recorded it.
+            request.state = GrantRequestState::Expired;
+            request.reason = Some(crate::store::records::GRANT_NOT_DECIDED_IN_TIME.into());
+        }
+        if request.state != GrantRequestState::Issued {
+            return Ok(GrantStatus::Request(request));
+        }
+        let record = self
+            .store
+            .find_lease(id, &caller.workload_id)
+            .await?
+            .ok_or_else(|| Error::internal("an issued grant request has no lease"))?;
+        let credential: Option<Credential> =
+            is_live(&record, now).then(|| self.mint(caller, &record, &self.keyring.current()));
+        let lease = IssuedLease { record, credential };
+        if lease.credential.is_some() {
+            let event = self.issuance_event(caller, "lease.delivered", &lease);
+            self.store.record_events(vec![event]).await?;
+        }
+        Ok(GrantStatus::Issued(request, lease))
+    }
+}
+
+/// Unknown, or not the caller's to watch: the same answer, so nothing leaks.
+fn unknown_request(id: &LeaseId) -> Error {
+    Error::NotFound {
+        kind: "grant request",
+        id: id.to_string(),
+    }
+}
+
+/// SHA-256 (hex) of exactly what was asked: the task and its context, the scope, the TTL and
+/// the risk signal, as JSON with sorted keys.
+fn request_digest(
+    task: &TaskRecord,
+    scope: &ScopeName,
+    ttl_seconds: u32,
+    risk: Option<u32>,
+) -> String {
+    let canonical = serde_json::json!({
+        "labels": task.context.labels,
+        "planned_tools": task.context.planned_tools,
+        "prompt_digest": task.context.prompt_digest,
+        "purpose": task.purpose,
+        "risk": risk,
+        "scope": scope.as_str(),
+        "task_id": task.id.as_str(),
+        "ttl_seconds": ttl_seconds,
+    });
+    let digest = ring::digest::digest(&ring::digest::SHA256, canonical.to_string().as_bytes());
+    crate::domain::ids::hex(digest.as_ref())
+}

@@ -1,0 +1,320 @@
+//! Grant requests waiting for approval, on PostgreSQL. An answer locks its request's row
+//! (`FOR UPDATE`) before it reads the answers so far, so two operators answering at once on two
+//! replicas are serialized: the second sees the first's approval, and exactly one of them
+//! issues the lease.
+
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgPool, Row};
+
+use super::{audit, batch};
+use crate::audit::AuditEvent;
+use crate::domain::task::{GrantRequestState, Verdict};
+use crate::domain::{LeaseId, TaskId, UnixMillis};
+use crate::error::{Error, Result};
+use crate::store::records::{
+    APPROVAL_COLUMNS, ApprovalColumns, ApprovalRecord, GRANT_NOT_DECIDED_IN_TIME,
+    GRANT_REQUEST_COLUMNS, GRANT_TASK_ENDED, GrantDecision, GrantDecisionOutcome,
+    GrantRequestColumns, GrantRequestInsertion, GrantRequestRecord,
+};
+
+pub async fn insert(
+    connection: &mut PgConnection,
+    request: &GrantRequestRecord,
+    max_pending: u32,
+    now: UnixMillis,
+    events: &[AuditEvent],
+) -> Result<GrantRequestInsertion> {
+    // Locking the task serializes one workload's requests for it, so the cap holds.
+    if !task_is_open(
+        connection,
+        &request.task_id,
+        &request.workload_id,
+        now,
+        true,
+    )
+    .await?
+    {
+        return Ok(GrantRequestInsertion::TaskNotActive);
+    }
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM grant_requests \
+         WHERE workload_id = $1 AND state = 'pending' AND wait_until > $2",
+    )
+    .bind(&request.workload_id)
+    .bind(now.0)
+    .fetch_one(&mut *connection)
+    .await?;
+    let pending = u32::try_from(pending).unwrap_or(u32::MAX);
+    if pending >= max_pending {
+        return Ok(GrantRequestInsertion::TooManyPending(pending));
+    }
+    let labels = serde_json::to_string(&request.approver_labels).map_err(Error::internal)?;
+    sqlx::query(&format!(
+        "INSERT INTO grant_requests ({GRANT_REQUEST_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+    ))
+    .bind(request.id.as_str())
+    .bind(request.task_id.as_str())
+    .bind(&request.workload_id)
+    .bind(&request.workload_name)
+    .bind(request.scope.as_str())
+    .bind(i64::from(request.ttl_seconds))
+    .bind(&request.request_digest)
+    .bind(&request.detail_json)
+    .bind(i64::from(request.quorum))
+    .bind(labels)
+    .bind(request.state.as_str())
+    .bind(request.created_at.0)
+    .bind(request.wait_until.0)
+    .bind(request.decided_at.map(|at| at.0))
+    .bind(&request.reason)
+    .execute(&mut *connection)
+    .await?;
+    audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await?;
+    Ok(GrantRequestInsertion::Inserted)
+}
+
+pub async fn find(pool: &PgPool, id: &LeaseId) -> Result<Option<GrantRequestRecord>> {
+    let mut connection = pool.acquire().await?;
+    find_locked(&mut connection, id, false).await
+}
+
+pub async fn pending(
+    pool: &PgPool,
+    after: Option<&LeaseId>,
+    limit: usize,
+) -> Result<Vec<GrantRequestRecord>> {
+    let mut connection = pool.acquire().await?;
+    let rows = sqlx::query(&format!(
+        "SELECT {GRANT_REQUEST_COLUMNS} FROM grant_requests \
+         WHERE state = 'pending' AND id > $1 ORDER BY id LIMIT $2"
+    ))
+    .bind(after.map_or("", LeaseId::as_str))
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(&mut *connection)
+    .await?;
+    let mut requests = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let columns = request_columns(row)?;
+        let approvals = approvals_of(&mut connection, &columns.id).await?;
+        requests.push(columns.into_record(approvals)?);
+    }
+    Ok(requests)
+}
+
+pub async fn decide(
+    connection: &mut PgConnection,
+    decision: &GrantDecision,
+    now: UnixMillis,
+) -> Result<GrantDecisionOutcome> {
+    let Some(request) = find_locked(connection, &decision.request_id, true).await? else {
+        return Ok(GrantDecisionOutcome::Unknown);
+    };
+    if request.state != GrantRequestState::Pending {
+        return Ok(GrantDecisionOutcome::NotPending(request.state));
+    }
+    if request.wait_until <= now {
+        end(
+            connection,
+            &request.id,
+            GrantRequestState::Expired,
+            GRANT_NOT_DECIDED_IN_TIME,
+            now,
+        )
+        .await?;
+        return Ok(GrantDecisionOutcome::Expired);
+    }
+    if !task_is_open(
+        connection,
+        &request.task_id,
+        &request.workload_id,
+        now,
+        false,
+    )
+    .await?
+    {
+        end(
+            connection,
+            &request.id,
+            GrantRequestState::Cancelled,
+            GRANT_TASK_ENDED,
+            now,
+        )
+        .await?;
+        return Ok(GrantDecisionOutcome::TaskEnded);
+    }
+    let approval = &decision.approval;
+    let answered = sqlx::query(&format!(
+        "INSERT INTO grant_approvals (request_id, {APPROVAL_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+    ))
+    .bind(request.id.as_str())
+    .bind(&approval.approver_id)
+    .bind(&approval.approver_name)
+    .bind(approval.verdict.as_str())
+    .bind(&approval.reason)
+    .bind(approval.decided_at.0)
+    .execute(&mut *connection)
+    .await?
+    .rows_affected();
+    if answered == 0 {
+        return Ok(GrantDecisionOutcome::AlreadyAnswered);
+    }
+    let events: Vec<&AuditEvent> = decision.events.iter().collect();
+    if approval.verdict == Verdict::Deny {
+        end(
+            connection,
+            &request.id,
+            GrantRequestState::Denied,
+            &approval.reason,
+            now,
+        )
+        .await?;
+        audit::insert_events(connection, &events).await?;
+        return Ok(GrantDecisionOutcome::Denied);
+    }
+    let approvals: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM grant_approvals WHERE request_id = $1 AND verdict = 'approve'",
+    )
+    .bind(request.id.as_str())
+    .fetch_one(&mut *connection)
+    .await?;
+    let approvals = u32::try_from(approvals).unwrap_or(u32::MAX);
+    audit::insert_events(connection, &events).await?;
+    if approvals < request.quorum {
+        return Ok(GrantDecisionOutcome::Recorded { approvals });
+    }
+    sqlx::query("UPDATE grant_requests SET state = 'issued', decided_at = $1 WHERE id = $2")
+        .bind(now.0)
+        .bind(request.id.as_str())
+        .execute(&mut *connection)
+        .await?;
+    batch::insert_leases(connection, &[&decision.lease]).await?;
+    audit::insert_events(
+        connection,
+        &decision.issued_events.iter().collect::<Vec<_>>(),
+    )
+    .await?;
+    Ok(GrantDecisionOutcome::Issued)
+}
+
+/// Cancels the pending requests of tasks that just ended (each at its `nows` instant).
+pub async fn cancel_for_tasks(
+    connection: &mut PgConnection,
+    task_ids: &[&str],
+    nows: &[i64],
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE grant_requests g SET state = 'cancelled', decided_at = v.now, reason = $3 \
+         FROM UNNEST($1::text[], $2::bigint[]) AS v(task_id, now) \
+         WHERE g.task_id = v.task_id AND g.state = 'pending'",
+    )
+    .bind(task_ids)
+    .bind(nows)
+    .bind(GRANT_TASK_ENDED)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+async fn find_locked(
+    connection: &mut PgConnection,
+    id: &LeaseId,
+    for_update: bool,
+) -> Result<Option<GrantRequestRecord>> {
+    let lock = if for_update { " FOR UPDATE" } else { "" };
+    let row = sqlx::query(&format!(
+        "SELECT {GRANT_REQUEST_COLUMNS} FROM grant_requests WHERE id = $1{lock}"
+    ))
+    .bind(id.as_str())
+    .fetch_optional(&mut *connection)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let columns = request_columns(&row)?;
+    let approvals = approvals_of(connection, &columns.id).await?;
+    columns.into_record(approvals).map(Some)
+}
+
+async fn task_is_open(
+    connection: &mut PgConnection,
+    id: &TaskId,
+    workload_id: &str,
+    now: UnixMillis,
+    for_update: bool,
+) -> Result<bool> {
+    let lock = if for_update { " FOR UPDATE" } else { "" };
+    Ok(sqlx::query(&format!(
+        "SELECT 1 FROM tasks WHERE id = $1 AND workload_id = $2 AND state = 'active' \
+         AND deadline > $3{lock}"
+    ))
+    .bind(id.as_str())
+    .bind(workload_id)
+    .bind(now.0)
+    .fetch_optional(connection)
+    .await?
+    .is_some())
+}
+
+async fn end(
+    connection: &mut PgConnection,
+    id: &LeaseId,
+    state: GrantRequestState,
+    reason: &str,
+    now: UnixMillis,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE grant_requests SET state = $1, decided_at = $2, reason = $3 \
+         WHERE id = $4 AND state = 'pending'",
+    )
+    .bind(state.as_str())
+    .bind(now.0)
+    .bind(reason)
+    .bind(id.as_str())
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+async fn approvals_of(connection: &mut PgConnection, id: &str) -> Result<Vec<ApprovalRecord>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {APPROVAL_COLUMNS} FROM grant_approvals WHERE request_id = $1 \
+         ORDER BY decided_at, approver_id"
+    ))
+    .bind(id)
+    .fetch_all(connection)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            ApprovalColumns {
+                approver_id: row.try_get(0)?,
+                approver_name: row.try_get(1)?,
+                verdict: row.try_get(2)?,
+                reason: row.try_get(3)?,
+                decided_at: row.try_get(4)?,
+            }
+            .into_record()
+        })
+        .collect()
+}
+
+fn request_columns(row: &PgRow) -> Result<GrantRequestColumns> {
+    Ok(GrantRequestColumns {
+        id: row.try_get(0)?,
+        task_id: row.try_get(1)?,
+        workload_id: row.try_get(2)?,
+        workload_name: row.try_get(3)?,
+        scope: row.try_get(4)?,
+        ttl_seconds: row.try_get(5)?,
+        request_digest: row.try_get(6)?,
+        detail_json: row.try_get(7)?,
+        quorum: row.try_get(8)?,
+        approver_labels_json: row.try_get(9)?,
+        state: row.try_get(10)?,
+        created_at: row.try_get(11)?,
+        wait_until: row.try_get(12)?,
+        decided_at: row.try_get(13)?,
+        reason: row.try_get(14)?,
+    })
+}
