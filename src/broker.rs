@@ -1022,6 +1022,7 @@ impl Broker {
     /// Expires every lease and task whose time has passed, announcing them on the feed.
     pub async fn expire_due(&self) -> Result<(usize, usize)> {
         const BATCH: usize = 500;
+        self.expire_grant_requests().await?;
         let (mut leases, mut tasks) = (0, 0);
         loop {
             let now = UnixMillis::now();

@@ -8,6 +8,7 @@ use crate::audit::AuditEvent;
 use crate::domain::task::{GrantRequestState, LeaseWindow, Verdict};
 use crate::domain::{Caller, LeaseId, LeaseState, ScopeName, UnixMillis};
 use crate::error::{Error, Result};
+use crate::metrics::CredentialLabels;
 use crate::policy::ApprovalRequirement;
 use crate::store::{
     ApprovalRecord, GrantDecision, GrantDecisionOutcome, GrantRequestInsertion, GrantRequestRecord,
@@ -113,24 +114,21 @@ impl Broker {
         }
     }
 
-    /// A page of the pending requests, oldest first, after `after`, without those whose wait
-    /// has passed (they are expired, whether or not an answer has yet recorded it); and the id
-    /// the next page starts after, if the page was full.
+    /// A page of the requests still waiting, oldest first, after `after`; and the id the next
+    /// page starts after, if the page was full.
     pub async fn pending_grants(
         &self,
         after: Option<&LeaseId>,
         limit: usize,
     ) -> Result<(Vec<GrantRequestRecord>, Option<LeaseId>)> {
-        let page = self.store.pending_grant_requests(after, limit).await?;
+        let page = self
+            .store
+            .pending_grant_requests(after, limit, UnixMillis::now())
+            .await?;
         let next = (page.len() == limit)
             .then(|| page.last().map(|last| last.id.clone()))
             .flatten();
-        let now = UnixMillis::now();
-        let waiting = page
-            .into_iter()
-            .filter(|request| request.wait_until > now)
-            .collect();
-        Ok((waiting, next))
+        Ok((page, next))
     }
 
     /// An operator's answer to request `id`. Refused before anything is stored: an unknown
@@ -182,7 +180,11 @@ impl Broker {
             )));
         }
         let now = UnixMillis::now();
-        let lease = self.approved_lease(&request, now).await?;
+        // A denial needs no lease: it must go through even when none could be issued.
+        let lease = match verdict {
+            Verdict::Approve => Some(self.approved_lease(&request, now).await?),
+            Verdict::Deny => None,
+        };
         let answered = AuditEvent::new(
             match verdict {
                 Verdict::Approve => "grant.approved",
@@ -197,15 +199,22 @@ impl Broker {
         .lease(&request.id)
         .with("reason", reason.as_str())
         .with("request_digest", request.request_digest.as_str());
-        let issued = AuditEvent::new("lease.issued", "ok", caller.name.as_str())
-            .workload(&request.workload_name)
-            .task(&request.task_id)
-            .lease(&request.id)
-            .scope(&request.scope)
-            .with("kind", lease.kind.as_str())
-            .with("audience", lease.audience.as_str())
-            .with("expires_at", lease.window.expires_at.0)
-            .with("approved_by_quorum", request.quorum);
+        let issued = lease.iter().map(|lease| {
+            AuditEvent::new("lease.issued", "ok", caller.name.as_str())
+                .workload(&request.workload_name)
+                .task(&request.task_id)
+                .lease(&request.id)
+                .scope(&request.scope)
+                .with("kind", lease.kind.as_str())
+                .with("audience", lease.audience.as_str())
+                .with("expires_at", lease.window.expires_at.0)
+                .with("approved_by_quorum", request.quorum)
+        });
+        let issued_events = issued.collect();
+        let issued_labels = lease.as_ref().map(|lease| CredentialLabels {
+            kind: lease.kind.as_str().to_owned(),
+            scope: lease.scope.to_string(),
+        });
         let decision = GrantDecision {
             request_id: request.id.clone(),
             approval: ApprovalRecord {
@@ -217,7 +226,7 @@ impl Broker {
             },
             lease,
             events: vec![answered],
-            issued_events: vec![issued],
+            issued_events,
         };
         let outcome = self.store.decide_grant_request(decision, now).await?;
         let ended = match outcome {
@@ -225,6 +234,9 @@ impl Broker {
             GrantDecisionOutcome::TaskEnded => Some("grant.cancelled"),
             _ => None,
         };
+        if let (GrantDecisionOutcome::Issued, Some(labels)) = (&outcome, &issued_labels) {
+            self.metrics.credentials_issued.get_or_create(labels).inc();
+        }
         if let Some(event_type) = ended {
             let event = AuditEvent::new(event_type, "ok", caller.name.as_str())
                 .workload(&request.workload_name)
@@ -288,6 +300,37 @@ impl Broker {
             window: LeaseWindow::new(now, definition, ttl, task.deadline),
             ended_at: None,
         })
+    }
+
+    /// Marks the requests whose wait has ended as expired, each audited (the housekeeping
+    /// loop's half of expiry; an answer or a watcher also sees the wait's end at once).
+    pub async fn expire_grant_requests(&self) -> Result<usize> {
+        const BATCH: usize = 500;
+        let mut expired = 0;
+        loop {
+            let requests = self
+                .store
+                .expire_grant_requests(UnixMillis::now(), BATCH)
+                .await?;
+            let events = requests
+                .iter()
+                .map(|request| {
+                    AuditEvent::new("grant.expired", "ok", crate::audit::REAPER)
+                        .workload(&request.workload_name)
+                        .task(&request.task_id)
+                        .scope(&request.scope)
+                        .lease(&request.id)
+                        .with("reason", crate::store::records::GRANT_NOT_DECIDED_IN_TIME)
+                })
+                .collect::<Vec<_>>();
+            expired += requests.len();
+            if !events.is_empty() {
+                self.store.record_events(events).await?;
+            }
+            if requests.len() < BATCH {
+                return Ok(expired);
+            }
+        }
     }
 
     /// Where the caller's own request `id` stands; once issued, with a fresh credential for

@@ -235,6 +235,13 @@ async fn watch_grant(
             }
             proto::GrantState::Issued => {
                 let lease = status.lease.unwrap_or_default();
+                if lease.credential.is_empty() {
+                    eprintln!(
+                        "grant {lease_id} was issued, but its lease has ended ({})",
+                        lease.state().as_str_name()
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
                 format.print(&lease_json(&lease), lease_text)?;
                 return Ok(ExitCode::SUCCESS);
             }

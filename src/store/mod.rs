@@ -220,10 +220,20 @@ pub trait Store: Send + Sync + 'static {
     /// The grant request `id` with its approvals.
     async fn find_grant_request(&self, id: &LeaseId) -> Result<Option<GrantRequestRecord>>;
 
-    /// Up to `limit` pending requests after `after` (ids sort by age), oldest first.
+    /// Up to `limit` requests pending and still within their wait at `now`, after `after`
+    /// (ids sort by age), oldest first.
     async fn pending_grant_requests(
         &self,
         after: Option<&LeaseId>,
+        limit: usize,
+        now: UnixMillis,
+    ) -> Result<Vec<GrantRequestRecord>>;
+
+    /// Marks up to `limit` pending requests whose wait ended before `now` as expired, and
+    /// returns them.
+    async fn expire_grant_requests(
+        &self,
+        now: UnixMillis,
         limit: usize,
     ) -> Result<Vec<GrantRequestRecord>>;
 

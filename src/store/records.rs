@@ -216,8 +216,9 @@ pub enum GrantRequestInsertion {
 pub struct GrantDecision {
     pub request_id: LeaseId,
     pub approval: ApprovalRecord,
-    /// The lease to insert if this answer completes the quorum (its window starts now).
-    pub lease: LeaseRecord,
+    /// For an approval: the lease to insert if it completes the quorum (its window starts
+    /// now). `None` for a denial.
+    pub lease: Option<LeaseRecord>,
     /// Written with the answer whatever it leads to.
     pub events: Vec<AuditEvent>,
     /// Written too when the lease is issued.
@@ -231,7 +232,8 @@ pub enum GrantDecisionOutcome {
     Recorded {
         approvals: u32,
     },
-    /// This operator had answered already: counted once, nothing changed.
+    /// This operator had approved already: counted once, nothing changed. (A denial after
+    /// one's own approval replaces it and ends the request.)
     AlreadyAnswered,
     /// The answer completed the quorum: the lease is issued.
     Issued,

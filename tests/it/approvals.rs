@@ -351,6 +351,28 @@ async fn one_denial_ends_the_request_and_completion_cancels_the_others() {
         late.message()
     );
 
+    // An operator who approved and then thinks better of it denies: the denial wins.
+    let (_, rethought) = ask(&agent, "tickets:write", None).await;
+    alice
+        .approvals()
+        .approve(answer(&rethought.lease_id, "fine"))
+        .await
+        .unwrap();
+    let changed = alice
+        .approvals()
+        .deny(answer(&rethought.lease_id, "wrong ticket, sorry"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(changed.state(), proto::GrantState::Denied);
+    assert!(changed.counted);
+    let refused = bob
+        .approvals()
+        .approve(answer(&rethought.lease_id, "ok"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+
     let (task_id, cancelled) = ask(&agent, "tickets:write", None).await;
     let mut stream = watch(&agent, &cancelled.lease_id).await;
     next(&mut stream).await;
@@ -402,6 +424,16 @@ async fn an_undecided_request_expires_and_a_late_approval_is_refused() {
         .unwrap_err();
     assert_eq!(late.code(), Code::FailedPrecondition);
     assert!(late.message().contains("expired"), "{}", late.message());
+    // The housekeeping loop recorded the expiry too.
+    let admin = app.admin().await;
+    let recorded = eventually(Duration::from_secs(5), || async {
+        audit_events_of_type(&admin, "grant.expired")
+            .await
+            .iter()
+            .any(|event| event.lease_id == pending.lease_id)
+    })
+    .await;
+    assert!(recorded, "grant.expired is in the audit trail");
     app.stop().await;
 }
 

@@ -1,7 +1,9 @@
-//! Grant requests waiting for approval, on PostgreSQL. An answer locks its request's row
-//! (`FOR UPDATE`) before it reads the answers so far, so two operators answering at once on two
-//! replicas are serialized: the second sees the first's approval, and exactly one of them
-//! issues the lease.
+//! Grant requests waiting for approval, on PostgreSQL. An answer locks its task's row and then
+//! its request's (`FOR UPDATE`), the order a task's completion takes them in, before it reads
+//! the answers so far: two operators answering at once on two replicas are serialized (the
+//! second sees the first's approval, and exactly one of them issues the lease), and an answer
+//! racing the task's completion either issues a lease the completion then revokes or finds the
+//! request cancelled.
 
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
@@ -24,16 +26,13 @@ pub async fn insert(
     now: UnixMillis,
     events: &[AuditEvent],
 ) -> Result<GrantRequestInsertion> {
-    // Locking the task serializes one workload's requests for it, so the cap holds.
-    if !task_is_open(
-        connection,
-        &request.task_id,
-        &request.workload_id,
-        now,
-        true,
-    )
-    .await?
-    {
+    // One workload's requests are counted and inserted one at a time, across its tasks and
+    // the replicas, so the cap holds.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("grant_requests:{}", request.workload_id))
+        .execute(&mut *connection)
+        .await?;
+    if !task_is_open(connection, &request.task_id, &request.workload_id, now).await? {
         return Ok(GrantRequestInsertion::TaskNotActive);
     }
     let pending: i64 = sqlx::query_scalar(
@@ -83,14 +82,16 @@ pub async fn pending(
     pool: &PgPool,
     after: Option<&LeaseId>,
     limit: usize,
+    now: UnixMillis,
 ) -> Result<Vec<GrantRequestRecord>> {
     let mut connection = pool.acquire().await?;
     let rows = sqlx::query(&format!(
         "SELECT {GRANT_REQUEST_COLUMNS} FROM grant_requests \
-         WHERE state = 'pending' AND id > $1 ORDER BY id LIMIT $2"
+         WHERE state = 'pending' AND wait_until > $3 AND id > $1 ORDER BY id LIMIT $2"
     ))
     .bind(after.map_or("", LeaseId::as_str))
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .bind(now.0)
     .fetch_all(&mut *connection)
     .await?;
     let mut requests = Vec::with_capacity(rows.len());
@@ -107,6 +108,18 @@ pub async fn decide(
     decision: &GrantDecision,
     now: UnixMillis,
 ) -> Result<GrantDecisionOutcome> {
+    let task_id: Option<String> =
+        sqlx::query_scalar("SELECT task_id FROM grant_requests WHERE id = $1")
+            .bind(decision.request_id.as_str())
+            .fetch_optional(&mut *connection)
+            .await?;
+    let Some(task_id) = task_id else {
+        return Ok(GrantDecisionOutcome::Unknown);
+    };
+    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(&task_id)
+        .execute(&mut *connection)
+        .await?;
     let Some(request) = find_locked(connection, &decision.request_id, true).await? else {
         return Ok(GrantDecisionOutcome::Unknown);
     };
@@ -124,15 +137,7 @@ pub async fn decide(
         .await?;
         return Ok(GrantDecisionOutcome::Expired);
     }
-    if !task_is_open(
-        connection,
-        &request.task_id,
-        &request.workload_id,
-        now,
-        false,
-    )
-    .await?
-    {
+    if !task_is_open(connection, &request.task_id, &request.workload_id, now).await? {
         end(
             connection,
             &request.id,
@@ -144,9 +149,17 @@ pub async fn decide(
         return Ok(GrantDecisionOutcome::TaskEnded);
     }
     let approval = &decision.approval;
+    // A second approval by one operator changes nothing; a denial replaces its own approval.
+    let on_conflict = match approval.verdict {
+        Verdict::Approve => "DO NOTHING",
+        Verdict::Deny => {
+            "DO UPDATE SET verdict = excluded.verdict, reason = excluded.reason, \
+             decided_at = excluded.decided_at"
+        }
+    };
     let answered = sqlx::query(&format!(
         "INSERT INTO grant_approvals (request_id, {APPROVAL_COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (request_id, approver_id) {on_conflict}"
     ))
     .bind(request.id.as_str())
     .bind(&approval.approver_id)
@@ -184,12 +197,16 @@ pub async fn decide(
     if approvals < request.quorum {
         return Ok(GrantDecisionOutcome::Recorded { approvals });
     }
+    let lease = decision
+        .lease
+        .as_ref()
+        .ok_or_else(|| Error::internal("an approval came without its lease"))?;
     sqlx::query("UPDATE grant_requests SET state = 'issued', decided_at = $1 WHERE id = $2")
         .bind(now.0)
         .bind(request.id.as_str())
         .execute(&mut *connection)
         .await?;
-    batch::insert_leases(connection, &[&decision.lease]).await?;
+    batch::insert_leases(connection, &[lease]).await?;
     audit::insert_events(
         connection,
         &decision.issued_events.iter().collect::<Vec<_>>(),
@@ -198,7 +215,34 @@ pub async fn decide(
     Ok(GrantDecisionOutcome::Issued)
 }
 
-/// Cancels the pending requests of tasks that just ended (each at its `nows` instant).
+/// Marks up to `limit` requests whose wait ended before `now` as expired; returns them.
+pub async fn expire(
+    connection: &mut PgConnection,
+    now: UnixMillis,
+    limit: usize,
+) -> Result<Vec<GrantRequestRecord>> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "UPDATE grant_requests SET state = 'expired', decided_at = $1, reason = $2 \
+         WHERE id IN (SELECT id FROM grant_requests WHERE state = 'pending' AND wait_until <= $1 \
+                      ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+         RETURNING id",
+    )
+    .bind(now.0)
+    .bind(GRANT_NOT_DECIDED_IN_TIME)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(&mut *connection)
+    .await?;
+    let mut expired = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(request) = find_locked(connection, &LeaseId::from_stored(id), false).await? {
+            expired.push(request);
+        }
+    }
+    Ok(expired)
+}
+
+/// Cancels the pending requests of tasks that just ended (each at its `nows` instant); those
+/// whose wait ended before are left for the expiry sweep: they expired.
 pub async fn cancel_for_tasks(
     connection: &mut PgConnection,
     task_ids: &[&str],
@@ -207,7 +251,7 @@ pub async fn cancel_for_tasks(
     sqlx::query(
         "UPDATE grant_requests g SET state = 'cancelled', decided_at = v.now, reason = $3 \
          FROM UNNEST($1::text[], $2::bigint[]) AS v(task_id, now) \
-         WHERE g.task_id = v.task_id AND g.state = 'pending'",
+         WHERE g.task_id = v.task_id AND g.state = 'pending' AND g.wait_until > v.now",
     )
     .bind(task_ids)
     .bind(nows)
@@ -242,13 +286,11 @@ async fn task_is_open(
     id: &TaskId,
     workload_id: &str,
     now: UnixMillis,
-    for_update: bool,
 ) -> Result<bool> {
-    let lock = if for_update { " FOR UPDATE" } else { "" };
-    Ok(sqlx::query(&format!(
+    Ok(sqlx::query(
         "SELECT 1 FROM tasks WHERE id = $1 AND workload_id = $2 AND state = 'active' \
-         AND deadline > $3{lock}"
-    ))
+         AND deadline > $3",
+    )
     .bind(id.as_str())
     .bind(workload_id)
     .bind(now.0)

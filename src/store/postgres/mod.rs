@@ -442,8 +442,20 @@ impl Store for PostgresStore {
         &self,
         after: Option<&LeaseId>,
         limit: usize,
+        now: UnixMillis,
     ) -> Result<Vec<GrantRequestRecord>> {
-        grants::pending(&self.pool, after, limit).await
+        grants::pending(&self.pool, after, limit, now).await
+    }
+
+    async fn expire_grant_requests(
+        &self,
+        now: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<GrantRequestRecord>> {
+        self.write(Topic::Approvals, |connection| {
+            Box::pin(async move { grants::expire(connection, now, limit).await })
+        })
+        .await
     }
 
     async fn decide_grant_request(

@@ -90,14 +90,15 @@ pub fn pending(
     connection: &Connection,
     after: Option<&LeaseId>,
     limit: usize,
+    now: UnixMillis,
 ) -> Result<Vec<GrantRequestRecord>> {
     let rows = connection
         .prepare_cached(&format!(
             "SELECT {GRANT_REQUEST_COLUMNS} FROM grant_requests \
-             WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2"
+             WHERE state = 'pending' AND wait_until > ?3 AND id > ?1 ORDER BY id LIMIT ?2"
         ))?
         .query_map(
-            params![after.map_or("", LeaseId::as_str), limit as i64],
+            params![after.map_or("", LeaseId::as_str), limit as i64, now.0],
             request_columns,
         )?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -146,11 +147,19 @@ pub fn decide(
         return Ok(GrantDecisionOutcome::TaskEnded);
     }
     let approval = &decision.approval;
+    // A second approval by one operator changes nothing; a denial replaces its own approval.
+    let on_conflict = match approval.verdict {
+        Verdict::Approve => "DO NOTHING",
+        Verdict::Deny => {
+            "DO UPDATE SET verdict = excluded.verdict, reason = excluded.reason, \
+             decided_at = excluded.decided_at"
+        }
+    };
     let answered = write
         .connection
         .prepare_cached(&format!(
             "INSERT INTO grant_approvals (request_id, {APPROVAL_COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING"
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (request_id, approver_id) {on_conflict}"
         ))?
         .execute(params![
             request.id.as_str(),
@@ -185,24 +194,56 @@ pub fn decide(
     if approvals < request.quorum {
         return Ok(GrantDecisionOutcome::Recorded { approvals });
     }
+    let lease = decision
+        .lease
+        .as_ref()
+        .ok_or_else(|| Error::internal("an approval came without its lease"))?;
     write
         .connection
         .prepare_cached(
             "UPDATE grant_requests SET state = 'issued', decided_at = ?1 WHERE id = ?2",
         )?
         .execute(params![now.0, request.id.as_str()])?;
-    tasks::insert_leases(write.connection, std::slice::from_ref(&decision.lease))?;
+    tasks::insert_leases(write.connection, std::slice::from_ref(lease))?;
     audit::insert_events(write, &decision.issued_events)?;
     Ok(GrantDecisionOutcome::Issued)
 }
 
-/// Cancels the pending requests of a task that just ended.
+/// Marks up to `limit` requests whose wait ended before `now` as expired; returns them.
+pub fn expire(
+    write: &mut Write<'_>,
+    now: UnixMillis,
+    limit: usize,
+) -> Result<Vec<GrantRequestRecord>> {
+    let ids: Vec<String> = write
+        .connection
+        .prepare_cached(
+            "UPDATE grant_requests SET state = 'expired', decided_at = ?1, reason = ?2 \
+             WHERE id IN (SELECT id FROM grant_requests \
+                          WHERE state = 'pending' AND wait_until <= ?1 ORDER BY id LIMIT ?3) \
+             RETURNING id",
+        )?
+        .query_map(
+            params![now.0, GRANT_NOT_DECIDED_IN_TIME, limit as i64],
+            |row| row.get(0),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    if !ids.is_empty() {
+        write.topics.push(Topic::Approvals);
+    }
+    ids.into_iter()
+        .filter_map(|id| find(write.connection, &LeaseId::from_stored(id)).transpose())
+        .collect()
+}
+
+/// Cancels the pending requests of a task that just ended (those whose wait ended before are
+/// left for the expiry sweep: they expired).
 pub fn cancel_for_task(write: &mut Write<'_>, task_id: &str, now: UnixMillis) -> Result<()> {
     let cancelled = write
         .connection
         .prepare_cached(
             "UPDATE grant_requests SET state = 'cancelled', decided_at = ?1, reason = ?2 \
-             WHERE task_id = ?3 AND state = 'pending'",
+             WHERE task_id = ?3 AND state = 'pending' AND wait_until > ?1",
         )?
         .execute(params![now.0, GRANT_TASK_ENDED, task_id])?;
     if cancelled > 0 {

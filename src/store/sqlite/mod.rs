@@ -241,9 +241,20 @@ impl Store for SqliteStore {
         &self,
         after: Option<&LeaseId>,
         limit: usize,
+        now: UnixMillis,
     ) -> Result<Vec<GrantRequestRecord>> {
         self.readers
-            .read(|connection| grants::pending(connection, after, limit))
+            .read(|connection| grants::pending(connection, after, limit, now))
+            .await
+    }
+
+    async fn expire_grant_requests(
+        &self,
+        now: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<GrantRequestRecord>> {
+        self.writer
+            .run(move |write| grants::expire(write, now, limit))
             .await
     }
 
