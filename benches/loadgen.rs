@@ -522,6 +522,110 @@ async fn policy_issuance(levels: &[usize], duration: Duration) -> Vec<Row> {
     rows
 }
 
+/// How long after the quorum's last `Approve` returns the agent's `WatchGrant` stream delivers
+/// the credential: one request at a time on a `--dev` broker where `tickets:write` waits for
+/// one operator. Each round opens the stream (and reads its pending message) before the
+/// approval, so the time measured is the broker's wake-up and delivery.
+async fn approval_latency(duration: Duration) -> Row {
+    let data = tempfile::tempdir().expect("temporary directory");
+    let policy_dir = data.path().join("policy");
+    std::fs::create_dir(&policy_dir).expect("policy directory");
+    std::fs::write(
+        policy_dir.join("approvals.cedar"),
+        "permit (principal in Warrant::Role::\"agent\", action, resource);\n\
+         @approval permit (principal, action, resource == Warrant::Scope::\"tickets:write\");\n",
+    )
+    .expect("write the policy set");
+    let server = Server::broker(data, None);
+    let admin = Connection::open(&server.grpc, server.admin_credential.as_deref(), None)
+        .await
+        .expect("connect");
+    let agent_token = agent_credential(&admin, "approval-agent").await;
+    let operator_token = admin
+        .admin()
+        .create_workload(proto::CreateWorkloadRequest {
+            name: "approval-operator".into(),
+            roles: vec![proto::Role::Operator as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("create the operator")
+        .into_inner()
+        .credential;
+    let agent = Connection::open(&server.grpc, Some(&agent_token), None)
+        .await
+        .expect("connect");
+    let operator = Connection::open(&server.grpc, Some(&operator_token), None)
+        .await
+        .expect("connect");
+    let task = agent
+        .tasks()
+        .begin_task(begin_request(&[], 3600))
+        .await
+        .expect("open task")
+        .into_inner()
+        .task_id;
+    eprintln!("sqlite: approval to WatchGrant delivery");
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    while started.elapsed() < duration {
+        let pending = agent
+            .tasks()
+            .request_grant(proto::RequestGrantRequest {
+                task_id: task.clone(),
+                scope: "tickets:write".into(),
+                ttl_seconds: 0,
+                risk: None,
+            })
+            .await
+            .expect("request")
+            .into_inner()
+            .pending
+            .expect("the grant waits");
+        let mut stream = agent
+            .tasks()
+            .watch_grant(proto::WatchGrantRequest {
+                lease_id: pending.lease_id.clone(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        stream.message().await.expect("pending status");
+        operator
+            .approvals()
+            .approve(proto::AnswerRequest {
+                lease_id: pending.lease_id,
+                reason: "load test".into(),
+                request_digest: String::new(),
+            })
+            .await
+            .expect("approve");
+        let approved = Instant::now();
+        loop {
+            let status = stream
+                .message()
+                .await
+                .expect("status")
+                .expect("open stream");
+            if status.lease.is_some() {
+                break;
+            }
+        }
+        latencies.push(approved.elapsed());
+    }
+    Measurement {
+        operations: latencies.len() as u64,
+        elapsed: started.elapsed(),
+        latencies,
+    }
+    .row(
+        "approval -> WatchGrant credential (1 at a time)",
+        "sqlite",
+        1,
+        None,
+    )
+}
+
 /// The raw signing rate measured at the start of the run.
 fn signing_rate_of(rows: &[Row]) -> f64 {
     rows.iter()
@@ -1167,6 +1271,7 @@ async fn run(options: &Options) -> Vec<Row> {
             }
         }
         rows.extend(policy_issuance(&two_levels(options), duration).await);
+        rows.push(approval_latency(duration.min(Duration::from_secs(5))).await);
     }
 
     let mut backends: Vec<(&str, Option<String>)> = vec![("sqlite", None)];
