@@ -160,6 +160,29 @@ pub struct CompletedTask {
     pub already_completed: bool,
 }
 
+/// A lease of `task` for `scope` issued at `now` (for `ttl`, else the scope's default, within
+/// the task's deadline), its tokens signed by `key`.
+fn issued_lease_record(
+    id: LeaseId,
+    task: &TaskRecord,
+    scope: &ScopeDefinition,
+    ttl: Option<Duration>,
+    now: UnixMillis,
+    key: &SigningKey,
+) -> LeaseRecord {
+    LeaseRecord {
+        id,
+        task_id: task.id.clone(),
+        scope: scope.name.clone(),
+        kind: scope.kind,
+        audience: scope.audience.clone(),
+        state: LeaseState::Issued,
+        kid: Some(key.kid().to_owned()),
+        window: LeaseWindow::new(now, scope, ttl, task.deadline),
+        ended_at: None,
+    }
+}
+
 /// Whether a lease is issued and unexpired at `now`: one whose credential may be handed out.
 fn is_live(record: &LeaseRecord, now: UnixMillis) -> bool {
     record.state == LeaseState::Issued && record.window.expires_at > now
@@ -1206,17 +1229,7 @@ impl Broker {
         now: UnixMillis,
         key: &SigningKey,
     ) -> IssuedLease {
-        let record = LeaseRecord {
-            id: LeaseId::generate(now),
-            task_id: task.id.clone(),
-            scope: scope.name.clone(),
-            kind: scope.kind,
-            audience: scope.audience.clone(),
-            state: LeaseState::Issued,
-            kid: Some(key.kid().to_owned()),
-            window: LeaseWindow::new(now, scope, ttl, task.deadline),
-            ended_at: None,
-        };
+        let record = issued_lease_record(LeaseId::generate(now), task, scope, ttl, now, key);
         let credential = self.mint(caller, &record, key);
         IssuedLease {
             record,

@@ -3,10 +3,10 @@
 //! approval that reaches the quorum issues the lease (its TTL starting then), and the agent
 //! receives the credential through `WatchGrant`.
 
-use super::{Broker, Credential, IssuedLease, is_live, task_not_active};
+use super::{Broker, Credential, IssuedLease, is_live, issued_lease_record, task_not_active};
 use crate::audit::AuditEvent;
-use crate::domain::task::{GrantRequestState, LeaseWindow, Verdict};
-use crate::domain::{Caller, LeaseId, LeaseState, ScopeName, UnixMillis};
+use crate::domain::task::{GrantRequestState, Verdict};
+use crate::domain::{Caller, LeaseId, ScopeName, UnixMillis};
 use crate::error::{Error, Result};
 use crate::metrics::CredentialLabels;
 use crate::policy::ApprovalRequirement;
@@ -289,17 +289,14 @@ impl Broker {
             request.ttl_seconds,
             definition.max_ttl,
         )?;
-        Ok(LeaseRecord {
-            id: request.id.clone(),
-            task_id: request.task_id.clone(),
-            scope: definition.name.clone(),
-            kind: definition.kind,
-            audience: definition.audience.clone(),
-            state: LeaseState::Issued,
-            kid: Some(self.keyring.current().kid().to_owned()),
-            window: LeaseWindow::new(now, definition, ttl, task.deadline),
-            ended_at: None,
-        })
+        Ok(issued_lease_record(
+            request.id.clone(),
+            &task,
+            definition,
+            ttl,
+            now,
+            &self.keyring.current(),
+        ))
     }
 
     /// Marks the requests whose wait has ended as expired, each audited (the housekeeping
@@ -393,6 +390,5 @@ fn request_digest(
         "task_id": task.id.as_str(),
         "ttl_seconds": ttl_seconds,
     });
-    let digest = ring::digest::digest(&ring::digest::SHA256, canonical.to_string().as_bytes());
-    crate::domain::ids::hex(digest.as_ref())
+    crate::domain::ids::sha256_hex(canonical.to_string().as_bytes())
 }

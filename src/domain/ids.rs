@@ -95,6 +95,11 @@ impl<K: IdKind> Id<K> {
     }
 }
 
+/// SHA-256 of `bytes` in lowercase hex: the digests requests are recognised and bound by.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
 /// Lowercase hex encoding.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -302,8 +302,7 @@ impl NewTask {
             "scopes": self.scopes.iter().map(ScopeName::as_str).collect::<Vec<_>>(),
             "ttl_seconds": self.ttl.as_secs(),
         });
-        let digest = ring::digest::digest(&ring::digest::SHA256, canonical.to_string().as_bytes());
-        super::ids::hex(digest.as_ref())
+        super::ids::sha256_hex(canonical.to_string().as_bytes())
     }
 }
 

@@ -256,8 +256,17 @@ async fn nobody_approves_their_own_request_and_approvers_need_the_rules_label() 
         unlabelled.message()
     );
 
-    // An agent without the operator role cannot call Approvals at all.
+    // An agent without the operator role cannot call Approvals at all, nor follow another
+    // workload's request: its id is as unknown to it as an invented one.
     let agent = app.agent("plain-agent").await;
+    let foreign = agent
+        .tasks()
+        .watch_grant(proto::WatchGrantRequest {
+            lease_id: pending.lease_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.code(), Code::NotFound);
     let refused = agent
         .approvals()
         .approve(answer(&pending.lease_id, "ok"))
