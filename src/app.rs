@@ -115,7 +115,7 @@ impl App {
     pub async fn build(config: Config) -> Result<App, StartError> {
         let master_key = Arc::new(bootstrap::master_key(&config.master_key)?);
         let catalog = bootstrap::catalog(&config.catalog_file, config.create_demo_catalog)?;
-        let policy = bootstrap::policy(&config.policy, config.create_default_policy)?;
+        let policy = bootstrap::policy(&config.policy, &catalog, config.create_default_policy)?;
         if let Some(tls) = &config.tls {
             server_tls_config(tls, None)?;
         }

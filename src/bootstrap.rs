@@ -75,19 +75,23 @@ pub enum PolicyLoadError {
     Invalid(#[from] PolicyError),
 }
 
-/// Loads the policy set, first writing Warrant's default into its directory if `create_default`
-/// is set and the directory does not exist.
+/// Loads the policy set against Warrant's schema for `catalog`, first writing Warrant's default
+/// into its directory if `create_default` is set and the directory does not exist.
 pub fn policy(
     source: &PolicySource,
+    catalog: &Catalog,
     create_default: bool,
 ) -> Result<PolicyEngine, PolicyLoadError> {
+    let schema = crate::policy::load::schema_for(catalog.tool_arguments());
     if let (PolicySource::Dir(dir), true) = (source, create_default) {
-        crate::policy::load::create_default_dir(dir).map_err(|source| PolicyLoadError::Io {
-            path: dir.display().to_string(),
-            source,
+        crate::policy::load::create_default_dir(dir, &schema).map_err(|source| {
+            PolicyLoadError::Io {
+                path: dir.display().to_string(),
+                source,
+            }
         })?;
     }
-    let engine = PolicyEngine::load(source.clone())?;
+    let engine = PolicyEngine::load(source.clone(), schema)?;
     let summary = &engine.current().summary;
     tracing::info!(
         source = %summary.source,

@@ -5,6 +5,7 @@
 mod approvals;
 mod grant_decision;
 mod identity;
+pub mod tool_calls;
 
 use std::fmt;
 use std::future::Future;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::audit::{AuditEvent, AuditKey, BOOTSTRAP, REAPER};
 use crate::caller_limits::{Admitted, CallerLimitSettings, CallerLimits};
 use crate::domain::task::{LeaseWindow, NewGrant, NewTask, parse_ttl_seconds};
+use crate::domain::tool::{CALL_SCOPE_PREFIX, CallBinding};
 use crate::domain::{
     Caller, Catalog, Labels, LeaseId, LeaseState, Role, ScopeDefinition, ScopeName, SpiffeId,
     TaskId, TaskState, TrustDomain, UnixMillis, WorkloadName,
@@ -509,6 +511,7 @@ impl Broker {
                     ttl_seconds: *ttl_seconds,
                     risk: *risk,
                     requirement,
+                    call: None,
                 };
                 return self
                     .hold_for_approval(caller, held, event.context(&context_json), now)
@@ -604,6 +607,12 @@ impl Broker {
             .find_lease(lease_id, &caller.workload_id)
             .await?
             .ok_or_else(|| lease_id.not_found())?;
+        if lease.scope.as_str().starts_with(CALL_SCOPE_PREFIX) {
+            return Err(Error::FailedPrecondition(format!(
+                "lease_id: lease {lease_id} is a tool call's token, for one call: authorize the \
+                 next call with AuthorizeToolCall instead of renewing it"
+            )));
+        }
         let definition = self.catalog.authorize(caller, "lease_id", &lease.scope)?;
         let ttl = parse_ttl_seconds("ttl_seconds", ttl_seconds, definition.max_ttl)?
             .unwrap_or(definition.default_ttl);
@@ -662,7 +671,7 @@ impl Broker {
             ..lease
         };
         let renewed = IssuedLease {
-            credential: Some(self.mint(caller, &record, &key)),
+            credential: Some(self.mint(caller, &record, &key, None)),
             record,
         };
         let event = self.issuance_event(caller, "lease.renewed", &renewed);
@@ -757,6 +766,9 @@ impl Broker {
                 reason: "certificate_mismatch",
                 verified_claims: Some(claims),
             }),
+            Ok(claims) if claims.scope.starts_with(CALL_SCOPE_PREFIX) => {
+                self.use_call_token(claims).await?
+            }
             outcome => outcome,
         };
         let mut event = AuditEvent::new("token.introspected", "inactive", caller.name.as_str())
@@ -1081,7 +1093,14 @@ impl Broker {
         }
         let now = UnixMillis::now();
         ensure_task_active(&task, now)?;
-        let records = self.store.leases_of_task(&task.id).await?;
+        // A tool call's token is for its one call: a retry of BeginTask does not hand it again.
+        let records: Vec<LeaseRecord> = self
+            .store
+            .leases_of_task(&task.id)
+            .await?
+            .into_iter()
+            .filter(|record| !record.scope.as_str().starts_with(CALL_SCOPE_PREFIX))
+            .collect();
         // A retry hands out fresh credentials, so policy decides each again, with the retry's
         // own risk signal: a set reloaded since, or a risen signal, applies to it.
         let mut events = Vec::new();
@@ -1119,7 +1138,7 @@ impl Broker {
         let leases: Vec<IssuedLease> = records
             .into_iter()
             .map(|record| {
-                let credential = is_live(&record, now).then(|| self.mint(caller, &record, &key));
+                let credential = is_live(&record, now).then(|| self.mint(caller, &record, &key, None));
                 IssuedLease { record, credential }
             })
             .collect();
@@ -1219,6 +1238,36 @@ impl Broker {
         Ok(Ok(claims))
     }
 
+    /// Accepts a valid call token once: its one use is counted in the store, so a replay (to
+    /// this replica or another) finds it used. A call token must name its tool and arguments.
+    async fn use_call_token(
+        &self,
+        claims: AccessTokenClaims,
+    ) -> Result<std::result::Result<AccessTokenClaims, Inactive>> {
+        let inactive = |reason, claims| {
+            Ok(Err(Inactive {
+                reason,
+                verified_claims: Some(claims),
+            }))
+        };
+        if claims.tool.is_none() || claims.arguments_digest.is_none() {
+            return inactive("call token without its tool and arguments", claims);
+        }
+        let Ok(lease_id) = LeaseId::parse("jti", &claims.jti) else {
+            return inactive("jti is not an id", claims);
+        };
+        match self
+            .timed(
+                "count_lease_use",
+                self.store.count_lease_use(&lease_id, 1, UnixMillis::now()),
+            )
+            .await?
+        {
+            Some(_) => Ok(Ok(claims)),
+            None => inactive("call token already used", claims),
+        }
+    }
+
     /// A new issued lease of `task` for `scope` (not yet stored) with its credential.
     fn issue(
         &self,
@@ -1230,15 +1279,22 @@ impl Broker {
         key: &SigningKey,
     ) -> IssuedLease {
         let record = issued_lease_record(LeaseId::generate(now), task, scope, ttl, now, key);
-        let credential = self.mint(caller, &record, key);
+        let credential = self.mint(caller, &record, key, None);
         IssuedLease {
             record,
             credential: Some(credential),
         }
     }
 
-    /// Signs the access token of `lease` for its owner `caller`.
-    fn mint(&self, caller: &Caller, lease: &LeaseRecord, key: &SigningKey) -> Credential {
+    /// Signs the access token of `lease` for its owner `caller`; a call token carries the
+    /// tool and arguments digest it is bound to.
+    fn mint(
+        &self,
+        caller: &Caller,
+        lease: &LeaseRecord,
+        key: &SigningKey,
+        call: Option<&CallBinding>,
+    ) -> Credential {
         let claims = AccessTokenClaims {
             iss: self.settings.issuer.clone(),
             sub: caller.spiffe_id.as_str().to_owned(),
@@ -1256,6 +1312,8 @@ impl Broker {
                 .map(|thumbprint| jwt::Confirmation {
                     x5t_s256: thumbprint.clone(),
                 }),
+            tool: call.map(|call| call.tool.clone()),
+            arguments_digest: call.map(|call| call.arguments_digest.clone()),
         };
         Credential(jwt::sign(key, &claims))
     }

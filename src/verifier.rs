@@ -128,6 +128,10 @@ pub enum VerifyError {
     /// with, or came without one.
     #[error("token bound to another client certificate")]
     CertificateMismatch,
+    /// A tool call's token, which only the broker's introspection may accept (once): a local
+    /// check cannot know whether it was already used.
+    #[error("a call token is single-use: check it with the broker's Introspect")]
+    CallTokenNeedsIntrospection,
     /// Nothing was heard from the revocation feed for longer than the staleness bound, so a
     /// revocation may have been missed; the token itself was otherwise valid.
     #[error(
@@ -316,6 +320,12 @@ impl Verifier {
         }
         if !claims.is_usable_with(client_thumbprint) {
             return Err(VerifyError::CertificateMismatch);
+        }
+        if claims
+            .scope
+            .starts_with(crate::domain::tool::CALL_SCOPE_PREFIX)
+        {
+            return Err(VerifyError::CallTokenNeedsIntrospection);
         }
         Ok(claims)
     }

@@ -6,6 +6,7 @@
 use super::{Broker, Credential, IssuedLease, is_live, issued_lease_record, task_not_active};
 use crate::audit::AuditEvent;
 use crate::domain::task::{GrantRequestState, Verdict};
+use crate::domain::tool::CallBinding;
 use crate::domain::{Caller, LeaseId, ScopeName, UnixMillis};
 use crate::error::{Error, Result};
 use crate::metrics::CredentialLabels;
@@ -45,7 +46,19 @@ pub struct HeldGrant<'a> {
     pub ttl_seconds: u32,
     pub risk: Option<u32>,
     pub requirement: ApprovalRequirement,
+    /// For a tool call: the call the token will be bound to.
+    pub call: Option<HeldCall<'a>>,
 }
+
+/// The tool call a held request is for.
+pub struct HeldCall<'a> {
+    pub binding: CallBinding,
+    /// The arguments as operators may see them (sensitive values redacted).
+    pub shown: &'a serde_json::Value,
+}
+
+/// The key of a held request's detail that holds its tool call.
+const TOOL_CALL_DETAIL: &str = "tool_call";
 
 impl Broker {
     /// Stores a stepped-up request with the decision's audit event.
@@ -57,7 +70,7 @@ impl Broker {
         now: UnixMillis,
     ) -> Result<GrantRequestRecord> {
         let task = held.task;
-        let detail = serde_json::json!({
+        let mut detail = serde_json::json!({
             "approval_rules": held.requirement.rules,
             "labels": task.context.labels,
             "planned_tools": task.context.planned_tools,
@@ -65,6 +78,14 @@ impl Broker {
             "purpose": task.purpose,
             "risk": held.risk,
         });
+        if let Some(call) = &held.call {
+            detail[TOOL_CALL_DETAIL] = serde_json::json!({
+                "arguments": call.shown,
+                "arguments_digest": call.binding.arguments_digest,
+                "tool": call.binding.tool,
+            });
+        }
+        let binding = held.call.as_ref().map(|call| &call.binding);
         let request = GrantRequestRecord {
             id: LeaseId::generate(now),
             task_id: task.id.clone(),
@@ -72,7 +93,7 @@ impl Broker {
             workload_name: caller.name.to_string(),
             scope: held.scope.clone(),
             ttl_seconds: held.ttl_seconds,
-            request_digest: request_digest(task, held.scope, held.ttl_seconds, held.risk),
+            request_digest: request_digest(task, held.scope, held.ttl_seconds, held.risk, binding),
             detail_json: detail.to_string(),
             quorum: held.requirement.quorum,
             approver_labels: held.requirement.approver_labels.clone(),
@@ -273,7 +294,7 @@ impl Broker {
         request: &GrantRequestRecord,
         now: UnixMillis,
     ) -> Result<LeaseRecord> {
-        let definition = self.catalog.get(&request.scope).ok_or_else(|| {
+        let definition = self.catalog.lease_definition(&request.scope).ok_or_else(|| {
             Error::FailedPrecondition(format!(
                 "lease_id: scope '{}' is no longer in the catalog",
                 request.scope
@@ -353,8 +374,9 @@ impl Broker {
             .find_lease(id, &caller.workload_id)
             .await?
             .ok_or_else(|| Error::internal("an issued grant request has no lease"))?;
-        let credential: Option<Credential> =
-            is_live(&record, now).then(|| self.mint(caller, &record, &self.keyring.current()));
+        let call = call_binding(&request);
+        let credential: Option<Credential> = is_live(&record, now)
+            .then(|| self.mint(caller, &record, &self.keyring.current(), call.as_ref()));
         let lease = IssuedLease { record, credential };
         if lease.credential.is_some() {
             let event = self.issuance_event(caller, "lease.delivered", &lease);
@@ -372,15 +394,23 @@ fn unknown_request(id: &LeaseId) -> Error {
     }
 }
 
-/// SHA-256 (hex) of exactly what was asked: the task and its context, the scope, the TTL and
-/// the risk signal, as JSON with sorted keys.
+/// The tool call a held request is for, if it is one (from its stored detail).
+fn call_binding(request: &GrantRequestRecord) -> Option<CallBinding> {
+    let detail: serde_json::Value = serde_json::from_str(&request.detail_json).ok()?;
+    serde_json::from_value(detail.get(TOOL_CALL_DETAIL)?.clone()).ok()
+}
+
+/// SHA-256 (hex) of exactly what was asked: the task and its context, the scope, the TTL, the
+/// risk signal and, for a tool call, the tool and the arguments' digest, as JSON with sorted
+/// keys.
 fn request_digest(
     task: &TaskRecord,
     scope: &ScopeName,
     ttl_seconds: u32,
     risk: Option<u32>,
+    call: Option<&CallBinding>,
 ) -> String {
-    let canonical = serde_json::json!({
+    let mut canonical = serde_json::json!({
         "labels": task.context.labels,
         "planned_tools": task.context.planned_tools,
         "prompt_digest": task.context.prompt_digest,
@@ -390,5 +420,12 @@ fn request_digest(
         "task_id": task.id.as_str(),
         "ttl_seconds": ttl_seconds,
     });
+    if let Some(call) = call {
+        // Sorted keys: the call's fields go after every key above.
+        canonical[TOOL_CALL_DETAIL] = serde_json::json!({
+            "arguments_digest": call.arguments_digest,
+            "tool": call.tool,
+        });
+    }
     crate::domain::ids::sha256_hex(canonical.to_string().as_bytes())
 }

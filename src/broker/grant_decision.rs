@@ -9,7 +9,7 @@ use crate::audit::AuditEvent;
 use crate::domain::{Caller, ScopeDefinition, ScopeName, TaskContext, TaskId, UnixMillis};
 use crate::error::Error;
 use crate::metrics::DecisionLabels;
-use crate::policy::{ApprovalRequirement, Decision, GrantQuery};
+use crate::policy::{ApprovalRequirement, Decision, GrantQuery, PolicySummary, TaskFacts};
 
 /// The policy that the catalog's own check is recorded as.
 const CATALOG_POLICY: &str = "scope-catalog";
@@ -64,49 +64,69 @@ impl Broker {
         let decision = policy.decide(&GrantQuery {
             caller,
             scope: definition,
-            purpose: ask.purpose,
-            context: ask.context,
-            requested_ttl: ask.ttl.unwrap_or(definition.default_ttl),
-            delegation_depth: 0,
-            now: ask.now,
-            risk: ask.risk,
+            facts: TaskFacts {
+                purpose: ask.purpose,
+                context: ask.context,
+                requested_ttl: ask.ttl.unwrap_or(definition.default_ttl),
+                delegation_depth: 0,
+                now: ask.now,
+                risk: ask.risk,
+            },
         });
         let scope = &definition.name;
+        let field = ask.field;
+        self.policy_answer(
+            decision,
+            decided(caller, ask.task_id, scope, "pending"),
+            &policy.summary,
+            ask.risk,
+            |reason| format!("{field}: policy denies scope '{scope}': {reason}"),
+        )
+    }
+
+    /// Counts `decision` and completes its audit `event` (the deciding policies, the set's
+    /// version, the risk signal when sent, the reason): the answer, or the refusal whose
+    /// message `denial` writes from the policy's reason.
+    pub(super) fn policy_answer(
+        &self,
+        decision: Decision,
+        event: AuditEvent,
+        policy: &PolicySummary,
+        risk: Option<u32>,
+        denial: impl FnOnce(&str) -> String,
+    ) -> std::result::Result<PolicyAnswer, Box<Refused>> {
         self.metrics
             .policy_decisions
             .get_or_create(&DecisionLabels {
                 outcome: decision.outcome(),
             })
             .inc();
-        let event = decided(caller, ask.task_id, scope, decision.outcome())
+        let mut event = event
             .with("policies", decision.policies())
-            .with("policy_version", policy.summary.version());
+            .with("policy_version", policy.version());
+        event.outcome = decision.outcome();
         // Recorded only when sent: to policy, absent and zero mean different things.
-        let event = match ask.risk {
+        let event = match risk {
             Some(risk) => event.with("risk", risk),
             None => event,
         };
-        let field = ask.field;
-        let (error, event) = match decision {
+        match decision {
             Decision::Allow { policies } => {
                 let event = event.with("reason", format!("permitted by {}", policies.join(", ")));
-                return Ok(PolicyAnswer::Allow(event));
+                Ok(PolicyAnswer::Allow(event))
             }
-            Decision::Deny { reason, .. } => (
-                Error::PermissionDenied(format!(
-                    "{field}: policy denies scope '{scope}': {reason}"
-                )),
-                event.with("reason", reason),
-            ),
+            Decision::Deny { reason, .. } => Err(Box::new(Refused {
+                error: Error::PermissionDenied(denial(&reason)),
+                event: event.with("reason", reason),
+            })),
             Decision::StepUp { requirement, .. } => {
                 let rules = requirement.rules.join(", ");
                 let event = event
                     .with("reason", format!("approval required by {rules}"))
                     .with("approval_required", requirement.describe());
-                return Ok(PolicyAnswer::StepUp(event, requirement));
+                Ok(PolicyAnswer::StepUp(event, requirement))
             }
-        };
-        Err(Box::new(Refused { error, event }))
+        }
     }
 }
 

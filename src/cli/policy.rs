@@ -13,7 +13,7 @@ use crate::domain::task::{MAX_RISK, parse_risk, parse_ttl_seconds};
 use crate::domain::{
     Caller, Catalog, Labels, Role, ScopeName, SpiffeId, TaskContext, UnixMillis, WorkloadName,
 };
-use crate::policy::{Decision, GrantQuery, PolicySource};
+use crate::policy::{Decision, GrantQuery, PolicySource, TaskFacts};
 
 #[derive(Subcommand)]
 #[expect(
@@ -21,12 +21,21 @@ use crate::policy::{Decision, GrantQuery, PolicySource};
     reason = "parsed once per process; boxing would only obscure the arguments"
 )]
 pub enum PolicyCommand {
-    /// Print Warrant's Cedar schema: what every request carries, what policies may read.
-    Schema,
+    /// Print Warrant's Cedar schema: what every request carries, what policies may read
+    /// (`context.arguments` typed by the catalog's tools).
+    Schema {
+        /// The scope catalog whose tools' arguments the schema declares (default: the --dev
+        /// data directory's scopes.toml, if there is one).
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+    },
     /// Parse and validate a policy directory against its schema, as a reload would.
     Check {
         /// The directory of *.cedar files (default: the --dev data directory's policy/).
         dir: Option<PathBuf>,
+        /// The scope catalog (default: the --dev data directory's scopes.toml, if any).
+        #[arg(long)]
+        catalog: Option<PathBuf>,
     },
     /// Decide one grant request against a policy directory and print the answer.
     Test {
@@ -75,16 +84,36 @@ pub enum PolicyCommand {
     },
 }
 
+/// The catalog at `path`, else the --dev data directory's; without either, an empty one
+/// unless `required`.
+fn read_catalog(path: Option<&PathBuf>, required: bool) -> Result<Catalog, CommandError> {
+    let file = path
+        .cloned()
+        .unwrap_or_else(|| data_dir().join("scopes.toml"));
+    if path.is_none() && !required && !file.exists() {
+        return Ok(Catalog::default());
+    }
+    let text = std::fs::read_to_string(&file)
+        .map_err(|error| CommandError::Usage(format!("--catalog {}: {error}", file.display())))?;
+    Catalog::from_toml(&text).map_err(|error| CommandError::Usage(format!("--catalog: {error}")))
+}
+
+fn schema_for(catalog: &Catalog) -> String {
+    crate::policy::load::schema_for(catalog.tool_arguments())
+}
+
 pub fn run(command: &PolicyCommand, format: &Format) -> Result<ExitCode, CommandError> {
     match command {
-        PolicyCommand::Schema => {
-            print!("{}", crate::policy::load::BUILT_IN_SCHEMA);
+        PolicyCommand::Schema { catalog } => {
+            let catalog = read_catalog(catalog.as_ref(), false)?;
+            print!("{}", schema_for(&catalog));
             Ok(ExitCode::SUCCESS)
         }
-        PolicyCommand::Check { dir } => {
+        PolicyCommand::Check { dir, catalog } => {
+            let catalog = read_catalog(catalog.as_ref(), false)?;
             let source =
                 PolicySource::Dir(dir.clone().unwrap_or_else(|| data_dir().join("policy")));
-            let loaded = crate::policy::load::load(&source)
+            let loaded = crate::policy::load::load(&source, &schema_for(&catalog))
                 .map_err(|error| CommandError::Usage(format!("policy refused: {error}")))?;
             let summary = &loaded.summary;
             let value = json!({
@@ -123,16 +152,9 @@ pub fn run(command: &PolicyCommand, format: &Format) -> Result<ExitCode, Command
             let usage = |error: crate::error::Error| CommandError::Usage(error.to_string());
             let source =
                 PolicySource::Dir(dir.clone().unwrap_or_else(|| data_dir().join("policy")));
-            let loaded = crate::policy::load::load(&source)
+            let catalog = read_catalog(catalog.as_ref(), true)?;
+            let loaded = crate::policy::load::load(&source, &schema_for(&catalog))
                 .map_err(|error| CommandError::Usage(format!("policy refused: {error}")))?;
-            let catalog_file = catalog
-                .clone()
-                .unwrap_or_else(|| data_dir().join("scopes.toml"));
-            let catalog_text = std::fs::read_to_string(&catalog_file).map_err(|error| {
-                CommandError::Usage(format!("--catalog {}: {error}", catalog_file.display()))
-            })?;
-            let catalog = Catalog::from_toml(&catalog_text)
-                .map_err(|error| CommandError::Usage(format!("--catalog: {error}")))?;
             let roles = match roles.as_slice() {
                 [] => vec![Role::Agent],
                 roles => roles
@@ -184,12 +206,14 @@ pub fn run(command: &PolicyCommand, format: &Format) -> Result<ExitCode, Command
             let decision = loaded.decide(&GrantQuery {
                 caller: &caller,
                 scope: definition,
-                purpose,
-                context: &context,
-                requested_ttl,
-                delegation_depth: 0,
-                now,
-                risk,
+                facts: TaskFacts {
+                    purpose,
+                    context: &context,
+                    requested_ttl,
+                    delegation_depth: 0,
+                    now,
+                    risk,
+                },
             });
             print_decision(&decision, format)?;
             let answer = answer_name(&decision);

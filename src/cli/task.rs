@@ -56,6 +56,29 @@ pub enum TaskCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Have one tool call authorized: prints its single-use call token (give it to the tool's
+    /// service with the call), the denial, or the pending approval.
+    Call {
+        /// The task, as `task begin` printed it.
+        task_id: String,
+        /// The tool, from the catalog's [[tool]] entries.
+        #[arg(long)]
+        tool: String,
+        /// The call's arguments as a JSON object, e.g. '{"order_id":"A-1","amount_cents":500}'.
+        #[arg(long = "args", default_value = "{}")]
+        arguments: String,
+        /// Your guardrail's risk signal for this call, 0 to 100, for policy to read.
+        #[arg(long)]
+        risk: Option<u32>,
+        /// If the call waits for approval, wait for it (as `task watch` does).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List the tools this task may call, with their arguments.
+    Tools {
+        /// The task, as `task begin` printed it.
+        task_id: String,
+    },
     /// Wait for a grant that waits for operators' approval: prints the lease with its
     /// credential once approved; exits 1 if it is denied, expires or its task ends.
     Watch {
@@ -144,21 +167,39 @@ pub async fn run(
                 risk: *risk,
             };
             let answer = tasks.request_grant(request).await?.into_inner();
-            match (answer.lease, answer.pending) {
-                (Some(lease), _) => format.print(&lease_json(&lease), lease_text)?,
-                (None, Some(pending)) if *wait => {
-                    eprint!("{}", pending_text(&pending));
-                    return watch_grant(&mut tasks, &pending.lease_id, format).await;
-                }
-                (None, Some(pending)) => {
-                    format.print(&grant_json(&pending), |_| pending_text(&pending))?
-                }
-                (None, None) => {
-                    return Err(CommandError::Usage(
-                        "the broker answered neither a lease nor a pending grant".into(),
-                    ));
-                }
-            }
+            return print_grant_answer(&mut tasks, answer.lease, answer.pending, *wait, format)
+                .await;
+        }
+        TaskCommand::Call {
+            task_id,
+            tool,
+            arguments,
+            risk,
+            wait,
+        } => {
+            let request = proto::AuthorizeToolCallRequest {
+                task_id: task_id.clone(),
+                tool: tool.clone(),
+                arguments_json: arguments.clone(),
+                risk: *risk,
+            };
+            let answer = tasks.authorize_tool_call(request).await?.into_inner();
+            eprintln!("arguments {}", answer.arguments_digest);
+            return print_grant_answer(&mut tasks, answer.call_token, answer.pending, *wait, format)
+                .await;
+        }
+        TaskCommand::Tools { task_id } => {
+            let tools = tasks
+                .list_tools(proto::ListToolsRequest {
+                    task_id: task_id.clone(),
+                })
+                .await?
+                .into_inner()
+                .tools;
+            let value: Vec<Value> = tools.iter().map(tool_json).collect();
+            format.print(&Value::Array(value), |_| {
+                tools.iter().map(tool_text).collect::<String>()
+            })?;
         }
         TaskCommand::Watch { lease_id } => {
             return watch_grant(&mut tasks, lease_id, format).await;
@@ -258,6 +299,68 @@ async fn watch_grant(
     Err(CommandError::Rpc(tonic::Status::unavailable(
         "the broker ended the stream before the grant was decided; run `warrant task watch` again",
     )))
+}
+
+/// Prints a lease issued at once, or a pending grant (waiting for its answer if `wait`).
+async fn print_grant_answer(
+    tasks: &mut crate::proto::tasks_client::TasksClient<crate::client::Authenticated>,
+    lease: Option<proto::Lease>,
+    pending: Option<proto::GrantStatus>,
+    wait: bool,
+    format: &Format,
+) -> Result<ExitCode, CommandError> {
+    match (lease, pending) {
+        (Some(lease), _) => format.print(&lease_json(&lease), lease_text)?,
+        (None, Some(pending)) if wait => {
+            eprint!("{}", pending_text(&pending));
+            return watch_grant(tasks, &pending.lease_id, format).await;
+        }
+        (None, Some(pending)) => format.print(&grant_json(&pending), |_| pending_text(&pending))?,
+        (None, None) => {
+            return Err(CommandError::Usage(
+                "the broker answered neither a lease nor a pending grant".into(),
+            ));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tool_json(tool: &proto::Tool) -> Value {
+    json!({
+        "name": tool.name,
+        "description": tool.description,
+        "audience": tool.audience,
+        "arguments": tool.arguments.iter().map(|argument| json!({
+            "name": argument.name,
+            "type": argument.r#type,
+            "required": argument.required,
+            "sensitive": argument.sensitive,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn tool_text(tool: &proto::Tool) -> String {
+    let arguments: Vec<String> = tool
+        .arguments
+        .iter()
+        .map(|argument| {
+            let mut shown = format!("{}: {}", argument.name, argument.r#type);
+            if !argument.required {
+                shown.push_str(" (optional)");
+            }
+            if argument.sensitive {
+                shown.push_str(" (sensitive)");
+            }
+            shown
+        })
+        .collect();
+    format!(
+        "{}  {}\n  audience   {}\n  arguments  {}\n",
+        tool.name,
+        tool.description,
+        tool.audience,
+        arguments.join(", ")
+    )
 }
 
 fn grant_state_name(state: proto::GrantState) -> &'static str {

@@ -7,6 +7,7 @@ pub mod labels;
 pub mod scope;
 pub mod task;
 pub mod time;
+pub mod tool;
 pub mod workload;
 
 pub use ids::{LeaseId, TaskId};
@@ -14,4 +15,5 @@ pub use labels::Labels;
 pub use scope::{Catalog, CredentialKind, ScopeDefinition, ScopeName};
 pub use task::{LeaseState, RevocationReason, TaskContext, TaskState};
 pub use time::UnixMillis;
+pub use tool::ToolDefinition;
 pub use workload::{Caller, Role, SpiffeId, TrustDomain, WorkloadName};

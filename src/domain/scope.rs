@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::labels::Labels;
+use super::tool::{ArgumentType, CALL_SCOPE_PREFIX, ToolDefinition, ToolEntry};
 use super::workload::{Caller, WorkloadName};
 use crate::error::Error;
 
@@ -98,6 +99,10 @@ pub struct ScopeDefinition {
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
     scopes: HashMap<ScopeName, ScopeDefinition>,
+    tools: HashMap<String, ToolDefinition>,
+    /// Every argument any tool declares, with its type: what `context.arguments` holds in the
+    /// policy schema (one name has one type across the catalog).
+    tool_arguments: BTreeMap<String, ArgumentType>,
 }
 
 /// An invalid catalog file: `field` names the entry and key, such as `scope[2].max_ttl`.
@@ -113,6 +118,8 @@ pub struct CatalogError {
 struct CatalogFile {
     #[serde(default)]
     scope: Vec<ScopeEntry>,
+    #[serde(default)]
+    tool: Vec<ToolEntry>,
 }
 
 #[derive(Deserialize)]
@@ -147,7 +154,83 @@ impl Catalog {
                 });
             }
         }
-        Ok(Catalog { scopes })
+        let mut tools = HashMap::new();
+        let mut tool_arguments = BTreeMap::new();
+        for (index, entry) in file.tool.into_iter().enumerate() {
+            let definition = entry.into_definition(index)?;
+            for (name, spec) in &definition.arguments {
+                match tool_arguments.insert(name.clone(), spec.kind) {
+                    Some(other) if other != spec.kind => {
+                        return Err(CatalogError {
+                            field: format!("tool[{index}].arguments.{name}"),
+                            message: format!(
+                                "is a {} here and a {} in another tool: policy reads every \
+                                 tool's arguments as context.arguments, so one name has one type",
+                                spec.kind.cedar_type(),
+                                other.cedar_type()
+                            ),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(previous) = tools.insert(definition.name.clone(), definition) {
+                return Err(CatalogError {
+                    field: format!("tool[{index}].name"),
+                    message: format!("tool '{}' is defined twice", previous.name),
+                });
+            }
+        }
+        Ok(Catalog {
+            scopes,
+            tools,
+            tool_arguments,
+        })
+    }
+
+    /// Looks tool `name` up and checks that `caller` may call it.
+    pub fn authorize_tool(&self, caller: &Caller, name: &str) -> Result<&ToolDefinition, Error> {
+        let definition = self.tools.get(name).ok_or_else(|| {
+            Error::invalid(
+                "tool",
+                format!("unknown tool '{}'", name.chars().take(64).collect::<String>()),
+            )
+        })?;
+        match &definition.allowed_workloads {
+            AllowedWorkloads::Any => Ok(definition),
+            AllowedWorkloads::Named(names) if names.contains(&caller.name) => Ok(definition),
+            AllowedWorkloads::Named(_) => Err(Error::PermissionDenied(format!(
+                "tool: workload '{}' may not call tool '{name}': the catalog does not list it \
+                 among the tool's workloads",
+                caller.name
+            ))),
+        }
+    }
+
+    /// The definition of tool `name`, if the catalog has it.
+    pub fn tool(&self, name: &str) -> Option<&ToolDefinition> {
+        self.tools.get(name)
+    }
+
+    /// The tools, by name.
+    pub fn tools(&self) -> impl Iterator<Item = &ToolDefinition> {
+        let mut tools: Vec<_> = self.tools.values().collect();
+        tools.sort_by(|a, b| a.name.cmp(&b.name));
+        tools.into_iter()
+    }
+
+    /// Every argument a tool declares, with its type.
+    pub fn tool_arguments(&self) -> &BTreeMap<String, ArgumentType> {
+        &self.tool_arguments
+    }
+
+    /// What a lease named `scope` is issued as: the catalog scope, or the call scope of a tool
+    /// (`tool:<name>`).
+    pub fn lease_definition(&self, scope: &ScopeName) -> Option<&ScopeDefinition> {
+        match scope.as_str().strip_prefix(CALL_SCOPE_PREFIX) {
+            Some(tool) => self.tools.get(tool).map(|tool| &tool.call_scope),
+            None => self.scopes.get(scope),
+        }
     }
 
     /// Looks `scope` up and checks that `caller` may request it. `field` names the request field
@@ -176,6 +259,7 @@ impl Catalog {
     /// Whether some scope of the catalog issues tokens for `audience`.
     pub fn has_audience(&self, audience: &str) -> bool {
         self.scopes.values().any(|scope| scope.audience == audience)
+            || self.tools.values().any(|tool| tool.audience == audience)
     }
 
     /// The definition of `scope`, if the catalog has it.
@@ -192,6 +276,7 @@ impl Catalog {
     pub fn longest_max_ttl(&self) -> Duration {
         self.scopes
             .values()
+            .chain(self.tools.values().map(|tool| &tool.call_scope))
             .map(|scope| scope.max_ttl)
             .max()
             .unwrap_or(Duration::ZERO)
@@ -207,6 +292,12 @@ impl ScopeEntry {
         };
         let name = ScopeName::parse(&field("name"), &self.name)
             .map_err(|error| fail("name", error_message(error)))?;
+        if self.name.starts_with(CALL_SCOPE_PREFIX) {
+            return Err(fail(
+                "name",
+                format!("'{CALL_SCOPE_PREFIX}' names the call tokens of tools; pick another name"),
+            ));
+        }
         if self.audience.is_empty() || self.audience.len() > 512 {
             return Err(fail("audience", "must be 1 to 512 bytes".into()));
         }
@@ -222,23 +313,7 @@ impl ScopeEntry {
         if default_ttl > max_ttl {
             return Err(fail("default_ttl", "is longer than max_ttl".into()));
         }
-        let allowed_workloads = if self.workloads == ["*"] {
-            AllowedWorkloads::Any
-        } else if self.workloads.is_empty() {
-            return Err(fail(
-                "workloads",
-                "must list workload names or be [\"*\"]".into(),
-            ));
-        } else {
-            let mut names = BTreeSet::new();
-            for (position, text) in self.workloads.iter().enumerate() {
-                let key = format!("workloads[{position}]");
-                let name = WorkloadName::parse(&field(&key), text)
-                    .map_err(|error| fail(&key, error_message(error)))?;
-                names.insert(name);
-            }
-            AllowedWorkloads::Named(names)
-        };
+        let allowed_workloads = parse_workloads(&field, &self.workloads)?;
         let labels = Labels::parse(&field("labels"), &self.labels)
             .map_err(|error| fail("labels", error_message(error)))?;
         Ok(ScopeDefinition {
@@ -254,7 +329,33 @@ impl ScopeEntry {
     }
 }
 
-fn parse_ttl(text: &str) -> Result<Duration, String> {
+/// Who may ask for a catalog entry: `["*"]` for every agent, else the names listed.
+pub(super) fn parse_workloads(
+    field: &dyn Fn(&str) -> String,
+    workloads: &[String],
+) -> Result<AllowedWorkloads, CatalogError> {
+    if workloads == ["*"] {
+        return Ok(AllowedWorkloads::Any);
+    }
+    if workloads.is_empty() {
+        return Err(CatalogError {
+            field: field("workloads"),
+            message: "must list workload names or be [\"*\"]".into(),
+        });
+    }
+    let mut names = BTreeSet::new();
+    for (position, text) in workloads.iter().enumerate() {
+        let key = field(&format!("workloads[{position}]"));
+        let name = WorkloadName::parse(&key, text).map_err(|error| CatalogError {
+            field: key.clone(),
+            message: error_message(error),
+        })?;
+        names.insert(name);
+    }
+    Ok(AllowedWorkloads::Named(names))
+}
+
+pub(super) fn parse_ttl(text: &str) -> Result<Duration, String> {
     let ttl = humantime::parse_duration(text)
         .map_err(|error| format!("'{text}' is not a duration such as \"5m\" ({error})"))?;
     if ttl < Duration::from_secs(1) || ttl > LONGEST_SCOPE_TTL {
@@ -264,7 +365,7 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
 }
 
 /// The message of a field error, without the field name (the catalog adds its own).
-fn error_message(error: Error) -> String {
+pub(super) fn error_message(error: Error) -> String {
     match error {
         Error::InvalidArgument { message, .. } => message,
         other => other.to_string(),

@@ -11,6 +11,8 @@ pub enum Rpc {
     BeginTask,
     RequestGrant,
     WatchGrant,
+    AuthorizeToolCall,
+    ListTools,
     ListPending,
     Approve,
     Deny,
@@ -44,6 +46,8 @@ impl Rpc {
             Rpc::BeginTask => "Tasks.BeginTask",
             Rpc::RequestGrant => "Tasks.RequestGrant",
             Rpc::WatchGrant => "Tasks.WatchGrant",
+            Rpc::AuthorizeToolCall => "Tasks.AuthorizeToolCall",
+            Rpc::ListTools => "Tasks.ListTools",
             Rpc::ListPending => "Approvals.ListPending",
             Rpc::Approve => "Approvals.Approve",
             Rpc::Deny => "Approvals.Deny",
@@ -80,6 +84,8 @@ pub fn allowed_roles(rpc: Rpc) -> &'static [Role] {
         Rpc::BeginTask
         | Rpc::RequestGrant
         | Rpc::WatchGrant
+        | Rpc::AuthorizeToolCall
+        | Rpc::ListTools
         | Rpc::RenewLease
         | Rpc::CompleteTask => &[Role::Agent],
         Rpc::ListPending | Rpc::Approve | Rpc::Deny => &[Role::Operator],

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use prost_types::Timestamp;
 
+use crate::domain::ToolDefinition;
 use crate::audit::verify::Anchor;
 use crate::broker::IssuedLease;
 use crate::domain::task::{GrantRequestState, Verdict};
@@ -217,6 +218,24 @@ pub fn pending_grant(request: GrantRequestRecord) -> proto::PendingGrant {
                 verdict: approval.verdict.as_str().to_owned(),
                 reason: approval.reason,
                 decided_at: Some(timestamp(approval.decided_at)),
+            })
+            .collect(),
+    }
+}
+
+pub fn tool(tool: &ToolDefinition) -> proto::Tool {
+    proto::Tool {
+        name: tool.name.clone(),
+        description: tool.description.clone(),
+        audience: tool.audience.clone(),
+        arguments: tool
+            .arguments
+            .iter()
+            .map(|(name, spec)| proto::ToolArgument {
+                name: name.clone(),
+                r#type: spec.kind.as_str().to_owned(),
+                required: spec.required,
+                sensitive: spec.sensitive,
             })
             .collect(),
     }

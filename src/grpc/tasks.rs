@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use super::access::Rpc;
 use super::auth::authorize;
 use super::convert;
+use crate::broker::tool_calls::ToolCallAsk;
 use crate::broker::{Broker, GrantAnswer, GrantStatus};
 use crate::domain::task::GrantRequestState;
 use crate::domain::task::{NewGrant, NewTask, parse_risk};
@@ -99,6 +100,45 @@ impl proto::tasks_server::Tasks for TasksService {
             },
         };
         Ok(Response::new(answer))
+    }
+
+    async fn authorize_tool_call(
+        &self,
+        request: Request<proto::AuthorizeToolCallRequest>,
+    ) -> Result<Response<proto::AuthorizeToolCallResponse>, Status> {
+        let caller = self.agent(&request, Rpc::AuthorizeToolCall).await?;
+        let message = request.into_inner();
+        let task_id = TaskId::parse("task_id", &message.task_id)?;
+        record_task(task_id.as_str());
+        let ask = ToolCallAsk {
+            task_id,
+            tool: message.tool,
+            arguments_json: message.arguments_json,
+            risk: parse_risk("risk", message.risk)?,
+        };
+        let answer = self.broker.authorize_tool_call(&caller, ask).await?;
+        let (call_token, pending) = match answer.grant {
+            GrantAnswer::Issued(lease) => (Some(convert::lease(lease)), None),
+            GrantAnswer::Pending(request) => (None, Some(convert::grant_status(&request, None))),
+        };
+        Ok(Response::new(proto::AuthorizeToolCallResponse {
+            call_token,
+            pending,
+            tool: answer.binding.tool,
+            arguments_digest: answer.binding.arguments_digest,
+        }))
+    }
+
+    async fn list_tools(
+        &self,
+        request: Request<proto::ListToolsRequest>,
+    ) -> Result<Response<proto::ListToolsResponse>, Status> {
+        let caller = self.agent(&request, Rpc::ListTools).await?;
+        let task_id = TaskId::parse("task_id", &request.get_ref().task_id)?;
+        let tools = self.broker.list_tools(&caller, &task_id).await?;
+        Ok(Response::new(proto::ListToolsResponse {
+            tools: tools.iter().map(convert::tool).collect(),
+        }))
     }
 
     type WatchGrantStream = ReceiverStream<Result<proto::GrantStatus, Status>>;

@@ -117,6 +117,8 @@ impl proto::tokens_server::Tokens for TokensService {
                 task_id: claims.task_id,
                 token_type: "Bearer".into(),
                 cnf_x5t_s256: claims.cnf.map(|cnf| cnf.x5t_s256).unwrap_or_default(),
+                tool: claims.tool.unwrap_or_default(),
+                arguments_digest: claims.arguments_digest.unwrap_or_default(),
             },
         };
         Ok(Response::new(response))

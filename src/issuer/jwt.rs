@@ -38,6 +38,14 @@ pub struct AccessTokenClaims {
     /// authenticated with its X.509-SVID: only a request over that certificate may use it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cnf: Option<Confirmation>,
+    /// For a call token (scope `tool:<name>`): the tool it authorizes one call of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// For a call token: `sha256:` and the hex digest of the arguments the call was
+    /// authorized with (compact JSON, keys sorted), which the tool's service compares with the
+    /// arguments it received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments_digest: Option<String>,
 }
 
 /// RFC 8705's confirmation claim: the certificate's thumbprint.
@@ -318,6 +326,8 @@ mod tests {
             client_id: "agent".into(),
             task_id: "task_1".into(),
             cnf: None,
+            tool: None,
+            arguments_digest: None,
         }
     }
 

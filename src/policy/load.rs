@@ -4,7 +4,7 @@
 //! decision set or the `@approval` rules. Whatever is wrong is reported with its file, line and
 //! column; a set that fails loads nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -14,10 +14,13 @@ use miette::Diagnostic;
 
 use super::decision::{APPROVAL, ApprovalRule, ID, KNOWN_ANNOTATIONS, REQUIREMENT_KEYS};
 use super::index::IndexedPolicies;
+use crate::domain::tool::ArgumentType;
 use crate::issuer::master_key::write_private_file;
 
-/// Warrant's schema: what it puts in every request (`warrant policy schema` prints it).
+/// Warrant's schema for a catalog without tools (see [`schema_for`]).
 pub const BUILT_IN_SCHEMA: &str = include_str!("schema.cedarschema");
+/// The line of [`BUILT_IN_SCHEMA`] that [`schema_for`] fills with the catalog's arguments.
+const TOOL_ARGUMENTS_LINE: &str = "  type ToolArguments = {};";
 /// The policy `serve --dev` starts with.
 pub const DEFAULT_POLICIES: &str = include_str!("default.cedar");
 /// The schema's file name in a policy directory.
@@ -101,8 +104,24 @@ impl PolicySummary {
 /// The characters of the digest [`PolicySummary::version`] keeps.
 const VERSION_CHARS: usize = 16;
 
-/// Reads and validates the set at `source`.
-pub fn load(source: &PolicySource) -> Result<LoadedPolicy, PolicyError> {
+/// Warrant's schema for a catalog whose tools declare `arguments`: what it puts in every
+/// request (`warrant policy schema` prints it), `context.arguments` typed with each argument.
+pub fn schema_for(arguments: &BTreeMap<String, ArgumentType>) -> String {
+    if arguments.is_empty() {
+        return BUILT_IN_SCHEMA.to_owned();
+    }
+    let declared: String = arguments
+        .iter()
+        .map(|(name, kind)| format!("    \"{name}\"?: {},\n", kind.cedar_type()))
+        .collect();
+    BUILT_IN_SCHEMA.replace(
+        TOOL_ARGUMENTS_LINE,
+        &format!("  type ToolArguments = {{\n{declared}  }};"),
+    )
+}
+
+/// Reads and validates the set at `source` against `schema` (from [`schema_for`]).
+pub fn load(source: &PolicySource, schema: &str) -> Result<LoadedPolicy, PolicyError> {
     match source {
         PolicySource::BuiltIn => from_files(
             vec![PolicyFile {
@@ -110,24 +129,36 @@ pub fn load(source: &PolicySource) -> Result<LoadedPolicy, PolicyError> {
                 text: DEFAULT_POLICIES.into(),
             }],
             source.to_string(),
+            schema,
         ),
-        PolicySource::Dir(dir) => from_files(read_dir(dir)?, source.to_string()),
+        PolicySource::Dir(dir) => from_files(read_dir(dir, schema)?, source.to_string(), schema),
     }
 }
 
 /// Writes Warrant's schema and default policy into `dir` unless it exists (`serve --dev`): into
 /// a fresh directory beside it first, flushed, then renamed into place, so that a crash during
 /// the first start never leaves a half-written set for the next start to refuse.
-pub fn create_default_dir(dir: &Path) -> std::io::Result<()> {
+/// In a directory that exists, only the schema copy is rewritten: it is Warrant's file, and
+/// the catalog's tools may have changed what it says.
+pub fn create_default_dir(dir: &Path, schema: &str) -> std::io::Result<()> {
     if dir.exists() {
-        return Ok(());
+        let copy = dir.join(SCHEMA_FILE);
+        if std::fs::read_to_string(&copy).is_ok_and(|text| text == schema) {
+            return Ok(());
+        }
+        let fresh = dir.join(format!(".{SCHEMA_FILE}.new"));
+        if fresh.exists() {
+            std::fs::remove_file(&fresh)?;
+        }
+        write_private_file(&fresh, schema.as_bytes())?;
+        return std::fs::rename(&fresh, &copy);
     }
     let staging = dir.with_extension("new");
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
     std::fs::create_dir_all(&staging)?;
-    write_private_file(&staging.join(SCHEMA_FILE), BUILT_IN_SCHEMA.as_bytes())?;
+    write_private_file(&staging.join(SCHEMA_FILE), schema.as_bytes())?;
     write_private_file(
         &staging.join(DEFAULT_POLICY_FILE),
         DEFAULT_POLICIES.as_bytes(),
@@ -144,7 +175,7 @@ pub fn create_default_dir(dir: &Path) -> std::io::Result<()> {
 /// are listed, by name. A `schema.cedarschema` there must be Warrant's own schema: Warrant builds
 /// every request from it, so a different one could validate policies that name what Warrant
 /// never supplies (a forbid on an attribute that never exists never fires).
-fn read_dir(dir: &Path) -> Result<Vec<PolicyFile>, PolicyError> {
+fn read_dir(dir: &Path, schema: &str) -> Result<Vec<PolicyFile>, PolicyError> {
     let shown = dir.display().to_string();
     let cannot_read = |path: &Path, e: std::io::Error| {
         PolicyError::new(path.display().to_string(), format!("cannot read: {e}"))
@@ -161,12 +192,12 @@ fn read_dir(dir: &Path) -> Result<Vec<PolicyFile>, PolicyError> {
         }
         if name == SCHEMA_FILE {
             let text = std::fs::read_to_string(&path).map_err(|e| cannot_read(&path, e))?;
-            if normalized(&text) != normalized(BUILT_IN_SCHEMA) {
+            if normalized(&text) != normalized(schema) {
                 return Err(PolicyError::new(
                     path.display().to_string(),
-                    "differs from Warrant's schema, which every request is built from; delete \
-                     it (policies are validated against Warrant's schema) or replace it with \
-                     `warrant policy schema`",
+                    "differs from Warrant's schema for this catalog, which every request is \
+                     built from; delete it (policies are validated against Warrant's schema) or \
+                     replace it with `warrant policy schema --catalog <scopes.toml>`",
                 ));
             }
         } else if name.ends_with(".cedar") {
@@ -198,8 +229,11 @@ fn normalized(schema: &str) -> String {
 }
 
 /// Parses, names, sorts and validates a set against Warrant's schema.
-pub fn from_files(files: Vec<PolicyFile>, source: String) -> Result<LoadedPolicy, PolicyError> {
-    let schema_text = BUILT_IN_SCHEMA;
+pub fn from_files(
+    files: Vec<PolicyFile>,
+    source: String,
+    schema_text: &str,
+) -> Result<LoadedPolicy, PolicyError> {
     let (schema, warnings) = Schema::from_cedarschema_str(schema_text)
         .map_err(|error| located(SCHEMA_FILE, schema_text, &error))?;
     for warning in warnings {

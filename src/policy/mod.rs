@@ -13,11 +13,13 @@ use cedar_policy::{Authorizer, Entities, PolicySet, Request, Response};
 
 pub use decision::{ApprovalRequirement, Decision};
 pub use load::{LoadedPolicy, PolicyError, PolicySource, PolicySummary};
-pub use request::GrantQuery;
+pub use request::{GrantQuery, TaskFacts, ToolAction, ToolQuery};
 
 /// The policy set in force, replaceable while requests are being decided.
 pub struct PolicyEngine {
     source: PolicySource,
+    /// The schema every load validates against (Warrant's, with the catalog's tool arguments).
+    schema: Arc<str>,
     current: RwLock<Arc<LoadedPolicy>>,
     /// Serializes reloads, so that each one records the set it replaces and sets publish in
     /// the order they were read.
@@ -25,11 +27,13 @@ pub struct PolicyEngine {
 }
 
 impl PolicyEngine {
-    /// Loads the set at `source`; refusing to start on a set that does not load.
-    pub fn load(source: PolicySource) -> Result<Self, PolicyError> {
-        let loaded = load::load(&source)?;
+    /// Loads the set at `source` against `schema` ([`load::schema_for`]); refusing to start on
+    /// a set that does not load.
+    pub fn load(source: PolicySource, schema: String) -> Result<Self, PolicyError> {
+        let loaded = load::load(&source, &schema)?;
         Ok(PolicyEngine {
             source,
+            schema: schema.into(),
             current: RwLock::new(Arc::new(loaded)),
             reloading: tokio::sync::Mutex::new(()),
         })
@@ -58,7 +62,8 @@ impl PolicyEngine {
         let _serialized = self.reloading.lock().await;
         let in_force = self.current();
         let source = self.source.clone();
-        let loaded = tokio::task::spawn_blocking(move || load::load(&source))
+        let schema = self.schema.clone();
+        let loaded = tokio::task::spawn_blocking(move || load::load(&source, &schema))
             .await
             .map_err(crate::error::Error::internal)?;
         let outcome = loaded
@@ -81,7 +86,16 @@ impl LoadedPolicy {
     /// policy that fails to evaluate denies, since a forbid that errors would otherwise stop
     /// forbidding.
     pub fn decide(&self, query: &GrantQuery<'_>) -> Decision {
-        let (request, entities) = match query.to_cedar(None) {
+        self.decide_request(query.to_cedar(None))
+    }
+
+    /// Decides a tool call (or whether a tool may be listed), as [`Self::decide`] a grant.
+    pub fn decide_tool(&self, query: &ToolQuery<'_>) -> Decision {
+        self.decide_request(query.to_cedar(None))
+    }
+
+    fn decide_request(&self, built: Result<(Request, Entities), String>) -> Decision {
+        let (request, entities) = match built {
             Ok(built) => built,
             Err(error) => {
                 return Decision::Deny {
@@ -190,6 +204,7 @@ mod tests {
                 text: text.into(),
             }],
             "test".into(),
+            load::BUILT_IN_SCHEMA,
         )
     }
 
@@ -230,12 +245,14 @@ mod tests {
         policy.decide(&GrantQuery {
             caller: &caller,
             scope: &scope,
-            purpose: "refund order 42",
-            context: &TaskContext::default(),
-            requested_ttl: Duration::from_secs(60),
-            delegation_depth: 0,
-            now: UnixMillis(hour * 3_600_000),
-            risk,
+            facts: TaskFacts {
+                purpose: "refund order 42",
+                context: &TaskContext::default(),
+                requested_ttl: Duration::from_secs(60),
+                delegation_depth: 0,
+                now: UnixMillis(hour * 3_600_000),
+                risk,
+            },
         })
     }
 
@@ -393,10 +410,10 @@ mod tests {
         let source = PolicySource::Dir(dir.path().to_owned());
         let schema = dir.path().join(load::SCHEMA_FILE);
         std::fs::write(&schema, format!("// a copy\n{}", load::BUILT_IN_SCHEMA)).unwrap();
-        load::load(&source).expect("a copy of the schema (and an editor's dotfile) loads");
+        load::load(&source, load::BUILT_IN_SCHEMA).expect("a copy of the schema (and an editor's dotfile) loads");
         let widened = load::BUILT_IN_SCHEMA.replace("entity Role;", "entity Role;\n  entity Team;");
         std::fs::write(&schema, widened).unwrap();
-        let error = load::load(&source).err().unwrap();
+        let error = load::load(&source, load::BUILT_IN_SCHEMA).err().unwrap();
         assert!(
             error.message.contains("differs from Warrant's schema"),
             "{error}"

@@ -1,5 +1,6 @@
-//! A grant request in Cedar's terms: the workload as principal (a member of its roles), the
-//! scope as resource, and the task and time as context, typed as `schema.cedarschema` says.
+//! A request in Cedar's terms: the workload as principal (a member of its roles), the scope or
+//! tool as resource, and the task, time and (for a tool call) its arguments as context, typed
+//! as `schema.cedarschema` says.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -11,35 +12,38 @@ use cedar_policy::{
     Schema,
 };
 
-use crate::domain::{Caller, Role, ScopeDefinition, TaskContext, UnixMillis};
+use crate::domain::tool::{ArgumentValue, CheckedArguments};
+use crate::domain::{Caller, Role, ScopeDefinition, TaskContext, ToolDefinition, UnixMillis};
 
 struct Types {
     role: EntityTypeName,
     workload: EntityTypeName,
     scope: EntityTypeName,
+    tool: EntityTypeName,
     request_grant: EntityUid,
+    call_tool: EntityUid,
+    list_tools: EntityUid,
 }
 
 static TYPES: LazyLock<Types> = LazyLock::new(|| {
     let name = |text: &str| EntityTypeName::from_str(text).expect("a valid built-in type name");
+    let action = |id: &str| EntityUid::from_type_name_and_id(name("Warrant::Action"), EntityId::new(id));
     Types {
         role: name("Warrant::Role"),
         workload: name("Warrant::Workload"),
         scope: name("Warrant::Scope"),
-        request_grant: EntityUid::from_type_name_and_id(
-            name("Warrant::Action"),
-            EntityId::new("RequestGrant"),
-        ),
+        tool: name("Warrant::Tool"),
+        request_grant: action("RequestGrant"),
+        call_tool: action("CallTool"),
+        list_tools: action("ListTools"),
     }
 });
 
-/// Everything policy reads about one request for a scope.
-pub struct GrantQuery<'a> {
-    pub caller: &'a Caller,
-    pub scope: &'a ScopeDefinition,
+/// What a task asks of policy, besides the caller and the resource.
+pub struct TaskFacts<'a> {
     pub purpose: &'a str,
     pub context: &'a TaskContext,
-    /// The lease lifetime asked for.
+    /// The lifetime asked for: the lease's, or the call token's.
     pub requested_ttl: Duration,
     pub delegation_depth: u32,
     pub now: UnixMillis,
@@ -47,34 +51,33 @@ pub struct GrantQuery<'a> {
     pub risk: Option<u32>,
 }
 
+/// Everything policy reads about one request for a scope.
+pub struct GrantQuery<'a> {
+    pub caller: &'a Caller,
+    pub scope: &'a ScopeDefinition,
+    pub facts: TaskFacts<'a>,
+}
+
+/// Which tool action is asked about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToolAction {
+    Call,
+    List,
+}
+
+/// Everything policy reads about one tool call (or one tool being listed: no arguments).
+pub struct ToolQuery<'a> {
+    pub caller: &'a Caller,
+    pub tool: &'a ToolDefinition,
+    pub action: ToolAction,
+    pub arguments: Option<&'a CheckedArguments>,
+    pub facts: TaskFacts<'a>,
+}
+
 impl GrantQuery<'_> {
     /// The Cedar request and the entities it refers to.
     pub fn to_cedar(&self, schema: Option<&Schema>) -> Result<(Request, Entities), String> {
         let types = &*TYPES;
-        let role_uid = |role: &Role| {
-            EntityUid::from_type_name_and_id(types.role.clone(), EntityId::new(role.as_str()))
-        };
-        let roles: HashSet<EntityUid> = self.caller.roles.iter().map(role_uid).collect();
-        let principal = EntityUid::from_type_name_and_id(
-            types.workload.clone(),
-            EntityId::new(self.caller.name.as_str()),
-        );
-        let authenticated_by = if self.caller.certificate_thumbprint.is_some() {
-            "svid"
-        } else {
-            "bearer"
-        };
-        let workload = Entity::new(
-            principal.clone(),
-            HashMap::from([
-                ("name".into(), string(self.caller.name.as_str())),
-                ("spiffe_id".into(), string(self.caller.spiffe_id.as_str())),
-                ("labels".into(), strings(self.caller.labels.pairs())),
-                ("authenticated_by".into(), string(authenticated_by)),
-            ]),
-            roles.clone(),
-        )
-        .map_err(|error| error.to_string())?;
         let resource = EntityUid::from_type_name_and_id(
             types.scope.clone(),
             EntityId::new(self.scope.name.as_str()),
@@ -91,12 +94,66 @@ impl GrantQuery<'_> {
             HashSet::new(),
         )
         .map_err(|error| error.to_string())?;
-        let role_entities = roles
-            .into_iter()
-            .map(|uid| Entity::new_no_attrs(uid, HashSet::new()));
-        let entities = Entities::from_entities(role_entities.chain([workload, scope]), schema)
-            .map_err(|error| error.to_string())?;
+        build(
+            self.caller,
+            types.request_grant.clone(),
+            scope,
+            self.facts.context_pairs(),
+            schema,
+        )
+    }
+}
+
+impl ToolQuery<'_> {
+    /// The Cedar request and the entities it refers to.
+    pub fn to_cedar(&self, schema: Option<&Schema>) -> Result<(Request, Entities), String> {
+        let types = &*TYPES;
+        let resource =
+            EntityUid::from_type_name_and_id(types.tool.clone(), EntityId::new(&self.tool.name));
+        let tool = Entity::new(
+            resource,
+            HashMap::from([
+                ("name".into(), string(&self.tool.name)),
+                ("audience".into(), string(&self.tool.audience)),
+                ("labels".into(), strings(self.tool.labels.pairs())),
+            ]),
+            HashSet::new(),
+        )
+        .map_err(|error| error.to_string())?;
+        let arguments = self.arguments.map(|checked| {
+            checked
+                .values
+                .iter()
+                .map(|(name, value)| (name.clone(), argument(value)))
+                .collect::<Vec<_>>()
+        });
+        let mut context = self.facts.context_pairs();
+        context.push((
+            "arguments".to_owned(),
+            RestrictedExpression::new_record(arguments.unwrap_or_default())
+                .map_err(|error| error.to_string())?,
+        ));
+        context.push((
+            "arguments_digest".to_owned(),
+            string(self.arguments.map_or("", |checked| checked.digest.as_str())),
+        ));
+        let action = match self.action {
+            ToolAction::Call => types.call_tool.clone(),
+            ToolAction::List => types.list_tools.clone(),
+        };
+        build(self.caller, action, tool, context, schema)
+    }
+}
+
+impl TaskFacts<'_> {
+    /// The context attributes every action shares.
+    fn context_pairs(&self) -> Vec<(String, RestrictedExpression)> {
         let now_seconds = self.now.0.div_euclid(1000);
+        let task_labels = self
+            .context
+            .labels
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"));
         let mut context = vec![
             ("purpose".to_owned(), string(self.purpose)),
             (
@@ -107,24 +164,13 @@ impl GrantQuery<'_> {
                 "planned_tools".to_owned(),
                 strings(self.context.planned_tools.iter().cloned()),
             ),
-            (
-                "labels".to_owned(),
-                strings(
-                    self.context
-                        .labels
-                        .iter()
-                        .map(|(key, value)| format!("{key}={value}")),
-                ),
-            ),
+            ("labels".to_owned(), strings(task_labels)),
             ("requested_ttl_secs".to_owned(), seconds(self.requested_ttl)),
             (
                 "delegation_depth".to_owned(),
                 RestrictedExpression::new_long(i64::from(self.delegation_depth)),
             ),
-            (
-                "now".to_owned(),
-                RestrictedExpression::new_long(now_seconds),
-            ),
+            ("now".to_owned(), RestrictedExpression::new_long(now_seconds)),
             (
                 "hour".to_owned(),
                 RestrictedExpression::new_long(now_seconds.rem_euclid(86_400) / 3600),
@@ -136,16 +182,62 @@ impl GrantQuery<'_> {
                 RestrictedExpression::new_long(i64::from(risk)),
             ));
         }
-        let context = Context::from_pairs(context).map_err(|error| error.to_string())?;
-        let request = Request::new(
-            principal,
-            types.request_grant.clone(),
-            resource,
-            context,
-            schema,
-        )
+        context
+    }
+}
+
+/// The request of `caller` for `action` on `resource`, with the caller's workload and role
+/// entities.
+fn build(
+    caller: &Caller,
+    action: EntityUid,
+    resource: Entity,
+    context: Vec<(String, RestrictedExpression)>,
+    schema: Option<&Schema>,
+) -> Result<(Request, Entities), String> {
+    let types = &*TYPES;
+    let role_uid = |role: &Role| {
+        EntityUid::from_type_name_and_id(types.role.clone(), EntityId::new(role.as_str()))
+    };
+    let roles: HashSet<EntityUid> = caller.roles.iter().map(role_uid).collect();
+    let principal = EntityUid::from_type_name_and_id(
+        types.workload.clone(),
+        EntityId::new(caller.name.as_str()),
+    );
+    let authenticated_by = if caller.certificate_thumbprint.is_some() {
+        "svid"
+    } else {
+        "bearer"
+    };
+    let workload = Entity::new(
+        principal.clone(),
+        HashMap::from([
+            ("name".into(), string(caller.name.as_str())),
+            ("spiffe_id".into(), string(caller.spiffe_id.as_str())),
+            ("labels".into(), strings(caller.labels.pairs())),
+            ("authenticated_by".into(), string(authenticated_by)),
+        ]),
+        roles.clone(),
+    )
+    .map_err(|error| error.to_string())?;
+    let resource_uid = resource.uid();
+    let role_entities = roles
+        .into_iter()
+        .map(|uid| Entity::new_no_attrs(uid, HashSet::new()));
+    let entities = Entities::from_entities(role_entities.chain([workload, resource]), schema)
         .map_err(|error| error.to_string())?;
-        Ok((request, entities))
+    let context = Context::from_pairs(context).map_err(|error| error.to_string())?;
+    let request = Request::new(principal, action, resource_uid, context, schema)
+        .map_err(|error| error.to_string())?;
+    Ok((request, entities))
+}
+
+fn argument(value: &ArgumentValue) -> RestrictedExpression {
+    match value {
+        ArgumentValue::String(text) => string(text),
+        ArgumentValue::Long(number) => RestrictedExpression::new_long(*number),
+        ArgumentValue::Bool(flag) => RestrictedExpression::new_bool(*flag),
+        ArgumentValue::Strings(items) => strings(items.iter().cloned()),
     }
 }
 
@@ -166,7 +258,7 @@ mod tests {
     use super::*;
     use crate::domain::scope::AllowedWorkloads;
     use crate::domain::{CredentialKind, Labels, ScopeName, SpiffeId, WorkloadName};
-    use crate::policy::load::BUILT_IN_SCHEMA;
+    use crate::policy::load::{BUILT_IN_SCHEMA, schema_for};
 
     /// Decisions are made without the schema (it costs a validation per request), so the
     /// requests Warrant builds must conform to it: checked here with it, both with and without
@@ -203,15 +295,56 @@ mod tests {
             GrantQuery {
                 caller: &caller,
                 scope: &scope,
-                purpose: "probe",
-                context: &context,
-                requested_ttl: Duration::from_secs(60),
-                delegation_depth: 0,
-                now: UnixMillis(1_700_000_000_000),
-                risk,
+                facts: facts(&context, risk),
             }
             .to_cedar(Some(&schema))
             .unwrap();
+        }
+        let catalog = crate::domain::Catalog::from_toml(
+            r#"
+            [[tool]]
+            name = "mail.send"
+            audience = "https://mail.probe"
+            workloads = ["*"]
+            labels = { domain = "mail" }
+            [tool.arguments]
+            to = { type = "string" }
+            count = { type = "long", required = false }
+            urgent = { type = "bool", required = false }
+            cc = { type = "strings", required = false }
+            "#,
+        )
+        .unwrap();
+        let (schema, _) =
+            Schema::from_cedarschema_str(&schema_for(catalog.tool_arguments())).unwrap();
+        let tool = catalog.tool("mail.send").unwrap();
+        let arguments = tool
+            .check_arguments(r#"{"to":"a@b","count":2,"urgent":true,"cc":["c@d"]}"#)
+            .unwrap();
+        for (action, arguments) in [
+            (ToolAction::Call, Some(&arguments)),
+            (ToolAction::List, None),
+        ] {
+            ToolQuery {
+                caller: &caller,
+                tool,
+                action,
+                arguments,
+                facts: facts(&context, Some(3)),
+            }
+            .to_cedar(Some(&schema))
+            .unwrap();
+        }
+    }
+
+    fn facts(context: &TaskContext, risk: Option<u32>) -> TaskFacts<'_> {
+        TaskFacts {
+            purpose: "probe",
+            context,
+            requested_ttl: Duration::from_secs(60),
+            delegation_depth: 0,
+            now: UnixMillis(1_700_000_000_000),
+            risk,
         }
     }
 }

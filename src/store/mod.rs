@@ -205,6 +205,15 @@ pub trait Store: Send + Sync + 'static {
     /// current, from the database otherwise.
     async fn is_lease_live(&self, lease: &LeaseId, task: &TaskId, now: UnixMillis) -> Result<bool>;
 
+    /// Counts one use of `lease` at `now` unless it has been used `max_uses` times: the uses
+    /// counted so far including this one, or `None` when none was left.
+    async fn count_lease_use(
+        &self,
+        lease: &LeaseId,
+        max_uses: u32,
+        now: UnixMillis,
+    ) -> Result<Option<u32>>;
+
     // Grant requests waiting for approval.
 
     /// Stores a grant request with `events` if its workload's task is active at `now` and the

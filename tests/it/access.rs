@@ -19,6 +19,8 @@ const MATRIX: &[(&str, &[&str])] = &[
     ("warrant.v1.Tasks/BeginTask", &[AGENT]),
     ("warrant.v1.Tasks/RequestGrant", &[AGENT]),
     ("warrant.v1.Tasks/WatchGrant", &[AGENT]),
+    ("warrant.v1.Tasks/AuthorizeToolCall", &[AGENT]),
+    ("warrant.v1.Tasks/ListTools", &[AGENT]),
     ("warrant.v1.Approvals/ListPending", &[OPERATOR]),
     ("warrant.v1.Approvals/Approve", &[OPERATOR]),
     ("warrant.v1.Approvals/Deny", &[OPERATOR]),
@@ -77,6 +79,21 @@ async fn call(connection: &Connection, rpc: &str) -> Result<(), tonic::Status> {
         "warrant.v1.Tasks/WatchGrant" => tasks
             .watch_grant(proto::WatchGrantRequest {
                 lease_id: no_lease.clone(),
+            })
+            .await
+            .map(drop),
+        "warrant.v1.Tasks/AuthorizeToolCall" => tasks
+            .authorize_tool_call(proto::AuthorizeToolCallRequest {
+                task_id: no_task.clone(),
+                tool: "email.send".into(),
+                arguments_json: r#"{"to":"a@example.com"}"#.into(),
+                risk: None,
+            })
+            .await
+            .map(drop),
+        "warrant.v1.Tasks/ListTools" => tasks
+            .list_tools(proto::ListToolsRequest {
+                task_id: no_task.clone(),
             })
             .await
             .map(drop),

@@ -49,6 +49,7 @@ mod process;
 mod rotation;
 mod tasks;
 mod tokens;
+mod tool_calls;
 mod upstream_ca;
 mod verifier;
 mod workload_api;

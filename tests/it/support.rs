@@ -49,6 +49,25 @@ kind = "jwt"
 default_ttl = "1s"
 max_ttl = "3s"
 workloads = ["*"]
+
+[[tool]]
+name = "payments.refund"
+audience = "https://payments.test"
+workloads = ["*"]
+labels = { domain = "payments" }
+
+[tool.arguments]
+order_id = { type = "string" }
+amount_cents = { type = "long" }
+card_number = { type = "string", required = false, sensitive = true }
+
+[[tool]]
+name = "email.send"
+audience = "https://mail.test"
+workloads = ["*"]
+
+[tool.arguments]
+to = { type = "string" }
 "#;
 
 pub const CRM: &str = "https://crm.test";

@@ -65,6 +65,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "grant approvals",
         sql: include_str!("../../../migrations/postgres/0009_grant_approvals.sql"),
     },
+    Migration {
+        version: 10,
+        description: "lease uses",
+        sql: include_str!("../../../migrations/postgres/0010_lease_uses.sql"),
+    },
 ];
 
 /// The advisory lock that makes replicas starting together migrate one at a time.

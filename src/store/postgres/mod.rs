@@ -371,6 +371,25 @@ impl Store for PostgresStore {
         }
     }
 
+    async fn count_lease_use(
+        &self,
+        lease: &LeaseId,
+        max_uses: u32,
+        now: UnixMillis,
+    ) -> Result<Option<u32>> {
+        let uses: Option<i32> = sqlx::query_scalar(
+            "INSERT INTO lease_uses (lease_id, uses, last_used_at) VALUES ($1, 1, $3) \
+             ON CONFLICT (lease_id) DO UPDATE SET uses = lease_uses.uses + 1, \
+             last_used_at = excluded.last_used_at WHERE lease_uses.uses < $2 RETURNING uses",
+        )
+        .bind(lease.as_str())
+        .bind(i64::from(max_uses))
+        .bind(now.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(uses.and_then(|uses| u32::try_from(uses).ok()))
+    }
+
     async fn feed_after(&self, cursor: u64, limit: usize) -> Result<FeedPage> {
         feed::after(&self.pool, cursor, limit).await
     }

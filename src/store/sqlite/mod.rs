@@ -21,6 +21,7 @@ mod tasks;
 mod workloads;
 mod writer;
 
+use rusqlite::OptionalExtension;
 use std::fs::File;
 use std::sync::Arc;
 use std::time::Duration;
@@ -343,6 +344,32 @@ impl Store for SqliteStore {
         // This process makes every change to the file (the lock file sees to that), so the
         // revocation state is always current.
         Ok(!self.revocations.has_ended(lease, task))
+    }
+
+    async fn count_lease_use(
+        &self,
+        lease: &LeaseId,
+        max_uses: u32,
+        now: UnixMillis,
+    ) -> Result<Option<u32>> {
+        let lease = lease.clone();
+        self.writer
+            .run(move |write| {
+                let uses = write
+                    .connection
+                    .prepare_cached(
+                        "INSERT INTO lease_uses (lease_id, uses, last_used_at) VALUES (?1, 1, ?3) \
+                         ON CONFLICT (lease_id) DO UPDATE SET uses = uses + 1, \
+                         last_used_at = excluded.last_used_at WHERE lease_uses.uses < ?2 \
+                         RETURNING uses",
+                    )?
+                    .query_row(rusqlite::params![lease.as_str(), max_uses, now.0], |row| {
+                        row.get(0)
+                    })
+                    .optional()?;
+                Ok(uses)
+            })
+            .await
     }
 
     async fn feed_after(&self, cursor: u64, limit: usize) -> Result<FeedPage> {

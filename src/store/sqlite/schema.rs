@@ -37,6 +37,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!(
             "../../../migrations/sqlite/0009_grant_approvals.sql"
         )),
+        M::up(include_str!("../../../migrations/sqlite/0010_lease_uses.sql")),
     ])
 }
 
