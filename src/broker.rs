@@ -1138,7 +1138,8 @@ impl Broker {
         let leases: Vec<IssuedLease> = records
             .into_iter()
             .map(|record| {
-                let credential = is_live(&record, now).then(|| self.mint(caller, &record, &key, None));
+                let credential =
+                    is_live(&record, now).then(|| self.mint(caller, &record, &key, None));
                 IssuedLease { record, credential }
             })
             .collect();

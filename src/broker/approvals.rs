@@ -294,12 +294,15 @@ impl Broker {
         request: &GrantRequestRecord,
         now: UnixMillis,
     ) -> Result<LeaseRecord> {
-        let definition = self.catalog.lease_definition(&request.scope).ok_or_else(|| {
-            Error::FailedPrecondition(format!(
-                "lease_id: scope '{}' is no longer in the catalog",
-                request.scope
-            ))
-        })?;
+        let definition = self
+            .catalog
+            .lease_definition(&request.scope)
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "lease_id: scope '{}' is no longer in the catalog",
+                    request.scope
+                ))
+            })?;
         let task = self
             .store
             .find_task(&request.task_id, &request.workload_id)

@@ -68,8 +68,8 @@ impl Broker {
             arguments_digest: arguments.digest.clone(),
         };
         let context_json = task.context.to_json();
-        let event = call_event("tool.decided", caller, &task.id, tool, &arguments)
-            .context(&context_json);
+        let event =
+            call_event("tool.decided", caller, &task.id, tool, &arguments).context(&context_json);
         let answer = self.policy_answer(decision, event, &policy.summary, ask.risk, |reason| {
             format!("tool: policy denies this call of '{}': {reason}", tool.name)
         });
@@ -142,7 +142,11 @@ impl Broker {
 
     /// The catalog's tools that `caller` may call and policy lets it see (`ListTools`) in
     /// task `task_id`.
-    pub async fn list_tools(&self, caller: &Caller, task_id: &TaskId) -> Result<Vec<ToolDefinition>> {
+    pub async fn list_tools(
+        &self,
+        caller: &Caller,
+        task_id: &TaskId,
+    ) -> Result<Vec<ToolDefinition>> {
         let task = self
             .store
             .find_task(task_id, &caller.workload_id)

@@ -185,8 +185,14 @@ pub async fn run(
             };
             let answer = tasks.authorize_tool_call(request).await?.into_inner();
             eprintln!("arguments {}", answer.arguments_digest);
-            return print_grant_answer(&mut tasks, answer.call_token, answer.pending, *wait, format)
-                .await;
+            return print_grant_answer(
+                &mut tasks,
+                answer.call_token,
+                answer.pending,
+                *wait,
+                format,
+            )
+            .await;
         }
         TaskCommand::Tools { task_id } => {
             let tools = tasks

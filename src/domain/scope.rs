@@ -193,7 +193,10 @@ impl Catalog {
         let definition = self.tools.get(name).ok_or_else(|| {
             Error::invalid(
                 "tool",
-                format!("unknown tool '{}'", name.chars().take(64).collect::<String>()),
+                format!(
+                    "unknown tool '{}'",
+                    name.chars().take(64).collect::<String>()
+                ),
             )
         })?;
         match &definition.allowed_workloads {

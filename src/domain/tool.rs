@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use super::labels::Labels;
 use super::scope::{
-    AllowedWorkloads, CatalogError, CredentialKind, ScopeDefinition, ScopeName, parse_ttl,
-    parse_workloads, error_message,
+    AllowedWorkloads, CatalogError, CredentialKind, ScopeDefinition, ScopeName, error_message,
+    parse_ttl, parse_workloads,
 };
 use crate::error::Error;
 
@@ -132,9 +132,8 @@ impl ToolDefinition {
             ));
         }
         let text = if text.trim().is_empty() { "{}" } else { text };
-        let parsed: Value = serde_json::from_str(text).map_err(|error| {
-            Error::invalid("arguments_json", format!("is not JSON: {error}"))
-        })?;
+        let parsed: Value = serde_json::from_str(text)
+            .map_err(|error| Error::invalid("arguments_json", format!("is not JSON: {error}")))?;
         let Value::Object(object) = parsed else {
             return Err(Error::invalid("arguments_json", "must be a JSON object"));
         };
@@ -196,12 +195,7 @@ fn shown_name(name: &str) -> String {
 }
 
 fn checked_value(field: &str, kind: ArgumentType, value: Value) -> Result<ArgumentValue, Error> {
-    let long_string = || {
-        Error::invalid(
-            field,
-            format!("is longer than {MAX_STRING_BYTES} bytes"),
-        )
-    };
+    let long_string = || Error::invalid(field, format!("is longer than {MAX_STRING_BYTES} bytes"));
     match (kind, value) {
         (ArgumentType::String, Value::String(text)) if text.len() > MAX_STRING_BYTES => {
             Err(long_string())
@@ -453,8 +447,14 @@ mod tests {
             Error::InvalidArgument { field, .. } => field,
             other => panic!("{other}"),
         };
-        assert_eq!(field(r#"{"order_id":"A","amount":"12"}"#), "arguments_json.amount");
-        assert_eq!(field(r#"{"order_id":"A","amount":1.5}"#), "arguments_json.amount");
+        assert_eq!(
+            field(r#"{"order_id":"A","amount":"12"}"#),
+            "arguments_json.amount"
+        );
+        assert_eq!(
+            field(r#"{"order_id":"A","amount":1.5}"#),
+            "arguments_json.amount"
+        );
         assert_eq!(field(r#"{"order_id":"A"}"#), "arguments_json.amount");
         assert_eq!(
             field(r#"{"order_id":"A","amount":1,"to":"x"}"#),

@@ -4,9 +4,9 @@ use std::collections::HashMap;
 
 use prost_types::Timestamp;
 
-use crate::domain::ToolDefinition;
 use crate::audit::verify::Anchor;
 use crate::broker::IssuedLease;
+use crate::domain::ToolDefinition;
 use crate::domain::task::{GrantRequestState, Verdict};
 use crate::domain::{CredentialKind, LeaseState, RevocationReason, Role, TaskState, UnixMillis};
 use crate::error::Error;

@@ -410,7 +410,8 @@ mod tests {
         let source = PolicySource::Dir(dir.path().to_owned());
         let schema = dir.path().join(load::SCHEMA_FILE);
         std::fs::write(&schema, format!("// a copy\n{}", load::BUILT_IN_SCHEMA)).unwrap();
-        load::load(&source, load::BUILT_IN_SCHEMA).expect("a copy of the schema (and an editor's dotfile) loads");
+        load::load(&source, load::BUILT_IN_SCHEMA)
+            .expect("a copy of the schema (and an editor's dotfile) loads");
         let widened = load::BUILT_IN_SCHEMA.replace("entity Role;", "entity Role;\n  entity Team;");
         std::fs::write(&schema, widened).unwrap();
         let error = load::load(&source, load::BUILT_IN_SCHEMA).err().unwrap();

@@ -27,7 +27,8 @@ struct Types {
 
 static TYPES: LazyLock<Types> = LazyLock::new(|| {
     let name = |text: &str| EntityTypeName::from_str(text).expect("a valid built-in type name");
-    let action = |id: &str| EntityUid::from_type_name_and_id(name("Warrant::Action"), EntityId::new(id));
+    let action =
+        |id: &str| EntityUid::from_type_name_and_id(name("Warrant::Action"), EntityId::new(id));
     Types {
         role: name("Warrant::Role"),
         workload: name("Warrant::Workload"),
@@ -170,7 +171,10 @@ impl TaskFacts<'_> {
                 "delegation_depth".to_owned(),
                 RestrictedExpression::new_long(i64::from(self.delegation_depth)),
             ),
-            ("now".to_owned(), RestrictedExpression::new_long(now_seconds)),
+            (
+                "now".to_owned(),
+                RestrictedExpression::new_long(now_seconds),
+            ),
             (
                 "hour".to_owned(),
                 RestrictedExpression::new_long(now_seconds.rem_euclid(86_400) / 3600),

@@ -70,10 +70,13 @@ async fn an_allowed_call_gets_a_token_accepted_once(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    let expected =
-        digest_of(&format!(r#"{{"amount_cents":500,"card_number":"{CARD}","order_id":"A-1"}}"#));
+    let expected = digest_of(&format!(
+        r#"{{"amount_cents":500,"card_number":"{CARD}","order_id":"A-1"}}"#
+    ));
     assert_eq!(answer.arguments_digest, expected);
-    let token = answer.call_token.expect("a small refund is allowed at once");
+    let token = answer
+        .call_token
+        .expect("a small refund is allowed at once");
     assert_eq!(token.scope, "tool:payments.refund");
     assert_eq!(token.audience, PAYMENTS);
 
@@ -161,8 +164,13 @@ async fn a_call_stepped_up_on_its_arguments_is_approved_and_its_token_used_once(
         .await
         .unwrap()
         .into_inner();
-    assert!(answer.call_token.is_none(), "nothing is issued before approval");
-    let pending = answer.pending.expect("a large refund waits for an operator");
+    assert!(
+        answer.call_token.is_none(),
+        "nothing is issued before approval"
+    );
+    let pending = answer
+        .pending
+        .expect("a large refund waits for an operator");
     assert_eq!(pending.scope, "tool:payments.refund");
 
     let listed = operator
@@ -179,8 +187,14 @@ async fn a_call_stepped_up_on_its_arguments_is_approved_and_its_token_used_once(
     let detail: serde_json::Value = serde_json::from_str(&shown.detail_json).unwrap();
     assert_eq!(detail["tool_call"]["tool"], "payments.refund");
     assert_eq!(detail["tool_call"]["arguments"]["amount_cents"], 25_000);
-    assert_eq!(detail["tool_call"]["arguments"]["card_number"], "[redacted]");
-    assert_eq!(detail["tool_call"]["arguments_digest"], answer.arguments_digest);
+    assert_eq!(
+        detail["tool_call"]["arguments"]["card_number"],
+        "[redacted]"
+    );
+    assert_eq!(
+        detail["tool_call"]["arguments_digest"],
+        answer.arguments_digest
+    );
     assert!(!shown.detail_json.contains(CARD));
 
     let mut stream = agent
@@ -225,10 +239,23 @@ async fn bad_calls_are_refused_naming_the_field_and_nothing_is_issued() {
     let app = TestApp::spawn(&data).await;
     let agent = app.agent("billing-agent").await;
     let task_id = open_task(&agent).await;
-    let oversized = format!(r#"{{"order_id":"{}","amount_cents":1}}"#, "x".repeat(17_000));
+    let oversized = format!(
+        r#"{{"order_id":"{}","amount_cents":1}}"#,
+        "x".repeat(17_000)
+    );
     for (tool, arguments, code, field) in [
-        ("payments.refund", "{not json", Code::InvalidArgument, "arguments_json"),
-        ("payments.refund", "[1]", Code::InvalidArgument, "arguments_json"),
+        (
+            "payments.refund",
+            "{not json",
+            Code::InvalidArgument,
+            "arguments_json",
+        ),
+        (
+            "payments.refund",
+            "[1]",
+            Code::InvalidArgument,
+            "arguments_json",
+        ),
         (
             "payments.refund",
             r#"{"order_id":"A","amount_cents":"12"}"#,
@@ -247,7 +274,12 @@ async fn bad_calls_are_refused_naming_the_field_and_nothing_is_issued() {
             Code::InvalidArgument,
             "arguments_json.bcc",
         ),
-        ("payments.refund", &oversized, Code::InvalidArgument, "arguments_json"),
+        (
+            "payments.refund",
+            &oversized,
+            Code::InvalidArgument,
+            "arguments_json",
+        ),
         ("shell.exec", "{}", Code::InvalidArgument, "tool"),
     ] {
         let refused = agent
@@ -283,7 +315,11 @@ async fn bad_calls_are_refused_naming_the_field_and_nothing_is_issued() {
         .await
         .unwrap_err();
     assert_eq!(ended.code(), Code::FailedPrecondition);
-    assert_eq!(count_rows(&data, "leases").await, 0, "no call token was issued");
+    assert_eq!(
+        count_rows(&data, "leases").await,
+        0,
+        "no call token was issued"
+    );
     app.stop().await;
 }
 

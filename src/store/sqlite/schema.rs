@@ -37,7 +37,9 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!(
             "../../../migrations/sqlite/0009_grant_approvals.sql"
         )),
-        M::up(include_str!("../../../migrations/sqlite/0010_lease_uses.sql")),
+        M::up(include_str!(
+            "../../../migrations/sqlite/0010_lease_uses.sql"
+        )),
     ])
 }
 
