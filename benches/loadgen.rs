@@ -50,6 +50,16 @@ kind = "jwt"
 default_ttl = "1h"
 max_ttl = "2h"
 workloads = ["*"]
+
+[[tool]]
+name = "payments.refund"
+audience = "https://payments.example.internal"
+workloads = ["*"]
+call_ttl = "5m"
+
+[tool.arguments]
+order_id = { type = "string" }
+amount_cents = { type = "long" }
 "#;
 
 /// One measured figure, as printed and as written to JSON.
@@ -642,7 +652,7 @@ fn policy_decisions(count: usize, duration: Duration) -> Measurement {
         Caller, CredentialKind, Labels, Role, ScopeDefinition, ScopeName, SpiffeId, TaskContext,
         UnixMillis, WorkloadName,
     };
-    use warrant::policy::load::{PolicyFile, from_files};
+    use warrant::policy::load::{PolicyFile, from_files, schema_for};
     let matched = format!("scope:{}", count - 1);
     let text = fleet_policies(count, &matched);
     let policy = from_files(
@@ -651,6 +661,7 @@ fn policy_decisions(count: usize, duration: Duration) -> Measurement {
             text,
         }],
         "bench".into(),
+        &schema_for(&Default::default()),
     )
     .expect("the benchmark policy set loads");
     let labels = |pairs: &[(&str, &str)]| {
@@ -687,12 +698,14 @@ fn policy_decisions(count: usize, duration: Duration) -> Measurement {
         let decision = policy.decide(&warrant::policy::GrantQuery {
             caller: &caller,
             scope: &scope,
-            purpose: "bench",
-            context: &context,
-            requested_ttl: Duration::from_secs(300),
-            delegation_depth: 0,
-            now: UnixMillis::now(),
-            risk: Some(10),
+            facts: warrant::policy::TaskFacts {
+                purpose: "bench",
+                context: &context,
+                requested_ttl: Duration::from_secs(300),
+                delegation_depth: 0,
+                now: UnixMillis::now(),
+                risk: Some(10),
+            },
         });
         latencies.push(began.elapsed());
         std::hint::black_box(decision);
@@ -1145,6 +1158,7 @@ const SCENARIOS: &[&str] = &[
     "attest",
     "mtls",
     "policy",
+    "toolcall",
 ];
 
 impl Options {
@@ -1468,6 +1482,41 @@ async fn broker_scenarios(
             "RequestGrant on an open task",
             backend,
             16,
+            Some(("gRPC echo", echo_rate)),
+        ));
+    }
+    if options.runs("toolcall") {
+        eprintln!("{backend}: AuthorizeToolCall K=64");
+        let open_task = agents[0]
+            .tasks()
+            .begin_task(begin_request(&[], 3600))
+            .await
+            .expect("open task")
+            .into_inner()
+            .task_id;
+        let next = next_tasks.clone();
+        // The dev policy allows a refund up to 10000 cents at once: every call is decided by
+        // policy, audited, and stored as a single-use call token.
+        let call: Operation = Arc::new(move || {
+            let mut tasks = next();
+            let request = proto::AuthorizeToolCallRequest {
+                task_id: open_task.clone(),
+                tool: "payments.refund".into(),
+                arguments_json: r#"{"order_id":"A-1","amount_cents":500}"#.into(),
+                risk: None,
+            };
+            Box::pin(async move {
+                let answer = tasks.authorize_tool_call(request).await?.into_inner();
+                match answer.call_token {
+                    Some(_) => Ok(()),
+                    None => Err(Status::internal("the call was not allowed")),
+                }
+            })
+        });
+        rows.push(drive(64, duration, call).await.row(
+            "AuthorizeToolCall, allowed (policy, audit, call token)",
+            backend,
+            64,
             Some(("gRPC echo", echo_rate)),
         ));
     }

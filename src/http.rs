@@ -1,12 +1,15 @@
 //! HTTP endpoints beside gRPC: JWKS and OpenID discovery, so ordinary JWT libraries can validate
 //! Warrant tokens, RFC 7662 introspection, so they can check revocation with a plain HTTP POST,
-//! health probes, and Prometheus metrics. Served over TLS when the broker has a TLS identity.
+//! health probes, Prometheus metrics, and the tool-call decision as an AuthZEN endpoint. Served
+//! over TLS when the broker has a TLS identity.
+
+mod authzen;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
 use axum::extract::rejection::FormRejection;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -44,6 +47,15 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route(TRUST_BUNDLE_PATH, get(trust_bundle))
         .route(TRUST_BUNDLE_PEM_PATH, get(trust_bundle_pem))
         .route(INTROSPECTION_PATH, post(introspect))
+        .route(authzen::CONFIGURATION_PATH, get(authzen::configuration))
+        .route(
+            authzen::EVALUATION_PATH,
+            post(authzen::evaluation).layer(DefaultBodyLimit::max(authzen::MAX_BODY_BYTES)),
+        )
+        .route(
+            authzen::EVALUATIONS_PATH,
+            post(authzen::evaluations).layer(DefaultBodyLimit::max(authzen::MAX_BODY_BYTES)),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readiness))
         .route("/metrics", get(metrics))
@@ -150,23 +162,34 @@ async fn introspect(
     }
 }
 
-/// An error as RFC 6749 shapes it: a status, and `error` with `error_description`.
-fn error_response(error: &Error) -> Response {
-    let (status, code) = match error {
+/// The HTTP status of an error, and its RFC 6749 error code.
+fn status_of(error: &Error) -> (StatusCode, &'static str) {
+    match error {
         Error::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "invalid_client"),
         Error::PermissionDenied(_) => (StatusCode::FORBIDDEN, "access_denied"),
         Error::InvalidArgument { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+        Error::NotFound { .. } => (StatusCode::NOT_FOUND, "invalid_request"),
+        Error::FailedPrecondition(_) => (StatusCode::CONFLICT, "invalid_request"),
         Error::ResourceExhausted(_) => (StatusCode::TOO_MANY_REQUESTS, "temporarily_unavailable"),
         Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
-    };
-    let description = match status {
+    }
+}
+
+/// What a caller is told about an error: nothing about an internal one.
+fn described(error: &Error) -> String {
+    match status_of(error).0 {
         StatusCode::INTERNAL_SERVER_ERROR => "internal error".to_owned(),
         _ => error.to_string(),
-    };
+    }
+}
+
+/// An error as RFC 6749 shapes it: a status, and `error` with `error_description`.
+fn error_response(error: &Error) -> Response {
+    let (status, code) = status_of(error);
     let mut response = (
         status,
-        Json(serde_json::json!({ "error": code, "error_description": description })),
+        Json(serde_json::json!({ "error": code, "error_description": described(error) })),
     )
         .into_response();
     if status == StatusCode::UNAUTHORIZED {

@@ -139,8 +139,17 @@ fn request_text(request: &Value) -> String {
             )
         })
         .collect();
+    // A tool call is shown with its arguments (sensitive values already redacted).
+    let call = match &detail["tool_call"] {
+        Value::Null => String::new(),
+        call => format!(
+            "\n  call       {} {}",
+            text(call, "tool"),
+            call["arguments"]
+        ),
+    };
     format!(
-        "{}  {} asks for {}\n  purpose    {}\n  tools      {}\n  risk       {}\n  needs      {} approval(s){}; so far: {}\n  rules      {}\n  decide by  {}\n  digest     {}\n",
+        "{}  {} asks for {}{call}\n  purpose    {}\n  tools      {}\n  risk       {}\n  needs      {} approval(s){}; so far: {}\n  rules      {}\n  decide by  {}\n  digest     {}\n",
         text(request, "lease_id"),
         text(request, "workload"),
         text(request, "scope"),

@@ -81,14 +81,23 @@ pub async fn run(
                     "aud": response.aud, "iss": response.iss, "exp": response.exp, "iat": response.iat,
                     "nbf": response.nbf, "jti": response.jti, "task_id": response.task_id,
                     "token_type": response.token_type, "cnf_x5t_s256": response.cnf_x5t_s256,
+                    "tool": response.tool, "arguments_digest": response.arguments_digest,
                 })
             } else {
                 json!({ "active": false })
             };
             format.print(&value, |value| {
                 if value["active"] == true {
+                    // A call token also names the call it is for.
+                    let call = match text(value, "tool") {
+                        "" => String::new(),
+                        tool => format!(
+                            "  tool   {tool}\n  args   {}\n",
+                            text(value, "arguments_digest")
+                        ),
+                    };
                     format!(
-                        "active: true\n  scope  {}\n  sub    {}\n  task   {}\n  jti    {}\n",
+                        "active: true\n  scope  {}\n  sub    {}\n  task   {}\n  jti    {}\n{call}",
                         text(value, "scope"),
                         text(value, "sub"),
                         text(value, "task_id"),

@@ -31,6 +31,7 @@ mod access;
 mod approvals;
 mod audit;
 mod auth;
+mod authzen;
 mod ca_rotation;
 mod conformance;
 mod entries;

@@ -601,6 +601,23 @@ async fn readme_approvals_walkthrough_works_verbatim() {
     assert!(stdout.contains("active: true"), "{stdout}");
 }
 
+/// The tool-call walk-through, word for word: a small refund allowed at once, a large one
+/// shown to the operator with its arguments, approved and delivered on the agent's stream, and
+/// its call token accepted by introspection once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_tool_call_walkthrough_works_verbatim() {
+    let stdout = run_dev_walkthrough("tool-call-walkthrough").await;
+    assert!(
+        stdout.contains("asks for tool:payments.refund\n  call       payments.refund"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(r#""amount_cents":25000"#), "{stdout}");
+    let accepted = stdout.find("active: true").expect("first use accepted");
+    let replayed = stdout.find("active: false").expect("replay refused");
+    assert!(accepted < replayed, "{stdout}");
+    assert!(stdout.contains("  tool   payments.refund\n"), "{stdout}");
+}
+
 /// The identity walk-through, word for word, from a directory laid out as the repository is:
 /// a deployed broker on TLS, a workload with no bearer credential attesting with a join token,
 /// calls over mTLS, a bound token, renewal and the kill switch.

@@ -331,6 +331,42 @@ pub fn http_introspect(
     credential: Option<&str>,
     form: &str,
 ) -> (u16, String) {
+    http_post(
+        addr,
+        "/oauth2/introspect",
+        credential,
+        "application/x-www-form-urlencoded",
+        form,
+    )
+}
+
+/// `POST path` with a JSON `body` and `credential` (none when `None`); (status, body as JSON).
+pub fn http_post_json(
+    addr: std::net::SocketAddr,
+    path: &str,
+    credential: Option<&str>,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let (status, body) = http_post(
+        addr,
+        path,
+        credential,
+        "application/json",
+        &body.to_string(),
+    );
+    let body = serde_json::from_str(&body)
+        .unwrap_or_else(|error| panic!("POST {path}: not JSON ({error}): {body}"));
+    (status, body)
+}
+
+/// A minimal HTTP/1.1 POST of `body` as `content_type`; (status, body).
+fn http_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    credential: Option<&str>,
+    content_type: &str,
+    body: &str,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     let authorization = credential
@@ -338,9 +374,9 @@ pub fn http_introspect(
         .unwrap_or_default();
     write!(
         stream,
-        "POST /oauth2/introspect HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{authorization}\
-         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
-        form.len()
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{authorization}\
+         Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut response = String::new();
