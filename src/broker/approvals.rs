@@ -13,7 +13,7 @@ use crate::metrics::CredentialLabels;
 use crate::policy::ApprovalRequirement;
 use crate::store::{
     ApprovalRecord, GrantDecision, GrantDecisionOutcome, GrantRequestInsertion, GrantRequestRecord,
-    LeaseRecord, TaskRecord,
+    LeaseRecord, PendingFilter, TaskRecord,
 };
 
 /// Requests one workload may have waiting at once; more are refused with RESOURCE_EXHAUSTED, so
@@ -140,11 +140,12 @@ impl Broker {
     pub async fn pending_grants(
         &self,
         after: Option<&LeaseId>,
+        filter: &PendingFilter,
         limit: usize,
     ) -> Result<(Vec<GrantRequestRecord>, Option<LeaseId>)> {
         let page = self
             .store
-            .pending_grant_requests(after, limit, UnixMillis::now())
+            .pending_grant_requests(after, filter, limit, UnixMillis::now())
             .await?;
         let next = (page.len() == limit)
             .then(|| page.last().map(|last| last.id.clone()))

@@ -12,11 +12,32 @@ use crate::proto;
 #[derive(Subcommand)]
 pub enum ApprovalsCommand {
     /// List the grant requests waiting for approval, oldest first, with what they are for.
-    List,
+    List(Filter),
+    /// Show the requests waiting now, then each new one the moment it arrives (until Ctrl-C).
+    Watch(Filter),
     /// Approve a grant request; the approval that reaches its quorum issues the credential.
     Approve(Answer),
     /// Deny a grant request: one denial ends it.
     Deny(Answer),
+}
+
+#[derive(clap::Args)]
+pub struct Filter {
+    /// Only this workload's requests.
+    #[arg(long, default_value = "")]
+    workload: String,
+    /// Only requests for this scope (a tool call's is `tool:<name>`).
+    #[arg(long, default_value = "")]
+    scope: String,
+}
+
+impl Filter {
+    fn to_proto(&self) -> Option<proto::PendingFilter> {
+        Some(proto::PendingFilter {
+            workload: self.workload.clone(),
+            scope: self.scope.clone(),
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -40,7 +61,7 @@ pub async fn run(
     cli.require_identity()?;
     let mut approvals = cli.connect().await?.approvals();
     match command {
-        ApprovalsCommand::List => {
+        ApprovalsCommand::List(filter) => {
             let mut requests = Vec::new();
             let mut page_token = String::new();
             loop {
@@ -48,6 +69,7 @@ pub async fn run(
                     .list_pending(proto::ListPendingRequest {
                         page_size: 0,
                         page_token,
+                        filter: filter.to_proto(),
                     })
                     .await?
                     .into_inner();
@@ -65,6 +87,17 @@ pub async fn run(
                 }
                 listed.iter().map(request_text).collect()
             })?;
+        }
+        ApprovalsCommand::Watch(filter) => {
+            let mut stream = approvals
+                .watch_pending(proto::WatchPendingRequest {
+                    filter: filter.to_proto(),
+                })
+                .await?
+                .into_inner();
+            while let Some(request) = stream.message().await? {
+                format.print(&request_json(&request), request_text)?;
+            }
         }
         ApprovalsCommand::Approve(answer) | ApprovalsCommand::Deny(answer) => {
             let request = proto::AnswerRequest {

@@ -43,6 +43,13 @@ impl<K: IdKind> Id<K> {
         Id(format!("{}{}", K::PREFIX, hex(&bytes)), PhantomData)
     }
 
+    /// The smallest id generated at `at` or later: a lower bound for "ids created since".
+    pub fn first_at(at: super::UnixMillis) -> Self {
+        let mut bytes = [0u8; 16];
+        bytes[..6].copy_from_slice(&at.0.max(0).to_be_bytes()[2..]);
+        Id(format!("{}{}", K::PREFIX, hex(&bytes)), PhantomData)
+    }
+
     /// Parses an id received in request field `field`.
     pub fn parse(field: &str, text: &str) -> Result<Self, Error> {
         let is_well_formed = text.strip_prefix(K::PREFIX).is_some_and(|digits| {

@@ -14,6 +14,7 @@ pub enum Rpc {
     AuthorizeToolCall,
     ListTools,
     ListPending,
+    WatchPending,
     Approve,
     Deny,
     RenewLease,
@@ -49,6 +50,7 @@ impl Rpc {
             Rpc::AuthorizeToolCall => "Tasks.AuthorizeToolCall",
             Rpc::ListTools => "Tasks.ListTools",
             Rpc::ListPending => "Approvals.ListPending",
+            Rpc::WatchPending => "Approvals.WatchPending",
             Rpc::Approve => "Approvals.Approve",
             Rpc::Deny => "Approvals.Deny",
             Rpc::RenewLease => "Tasks.RenewLease",
@@ -88,7 +90,7 @@ pub fn allowed_roles(rpc: Rpc) -> &'static [Role] {
         | Rpc::ListTools
         | Rpc::RenewLease
         | Rpc::CompleteTask => &[Role::Agent],
-        Rpc::ListPending | Rpc::Approve | Rpc::Deny => &[Role::Operator],
+        Rpc::ListPending | Rpc::WatchPending | Rpc::Approve | Rpc::Deny => &[Role::Operator],
         Rpc::Introspect | Rpc::WatchRevocations => &[Role::ResourceServer, Role::Admin],
         // Any identity may renew its own SVID.
         Rpc::RenewSvid => &[

@@ -1,8 +1,12 @@
 //! The `Approvals` service: what operators call to see the grants that wait for them and to
 //! answer them.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::access::Rpc;
@@ -11,22 +15,31 @@ use super::convert;
 use crate::broker::Broker;
 use crate::domain::task::Verdict;
 use crate::domain::{Caller, LeaseId};
+use crate::domain::{ScopeName, UnixMillis, WorkloadName};
 use crate::error::Error;
 use crate::proto;
-use crate::store::GrantDecisionOutcome;
+use crate::store::{GrantDecisionOutcome, GrantRequestRecord, PendingFilter, Topic};
 
 /// Requests per page when the caller does not say.
 const DEFAULT_PAGE_SIZE: u32 = 100;
 /// The largest page.
 const MAX_PAGE_SIZE: u32 = 500;
+/// How often `WatchPending` looks again without a notification (one lost, or none between
+/// replicas that do not share them).
+const WATCH_PENDING_POLL: Duration = Duration::from_secs(1);
+/// How far before the newest request seen `WatchPending` looks again: a request stored by
+/// another replica may commit after a newer one, and replicas' clocks differ a little.
+const WATCH_PENDING_LOOKBACK: Duration = Duration::from_secs(30);
 
 pub struct ApprovalsService {
     broker: Arc<Broker>,
+    /// Ends open `WatchPending` streams when the broker stops.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl ApprovalsService {
-    pub fn new(broker: Arc<Broker>) -> Self {
-        ApprovalsService { broker }
+    pub fn new(broker: Arc<Broker>, shutdown: watch::Receiver<bool>) -> Self {
+        ApprovalsService { broker, shutdown }
     }
 
     async fn operator<T>(&self, request: &Request<T>, rpc: Rpc) -> Result<Caller, Status> {
@@ -75,14 +88,60 @@ impl proto::approvals_server::Approvals for ApprovalsService {
             "" => None,
             token => Some(LeaseId::parse("page_token", token)?),
         };
+        let filter = pending_filter(message.filter)?;
         let (requests, next) = self
             .broker
-            .pending_grants(after.as_ref(), page_size as usize)
+            .pending_grants(after.as_ref(), &filter, page_size as usize)
             .await?;
         Ok(Response::new(proto::ListPendingResponse {
             requests: requests.into_iter().map(convert::pending_grant).collect(),
             next_page_token: next.map(|id| id.as_str().to_owned()).unwrap_or_default(),
         }))
+    }
+
+    type WatchPendingStream = ReceiverStream<Result<proto::PendingGrant, Status>>;
+
+    async fn watch_pending(
+        &self,
+        request: Request<proto::WatchPendingRequest>,
+    ) -> Result<Response<Self::WatchPendingStream>, Status> {
+        self.operator(&request, Rpc::WatchPending).await?;
+        let filter = pending_filter(request.into_inner().filter)?;
+        // Read once before the stream opens, so that a store that cannot answer is an error.
+        let mut watcher = PendingWatcher::default();
+        let first = watcher.next_batch(&self.broker, &filter).await?;
+        let (sender, receiver) = mpsc::channel(64);
+        let broker = self.broker.clone();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut changes = broker.store().changes().subscribe(Topic::Approvals);
+            let mut batch = first;
+            loop {
+                for request in batch {
+                    if sender
+                        .send(Ok(convert::pending_grant(request)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    () = tokio::time::sleep(WATCH_PENDING_POLL) => {}
+                    () = sender.closed() => return,
+                    _ = shutdown.wait_for(|stopping| *stopping) => return,
+                }
+                batch = match watcher.next_batch(&broker, &filter).await {
+                    Ok(batch) => batch,
+                    Err(error) => {
+                        let _ = sender.send(Err(error.into())).await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
     async fn approve(
@@ -97,5 +156,75 @@ impl proto::approvals_server::Approvals for ApprovalsService {
         request: Request<proto::AnswerRequest>,
     ) -> Result<Response<proto::AnswerResponse>, Status> {
         self.answer(request, Rpc::Deny, Verdict::Deny).await
+    }
+}
+
+/// The filter of a listing; empty fields match everything, others must be well-formed.
+fn pending_filter(filter: Option<proto::PendingFilter>) -> Result<PendingFilter, Error> {
+    let filter = filter.unwrap_or_default();
+    let workload = match filter.workload.as_str() {
+        "" => None,
+        name => Some(
+            WorkloadName::parse("filter.workload", name)?
+                .as_str()
+                .to_owned(),
+        ),
+    };
+    // A tool call's scope (`tool:<name>`) is a scope name too.
+    let scope = match filter.scope.as_str() {
+        "" => None,
+        name => Some(ScopeName::parse("filter.scope", name)?.as_str().to_owned()),
+    };
+    Ok(PendingFilter { workload, scope })
+}
+
+/// What one `WatchPending` stream has sent: each request once, however often it is listed.
+#[derive(Default)]
+struct PendingWatcher {
+    /// Requests sent that are recent enough to be listed again.
+    sent: HashSet<crate::domain::LeaseId>,
+    /// The creation time of the newest request seen.
+    newest: Option<UnixMillis>,
+}
+
+impl PendingWatcher {
+    /// The requests waiting now that this stream has not sent yet, oldest first: every one
+    /// on the first call, then those created since a little before the newest one seen.
+    async fn next_batch(
+        &mut self,
+        broker: &Broker,
+        filter: &PendingFilter,
+    ) -> Result<Vec<GrantRequestRecord>, Error> {
+        let mut after = self.horizon();
+        let mut fresh = Vec::new();
+        loop {
+            let (page, next) = broker
+                .pending_grants(after.as_ref(), filter, MAX_PAGE_SIZE as usize)
+                .await?;
+            for request in page {
+                self.newest = self.newest.max(Some(request.created_at));
+                if self.sent.insert(request.id.clone()) {
+                    fresh.push(request);
+                }
+            }
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        // What is older than the next look's start is never listed again: forget it.
+        if let Some(horizon) = self.horizon() {
+            self.sent.retain(|id| id.as_str() >= horizon.as_str());
+        }
+        Ok(fresh)
+    }
+
+    /// Where the next look starts: a little before the newest request seen (ids sort by
+    /// creation time), or at the beginning before any was seen.
+    fn horizon(&self) -> Option<crate::domain::LeaseId> {
+        let lookback = i64::try_from(WATCH_PENDING_LOOKBACK.as_millis()).unwrap_or(i64::MAX);
+        self.newest.map(|newest| {
+            crate::domain::LeaseId::first_at(UnixMillis(newest.0.saturating_sub(lookback)))
+        })
     }
 }

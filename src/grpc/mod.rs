@@ -90,8 +90,11 @@ pub async fn routes(
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
-            ApprovalsServer::new(approvals::ApprovalsService::new(broker.clone()))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
+            ApprovalsServer::new(approvals::ApprovalsService::new(
+                broker.clone(),
+                shutdown.clone(),
+            ))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
             TokensServer::new(tokens::TokensService::new(broker.clone(), shutdown))

@@ -52,8 +52,8 @@ pub use records::{
     ApprovalRecord, AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease,
     ExpiryReport, FeedEvent, FeedPage, FeedRecord, GrantDecision, GrantDecisionOutcome,
     GrantRequestInsertion, GrantRequestRecord, IdentityEnd, JoinTokenRecord, LeaseRecord,
-    NewLeaseOutcome, Renewal, RenewalOutcome, StoredCaKey, StoredJwtSvidKey, StoredSigningKey,
-    SvidRecord, TaskInsertion, TaskRecord, WorkloadRecord,
+    NewLeaseOutcome, PendingFilter, Renewal, RenewalOutcome, StoredCaKey, StoredJwtSvidKey,
+    StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord, WorkloadRecord,
 };
 pub use revocations::RevocationState;
 
@@ -230,10 +230,11 @@ pub trait Store: Send + Sync + 'static {
     async fn find_grant_request(&self, id: &LeaseId) -> Result<Option<GrantRequestRecord>>;
 
     /// Up to `limit` requests pending and still within their wait at `now`, after `after`
-    /// (ids sort by age), oldest first.
+    /// (ids sort by age), oldest first, that `filter` matches.
     async fn pending_grant_requests(
         &self,
         after: Option<&LeaseId>,
+        filter: &PendingFilter,
         limit: usize,
         now: UnixMillis,
     ) -> Result<Vec<GrantRequestRecord>>;

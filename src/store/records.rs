@@ -615,6 +615,13 @@ pub const GRANT_REQUEST_COLUMNS: &str = "id, task_id, workload_id, workload_name
      ttl_seconds, request_digest, detail_json, quorum, approver_labels_json, state, created_at, \
      wait_until, decided_at, reason";
 
+/// Which pending requests a listing shows: `None` matches every workload, every scope.
+#[derive(Clone, Debug, Default)]
+pub struct PendingFilter {
+    pub workload: Option<String>,
+    pub scope: Option<String>,
+}
+
 /// The columns of a stored approval.
 pub const APPROVAL_COLUMNS: &str = "approver_id, approver_name, verdict, reason, decided_at";
 

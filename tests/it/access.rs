@@ -22,6 +22,7 @@ const MATRIX: &[(&str, &[&str])] = &[
     ("warrant.v1.Tasks/AuthorizeToolCall", &[AGENT]),
     ("warrant.v1.Tasks/ListTools", &[AGENT]),
     ("warrant.v1.Approvals/ListPending", &[OPERATOR]),
+    ("warrant.v1.Approvals/WatchPending", &[OPERATOR]),
     ("warrant.v1.Approvals/Approve", &[OPERATOR]),
     ("warrant.v1.Approvals/Deny", &[OPERATOR]),
     ("warrant.v1.Tasks/RenewLease", &[AGENT]),
@@ -100,6 +101,11 @@ async fn call(connection: &Connection, rpc: &str) -> Result<(), tonic::Status> {
         "warrant.v1.Approvals/ListPending" => connection
             .approvals()
             .list_pending(proto::ListPendingRequest::default())
+            .await
+            .map(drop),
+        "warrant.v1.Approvals/WatchPending" => connection
+            .approvals()
+            .watch_pending(proto::WatchPendingRequest::default())
             .await
             .map(drop),
         "warrant.v1.Approvals/Approve" => connection

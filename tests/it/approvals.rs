@@ -533,6 +533,7 @@ async fn one_workload_cannot_bury_the_operators_under_requests() {
         .list_pending(proto::ListPendingRequest {
             page_size: 15,
             page_token: String::new(),
+            filter: None,
         })
         .await
         .unwrap()
@@ -543,11 +544,120 @@ async fn one_workload_cannot_bury_the_operators_under_requests() {
         .list_pending(proto::ListPendingRequest {
             page_size: 15,
             page_token: first_page.next_page_token,
+            filter: None,
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(second_page.requests.len(), 6);
     assert!(second_page.next_page_token.is_empty());
+    app.stop().await;
+}
+
+/// The next request on a `WatchPending` stream, within 5 s.
+async fn next_pending(stream: &mut tonic::Streaming<proto::PendingGrant>) -> proto::PendingGrant {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a request within 5 s")
+        .unwrap()
+        .expect("the stream is open")
+}
+
+fn only(workload: &str, scope: &str) -> Option<proto::PendingFilter> {
+    Some(proto::PendingFilter {
+        workload: workload.into(),
+        scope: scope.into(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_each_new_request_once_as_it_arrives_and_filter_them() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let app = TestApp::spawn_with(config_with_policy(&data)).await;
+    let tickets = app.agent("ticket-agent").await;
+    let crm = app.agent("crm-agent").await;
+    let alice = operator(&app, "alice").await;
+    let (_, waiting) = ask(&tickets, "tickets:write", None).await;
+
+    let watch_pending = |filter| {
+        let mut approvals = alice.approvals();
+        async move {
+            approvals
+                .watch_pending(proto::WatchPendingRequest { filter })
+                .await
+                .map(|response| response.into_inner())
+        }
+    };
+    let mut everything = watch_pending(None).await.unwrap();
+    let mut crm_only = watch_pending(only("crm-agent", "")).await.unwrap();
+    assert_eq!(
+        next_pending(&mut everything).await.lease_id,
+        waiting.lease_id
+    );
+
+    let (_, from_crm) = ask(&crm, "crm.contacts:read", Some(80)).await;
+    let seen = next_pending(&mut everything).await;
+    assert_eq!(
+        seen.lease_id, from_crm.lease_id,
+        "a new request arrives at once"
+    );
+    assert_eq!(seen.workload, "crm-agent");
+    assert_eq!(
+        next_pending(&mut crm_only).await.lease_id,
+        from_crm.lease_id
+    );
+    // Each request once: the stream's next looks (a second apart) list them again.
+    let quiet = tokio::time::timeout(Duration::from_millis(2500), everything.message()).await;
+    assert!(quiet.is_err(), "nothing new, nothing sent: {quiet:?}");
+    // Another ticket request is not the CRM agent's: its stream stays silent, the other's not.
+    let (_, second_ticket) = ask(&tickets, "tickets:write", None).await;
+    assert_eq!(
+        next_pending(&mut everything).await.lease_id,
+        second_ticket.lease_id
+    );
+    let (_, second_crm) = ask(&crm, "crm.contacts:read", Some(90)).await;
+    assert_eq!(
+        next_pending(&mut crm_only).await.lease_id,
+        second_crm.lease_id,
+        "the filtered stream skipped the ticket request"
+    );
+
+    let listed = alice
+        .approvals()
+        .list_pending(proto::ListPendingRequest {
+            filter: only("", "tickets:write"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    let ids: Vec<&str> = listed
+        .iter()
+        .map(|request| request.lease_id.as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        [waiting.lease_id.as_str(), second_ticket.lease_id.as_str()]
+    );
+
+    for (filter, field) in [
+        (only("Not A Name!", ""), "filter.workload"),
+        (only("", "no spaces allowed"), "filter.scope"),
+    ] {
+        let refused = watch_pending(filter).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(
+            refused.message().starts_with(field),
+            "{}",
+            refused.message()
+        );
+    }
+    let agent_watch = tickets
+        .approvals()
+        .watch_pending(proto::WatchPendingRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(agent_watch.code(), Code::PermissionDenied);
     app.stop().await;
 }

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::store::records::{
     APPROVAL_COLUMNS, ApprovalColumns, ApprovalRecord, GRANT_NOT_DECIDED_IN_TIME,
     GRANT_REQUEST_COLUMNS, GRANT_TASK_ENDED, GrantDecision, GrantDecisionOutcome,
-    GrantRequestColumns, GrantRequestInsertion, GrantRequestRecord,
+    GrantRequestColumns, GrantRequestInsertion, GrantRequestRecord, PendingFilter,
 };
 
 pub async fn insert(
@@ -81,17 +81,22 @@ pub async fn find(pool: &PgPool, id: &LeaseId) -> Result<Option<GrantRequestReco
 pub async fn pending(
     pool: &PgPool,
     after: Option<&LeaseId>,
+    filter: &PendingFilter,
     limit: usize,
     now: UnixMillis,
 ) -> Result<Vec<GrantRequestRecord>> {
     let mut connection = pool.acquire().await?;
     let rows = sqlx::query(&format!(
         "SELECT {GRANT_REQUEST_COLUMNS} FROM grant_requests \
-         WHERE state = 'pending' AND wait_until > $3 AND id > $1 ORDER BY id LIMIT $2"
+         WHERE state = 'pending' AND wait_until > $3 AND id > $1 \
+         AND ($4::text IS NULL OR workload_name = $4) AND ($5::text IS NULL OR scope = $5) \
+         ORDER BY id LIMIT $2"
     ))
     .bind(after.map_or("", LeaseId::as_str))
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .bind(now.0)
+    .bind(filter.workload.as_deref())
+    .bind(filter.scope.as_deref())
     .fetch_all(&mut *connection)
     .await?;
     let mut requests = Vec::with_capacity(rows.len());

@@ -51,9 +51,9 @@ use self::retry::in_transaction;
 use super::records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedEvent,
     FeedPage, GrantDecision, GrantDecisionOutcome, GrantRequestInsertion, GrantRequestRecord,
-    IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
-    StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord,
-    WorkloadRecord, ended_leases,
+    IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, PendingFilter, Renewal,
+    RenewalOutcome, StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion,
+    TaskRecord, WorkloadRecord, ended_leases,
 };
 use super::{
     Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
@@ -460,10 +460,11 @@ impl Store for PostgresStore {
     async fn pending_grant_requests(
         &self,
         after: Option<&LeaseId>,
+        filter: &PendingFilter,
         limit: usize,
         now: UnixMillis,
     ) -> Result<Vec<GrantRequestRecord>> {
-        grants::pending(&self.pool, after, limit, now).await
+        grants::pending(&self.pool, after, filter, limit, now).await
     }
 
     async fn expire_grant_requests(

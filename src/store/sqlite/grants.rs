@@ -14,7 +14,7 @@ use crate::store::Topic;
 use crate::store::records::{
     APPROVAL_COLUMNS, ApprovalColumns, ApprovalRecord, GRANT_NOT_DECIDED_IN_TIME,
     GRANT_REQUEST_COLUMNS, GRANT_TASK_ENDED, GrantDecision, GrantDecisionOutcome,
-    GrantRequestColumns, GrantRequestInsertion, GrantRequestRecord,
+    GrantRequestColumns, GrantRequestInsertion, GrantRequestRecord, PendingFilter,
 };
 
 pub fn insert(
@@ -89,16 +89,25 @@ pub fn find(connection: &Connection, id: &LeaseId) -> Result<Option<GrantRequest
 pub fn pending(
     connection: &Connection,
     after: Option<&LeaseId>,
+    filter: &PendingFilter,
     limit: usize,
     now: UnixMillis,
 ) -> Result<Vec<GrantRequestRecord>> {
     let rows = connection
         .prepare_cached(&format!(
             "SELECT {GRANT_REQUEST_COLUMNS} FROM grant_requests \
-             WHERE state = 'pending' AND wait_until > ?3 AND id > ?1 ORDER BY id LIMIT ?2"
+             WHERE state = 'pending' AND wait_until > ?3 AND id > ?1 \
+             AND (?4 IS NULL OR workload_name = ?4) AND (?5 IS NULL OR scope = ?5) \
+             ORDER BY id LIMIT ?2"
         ))?
         .query_map(
-            params![after.map_or("", LeaseId::as_str), limit as i64, now.0],
+            params![
+                after.map_or("", LeaseId::as_str),
+                limit as i64,
+                now.0,
+                filter.workload,
+                filter.scope
+            ],
             request_columns,
         )?
         .collect::<rusqlite::Result<Vec<_>>>()?;

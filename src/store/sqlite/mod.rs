@@ -34,8 +34,9 @@ use self::writer::{AfterCommit, Writer};
 use super::records::{
     AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedPage,
     GrantDecision, GrantDecisionOutcome, GrantRequestInsertion, GrantRequestRecord, IdentityEnd,
-    JoinTokenRecord, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome, StoredCaKey,
-    StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord, WorkloadRecord,
+    JoinTokenRecord, LeaseRecord, NewLeaseOutcome, PendingFilter, Renewal, RenewalOutcome,
+    StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord,
+    WorkloadRecord,
 };
 use super::{
     Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
@@ -241,11 +242,12 @@ impl Store for SqliteStore {
     async fn pending_grant_requests(
         &self,
         after: Option<&LeaseId>,
+        filter: &PendingFilter,
         limit: usize,
         now: UnixMillis,
     ) -> Result<Vec<GrantRequestRecord>> {
         self.readers
-            .read(|connection| grants::pending(connection, after, limit, now))
+            .read(|connection| grants::pending(connection, after, filter, limit, now))
             .await
     }
 
