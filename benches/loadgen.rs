@@ -636,6 +636,242 @@ async fn approval_latency(duration: Duration) -> Row {
     )
 }
 
+/// Requests one workload may have waiting (the broker's cap).
+const PENDING_CAP: usize = 20;
+
+/// `agents` agents each at their cap of waiting requests (500 make 10,000): the time to make
+/// them wait, then with all of them waiting, `ListPending`'s first page, a walk through every
+/// page, `WatchPending` delivering the backlog, and one more request travelling to the
+/// operator's stream and, approved, to the agent's `WatchGrant`.
+async fn approval_flood(agents: usize, duration: Duration) -> Vec<Row> {
+    let waiting = agents * PENDING_CAP;
+    let data = tempfile::tempdir().expect("temporary directory");
+    let policy_dir = data.path().join("policy");
+    std::fs::create_dir(&policy_dir).expect("policy directory");
+    std::fs::write(
+        policy_dir.join("approvals.cedar"),
+        "permit (principal in Warrant::Role::\"agent\", action, resource);\n\
+         @approval permit (principal, action, resource == Warrant::Scope::\"tickets:write\");\n",
+    )
+    .expect("write the policy set");
+    let server = Server::broker(data, None);
+    let admin = Connection::open(&server.grpc, server.admin_credential.as_deref(), None)
+        .await
+        .expect("connect");
+    let operator_token = admin
+        .admin()
+        .create_workload(proto::CreateWorkloadRequest {
+            name: "flood-operator".into(),
+            roles: vec![proto::Role::Operator as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("create the operator")
+        .into_inner()
+        .credential;
+    let operator = Connection::open(&server.grpc, Some(&operator_token), None)
+        .await
+        .expect("connect");
+    let mut rows = Vec::new();
+
+    eprintln!("sqlite: flood: {waiting} requests waiting");
+    let started = Instant::now();
+    let mut fills = tokio::task::JoinSet::new();
+    let grpc = Arc::new(server.grpc.clone());
+    let gate = Arc::new(tokio::sync::Semaphore::new(16));
+    for index in 0..agents {
+        let token = agent_credential(&admin, &format!("flood-agent-{index}")).await;
+        let (grpc, gate) = (grpc.clone(), gate.clone());
+        fills.spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("gate");
+            let agent = Connection::open(&grpc, Some(&token), None)
+                .await
+                .expect("connect");
+            let task = agent
+                .tasks()
+                .begin_task(begin_request(&[], 3600))
+                .await
+                .expect("open task")
+                .into_inner()
+                .task_id;
+            let ask = || proto::RequestGrantRequest {
+                task_id: task.clone(),
+                scope: "tickets:write".into(),
+                ttl_seconds: 0,
+                risk: None,
+            };
+            for _ in 0..PENDING_CAP {
+                let answer = agent.tasks().request_grant(ask()).await.expect("request");
+                assert!(answer.into_inner().pending.is_some(), "the grant waits");
+            }
+            let over = agent.tasks().request_grant(ask()).await;
+            assert_eq!(
+                over.map(drop).unwrap_err().code(),
+                tonic::Code::ResourceExhausted,
+                "one past the cap is refused"
+            );
+        });
+    }
+    fills.join_all().await;
+    rows.push(Row::one_off(
+        format!("flood: {waiting} requests made to wait ({agents} agents at the cap of {PENDING_CAP}, 16 at once)"),
+        "sqlite",
+        started.elapsed().as_secs_f64() * 1000.0,
+    ));
+
+    let list_page = |page_size: u32, page_token: String| {
+        let mut approvals = operator.approvals();
+        async move {
+            approvals
+                .list_pending(proto::ListPendingRequest {
+                    page_size,
+                    page_token,
+                    filter: None,
+                })
+                .await
+                .expect("list")
+                .into_inner()
+        }
+    };
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    while started.elapsed() < duration {
+        let began = Instant::now();
+        let page = list_page(100, String::new()).await;
+        latencies.push(began.elapsed());
+        assert_eq!(page.requests.len(), 100);
+    }
+    rows.push(
+        Measurement {
+            operations: latencies.len() as u64,
+            elapsed: started.elapsed(),
+            latencies,
+        }
+        .row(
+            &format!("ListPending, first page of 100, {waiting} waiting"),
+            "sqlite",
+            1,
+            None,
+        ),
+    );
+    let started = Instant::now();
+    let (mut listed, mut token) = (0, String::new());
+    loop {
+        let page = list_page(500, token).await;
+        listed += page.requests.len();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(listed, waiting);
+    rows.push(Row::one_off(
+        format!("ListPending, every page of 500 through {waiting} waiting"),
+        "sqlite",
+        started.elapsed().as_secs_f64() * 1000.0,
+    ));
+
+    let started = Instant::now();
+    let mut stream = operator
+        .approvals()
+        .watch_pending(proto::WatchPendingRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    for _ in 0..waiting {
+        stream
+            .message()
+            .await
+            .expect("backlog")
+            .expect("open stream");
+    }
+    rows.push(Row::one_off(
+        format!("WatchPending: the {waiting} waiting delivered"),
+        "sqlite",
+        started.elapsed().as_secs_f64() * 1000.0,
+    ));
+
+    // One more agent, below its cap: each request it makes is approved at once.
+    let token = agent_credential(&admin, "flood-latecomer").await;
+    let agent = Connection::open(&server.grpc, Some(&token), None)
+        .await
+        .expect("connect");
+    let task = agent
+        .tasks()
+        .begin_task(begin_request(&[], 3600))
+        .await
+        .expect("open task")
+        .into_inner()
+        .task_id;
+    let (mut to_operator, mut to_agent) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        let asked = Instant::now();
+        let pending = agent
+            .tasks()
+            .request_grant(proto::RequestGrantRequest {
+                task_id: task.clone(),
+                scope: "tickets:write".into(),
+                ttl_seconds: 0,
+                risk: None,
+            })
+            .await
+            .expect("request")
+            .into_inner()
+            .pending
+            .expect("the grant waits");
+        let seen = stream
+            .message()
+            .await
+            .expect("new request")
+            .expect("open stream");
+        assert_eq!(seen.lease_id, pending.lease_id);
+        to_operator.push(asked.elapsed());
+        let mut grant = agent
+            .tasks()
+            .watch_grant(proto::WatchGrantRequest {
+                lease_id: pending.lease_id.clone(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        grant.message().await.expect("pending status");
+        operator
+            .approvals()
+            .approve(proto::AnswerRequest {
+                lease_id: pending.lease_id,
+                reason: "load test".into(),
+                request_digest: String::new(),
+            })
+            .await
+            .expect("approve");
+        let approved = Instant::now();
+        while grant
+            .message()
+            .await
+            .expect("status")
+            .expect("open stream")
+            .lease
+            .is_none()
+        {}
+        to_agent.push(approved.elapsed());
+    }
+    for (latencies, scenario) in [
+        (to_operator, "request -> operator's WatchPending"),
+        (to_agent, "approval -> WatchGrant credential"),
+    ] {
+        rows.push(
+            Measurement {
+                operations: latencies.len() as u64,
+                elapsed: started.elapsed(),
+                latencies,
+            }
+            .row(&format!("{scenario}, {waiting} waiting"), "sqlite", 1, None),
+        );
+    }
+    rows
+}
+
 /// The raw signing rate measured at the start of the run.
 fn signing_rate_of(rows: &[Row]) -> f64 {
     rows.iter()
@@ -1142,6 +1378,8 @@ struct Options {
     scale_leases: i64,
     /// Runs only the scenarios whose name is given (references always run).
     only: Option<String>,
+    /// Agents that each fill their cap of pending requests in the flood scenario.
+    flood_agents: usize,
 }
 
 /// Names accepted by `--only`.
@@ -1159,6 +1397,7 @@ const SCENARIOS: &[&str] = &[
     "mtls",
     "policy",
     "toolcall",
+    "flood",
 ];
 
 impl Options {
@@ -1171,6 +1410,7 @@ impl Options {
                 .filter(|url| !url.is_empty()),
             json: None,
             scale_leases: 1_000_000,
+            flood_agents: 500,
             only: None,
         };
         let mut args = std::env::args().skip(1);
@@ -1187,6 +1427,7 @@ impl Options {
                     options.duration = Duration::from_millis(1500);
                     options.concurrency = vec![16];
                     options.scale_leases = 20_000;
+                    options.flood_agents = 50;
                 }
                 "--sqlite-only" => options.postgres = None,
                 "--json" => options.json = args.next().map(PathBuf::from),
@@ -1286,6 +1527,11 @@ async fn run(options: &Options) -> Vec<Row> {
         }
         rows.extend(policy_issuance(&two_levels(options), duration).await);
         rows.push(approval_latency(duration.min(Duration::from_secs(5))).await);
+    }
+    if options.runs("flood") {
+        rows.extend(
+            approval_flood(options.flood_agents, duration.min(Duration::from_secs(5))).await,
+        );
     }
 
     let mut backends: Vec<(&str, Option<String>)> = vec![("sqlite", None)];

@@ -63,6 +63,8 @@ pub enum StartError {
     },
     #[error("tls: {0}")]
     Tls(String),
+    #[error("approvals.webhook_ca_file: {0}")]
+    Webhook(String),
     #[error("server.unix_socket {path}: {source}")]
     Unix {
         path: PathBuf,
@@ -82,6 +84,7 @@ impl StartError {
     pub fn exit_code(&self) -> i32 {
         match self {
             StartError::Config(_)
+            | StartError::Webhook(_)
             | StartError::Catalog(_)
             | StartError::Policy(_)
             | StartError::MasterKey(_)
@@ -106,6 +109,8 @@ pub struct App {
     reaper_interval: Duration,
     audit_checkpoint_interval: Duration,
     drain_timeout: Duration,
+    /// What the job runner runs.
+    job_handlers: Handlers,
     /// SIGHUP, listened for from the start so that none arriving once the broker serves is
     /// taken for the default "terminate"; `None` if the signal cannot be listened for.
     hangups: Option<tokio::signal::unix::Signal>,
@@ -119,6 +124,7 @@ impl App {
         if let Some(tls) = &config.tls {
             server_tls_config(tls, None)?;
         }
+        let job_handlers = job_handlers(&config)?;
         let grpc_listener = bind(config.grpc_addr).await?;
         let http_listener = bind(config.http_addr).await?;
         let http_addr = local_addr(&http_listener, config.http_addr)?;
@@ -162,6 +168,7 @@ impl App {
             caller_limits: config.caller_limits,
             svid_ttl: config.svid_ttl,
             bearer_credentials: config.bearer_credentials,
+            approval_webhook: config.approval_webhook.is_some(),
         };
         let broker = Arc::new(Broker::new(
             store,
@@ -185,6 +192,7 @@ impl App {
             reaper_interval: config.reaper_interval,
             audit_checkpoint_interval: config.audit_checkpoint_interval,
             drain_timeout: config.drain_timeout,
+            job_handlers,
             hangups: match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
                 Ok(signal) => Some(signal),
                 Err(error) => {
@@ -300,7 +308,7 @@ impl App {
         }
         let job_runner = tokio::spawn(jobs::run(
             self.broker.store().clone(),
-            job_handlers(),
+            self.job_handlers,
             stop.clone(),
         ));
         let local = self.unix_listener.map(|(listener, path)| {
@@ -381,8 +389,13 @@ fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
 /// The handlers of the job kinds this broker runs from the store's durable queue. The queue
 /// carries work that must happen eventually (revoking external credentials, delivering
 /// webhooks); the features that make such work register their kinds here.
-fn job_handlers() -> Handlers {
-    Handlers::default()
+fn job_handlers(config: &Config) -> Result<Handlers, StartError> {
+    let mut handlers = Handlers::default();
+    if let Some(webhook) = &config.approval_webhook {
+        let sender = crate::webhook::WebhookSender::new(webhook).map_err(StartError::Webhook)?;
+        handlers.register(crate::webhook::APPROVAL_WEBHOOK_JOB, Arc::new(sender));
+    }
+    Ok(handlers)
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {

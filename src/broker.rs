@@ -68,6 +68,9 @@ pub struct BrokerSettings {
     /// Whether callers may authenticate with bearer credentials (the bootstrap a production
     /// deployment can switch off once its workloads attest).
     pub bearer_credentials: bool,
+    /// Whether each request that starts to wait for operators is announced by the approval
+    /// webhook (a delivery job stored with it).
+    pub approval_webhook: bool,
 }
 
 /// The broker: catalog, keys and store, shared by every request.

@@ -10,11 +10,12 @@ use serde::Deserialize;
 
 use crate::caller_limits::CallerLimitSettings;
 use crate::domain::TrustDomain;
-use crate::identity::jwks_fetch::HttpsUrl;
+use crate::https_client::HttpsUrl;
 use crate::identity::jwt_attestor::{DEFAULT_MIN_REFRESH, JwksSource, JwtIssuerConfig};
 use crate::issuer::KeyAlgorithm;
 use crate::policy::PolicySource;
 use crate::store::StoreSettings;
+use crate::webhook::WebhookConfig;
 
 /// Data directory for `--dev` (files created on first start).
 pub const ENV_DATA_DIR: &str = "WARRANT_DATA_DIR";
@@ -152,6 +153,8 @@ pub struct Config {
     pub jwt_issuers: Vec<JwtIssuerConfig>,
     /// An intermediate CA to sign SVIDs with instead of Warrant's own CA.
     pub upstream_ca: Option<UpstreamCaFiles>,
+    /// Where requests that start to wait for operators are announced (`[approvals]`).
+    pub approval_webhook: Option<WebhookConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -175,6 +178,7 @@ impl std::fmt::Debug for Config {
             .field("feed_heartbeat_interval", &self.feed_heartbeat_interval)
             .field("first_admin_file", &self.first_admin_file)
             .field("store", &self.store)
+            .field("approval_webhook", &self.approval_webhook)
             .finish()
     }
 }
@@ -274,6 +278,7 @@ impl Config {
             bearer_credentials: true,
             jwt_issuers: Vec::new(),
             upstream_ca: None,
+            approval_webhook: None,
         };
         config.apply_environment(env)?;
         // Plaintext, a dev master key and a printed admin credential: never on a network.
@@ -411,6 +416,16 @@ impl Config {
                     bundle_pem: read("identity.upstream_ca.bundle_file", &section.bundle_file)?,
                 }),
             },
+            approval_webhook: match file.approvals {
+                None => None,
+                Some(section) => Some(WebhookConfig {
+                    url: HttpsUrl::parse_allowing_loopback(&section.webhook_url)
+                        .map_err(|reason| error("approvals.webhook_url", reason))?,
+                    secret: crate::webhook::read_secret(&resolve(&section.webhook_secret_file))
+                        .map_err(|reason| error("approvals.webhook_secret_file", reason))?,
+                    ca_file: section.webhook_ca_file.as_deref().map(resolve),
+                }),
+            },
             caller_limits: CallerLimitSettings {
                 rate_per_second: positive(
                     "limits.caller_rate",
@@ -503,6 +518,18 @@ struct ConfigFile {
     limits: LimitsSection,
     #[serde(default)]
     identity: IdentitySection,
+    approvals: Option<ApprovalsSection>,
+}
+
+/// `[approvals]`: the webhook that announces each request that starts to wait.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalsSection {
+    webhook_url: String,
+    /// A file holding the shared signing secret (at least 32 bytes).
+    webhook_secret_file: PathBuf,
+    /// Roots for the receiver's certificate; default: the system's CA bundle.
+    webhook_ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -936,6 +963,56 @@ jwks_min_refresh = "5s"
         assert_eq!(
             without_password("postgres://db/warrant?user=w&password=s3cret-pw"),
             "postgres://db/warrant?[redacted]"
+        );
+    }
+
+    #[test]
+    fn the_approval_webhook_is_read_and_bad_settings_are_refused_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "server.crt", "cert");
+        write(dir.path(), "server.key", "key");
+        let secret = "a webhook secret that is long enough";
+        write(dir.path(), "webhook.secret", &format!("{secret}\n"));
+        write(dir.path(), "short.secret", "short");
+        let with = |url: &str, secret_file: &str| {
+            let text = format!(
+                "{VALID}\n[approvals]\nwebhook_url = \"{url}\"\nwebhook_secret_file = \"{secret_file}\"\n"
+            );
+            Config::from_file(&write(dir.path(), "warrant.toml", &text), &no_env)
+        };
+        let config = with("https://hooks.example.com/warrant", "webhook.secret").unwrap();
+        let webhook = config.approval_webhook.as_ref().unwrap();
+        assert_eq!(webhook.url.as_str(), "https://hooks.example.com/warrant");
+        assert_eq!(webhook.secret, secret.as_bytes());
+        assert!(
+            !format!("{config:?}").contains(secret),
+            "the secret is not printed"
+        );
+        for (url, secret_file, field) in [
+            (
+                "http://hooks.example.com/",
+                "webhook.secret",
+                "approvals.webhook_url",
+            ),
+            (
+                "https://hooks.example.com/",
+                "short.secret",
+                "approvals.webhook_secret_file",
+            ),
+            (
+                "https://hooks.example.com/",
+                "missing.secret",
+                "approvals.webhook_secret_file",
+            ),
+        ] {
+            let refused = with(url, secret_file).unwrap_err().to_string();
+            assert!(refused.starts_with(field), "{refused}");
+        }
+        assert!(
+            Config::from_file(&write(dir.path(), "warrant.toml", VALID), &no_env)
+                .unwrap()
+                .approval_webhook
+                .is_none()
         );
     }
 

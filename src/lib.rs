@@ -29,8 +29,10 @@ pub mod error;
 pub mod feed;
 /// gRPC services and caller authentication.
 pub mod grpc;
-/// HTTP endpoints: JWKS, OpenID discovery, health.
+/// HTTP endpoints: JWKS, OpenID discovery, introspection, AuthZEN, health.
 pub mod http;
+/// The broker's own outbound HTTPS requests: JWKS fetches, webhooks.
+pub mod https_client;
 /// Workload identity: the X.509 CA, SVIDs and join tokens.
 pub mod identity;
 /// Signing keys, the master key that seals them, and access-token minting and checking.
@@ -51,3 +53,5 @@ pub mod store;
 pub mod telemetry;
 /// Offline validation of Warrant tokens for downstream Rust APIs.
 pub mod verifier;
+/// The approval webhook: signed notifications of requests that wait, through the job queue.
+pub mod webhook;

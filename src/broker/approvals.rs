@@ -121,6 +121,11 @@ impl Broker {
                 MAX_PENDING_PER_WORKLOAD,
                 now,
                 vec![decision_event, waiting],
+                self.settings
+                    .approval_webhook
+                    .then(|| crate::webhook::approval_job(&request, now))
+                    .into_iter()
+                    .collect(),
             )
             .await?
         {

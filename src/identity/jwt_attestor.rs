@@ -23,8 +23,8 @@ use rustls::RootCertStore;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::jwks_fetch::{self, HttpsUrl};
 use crate::domain::UnixMillis;
+use crate::https_client::{self, HttpsUrl};
 use crate::issuer::jwt::{JwsParts, TokenError, audience_names};
 
 /// The default shortest time between two reads of one issuer's JWKS.
@@ -81,7 +81,7 @@ impl Reader {
             Reader::File(path) => tokio::fs::read(path)
                 .await
                 .map_err(|error| error.to_string())?,
-            Reader::Https { url, roots } => jwks_fetch::fetch(url, roots.clone()).await?,
+            Reader::Https { url, roots } => https_client::fetch(url, roots.clone()).await?,
         };
         parse_jwks(&document)
     }
@@ -150,7 +150,7 @@ impl JwtAttestor {
                 JwksSource::File(path) => Reader::File(path.clone()),
                 JwksSource::Https { url, ca_file } => Reader::Https {
                     url: url.clone(),
-                    roots: Arc::new(jwks_fetch::roots(ca_file.as_deref()).map_err(failed)?),
+                    roots: Arc::new(https_client::roots(ca_file.as_deref()).map_err(failed)?),
                 },
             };
             let keys = match (reader.read().await, &reader) {

@@ -3,7 +3,6 @@
 
 pub mod ca;
 pub mod join_token;
-pub mod jwks_fetch;
 pub mod jwt_attestor;
 pub mod jwt_svid;
 pub mod pem;

@@ -216,14 +216,15 @@ pub trait Store: Send + Sync + 'static {
 
     // Grant requests waiting for approval.
 
-    /// Stores a grant request with `events` if its workload's task is active at `now` and the
-    /// workload has fewer than `max_pending` requests waiting.
+    /// Stores a grant request with `events` and `jobs` (its notifications) if its workload's
+    /// task is active at `now` and the workload has fewer than `max_pending` requests waiting.
     async fn insert_grant_request(
         &self,
         request: GrantRequestRecord,
         max_pending: u32,
         now: UnixMillis,
         events: Vec<AuditEvent>,
+        jobs: Vec<NewJob>,
     ) -> Result<GrantRequestInsertion>;
 
     /// The grant request `id` with its approvals.

@@ -10,7 +10,7 @@ use ring::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair};
 use serde_json::{Value, json};
 use tonic::Code;
 use warrant::domain::UnixMillis;
-use warrant::identity::jwks_fetch::HttpsUrl;
+use warrant::https_client::HttpsUrl;
 use warrant::identity::jwt_attestor::{DEFAULT_MIN_REFRESH, JwksSource, JwtIssuerConfig};
 use warrant::proto;
 

@@ -53,4 +53,5 @@ mod tokens;
 mod tool_calls;
 mod upstream_ca;
 mod verifier;
+mod webhook;
 mod workload_api;

@@ -131,6 +131,7 @@ impl TestData {
             svid_ttl: Duration::from_secs(3600),
             jwt_issuers: Vec::new(),
             upstream_ca: None,
+            approval_webhook: None,
             bearer_credentials: true,
         }
     }

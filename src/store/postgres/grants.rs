@@ -13,6 +13,7 @@ use crate::audit::AuditEvent;
 use crate::domain::task::{GrantRequestState, Verdict};
 use crate::domain::{LeaseId, TaskId, UnixMillis};
 use crate::error::{Error, Result};
+use crate::store::NewJob;
 use crate::store::records::{
     APPROVAL_COLUMNS, ApprovalColumns, ApprovalRecord, GRANT_NOT_DECIDED_IN_TIME,
     GRANT_REQUEST_COLUMNS, GRANT_TASK_ENDED, GrantDecision, GrantDecisionOutcome,
@@ -25,6 +26,7 @@ pub async fn insert(
     max_pending: u32,
     now: UnixMillis,
     events: &[AuditEvent],
+    jobs: &[NewJob],
 ) -> Result<GrantRequestInsertion> {
     // One workload's requests are counted and inserted one at a time, across its tasks and
     // the replicas, so the cap holds.
@@ -70,6 +72,9 @@ pub async fn insert(
     .execute(&mut *connection)
     .await?;
     audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await?;
+    if !jobs.is_empty() {
+        super::jobs::enqueue(connection, jobs, &[]).await?;
+    }
     Ok(GrantRequestInsertion::Inserted)
 }
 

@@ -443,11 +443,12 @@ impl Store for PostgresStore {
         max_pending: u32,
         now: UnixMillis,
         events: Vec<AuditEvent>,
+        jobs: Vec<NewJob>,
     ) -> Result<GrantRequestInsertion> {
         self.write(Topic::Approvals, |connection| {
-            let (request, events) = (request.clone(), events.clone());
+            let (request, events, jobs) = (request.clone(), events.clone(), jobs.clone());
             Box::pin(async move {
-                grants::insert(connection, &request, max_pending, now, &events).await
+                grants::insert(connection, &request, max_pending, now, &events, &jobs).await
             })
         })
         .await

@@ -10,6 +10,7 @@ use crate::audit::AuditEvent;
 use crate::domain::task::{GrantRequestState, Verdict};
 use crate::domain::{LeaseId, UnixMillis};
 use crate::error::{Error, Result};
+use crate::store::NewJob;
 use crate::store::Topic;
 use crate::store::records::{
     APPROVAL_COLUMNS, ApprovalColumns, ApprovalRecord, GRANT_NOT_DECIDED_IN_TIME,
@@ -23,6 +24,7 @@ pub fn insert(
     max_pending: u32,
     now: UnixMillis,
     events: &[AuditEvent],
+    jobs: &[NewJob],
 ) -> Result<GrantRequestInsertion> {
     if !tasks::is_task_open(
         write.connection,
@@ -67,6 +69,9 @@ pub fn insert(
             request.reason,
         ])?;
     audit::insert_events(write, events)?;
+    if !jobs.is_empty() {
+        super::jobs::enqueue(write, jobs, &[])?;
+    }
     write.topics.push(Topic::Approvals);
     Ok(GrantRequestInsertion::Inserted)
 }

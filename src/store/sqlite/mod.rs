@@ -227,9 +227,10 @@ impl Store for SqliteStore {
         max_pending: u32,
         now: UnixMillis,
         events: Vec<AuditEvent>,
+        jobs: Vec<NewJob>,
     ) -> Result<GrantRequestInsertion> {
         self.writer
-            .run(move |write| grants::insert(write, &request, max_pending, now, &events))
+            .run(move |write| grants::insert(write, &request, max_pending, now, &events, &jobs))
             .await
     }
 
