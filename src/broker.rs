@@ -34,11 +34,11 @@ use crate::metrics::{
 };
 use crate::policy::{PolicyEngine, PolicySummary};
 use crate::store::{
-    CompletionOutcome, EndedLease, LeaseRecord, NewLeaseOutcome, Renewal, RenewalOutcome,
-    SharedStore, TaskInsertion, TaskRecord, WorkloadRecord,
+    CompletionOutcome, EndedLease, GrantRequestRecord, LeaseRecord, NewLeaseOutcome, PendingFilter,
+    Renewal, RenewalOutcome, SharedStore, TaskInsertion, TaskRecord, WorkloadRecord,
 };
-use approvals::HeldGrant;
 pub use approvals::{GrantAnswer, GrantStatus};
+use approvals::{HeldGrant, MAX_PENDING_PER_WORKLOAD};
 use grant_decision::{GrantAsk, PolicyAnswer, Refused};
 pub use identity::RevokedIdentity;
 
@@ -135,6 +135,8 @@ pub struct IssuedLease {
 pub struct OpenedTask {
     pub task: TaskRecord,
     pub leases: Vec<IssuedLease>,
+    /// The requests for scopes that wait for operators (follow each with `WatchGrant`).
+    pub pending: Vec<GrantRequestRecord>,
     /// Whether this replays an earlier request with the same idempotency key.
     pub replayed: bool,
 }
@@ -353,6 +355,8 @@ impl Broker {
         let context_json = request.context.to_json();
         let mut events = Vec::new();
         let mut definitions = Vec::new();
+        // Scopes policy steps up: held for operators once the task is stored.
+        let mut held = Vec::new();
         for (index, scope) in request.scopes.iter().enumerate() {
             let field = format!("scopes[{index}]");
             let checked = self
@@ -368,20 +372,15 @@ impl Broker {
                         now,
                     };
                     self.policy_check(caller, definition, &ask)
-                        .and_then(|answer| {
-                            answer.allowed_now(
-                                &field,
-                                scope,
-                                "open the task without it, then ask with RequestGrant, which \
-                                 waits for the approval",
-                            )
-                        })
-                        .map(|event| (definition, event))
+                        .map(|answer| (definition, answer))
                 });
             match checked {
-                Ok((definition, event)) => {
+                Ok((definition, PolicyAnswer::Allow(event))) => {
                     events.push(event.context(&context_json));
                     definitions.push(definition);
+                }
+                Ok((_, PolicyAnswer::StepUp(event, requirement))) => {
+                    held.push((scope, event.context(&context_json), requirement));
                 }
                 Err(refused) => {
                     let Refused { error, event } = *refused;
@@ -468,9 +467,24 @@ impl Broker {
         }
         leases.iter().for_each(|lease| self.count_issued(lease));
         tracing::debug!(task_id = %task.id, workload = %caller.name, leases = leases.len(), "task opened");
+        // Each after the task, which it needs. A request refused here (the workload's cap)
+        // fails the call; the task is open, and a retry with the idempotency key answers it.
+        let mut pending = Vec::with_capacity(held.len());
+        for (scope, event, requirement) in held {
+            let grant = HeldGrant {
+                task: &task,
+                scope,
+                ttl_seconds: 0,
+                risk: request.risk,
+                requirement,
+                call: None,
+            };
+            pending.push(self.hold_for_approval(caller, grant, event, now).await?);
+        }
         Ok(OpenedTask {
             task,
             leases,
+            pending,
             replayed: false,
         })
     }
@@ -1153,9 +1167,23 @@ impl Broker {
                 .map(|lease| self.issuance_event(caller, "lease.reissued", lease)),
         );
         self.store.record_events(events).await?;
+        // The requests the first call made to wait, as they stand: still waiting ones only
+        // (an approved one is among the leases).
+        let waiting = PendingFilter {
+            task: Some(task.id.as_str().to_owned()),
+            ..PendingFilter::default()
+        };
+        let pending = self
+            .store
+            .pending_grant_requests(None, &waiting, MAX_PENDING_PER_WORKLOAD as usize, now)
+            .await?
+            .into_iter()
+            .filter(|pending| request.scopes.contains(&pending.scope))
+            .collect();
         Ok(OpenedTask {
             task,
             leases,
+            pending,
             replayed: true,
         })
     }

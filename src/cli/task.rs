@@ -139,6 +139,7 @@ pub async fn run(
                 "deadline": time(response.deadline.as_ref()),
                 "replayed": response.replayed,
                 "leases": response.leases.iter().map(lease_json).collect::<Vec<_>>(),
+                "pending": response.pending.iter().map(grant_json).collect::<Vec<_>>(),
             });
             format.print(&value, |value| {
                 let mut out = format!(
@@ -148,6 +149,9 @@ pub async fn run(
                 );
                 for lease in value["leases"].as_array().into_iter().flatten() {
                     out.push_str(&lease_text(lease));
+                }
+                for pending in &response.pending {
+                    out.push_str(&pending_text(pending));
                 }
                 out
             })?;

@@ -175,7 +175,11 @@ fn pending_filter(filter: Option<proto::PendingFilter>) -> Result<PendingFilter,
         "" => None,
         name => Some(ScopeName::parse("filter.scope", name)?.as_str().to_owned()),
     };
-    Ok(PendingFilter { workload, scope })
+    Ok(PendingFilter {
+        workload,
+        scope,
+        task: None,
+    })
 }
 
 /// What one `WatchPending` stream has sent: each request once, however often it is listed.

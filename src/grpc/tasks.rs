@@ -72,6 +72,11 @@ impl proto::tasks_server::Tasks for TasksService {
             deadline: Some(convert::timestamp(opened.task.deadline)),
             leases: opened.leases.into_iter().map(convert::lease).collect(),
             replayed: opened.replayed,
+            pending: opened
+                .pending
+                .iter()
+                .map(|request| convert::grant_status(request, None))
+                .collect(),
         }))
     }
 

@@ -620,6 +620,8 @@ pub const GRANT_REQUEST_COLUMNS: &str = "id, task_id, workload_id, workload_name
 pub struct PendingFilter {
     pub workload: Option<String>,
     pub scope: Option<String>,
+    /// One task's requests.
+    pub task: Option<String>,
 }
 
 /// The columns of a stored approval.

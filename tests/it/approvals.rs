@@ -661,3 +661,76 @@ async fn operators_see_each_new_request_once_as_it_arrives_and_filter_them() {
     assert_eq!(agent_watch.code(), Code::PermissionDenied);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn begin_task_opens_with_the_allowed_scopes_and_holds_the_stepped_up_ones() {
+    let data = TestData::new(Backend::Sqlite).await;
+    let app = TestApp::spawn_with(config_with_policy(&data)).await;
+    let agent = app.agent("support-agent").await;
+    let (first, second) = (operator(&app, "alice").await, operator(&app, "bob").await);
+    let request = proto::BeginTaskRequest {
+        idempotency_key: "ticket-T-9".into(),
+        ..begin(&["crm.contacts:read", "tickets:write"])
+    };
+    let opened = agent
+        .tasks()
+        .begin_task(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let scopes: Vec<&str> = opened.leases.iter().map(|l| l.scope.as_str()).collect();
+    assert_eq!(scopes, ["crm.contacts:read"], "the read is issued at once");
+    assert!(!opened.leases[0].credential.is_empty());
+    let [waiting] = opened.pending.as_slice() else {
+        panic!("one scope waits: {:?}", opened.pending);
+    };
+    assert_eq!(waiting.scope, "tickets:write");
+    assert_eq!(waiting.state(), proto::GrantState::Pending);
+    assert_eq!(waiting.quorum, 2);
+
+    // A retry answers the same waiting request, not a second one.
+    let retried = agent
+        .tasks()
+        .begin_task(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retried.replayed);
+    let ids: Vec<&str> = retried
+        .pending
+        .iter()
+        .map(|p| p.lease_id.as_str())
+        .collect();
+    assert_eq!(ids, [waiting.lease_id.as_str()]);
+    let listed = first
+        .approvals()
+        .list_pending(proto::ListPendingRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    assert_eq!(listed.len(), 1);
+
+    let mut stream = watch(&agent, &waiting.lease_id).await;
+    assert_eq!(next(&mut stream).await.state(), proto::GrantState::Pending);
+    for operator in [&first, &second] {
+        operator
+            .approvals()
+            .approve(answer(&waiting.lease_id, "the ticket needs an update"))
+            .await
+            .unwrap();
+    }
+    let issued = loop {
+        let status = next(&mut stream).await;
+        if status.state() == proto::GrantState::Issued {
+            break status;
+        }
+    };
+    let lease = issued.lease.expect("the credential comes with the stream");
+    assert_eq!(lease.scope, "tickets:write");
+    assert!(
+        app.is_active(&lease.credential, "https://tickets.test")
+            .await
+    );
+    app.stop().await;
+}

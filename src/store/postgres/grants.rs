@@ -95,6 +95,7 @@ pub async fn pending(
         "SELECT {GRANT_REQUEST_COLUMNS} FROM grant_requests \
          WHERE state = 'pending' AND wait_until > $3 AND id > $1 \
          AND ($4::text IS NULL OR workload_name = $4) AND ($5::text IS NULL OR scope = $5) \
+         AND ($6::text IS NULL OR task_id = $6) \
          ORDER BY id LIMIT $2"
     ))
     .bind(after.map_or("", LeaseId::as_str))
@@ -102,6 +103,7 @@ pub async fn pending(
     .bind(now.0)
     .bind(filter.workload.as_deref())
     .bind(filter.scope.as_deref())
+    .bind(filter.task.as_deref())
     .fetch_all(&mut *connection)
     .await?;
     let mut requests = Vec::with_capacity(rows.len());

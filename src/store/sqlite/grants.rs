@@ -103,6 +103,7 @@ pub fn pending(
             "SELECT {GRANT_REQUEST_COLUMNS} FROM grant_requests \
              WHERE state = 'pending' AND wait_until > ?3 AND id > ?1 \
              AND (?4 IS NULL OR workload_name = ?4) AND (?5 IS NULL OR scope = ?5) \
+             AND (?6 IS NULL OR task_id = ?6) \
              ORDER BY id LIMIT ?2"
         ))?
         .query_map(
@@ -111,7 +112,8 @@ pub fn pending(
                 limit as i64,
                 now.0,
                 filter.workload,
-                filter.scope
+                filter.scope,
+                filter.task
             ],
             request_columns,
         )?
