@@ -537,91 +537,18 @@ async fn policy_issuance(levels: &[usize], duration: Duration) -> Vec<Row> {
 /// one operator. Each round opens the stream (and reads its pending message) before the
 /// approval, so the time measured is the broker's wake-up and delivery.
 async fn approval_latency(duration: Duration) -> Row {
-    let data = tempfile::tempdir().expect("temporary directory");
-    let policy_dir = data.path().join("policy");
-    std::fs::create_dir(&policy_dir).expect("policy directory");
-    std::fs::write(
-        policy_dir.join("approvals.cedar"),
-        "permit (principal in Warrant::Role::\"agent\", action, resource);\n\
-         @approval permit (principal, action, resource == Warrant::Scope::\"tickets:write\");\n",
-    )
-    .expect("write the policy set");
-    let server = Server::broker(data, None);
-    let admin = Connection::open(&server.grpc, server.admin_credential.as_deref(), None)
-        .await
-        .expect("connect");
+    let (server, admin, operator) = approval_broker().await;
     let agent_token = agent_credential(&admin, "approval-agent").await;
-    let operator_token = admin
-        .admin()
-        .create_workload(proto::CreateWorkloadRequest {
-            name: "approval-operator".into(),
-            roles: vec![proto::Role::Operator as i32],
-            ..Default::default()
-        })
-        .await
-        .expect("create the operator")
-        .into_inner()
-        .credential;
     let agent = Connection::open(&server.grpc, Some(&agent_token), None)
         .await
         .expect("connect");
-    let operator = Connection::open(&server.grpc, Some(&operator_token), None)
-        .await
-        .expect("connect");
-    let task = agent
-        .tasks()
-        .begin_task(begin_request(&[], 3600))
-        .await
-        .expect("open task")
-        .into_inner()
-        .task_id;
+    let task = open_task(&agent).await;
     eprintln!("sqlite: approval to WatchGrant delivery");
     let started = Instant::now();
     let mut latencies = Vec::new();
     while started.elapsed() < duration {
-        let pending = agent
-            .tasks()
-            .request_grant(proto::RequestGrantRequest {
-                task_id: task.clone(),
-                scope: "tickets:write".into(),
-                ttl_seconds: 0,
-                risk: None,
-            })
-            .await
-            .expect("request")
-            .into_inner()
-            .pending
-            .expect("the grant waits");
-        let mut stream = agent
-            .tasks()
-            .watch_grant(proto::WatchGrantRequest {
-                lease_id: pending.lease_id.clone(),
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        stream.message().await.expect("pending status");
-        operator
-            .approvals()
-            .approve(proto::AnswerRequest {
-                lease_id: pending.lease_id,
-                reason: "load test".into(),
-                request_digest: String::new(),
-            })
-            .await
-            .expect("approve");
-        let approved = Instant::now();
-        loop {
-            let status = stream
-                .message()
-                .await
-                .expect("status")
-                .expect("open stream");
-            if status.lease.is_some() {
-                break;
-            }
-        }
-        latencies.push(approved.elapsed());
+        let lease_id = ask_to_wait(&agent, &task).await;
+        latencies.push(approve_and_time(&agent, &operator, lease_id).await);
     }
     Measurement {
         operations: latencies.len() as u64,
@@ -636,15 +563,9 @@ async fn approval_latency(duration: Duration) -> Row {
     )
 }
 
-/// Requests one workload may have waiting (the broker's cap).
-const PENDING_CAP: usize = 20;
-
-/// `agents` agents each at their cap of waiting requests (500 make 10,000): the time to make
-/// them wait, then with all of them waiting, `ListPending`'s first page, a walk through every
-/// page, `WatchPending` delivering the backlog, and one more request travelling to the
-/// operator's stream and, approved, to the agent's `WatchGrant`.
-async fn approval_flood(agents: usize, duration: Duration) -> Vec<Row> {
-    let waiting = agents * PENDING_CAP;
+/// A `--dev` broker on SQLite where `tickets:write` waits for one operator: the server, its
+/// admin and an operator.
+async fn approval_broker() -> (Server, Connection, Connection) {
     let data = tempfile::tempdir().expect("temporary directory");
     let policy_dir = data.path().join("policy");
     std::fs::create_dir(&policy_dir).expect("policy directory");
@@ -661,7 +582,7 @@ async fn approval_flood(agents: usize, duration: Duration) -> Vec<Row> {
     let operator_token = admin
         .admin()
         .create_workload(proto::CreateWorkloadRequest {
-            name: "flood-operator".into(),
+            name: "bench-operator".into(),
             roles: vec![proto::Role::Operator as i32],
             ..Default::default()
         })
@@ -672,6 +593,85 @@ async fn approval_flood(agents: usize, duration: Duration) -> Vec<Row> {
     let operator = Connection::open(&server.grpc, Some(&operator_token), None)
         .await
         .expect("connect");
+    (server, admin, operator)
+}
+
+/// Opens a one-hour task with no scope as `agent`.
+async fn open_task(agent: &Connection) -> String {
+    agent
+        .tasks()
+        .begin_task(begin_request(&[], 3600))
+        .await
+        .expect("open task")
+        .into_inner()
+        .task_id
+}
+
+fn tickets_write(task: &str) -> proto::RequestGrantRequest {
+    proto::RequestGrantRequest {
+        task_id: task.to_owned(),
+        scope: "tickets:write".into(),
+        ttl_seconds: 0,
+        risk: None,
+    }
+}
+
+/// Asks for `tickets:write` in `task`, which waits for an operator: the request's id.
+async fn ask_to_wait(agent: &Connection, task: &str) -> String {
+    agent
+        .tasks()
+        .request_grant(tickets_write(task))
+        .await
+        .expect("request")
+        .into_inner()
+        .pending
+        .expect("the grant waits")
+        .lease_id
+}
+
+/// Opens the agent's `WatchGrant` on `lease_id` (and reads its pending message), has the
+/// operator approve, and times from `Approve` returning to the credential on the stream.
+async fn approve_and_time(agent: &Connection, operator: &Connection, lease_id: String) -> Duration {
+    let mut stream = agent
+        .tasks()
+        .watch_grant(proto::WatchGrantRequest {
+            lease_id: lease_id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    stream.message().await.expect("pending status");
+    operator
+        .approvals()
+        .approve(proto::AnswerRequest {
+            lease_id,
+            reason: "load test".into(),
+            request_digest: String::new(),
+        })
+        .await
+        .expect("approve");
+    let approved = Instant::now();
+    while stream
+        .message()
+        .await
+        .expect("status")
+        .expect("open stream")
+        .lease
+        .is_none()
+    {}
+    approved.elapsed()
+}
+
+/// Requests one workload may have waiting (the broker's cap).
+const PENDING_CAP: usize = 20;
+
+/// `agents` agents each at their cap of waiting requests (500 make 10,000): the time to make
+/// them wait, then with all of them waiting, `ListPending`'s first page, a walk through every
+/// page, `WatchPending` delivering the backlog, and one more request travelling to the
+/// operator's stream and, approved, to the agent's `WatchGrant`.
+async fn approval_flood(agents: usize, duration: Duration) -> Vec<Row> {
+    let waiting = agents * PENDING_CAP;
+    let (server, admin, operator) = approval_broker().await;
     let mut rows = Vec::new();
 
     eprintln!("sqlite: flood: {waiting} requests waiting");
@@ -687,24 +687,11 @@ async fn approval_flood(agents: usize, duration: Duration) -> Vec<Row> {
             let agent = Connection::open(&grpc, Some(&token), None)
                 .await
                 .expect("connect");
-            let task = agent
-                .tasks()
-                .begin_task(begin_request(&[], 3600))
-                .await
-                .expect("open task")
-                .into_inner()
-                .task_id;
-            let ask = || proto::RequestGrantRequest {
-                task_id: task.clone(),
-                scope: "tickets:write".into(),
-                ttl_seconds: 0,
-                risk: None,
-            };
+            let task = open_task(&agent).await;
             for _ in 0..PENDING_CAP {
-                let answer = agent.tasks().request_grant(ask()).await.expect("request");
-                assert!(answer.into_inner().pending.is_some(), "the grant waits");
+                ask_to_wait(&agent, &task).await;
             }
-            let over = agent.tasks().request_grant(ask()).await;
+            let over = agent.tasks().request_grant(tickets_write(&task)).await;
             assert_eq!(
                 over.map(drop).unwrap_err().code(),
                 tonic::Code::ResourceExhausted,
@@ -796,65 +783,20 @@ async fn approval_flood(agents: usize, duration: Duration) -> Vec<Row> {
     let agent = Connection::open(&server.grpc, Some(&token), None)
         .await
         .expect("connect");
-    let task = agent
-        .tasks()
-        .begin_task(begin_request(&[], 3600))
-        .await
-        .expect("open task")
-        .into_inner()
-        .task_id;
+    let task = open_task(&agent).await;
     let (mut to_operator, mut to_agent) = (Vec::new(), Vec::new());
     let started = Instant::now();
     while started.elapsed() < duration {
         let asked = Instant::now();
-        let pending = agent
-            .tasks()
-            .request_grant(proto::RequestGrantRequest {
-                task_id: task.clone(),
-                scope: "tickets:write".into(),
-                ttl_seconds: 0,
-                risk: None,
-            })
-            .await
-            .expect("request")
-            .into_inner()
-            .pending
-            .expect("the grant waits");
+        let lease_id = ask_to_wait(&agent, &task).await;
         let seen = stream
             .message()
             .await
             .expect("new request")
             .expect("open stream");
-        assert_eq!(seen.lease_id, pending.lease_id);
+        assert_eq!(seen.lease_id, lease_id);
         to_operator.push(asked.elapsed());
-        let mut grant = agent
-            .tasks()
-            .watch_grant(proto::WatchGrantRequest {
-                lease_id: pending.lease_id.clone(),
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        grant.message().await.expect("pending status");
-        operator
-            .approvals()
-            .approve(proto::AnswerRequest {
-                lease_id: pending.lease_id,
-                reason: "load test".into(),
-                request_digest: String::new(),
-            })
-            .await
-            .expect("approve");
-        let approved = Instant::now();
-        while grant
-            .message()
-            .await
-            .expect("status")
-            .expect("open stream")
-            .lease
-            .is_none()
-        {}
-        to_agent.push(approved.elapsed());
+        to_agent.push(approve_and_time(&agent, &operator, lease_id).await);
     }
     for (latencies, scenario) in [
         (to_operator, "request -> operator's WatchPending"),
@@ -1706,13 +1648,7 @@ async fn broker_scenarios(
     }
     if options.runs("grant") {
         eprintln!("{backend}: RequestGrant");
-        let open_task = agents[0]
-            .tasks()
-            .begin_task(begin_request(&[], 3600))
-            .await
-            .expect("open task")
-            .into_inner()
-            .task_id;
+        let open_task = open_task(&agents[0]).await;
         let next = next_tasks.clone();
         let grant: Operation = Arc::new(move || {
             let mut tasks = next();
@@ -1733,13 +1669,7 @@ async fn broker_scenarios(
     }
     if options.runs("toolcall") {
         eprintln!("{backend}: AuthorizeToolCall K=64");
-        let open_task = agents[0]
-            .tasks()
-            .begin_task(begin_request(&[], 3600))
-            .await
-            .expect("open task")
-            .into_inner()
-            .task_id;
+        let open_task = open_task(&agents[0]).await;
         let next = next_tasks.clone();
         // The dev policy allows a refund up to 10000 cents at once: every call is decided by
         // policy, audited, and stored as a single-use call token.

@@ -502,13 +502,8 @@ impl Broker {
             Err(refused) => return self.refuse(scope, refused.error, vec![refused.event]).await,
         };
         let ttl = parse_ttl_seconds("ttl_seconds", *ttl_seconds, definition.max_ttl)?;
-        let task = self
-            .store
-            .find_task(task_id, &caller.workload_id)
-            .await?
-            .ok_or_else(|| task_id.not_found())?;
         let now = UnixMillis::now();
-        ensure_task_active(&task, now)?;
+        let task = self.active_task(caller, task_id, now).await?;
         let context_json = task.context.to_json();
         let ask = GrantAsk {
             field: "scope",
@@ -561,6 +556,23 @@ impl Broker {
             }
             NewLeaseOutcome::TaskNotActive => Err(task_not_active(task_id)),
         }
+    }
+
+    /// The caller's task `task_id`, active at `now`: another workload's is not found, an
+    /// ended one is refused.
+    async fn active_task(
+        &self,
+        caller: &Caller,
+        task_id: &TaskId,
+        now: UnixMillis,
+    ) -> Result<TaskRecord> {
+        let task = self
+            .store
+            .find_task(task_id, &caller.workload_id)
+            .await?
+            .ok_or_else(|| task_id.not_found())?;
+        ensure_task_active(&task, now)?;
+        Ok(task)
     }
 
     /// Records a refused grant request and returns its refusal.

@@ -6,7 +6,7 @@
 
 use super::approvals::{HeldCall, HeldGrant};
 use super::grant_decision::{PolicyAnswer, Refused};
-use super::{Broker, GrantAnswer, ensure_task_active, issued_lease_record, task_not_active};
+use super::{Broker, GrantAnswer, issued_lease_record, task_not_active};
 use crate::audit::AuditEvent;
 use crate::domain::tool::{CallBinding, CheckedArguments};
 use crate::domain::{Caller, TaskId, ToolDefinition, UnixMillis};
@@ -40,13 +40,8 @@ impl Broker {
     ) -> Result<ToolCallAnswer> {
         let tool = self.catalog.authorize_tool(caller, &ask.tool)?;
         let arguments = tool.check_arguments(&ask.arguments_json)?;
-        let task = self
-            .store
-            .find_task(&ask.task_id, &caller.workload_id)
-            .await?
-            .ok_or_else(|| ask.task_id.not_found())?;
         let now = UnixMillis::now();
-        ensure_task_active(&task, now)?;
+        let task = self.active_task(caller, &ask.task_id, now).await?;
         let policy = self.policy.current();
         let facts = TaskFacts {
             purpose: &task.purpose,
@@ -147,13 +142,8 @@ impl Broker {
         caller: &Caller,
         task_id: &TaskId,
     ) -> Result<Vec<ToolDefinition>> {
-        let task = self
-            .store
-            .find_task(task_id, &caller.workload_id)
-            .await?
-            .ok_or_else(|| task_id.not_found())?;
         let now = UnixMillis::now();
-        ensure_task_active(&task, now)?;
+        let task = self.active_task(caller, task_id, now).await?;
         let policy = self.policy.current();
         let listed = self
             .catalog

@@ -27,9 +27,13 @@ const MAX_PAGE_SIZE: u32 = 500;
 /// How often `WatchPending` looks again without a notification (one lost, or none between
 /// replicas that do not share them).
 const WATCH_PENDING_POLL: Duration = Duration::from_secs(1);
-/// How far before the newest request seen `WatchPending` looks again: a request stored by
-/// another replica may commit after a newer one, and replicas' clocks differ a little.
+/// How far before the newest request seen `WatchPending` looks again: a request may commit
+/// after a newer one (ids are made before the commit, and on several replicas), and replicas'
+/// clocks differ a little.
 const WATCH_PENDING_LOOKBACK: Duration = Duration::from_secs(30);
+/// How often `WatchPending` looks back; in between it lists only ids after the newest seen,
+/// so that a flood of waiting requests does not make each look list them all again.
+const WATCH_PENDING_LOOK_BACK_EVERY: Duration = Duration::from_secs(2);
 
 pub struct ApprovalsService {
     broker: Arc<Broker>,
@@ -189,17 +193,30 @@ struct PendingWatcher {
     sent: HashSet<crate::domain::LeaseId>,
     /// The creation time of the newest request seen.
     newest: Option<UnixMillis>,
+    /// The largest id seen.
+    newest_id: Option<crate::domain::LeaseId>,
+    /// When it last looked back over [`WATCH_PENDING_LOOKBACK`].
+    looked_back: Option<std::time::Instant>,
 }
 
 impl PendingWatcher {
     /// The requests waiting now that this stream has not sent yet, oldest first: every one
-    /// on the first call, then those created since a little before the newest one seen.
+    /// on the first call, then those after the newest one seen, and every
+    /// [`WATCH_PENDING_LOOK_BACK_EVERY`] those created since a little before it.
     async fn next_batch(
         &mut self,
         broker: &Broker,
         filter: &PendingFilter,
     ) -> Result<Vec<GrantRequestRecord>, Error> {
-        let mut after = self.horizon();
+        let look_back = self
+            .looked_back
+            .is_none_or(|at| at.elapsed() >= WATCH_PENDING_LOOK_BACK_EVERY);
+        let mut after = if look_back {
+            self.looked_back = Some(std::time::Instant::now());
+            self.horizon()
+        } else {
+            self.newest_id.clone()
+        };
         let mut fresh = Vec::new();
         loop {
             let (page, next) = broker
@@ -207,6 +224,13 @@ impl PendingWatcher {
                 .await?;
             for request in page {
                 self.newest = self.newest.max(Some(request.created_at));
+                if self
+                    .newest_id
+                    .as_ref()
+                    .is_none_or(|newest| newest.as_str() < request.id.as_str())
+                {
+                    self.newest_id = Some(request.id.clone());
+                }
                 if self.sent.insert(request.id.clone()) {
                     fresh.push(request);
                 }

@@ -131,12 +131,10 @@ pub async fn evaluation(
     body: std::result::Result<Json<EvaluationRequest>, JsonRejection>,
 ) -> Response {
     let answer = async {
-        let Json(request) =
-            body.map_err(|rejection| Error::invalid("body", rejection.body_text()))?;
+        let request = parsed(body)?;
         let caller = authenticate(&broker, &headers).await?;
         let _admitted = broker.admit(&caller)?;
-        let (subject, action, resource, context) = complete(&request, None)?;
-        decide(&broker, &caller, subject, action, resource, context).await
+        evaluate(&broker, &caller, &request, None).await
     };
     respond(&headers, answer.await)
 }
@@ -149,14 +147,12 @@ pub async fn evaluations(
     body: std::result::Result<Json<EvaluationsRequest>, JsonRejection>,
 ) -> Response {
     let answer = async {
-        let Json(request) =
-            body.map_err(|rejection| Error::invalid("body", rejection.body_text()))?;
+        let request = parsed(body)?;
         let caller = authenticate(&broker, &headers).await?;
         let _admitted = broker.admit(&caller)?;
         if request.evaluations.is_empty() {
             // Without items, a batch is one evaluation of its top-level members.
-            let (subject, action, resource, context) = complete(&request.defaults, None)?;
-            return decide(&broker, &caller, subject, action, resource, context).await;
+            return evaluate(&broker, &caller, &request.defaults, None).await;
         }
         if request.evaluations.len() > MAX_EVALUATIONS {
             return Err(Error::invalid(
@@ -170,13 +166,9 @@ pub async fn evaluations(
             .unwrap_or_default();
         let mut answers = Vec::with_capacity(request.evaluations.len());
         for (index, item) in request.evaluations.iter().enumerate() {
-            let answer = match complete(item, Some(&request.defaults)) {
-                Ok((subject, action, resource, context)) => {
-                    decide(&broker, &caller, subject, action, resource, context).await
-                }
-                Err(error) => Err(error),
-            };
-            let answer = answer.unwrap_or_else(|error| item_error(index, &error));
+            let answer = evaluate(&broker, &caller, item, Some(&request.defaults))
+                .await
+                .unwrap_or_else(|error| item_error(index, &error));
             let decision = answer["decision"].as_bool() == Some(true);
             answers.push(answer);
             match semantic {
@@ -188,6 +180,23 @@ pub async fn evaluations(
         Ok(json!({ "evaluations": answers }))
     };
     respond(&headers, answer.await)
+}
+
+/// The request body, or the JSON error naming where it went wrong.
+fn parsed<T>(body: std::result::Result<Json<T>, JsonRejection>) -> Result<T> {
+    body.map(|Json(request)| request)
+        .map_err(|rejection| Error::invalid("body", rejection.body_text()))
+}
+
+/// One evaluation: `item`'s members (or the batch's `defaults`), decided for `caller`.
+async fn evaluate(
+    broker: &Broker,
+    caller: &Caller,
+    item: &EvaluationRequest,
+    defaults: Option<&EvaluationRequest>,
+) -> Result<Value> {
+    let (subject, action, resource, context) = complete(item, defaults)?;
+    decide(broker, caller, subject, action, resource, context).await
 }
 
 async fn authenticate(broker: &Broker, headers: &HeaderMap) -> Result<Caller> {

@@ -130,13 +130,7 @@ async fn a_quorum_of_two_operators_issues_the_credential_to_the_waiting_agent() 
     assert_eq!(pending.state(), proto::GrantState::Pending);
     assert_eq!((pending.approvals, pending.quorum), (0, 2));
 
-    let listed = first
-        .approvals()
-        .list_pending(proto::ListPendingRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .requests;
+    let listed = pending_requests(&first).await;
     let shown = listed
         .iter()
         .find(|request| request.lease_id == pending.lease_id)
@@ -398,13 +392,7 @@ async fn one_denial_ends_the_request_and_completion_cancels_the_others() {
         .await
         .unwrap_err();
     assert_eq!(after.code(), Code::FailedPrecondition);
-    let listed = alice
-        .approvals()
-        .list_pending(proto::ListPendingRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .requests;
+    let listed = pending_requests(&alice).await;
     assert!(listed.is_empty(), "{listed:?}");
     app.stop().await;
 }
@@ -702,13 +690,7 @@ async fn begin_task_opens_with_the_allowed_scopes_and_holds_the_stepped_up_ones(
         .map(|p| p.lease_id.as_str())
         .collect();
     assert_eq!(ids, [waiting.lease_id.as_str()]);
-    let listed = first
-        .approvals()
-        .list_pending(proto::ListPendingRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .requests;
+    let listed = pending_requests(&first).await;
     assert_eq!(listed.len(), 1);
 
     let mut stream = watch(&agent, &waiting.lease_id).await;

@@ -36,12 +36,7 @@ async fn grpc_call(
 ) -> Result<proto::AuthorizeToolCallResponse, tonic::Status> {
     agent
         .tasks()
-        .authorize_tool_call(proto::AuthorizeToolCallRequest {
-            task_id: task_id.into(),
-            tool: tool.into(),
-            arguments_json: arguments.to_string(),
-            risk: None,
-        })
+        .authorize_tool_call(tool_call(task_id, tool, &arguments.to_string()))
         .await
         .map(|response| response.into_inner())
 }
@@ -52,13 +47,7 @@ async fn authzen_answers_what_authorize_tool_call_answers() {
     let app = TestApp::spawn(&data).await;
     let credential = app.workload("billing-agent", &[proto::Role::Agent]).await;
     let agent = app.connect(Some(&credential)).await;
-    let task_id = agent
-        .tasks()
-        .begin_task(begin(&[]))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let task_id = open_task(&agent).await;
 
     let configuration = app.http("/.well-known/authzen-configuration");
     assert_eq!(configuration["policy_decision_point"], app.issuer.as_str());
@@ -148,15 +137,7 @@ async fn authzen_answers_what_authorize_tool_call_answers() {
         .unwrap();
     assert!(grpc.pending.is_some(), "gRPC steps up the same call");
     let operator = app.workload("alice", &[proto::Role::Operator]).await;
-    let waiting = app
-        .connect(Some(&operator))
-        .await
-        .approvals()
-        .list_pending(proto::ListPendingRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .requests;
+    let waiting = pending_requests(&app.connect(Some(&operator)).await).await;
     assert!(waiting.iter().any(|request| request.lease_id == pending));
 
     // Listing is its own action.
@@ -186,13 +167,7 @@ async fn authzen_batches_follow_their_semantics() {
     let app = TestApp::spawn(&data).await;
     let credential = app.workload("billing-agent", &[proto::Role::Agent]).await;
     let agent = app.connect(Some(&credential)).await;
-    let task_id = agent
-        .tasks()
-        .begin_task(begin(&[]))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let task_id = open_task(&agent).await;
     let batch = |semantic: &str| {
         json!({
             "subject": { "type": "workload", "id": "billing-agent" },
@@ -261,13 +236,7 @@ async fn authzen_refuses_strangers_impersonation_and_malformed_requests() {
     let app = TestApp::spawn(&data).await;
     let credential = app.workload("billing-agent", &[proto::Role::Agent]).await;
     let agent = app.connect(Some(&credential)).await;
-    let task_id = agent
-        .tasks()
-        .begin_task(begin(&[]))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let task_id = open_task(&agent).await;
     let other = app.workload("other-agent", &[proto::Role::Agent]).await;
     let call = ask(
         "billing-agent",

@@ -402,6 +402,38 @@ pub fn http_get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
         .unwrap_or_else(|error| panic!("GET {path}: not JSON ({error}): {body}"))
 }
 
+/// The first page of what waits for operators, as `operator` sees it.
+pub async fn pending_requests(operator: &Connection) -> Vec<proto::PendingGrant> {
+    operator
+        .approvals()
+        .list_pending(proto::ListPendingRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .requests
+}
+
+/// Opens a one-hour task with no scopes as `agent`; its id.
+pub async fn open_task(agent: &Connection) -> String {
+    agent
+        .tasks()
+        .begin_task(begin(&[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id
+}
+
+/// A request to authorize one call of `tool` with the JSON `arguments` in task `task_id`.
+pub fn tool_call(task_id: &str, tool: &str, arguments: &str) -> proto::AuthorizeToolCallRequest {
+    proto::AuthorizeToolCallRequest {
+        task_id: task_id.into(),
+        tool: tool.into(),
+        arguments_json: arguments.into(),
+        risk: None,
+    }
+}
+
 /// A begin-task request for `scopes` with a one-hour task.
 pub fn begin(scopes: &[&str]) -> proto::BeginTaskRequest {
     proto::BeginTaskRequest {

@@ -13,27 +13,8 @@ use crate::support::*;
 const PAYMENTS: &str = "https://payments.test";
 const CARD: &str = "4111111111111111";
 
-fn call(task_id: &str, tool: &str, arguments: &str) -> proto::AuthorizeToolCallRequest {
-    proto::AuthorizeToolCallRequest {
-        task_id: task_id.into(),
-        tool: tool.into(),
-        arguments_json: arguments.into(),
-        risk: None,
-    }
-}
-
 fn refund(cents: u32) -> String {
     format!(r#"{{"order_id":"A-1","amount_cents":{cents},"card_number":"{CARD}"}}"#)
-}
-
-async fn open_task(agent: &Connection) -> String {
-    agent
-        .tasks()
-        .begin_task(begin(&[]))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id
 }
 
 /// Introspects `token` for the payments service as a resource server of it.
@@ -66,7 +47,7 @@ async fn an_allowed_call_gets_a_token_accepted_once(backend: Backend) {
     let task_id = open_task(&agent).await;
     let answer = agent
         .tasks()
-        .authorize_tool_call(call(&task_id, "payments.refund", &refund(500)))
+        .authorize_tool_call(tool_call(&task_id, "payments.refund", &refund(500)))
         .await
         .unwrap()
         .into_inner();
@@ -124,14 +105,22 @@ async fn a_call_is_denied_on_its_arguments(backend: Backend) {
     let task_id = open_task(&agent).await;
     let inside = agent
         .tasks()
-        .authorize_tool_call(call(&task_id, "email.send", r#"{"to":"ana@example.com"}"#))
+        .authorize_tool_call(tool_call(
+            &task_id,
+            "email.send",
+            r#"{"to":"ana@example.com"}"#,
+        ))
         .await
         .unwrap()
         .into_inner();
     assert!(inside.call_token.is_some());
     let outside = agent
         .tasks()
-        .authorize_tool_call(call(&task_id, "email.send", r#"{"to":"x@attacker.test"}"#))
+        .authorize_tool_call(tool_call(
+            &task_id,
+            "email.send",
+            r#"{"to":"x@attacker.test"}"#,
+        ))
         .await
         .unwrap_err();
     assert_eq!(outside.code(), Code::PermissionDenied);
@@ -160,7 +149,7 @@ async fn a_call_stepped_up_on_its_arguments_is_approved_and_its_token_used_once(
     let task_id = open_task(&agent).await;
     let answer = agent
         .tasks()
-        .authorize_tool_call(call(&task_id, "payments.refund", &refund(25_000)))
+        .authorize_tool_call(tool_call(&task_id, "payments.refund", &refund(25_000)))
         .await
         .unwrap()
         .into_inner();
@@ -173,13 +162,7 @@ async fn a_call_stepped_up_on_its_arguments_is_approved_and_its_token_used_once(
         .expect("a large refund waits for an operator");
     assert_eq!(pending.scope, "tool:payments.refund");
 
-    let listed = operator
-        .approvals()
-        .list_pending(proto::ListPendingRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .requests;
+    let listed = pending_requests(&operator).await;
     let shown = listed
         .iter()
         .find(|request| request.lease_id == pending.lease_id)
@@ -284,7 +267,7 @@ async fn bad_calls_are_refused_naming_the_field_and_nothing_is_issued() {
     ] {
         let refused = agent
             .tasks()
-            .authorize_tool_call(call(&task_id, tool, arguments))
+            .authorize_tool_call(tool_call(&task_id, tool, arguments))
             .await
             .unwrap_err();
         assert_eq!(refused.code(), code, "{tool} {arguments:.60}: {refused:?}");
@@ -298,7 +281,7 @@ async fn bad_calls_are_refused_naming_the_field_and_nothing_is_issued() {
     let other = app.agent("other-agent").await;
     let foreign = other
         .tasks()
-        .authorize_tool_call(call(&task_id, "payments.refund", &refund(1)))
+        .authorize_tool_call(tool_call(&task_id, "payments.refund", &refund(1)))
         .await
         .unwrap_err();
     assert_eq!(foreign.code(), Code::NotFound);
@@ -311,7 +294,7 @@ async fn bad_calls_are_refused_naming_the_field_and_nothing_is_issued() {
         .unwrap();
     let ended = agent
         .tasks()
-        .authorize_tool_call(call(&task_id, "payments.refund", &refund(1)))
+        .authorize_tool_call(tool_call(&task_id, "payments.refund", &refund(1)))
         .await
         .unwrap_err();
     assert_eq!(ended.code(), Code::FailedPrecondition);
@@ -350,7 +333,7 @@ async fn completing_the_task_revokes_its_unused_call_tokens_and_tools_are_listed
 
     let token = agent
         .tasks()
-        .authorize_tool_call(call(&task_id, "payments.refund", &refund(100)))
+        .authorize_tool_call(tool_call(&task_id, "payments.refund", &refund(100)))
         .await
         .unwrap()
         .into_inner()
@@ -381,7 +364,7 @@ async fn postgres_a_call_token_is_accepted_once_across_two_replicas() {
     for round in 0..5 {
         let token = agent
             .tasks()
-            .authorize_tool_call(call(&task_id, "payments.refund", &refund(100 + round)))
+            .authorize_tool_call(tool_call(&task_id, "payments.refund", &refund(100 + round)))
             .await
             .unwrap()
             .into_inner()

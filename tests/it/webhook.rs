@@ -115,23 +115,14 @@ async fn a_waiting_request_is_announced_signed_and_retried_until_the_receiver_ta
     });
     let app = TestApp::spawn_with(config).await;
     let agent = app.agent("billing-agent").await;
-    let task_id = agent
-        .tasks()
-        .begin_task(begin(&[]))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let task_id = open_task(&agent).await;
     let pending = agent
         .tasks()
-        .authorize_tool_call(proto::AuthorizeToolCallRequest {
-            task_id: task_id.clone(),
-            tool: "payments.refund".into(),
-            arguments_json: format!(
-                r#"{{"order_id":"A-1","amount_cents":25000,"card_number":"{CARD}"}}"#
-            ),
-            risk: None,
-        })
+        .authorize_tool_call(tool_call(
+            &task_id,
+            "payments.refund",
+            &format!(r#"{{"order_id":"A-1","amount_cents":25000,"card_number":"{CARD}"}}"#),
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -155,15 +146,7 @@ async fn a_waiting_request_is_announced_signed_and_retried_until_the_receiver_ta
     // The receiver failed: the request still waits for operators, and the delivery comes again
     // (the same id, for the receiver to drop duplicates), signed for its own timestamp.
     let operator = app.workload("alice", &[proto::Role::Operator]).await;
-    let waiting = app
-        .connect(Some(&operator))
-        .await
-        .approvals()
-        .list_pending(proto::ListPendingRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .requests;
+    let waiting = pending_requests(&app.connect(Some(&operator)).await).await;
     assert_eq!(
         waiting.len(),
         1,
@@ -191,21 +174,14 @@ async fn without_a_webhook_nothing_is_queued() {
     let data = TestData::new(Backend::Sqlite).await;
     let app = TestApp::spawn(&data).await;
     let agent = app.agent("billing-agent").await;
-    let task_id = agent
-        .tasks()
-        .begin_task(begin(&[]))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let task_id = open_task(&agent).await;
     agent
         .tasks()
-        .authorize_tool_call(proto::AuthorizeToolCallRequest {
-            task_id,
-            tool: "payments.refund".into(),
-            arguments_json: r#"{"order_id":"A-1","amount_cents":25000}"#.into(),
-            risk: None,
-        })
+        .authorize_tool_call(tool_call(
+            &task_id,
+            "payments.refund",
+            r#"{"order_id":"A-1","amount_cents":25000}"#,
+        ))
         .await
         .unwrap();
     assert_eq!(count_rows(&data, "jobs").await, 0);
