@@ -13,7 +13,7 @@ use crate::domain::task::{MAX_RISK, parse_risk, parse_ttl_seconds};
 use crate::domain::{
     Caller, Catalog, Labels, Role, ScopeName, SpiffeId, TaskContext, UnixMillis, WorkloadName,
 };
-use crate::policy::{Decision, GrantQuery, PolicySource, TaskFacts};
+use crate::policy::{Decision, GrantQuery, PolicySource, TaskFacts, ToolAction, ToolQuery};
 
 #[derive(Subcommand)]
 #[expect(
@@ -55,9 +55,15 @@ pub enum PolicyCommand {
         /// A label KEY=VALUE of the workload's entry (repeatable).
         #[arg(long = "workload-label")]
         workload_labels: Vec<String>,
-        /// The scope asked for.
+        /// The scope asked for (or --call).
+        #[arg(long, conflicts_with = "call", required_unless_present = "call")]
+        scope: Option<String>,
+        /// A tool call to decide instead of a scope: the tool, from the catalog's [[tool]].
         #[arg(long)]
-        scope: String,
+        call: Option<String>,
+        /// The call's arguments, a JSON object, e.g. '{"order_id":"A-1","amount_cents":500}'.
+        #[arg(long = "args", default_value = "{}", requires = "call")]
+        arguments: String,
         #[arg(long, default_value = "policy test")]
         purpose: String,
         /// The lease lifetime asked for, e.g. 5m (default: the scope's).
@@ -140,6 +146,8 @@ pub fn run(command: &PolicyCommand, format: &Format) -> Result<ExitCode, Command
             roles,
             workload_labels,
             scope,
+            call,
+            arguments,
             purpose,
             ttl,
             tools,
@@ -180,20 +188,8 @@ pub fn run(command: &PolicyCommand, format: &Format) -> Result<ExitCode, Command
                 labels: Labels::parse("--workload-label", entry_labels.iter().map(|(k, v)| (k, v)))
                     .map_err(usage)?,
             };
-            let scope = ScopeName::parse("--scope", scope).map_err(usage)?;
-            let definition = catalog
-                .authorize(&caller, "--scope", &scope)
-                .map_err(usage)?;
             let context = TaskContext::parse("", tools.clone(), key_values("--label", labels)?)
                 .map_err(usage)?;
-            // The broker's own TTL rules: whole seconds, at most the scope's max_ttl.
-            let ttl_seconds = match ttl {
-                Some(text) => super::ttl_seconds("--ttl", text)?,
-                None => 0,
-            };
-            let requested_ttl = parse_ttl_seconds("--ttl", ttl_seconds, definition.max_ttl)
-                .map_err(usage)?
-                .unwrap_or(definition.default_ttl);
             let risk = parse_risk("--risk", *risk).map_err(usage)?;
             let now = match hour {
                 Some(hour @ 0..=23) => {
@@ -203,18 +199,56 @@ pub fn run(command: &PolicyCommand, format: &Format) -> Result<ExitCode, Command
                 Some(_) => return Err(CommandError::Usage("--hour: 0 to 23".into())),
                 None => UnixMillis::now(),
             };
-            let decision = loaded.decide(&GrantQuery {
-                caller: &caller,
-                scope: definition,
-                facts: TaskFacts {
-                    purpose,
-                    context: &context,
-                    requested_ttl,
-                    delegation_depth: 0,
-                    now,
-                    risk,
-                },
-            });
+            let facts = |requested_ttl| TaskFacts {
+                purpose,
+                context: &context,
+                requested_ttl,
+                delegation_depth: 0,
+                now,
+                risk,
+            };
+            let decision = match (scope, call) {
+                (Some(scope), _) => {
+                    let scope = ScopeName::parse("--scope", scope).map_err(usage)?;
+                    let definition = catalog
+                        .authorize(&caller, "--scope", &scope)
+                        .map_err(usage)?;
+                    // The broker's own TTL rules: whole seconds, at most the scope's max_ttl.
+                    let ttl_seconds = match ttl {
+                        Some(text) => super::ttl_seconds("--ttl", text)?,
+                        None => 0,
+                    };
+                    let requested_ttl = parse_ttl_seconds("--ttl", ttl_seconds, definition.max_ttl)
+                        .map_err(usage)?
+                        .unwrap_or(definition.default_ttl);
+                    loaded.decide(&GrantQuery {
+                        caller: &caller,
+                        scope: definition,
+                        facts: facts(requested_ttl),
+                    })
+                }
+                (None, Some(tool)) => {
+                    let definition = catalog.authorize_tool(&caller, tool).map_err(usage)?;
+                    let arguments = definition.check_arguments(arguments).map_err(|error| {
+                        // Named as this command spells it.
+                        CommandError::Usage(error.to_string().replacen(
+                            "arguments_json",
+                            "--args",
+                            1,
+                        ))
+                    })?;
+                    loaded.decide_tool(&ToolQuery {
+                        caller: &caller,
+                        tool: definition,
+                        action: ToolAction::Call,
+                        arguments: Some(&arguments),
+                        facts: facts(definition.call_scope.default_ttl),
+                    })
+                }
+                (None, None) => {
+                    return Err(CommandError::Usage("name --scope or --call".into()));
+                }
+            };
             print_decision(&decision, format)?;
             let answer = answer_name(&decision);
             match expect.as_deref() {

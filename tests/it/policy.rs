@@ -412,6 +412,40 @@ fn the_example_policy_set_validates_and_answers_as_documented() {
         serde_json::json!(["team=finance"])
     );
     assert_eq!(answer(&billing)["decision"], "deny");
+
+    // Tool calls, decided on their arguments.
+    let call = |workload: &[&str], tool: &str, arguments: &str| {
+        let call = ["--call", tool, "--args", arguments, "--hour", "10"];
+        answer(&[workload, &call[..]].concat())
+    };
+    let refund = |workload: &[&str], cents: u32| {
+        let arguments = format!(r#"{{"order_id":"1042","amount_cents":{cents}}}"#);
+        call(workload, "payments.refund", &arguments)
+    };
+    let billing = [
+        "--workload",
+        "billing-agent",
+        "--workload-label",
+        "team=billing",
+    ];
+    assert_eq!(refund(&billing, 5_000)["decision"], "allow");
+    let large = refund(&billing, 250_000);
+    assert_eq!(large["decision"], "step-up");
+    assert_eq!(large["approval"]["quorum"], 2);
+    assert_eq!(
+        refund(&agent, 5_000)["policies"],
+        serde_json::json!(["payments-only-for-billing"])
+    );
+    let mail = call(
+        &agent,
+        "email.send",
+        r#"{"to":"x@attacker.test","subject":"s","body":"b"}"#,
+    );
+    assert_eq!(mail["decision"], "deny");
+    assert_eq!(
+        mail["policies"],
+        serde_json::json!(["mail-stays-in-the-company"])
+    );
 }
 
 /// `serve --dev` writes the schema and default policy on first start; SIGHUP reloads them, and a
