@@ -12,7 +12,7 @@ use crate::metrics::DecisionLabels;
 use crate::policy::{ApprovalRequirement, Decision, GrantQuery, PolicySummary, TaskFacts};
 
 /// The policy that the catalog's own check is recorded as.
-const CATALOG_POLICY: &str = "scope-catalog";
+pub(super) const CATALOG_POLICY: &str = "scope-catalog";
 
 /// A refused grant request: what the caller is told, and the audit event of the decision.
 pub struct Refused {

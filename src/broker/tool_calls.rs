@@ -5,7 +5,7 @@
 //! operators like a grant, bound to that exact call.
 
 use super::approvals::{HeldCall, HeldGrant};
-use super::grant_decision::{PolicyAnswer, Refused};
+use super::grant_decision::{CATALOG_POLICY, PolicyAnswer, Refused};
 use super::{Broker, GrantAnswer, issued_lease_record, task_not_active};
 use crate::audit::AuditEvent;
 use crate::domain::tool::{CallBinding, CheckedArguments};
@@ -38,7 +38,10 @@ impl Broker {
         caller: &Caller,
         ask: ToolCallAsk,
     ) -> Result<ToolCallAnswer> {
-        let tool = self.catalog.authorize_tool(caller, &ask.tool)?;
+        let tool = match self.catalog.authorize_tool(caller, &ask.tool) {
+            Ok(tool) => tool,
+            Err(error) => return Err(self.refused_by_catalog(caller, &ask, error).await),
+        };
         let arguments = tool.check_arguments(&ask.arguments_json)?;
         let now = UnixMillis::now();
         let task = self.active_task(caller, &ask.task_id, now).await?;
@@ -133,6 +136,31 @@ impl Broker {
             }
             NewLeaseOutcome::TaskNotActive => Err(task_not_active(&task.id)),
         }
+    }
+
+    /// A call the catalog refuses: a tool it lists for other workloads is a decision, audited
+    /// like policy's; an unknown one is bad input, only answered.
+    async fn refused_by_catalog(
+        &self,
+        caller: &Caller,
+        ask: &ToolCallAsk,
+        error: crate::error::Error,
+    ) -> crate::error::Error {
+        if let (crate::error::Error::PermissionDenied(_), Some(tool)) =
+            (&error, self.catalog.tool(&ask.tool))
+        {
+            let event = AuditEvent::new("tool.decided", "denied", caller.name.as_str())
+                .workload(&caller.name)
+                .task(&ask.task_id)
+                .scope(&tool.call_scope.name)
+                .with("tool", tool.name.as_str())
+                .with("policies", vec![CATALOG_POLICY])
+                .with("reason", error.to_string());
+            if let Err(failed) = self.store.record_events(vec![event]).await {
+                return failed;
+            }
+        }
+        error
     }
 
     /// The catalog's tools that `caller` may call and policy lets it see (`ListTools`) in

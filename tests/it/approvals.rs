@@ -120,9 +120,8 @@ async fn next(stream: &mut tonic::Streaming<proto::GrantStatus>) -> proto::Grant
         .expect("the stream is open")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quorum_of_two_operators_issues_the_credential_to_the_waiting_agent() {
-    let data = TestData::new(Backend::Sqlite).await;
+async fn a_quorum_of_two_operators_issues_the_credential_to_the_waiting_agent(backend: Backend) {
+    let data = TestData::new(backend).await;
     let app = TestApp::spawn_with(config_with_policy(&data)).await;
     let agent = app.agent("support-agent").await;
     let (first, second) = (operator(&app, "alice").await, operator(&app, "bob").await);
@@ -161,6 +160,13 @@ async fn a_quorum_of_two_operators_issues_the_credential_to_the_waiting_agent() 
         (proto::GrantState::Pending, 1)
     );
     assert_eq!(next(&mut stream).await.approvals, 1);
+    let shown = pending_requests(&second).await;
+    let approvals: Vec<&str> = shown[0]
+        .approvals
+        .iter()
+        .map(|a| a.approver.as_str())
+        .collect();
+    assert_eq!(approvals, ["alice"], "operators see the approvals so far");
     // The same operator approving again counts once.
     let twice = first
         .approvals()
@@ -716,3 +722,5 @@ async fn begin_task_opens_with_the_allowed_scopes_and_holds_the_stepped_up_ones(
     );
     app.stop().await;
 }
+
+backend_tests!(a_quorum_of_two_operators_issues_the_credential_to_the_waiting_agent);

@@ -68,6 +68,11 @@ workloads = ["*"]
 
 [tool.arguments]
 to = { type = "string" }
+
+[[tool]]
+name = "shell.run"
+audience = "https://ops.test"
+workloads = ["ops-agent"]
 "#;
 
 pub const CRM: &str = "https://crm.test";

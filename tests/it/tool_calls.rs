@@ -264,6 +264,7 @@ async fn bad_calls_are_refused_naming_the_field_and_nothing_is_issued() {
             "arguments_json",
         ),
         ("shell.exec", "{}", Code::InvalidArgument, "tool"),
+        ("shell.run", "{}", Code::PermissionDenied, "tool"),
     ] {
         let refused = agent
             .tasks()
@@ -277,6 +278,16 @@ async fn bad_calls_are_refused_naming_the_field_and_nothing_is_issued() {
             refused.message()
         );
     }
+    // The tool the catalog keeps for another workload is a refusal on record; malformed
+    // calls are only answered.
+    let decided = audit_events_of_type(&app.admin().await, "tool.decided").await;
+    let [refusal] = decided.as_slice() else {
+        panic!("one decision on record: {decided:?}");
+    };
+    assert_eq!(refusal.outcome, "denied");
+    let details: serde_json::Value = serde_json::from_str(&refusal.detail_json).unwrap();
+    assert_eq!(details["policies"], serde_json::json!(["scope-catalog"]));
+    assert_eq!(details["tool"], "shell.run");
     // Another workload's task is not found; an ended task is refused.
     let other = app.agent("other-agent").await;
     let foreign = other

@@ -106,13 +106,33 @@ pub async fn pending(
     .bind(filter.task.as_deref())
     .fetch_all(&mut *connection)
     .await?;
-    let mut requests = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let columns = request_columns(row)?;
-        let approvals = approvals_of(&mut connection, &columns.id).await?;
-        requests.push(columns.into_record(approvals)?);
+    let columns = rows
+        .iter()
+        .map(request_columns)
+        .collect::<Result<Vec<_>>>()?;
+    // The page's approvals in one query, not one per request.
+    let ids: Vec<&str> = columns.iter().map(|columns| columns.id.as_str()).collect();
+    let approval_rows = sqlx::query(&format!(
+        "SELECT request_id, {APPROVAL_COLUMNS} FROM grant_approvals \
+         WHERE request_id = ANY($1) ORDER BY decided_at, approver_id"
+    ))
+    .bind(&ids)
+    .fetch_all(&mut *connection)
+    .await?;
+    let mut approvals: std::collections::HashMap<String, Vec<ApprovalRecord>> =
+        std::collections::HashMap::new();
+    for row in &approval_rows {
+        let request_id: String = row.try_get(0)?;
+        let approval = approval_columns(row, 1)?.into_record()?;
+        approvals.entry(request_id).or_default().push(approval);
     }
-    Ok(requests)
+    columns
+        .into_iter()
+        .map(|columns| {
+            let of_request = approvals.remove(&columns.id).unwrap_or_default();
+            columns.into_record(of_request)
+        })
+        .collect()
 }
 
 pub async fn decide(
@@ -340,17 +360,19 @@ async fn approvals_of(connection: &mut PgConnection, id: &str) -> Result<Vec<App
     .fetch_all(connection)
     .await?;
     rows.iter()
-        .map(|row| {
-            ApprovalColumns {
-                approver_id: row.try_get(0)?,
-                approver_name: row.try_get(1)?,
-                verdict: row.try_get(2)?,
-                reason: row.try_get(3)?,
-                decided_at: row.try_get(4)?,
-            }
-            .into_record()
-        })
+        .map(|row| approval_columns(row, 0)?.into_record())
         .collect()
+}
+
+/// An approval's columns, read from `row` starting at column `first`.
+fn approval_columns(row: &PgRow, first: usize) -> Result<ApprovalColumns> {
+    Ok(ApprovalColumns {
+        approver_id: row.try_get(first)?,
+        approver_name: row.try_get(first + 1)?,
+        verdict: row.try_get(first + 2)?,
+        reason: row.try_get(first + 3)?,
+        decided_at: row.try_get(first + 4)?,
+    })
 }
 
 fn request_columns(row: &PgRow) -> Result<GrantRequestColumns> {
