@@ -51,6 +51,14 @@ default_ttl = "1h"
 max_ttl = "2h"
 workloads = ["*"]
 
+[[scope]]
+name = "search:query"
+audience = "https://search.example.internal"
+kind = "api_key"
+default_ttl = "1h"
+max_ttl = "2h"
+workloads = ["*"]
+
 [[tool]]
 name = "payments.refund"
 audience = "https://payments.example.internal"
@@ -867,6 +875,7 @@ fn policy_decisions(count: usize, duration: Duration) -> Measurement {
         max_ttl: Duration::from_secs(900),
         allowed_workloads: AllowedWorkloads::Any,
         labels: labels(&[("access", "write")]),
+        max_uses: None,
     };
     let context = TaskContext::default();
     let started = Instant::now();
@@ -1288,14 +1297,23 @@ async fn drop_postgres(base: &str, url: &str) {
 
 /// Opens a one-scope task per call, spread over `agents`: the durable issuance scenario.
 fn issuance(agents: &[Connection]) -> Operation {
+    issuance_of(agents, "crm.contacts:read")
+}
+
+/// `BeginTask` with the one scope `scope`, checking that its credential came with it.
+fn issuance_of(agents: &[Connection], scope: &'static str) -> Operation {
     let next = round_robin(agents.iter().map(Connection::tasks).collect());
     Arc::new(move || {
         let mut tasks = next();
         Box::pin(async move {
-            tasks
-                .begin_task(begin_request(&["crm.contacts:read"], 3600))
-                .await
-                .map(|_| ())
+            let task = tasks
+                .begin_task(begin_request(&[scope], 3600))
+                .await?
+                .into_inner();
+            match task.leases.first() {
+                Some(lease) if !lease.credential.is_empty() => Ok(()),
+                _ => Err(Status::internal("no credential came with the task")),
+            }
         })
     })
 }
@@ -1340,6 +1358,7 @@ const SCENARIOS: &[&str] = &[
     "policy",
     "toolcall",
     "flood",
+    "apikey",
 ];
 
 impl Options {
@@ -1645,6 +1664,27 @@ async fn broker_scenarios(
                 Some(reference),
             ));
         }
+    }
+    if options.runs("apikey") {
+        eprintln!("{backend}: BeginTask K=16, an API key against a JWT");
+        let jwt = drive(16, duration, issuance(&agents)).await;
+        let jwt_rate = jwt.per_second();
+        rows.push(jwt.row(
+            "BeginTask, 1 JWT scope (the API keys' reference)",
+            backend,
+            16,
+            Some(("gRPC echo", echo_rate)),
+        ));
+        rows.push(
+            drive(16, duration, issuance_of(&agents, "search:query"))
+                .await
+                .row(
+                    "BeginTask, 1 api_key scope (key hash stored after the lease)",
+                    backend,
+                    16,
+                    Some(("JWT issuance", jwt_rate)),
+                ),
+        );
     }
     if options.runs("grant") {
         eprintln!("{backend}: RequestGrant");

@@ -2,9 +2,11 @@
 //! hands it validated domain values; it decides, persists the change together with its audit
 //! events in one transaction, and only then returns credentials. Refusals are recorded too.
 
+mod api_keys;
 mod approvals;
 mod grant_decision;
 mod identity;
+mod token_use;
 pub mod tool_calls;
 
 use std::fmt;
@@ -17,8 +19,8 @@ use crate::caller_limits::{Admitted, CallerLimitSettings, CallerLimits};
 use crate::domain::task::{LeaseWindow, NewGrant, NewTask, parse_ttl_seconds};
 use crate::domain::tool::{CALL_SCOPE_PREFIX, CallBinding};
 use crate::domain::{
-    Caller, Catalog, Labels, LeaseId, LeaseState, Role, ScopeDefinition, ScopeName, SpiffeId,
-    TaskId, TaskState, TrustDomain, UnixMillis, WorkloadName,
+    Caller, Catalog, CredentialKind, Labels, LeaseId, LeaseState, Role, ScopeDefinition, ScopeName,
+    SpiffeId, TaskId, TaskState, TrustDomain, UnixMillis, WorkloadName,
 };
 use crate::error::{Error, Result};
 use crate::feed::Feed;
@@ -41,6 +43,8 @@ pub use approvals::{GrantAnswer, GrantStatus};
 use approvals::{HeldGrant, MAX_PENDING_PER_WORKLOAD};
 use grant_decision::{GrantAsk, PolicyAnswer, Refused};
 pub use identity::RevokedIdentity;
+use token_use::Inactive;
+pub use token_use::IntendedUse;
 
 /// The longest audience an introspection may name.
 pub const MAX_AUDIENCE_BYTES: usize = 512;
@@ -195,12 +199,37 @@ fn is_live(record: &LeaseRecord, now: UnixMillis) -> bool {
     record.state == LeaseState::Issued && record.window.expires_at > now
 }
 
+/// One introspection: the token, the audience the caller serves, and what it knows of the use.
+pub struct Introspection<'a> {
+    pub token: &'a str,
+    pub audience: &'a str,
+    /// The `x5t#S256` of the client certificate the token came with.
+    pub client_certificate_thumbprint: Option<&'a str>,
+    /// What the caller is about to do with the token, for the `UseToken` policy.
+    pub intended_use: Option<IntendedUse>,
+}
+
+/// A token introspection found active for this use.
+#[derive(Debug)]
+pub struct ActiveToken {
+    pub claims: AccessTokenClaims,
+    /// For a lease limited in uses: the uses counted so far, this one included.
+    pub uses: Option<u32>,
+}
+
 /// What an admin revokes.
 #[derive(Debug, Clone)]
 pub enum RevocationTarget {
     Lease(LeaseId),
     Task(TaskId),
+    /// Every active task of the workload, with their leases; its identity stays.
+    Workload(WorkloadName),
+    /// Every issued lease of the scope (or of a tool's call tokens, `tool:<name>`).
+    Scope(ScopeName),
 }
+
+/// How many leases a revocation by scope reads at a time.
+const REVOCATION_BATCH: usize = 256;
 
 impl Broker {
     pub fn new(
@@ -428,7 +457,7 @@ impl Broker {
                 ),
         );
         let key = self.keyring.current();
-        let leases: Vec<IssuedLease> = definitions
+        let mut leases: Vec<IssuedLease> = definitions
             .into_iter()
             .map(|definition| self.issue(caller, &task, definition, None, now, &key))
             .collect();
@@ -465,6 +494,7 @@ impl Broker {
                 return self.replay(caller, existing, &request).await;
             }
         }
+        self.hand_out_keys(caller, &mut leases).await?;
         leases.iter().for_each(|lease| self.count_issued(lease));
         tracing::debug!(task_id = %task.id, workload = %caller.name, leases = leases.len(), "task opened");
         // Each after the task, which it needs. A request refused here (the workload's cap)
@@ -535,7 +565,7 @@ impl Broker {
                 return self.refuse(scope, refused.error, vec![event]).await;
             }
         };
-        let lease = self.issue(caller, &task, definition, ttl, now, &self.keyring.current());
+        let mut lease = self.issue(caller, &task, definition, ttl, now, &self.keyring.current());
         let events = vec![
             decision_event,
             self.issuance_event(caller, "lease.issued", &lease)
@@ -550,6 +580,8 @@ impl Broker {
             .await?
         {
             NewLeaseOutcome::Added => {
+                self.hand_out_keys(caller, std::slice::from_mut(&mut lease))
+                    .await?;
                 self.count_issued(&lease);
                 tracing::debug!(task_id = %task.id, lease_id = %lease.record.id, %scope, "lease issued");
                 Ok(GrantAnswer::Issued(lease))
@@ -700,7 +732,7 @@ impl Broker {
             ..lease
         };
         let renewed = IssuedLease {
-            credential: Some(self.mint(caller, &record, &key, None)),
+            credential: self.fresh_credential(caller, &record, &key),
             record,
         };
         let event = self.issuance_event(caller, "lease.renewed", &renewed);
@@ -779,30 +811,46 @@ impl Broker {
         }
     }
 
-    /// The claims of `token` if it is active for `audience` right now: well signed by a
-    /// published key, unexpired, and its lease issued and its task active. `None` otherwise.
-    /// Every check is recorded as a use check in the audit trail.
+    /// The claims of the token `request` names if it is active for its audience right now:
+    /// well signed by a published key, unexpired, its lease issued and its task active, and
+    /// this use allowed (its scope's use limit, the `UseToken` policy for an intended use).
+    /// Otherwise inactive, with the reason when a check of this use refused a genuine token
+    /// (its use limit, policy). Every check is recorded as a use check in the audit trail.
     pub async fn introspect(
         &self,
         caller: &Caller,
-        token: &str,
-        audience: &str,
-        client_certificate_thumbprint: Option<&str>,
-    ) -> Result<Option<AccessTokenClaims>> {
+        request: &Introspection<'_>,
+    ) -> Result<std::result::Result<ActiveToken, Option<String>>> {
+        let Introspection {
+            token,
+            audience,
+            client_certificate_thumbprint,
+            intended_use,
+        } = request;
         check_introspection_audience(caller, audience)?;
-        let outcome = match self.check_token(token, audience).await? {
-            Ok(claims) if !claims.is_usable_with(client_certificate_thumbprint) => Err(Inactive {
-                reason: "certificate_mismatch",
-                verified_claims: Some(claims),
-            }),
-            Ok(claims) if claims.scope.starts_with(CALL_SCOPE_PREFIX) => {
-                self.use_call_token(claims).await?
+        let checked = if token.starts_with(crate::issuer::api_key::API_KEY_PREFIX) {
+            self.check_api_key(token, audience).await?
+        } else {
+            self.check_token(token, audience).await?
+        };
+        let (outcome, notes) = match checked {
+            Ok(claims) if !claims.is_usable_with(*client_certificate_thumbprint) => {
+                (Err(Inactive::of(claims, "certificate_mismatch")), None)
             }
-            outcome => outcome,
+            Ok(claims) => {
+                let (outcome, notes) = self
+                    .check_use(caller, claims, intended_use.as_ref())
+                    .await?;
+                (outcome, Some(notes))
+            }
+            outcome => (outcome, None),
         };
         let mut event = AuditEvent::new("token.introspected", "inactive", caller.name.as_str())
-            .with("audience", audience)
+            .with("audience", *audience)
             .with("token_hmac", self.audit_key.hash(token));
+        if let Some(notes) = &notes {
+            event = notes.annotate(event, intended_use.as_ref());
+        }
         let verified_claims = match &outcome {
             Ok(claims) => Some(claims),
             Err(inactive) => inactive.verified_claims.as_ref(),
@@ -816,8 +864,8 @@ impl Broker {
         match &outcome {
             Ok(_) => event.outcome = "active",
             Err(inactive) => {
-                tracing::debug!(reason = inactive.reason, "introspection: token inactive");
-                event = event.with("reason", inactive.reason);
+                tracing::debug!(reason = %inactive.reason, "introspection: token inactive");
+                event = event.with("reason", inactive.reason.as_ref());
             }
         }
         let result = if outcome.is_ok() {
@@ -833,7 +881,12 @@ impl Broker {
             .inc();
         self.timed("record_events", self.store.record_events(vec![event]))
             .await?;
-        Ok(outcome.ok())
+        Ok(outcome
+            .map(|claims| ActiveToken {
+                claims,
+                uses: notes.and_then(|notes| notes.uses),
+            })
+            .map_err(|inactive| inactive.refused_use.then(|| inactive.reason.into_owned())))
     }
 
     /// Registers a workload and, if asked, makes its first bearer credential (without one, it
@@ -1015,16 +1068,20 @@ impl Broker {
         credential.ok_or_else(|| Error::internal("the first admin got no credential"))
     }
 
-    /// Revokes a lease, or a task with all its leases, whoever owns it.
+    /// Revokes a lease, a task with all its leases, every active task of a workload, or every
+    /// issued lease of a scope, whoever owns them. A workload's or scope's revocation ends what
+    /// is issued when it runs, one task or lease per transaction; what policy or the catalog
+    /// still allows can be issued again after it.
     pub async fn revoke(&self, caller: &Caller, target: &RevocationTarget) -> Result<Vec<LeaseId>> {
         let now = UnixMillis::now();
         let actor = caller.name.as_str();
-        let requested = AuditEvent::new("revocation.requested", "ok", actor);
+        // Each revocation's own event (an event's id is its own).
+        let requested = || AuditEvent::new("revocation.requested", "ok", actor);
         let revoked = match target {
             RevocationTarget::Lease(id) => {
                 let ended = self
                     .store
-                    .revoke_lease(id, now, actor, vec![requested.lease(id)])
+                    .revoke_lease(id, now, actor, vec![requested().lease(id)])
                     .await?
                     .ok_or_else(|| {
                         Error::FailedPrecondition(format!(
@@ -1035,13 +1092,60 @@ impl Broker {
             }
             RevocationTarget::Task(id) => self
                 .store
-                .revoke_task(id, now, actor, vec![requested.task(id)])
+                .revoke_task(id, now, actor, vec![requested().task(id)])
                 .await?
                 .ok_or_else(|| {
                     Error::FailedPrecondition(format!(
                         "task_id: no active task {id} (unknown or already ended)"
                     ))
                 })?,
+            RevocationTarget::Workload(name) => {
+                let workload = self
+                    .store
+                    .find_workload(name)
+                    .await?
+                    .ok_or_else(|| no_such_workload(name))?;
+                let mut ended = Vec::new();
+                for task in self.store.active_tasks_of(&workload.id).await? {
+                    let event = requested().workload(name).task(&task);
+                    // A task that ended meanwhile has nothing left to revoke.
+                    if let Some(leases) = self
+                        .store
+                        .revoke_task(&task, now, actor, vec![event])
+                        .await?
+                    {
+                        ended.extend(leases);
+                    }
+                }
+                ended
+            }
+            RevocationTarget::Scope(scope) => {
+                if self.catalog.lease_definition(scope).is_none() {
+                    return Err(Error::invalid("scope", format!("unknown scope '{scope}'")));
+                }
+                let mut ended = Vec::new();
+                loop {
+                    let batch = self
+                        .store
+                        .issued_leases_of_scope(scope, REVOCATION_BATCH)
+                        .await?;
+                    let before = ended.len();
+                    for id in &batch {
+                        let event = requested().scope(scope).lease(id);
+                        // One that ended meanwhile is skipped.
+                        if let Some(lease) =
+                            self.store.revoke_lease(id, now, actor, vec![event]).await?
+                        {
+                            ended.push(lease);
+                        }
+                    }
+                    // Done when the batch was the last, or nothing in it could be revoked.
+                    if batch.len() < REVOCATION_BATCH || ended.len() == before {
+                        break;
+                    }
+                }
+                ended
+            }
         };
         self.count_revoked(&revoked, "revoked");
         tracing::info!(?target, revoked = revoked.len(), "revoked by admin");
@@ -1164,11 +1268,12 @@ impl Broker {
             }
         }
         let key = self.keyring.current();
-        let leases: Vec<IssuedLease> = records
+        let mut leases: Vec<IssuedLease> = records
             .into_iter()
             .map(|record| {
-                let credential =
-                    is_live(&record, now).then(|| self.mint(caller, &record, &key, None));
+                let credential = is_live(&record, now)
+                    .then(|| self.fresh_credential(caller, &record, &key))
+                    .flatten();
                 IssuedLease { record, credential }
             })
             .collect();
@@ -1179,6 +1284,9 @@ impl Broker {
                 .map(|lease| self.issuance_event(caller, "lease.reissued", lease)),
         );
         self.store.record_events(events).await?;
+        // An API key the first call handed out is not shown again; one it did not reach
+        // (the call failed after storing the task) is handed out now.
+        self.hand_out_keys(caller, &mut leases).await?;
         // The requests the first call made to wait, as they stand: still waiting ones only
         // (an approved one is among the leases).
         let waiting = PendingFilter {
@@ -1273,46 +1381,30 @@ impl Broker {
         if !self.store.is_lease_live(&lease_id, &task_id, now).await? {
             // A genuine token whose lease has ended: its claims are verified, so the use check
             // can join its task's story.
-            let reason = "lease revoked, expired or unknown";
-            return Ok(Err(Inactive {
-                reason,
-                verified_claims: Some(claims),
-            }));
+            return Ok(Err(Inactive::of(
+                claims,
+                "lease revoked, expired or unknown",
+            )));
         }
         Ok(Ok(claims))
     }
 
-    /// Accepts a valid call token once: its one use is counted in the store, so a replay (to
-    /// this replica or another) finds it used. A call token must name its tool and arguments.
-    async fn use_call_token(
+    /// The credential an answer carrying `lease` hands its owner `caller`: a JWT signed now;
+    /// `None` for an API key, which [`Self::hand_out_keys`] makes once the lease is stored.
+    fn fresh_credential(
         &self,
-        claims: AccessTokenClaims,
-    ) -> Result<std::result::Result<AccessTokenClaims, Inactive>> {
-        let inactive = |reason, claims| {
-            Ok(Err(Inactive {
-                reason,
-                verified_claims: Some(claims),
-            }))
-        };
-        if claims.tool.is_none() || claims.arguments_digest.is_none() {
-            return inactive("call token without its tool and arguments", claims);
-        }
-        let Ok(lease_id) = LeaseId::parse("jti", &claims.jti) else {
-            return inactive("jti is not an id", claims);
-        };
-        match self
-            .timed(
-                "count_lease_use",
-                self.store.count_lease_use(&lease_id, 1, UnixMillis::now()),
-            )
-            .await?
-        {
-            Some(_) => Ok(Ok(claims)),
-            None => inactive("call token already used", claims),
+        caller: &Caller,
+        lease: &LeaseRecord,
+        key: &SigningKey,
+    ) -> Option<Credential> {
+        match lease.kind {
+            CredentialKind::Jwt => Some(self.mint(caller, lease, key, None)),
+            CredentialKind::ApiKey => None,
         }
     }
 
-    /// A new issued lease of `task` for `scope` (not yet stored) with its credential.
+    /// A new issued lease of `task` for `scope` (not yet stored) with its credential (a JWT;
+    /// an API key comes once the lease is stored).
     fn issue(
         &self,
         caller: &Caller,
@@ -1323,10 +1415,9 @@ impl Broker {
         key: &SigningKey,
     ) -> IssuedLease {
         let record = issued_lease_record(LeaseId::generate(now), task, scope, ttl, now, key);
-        let credential = self.mint(caller, &record, key, None);
         IssuedLease {
+            credential: self.fresh_credential(caller, &record, key),
             record,
-            credential: Some(credential),
         }
     }
 
@@ -1358,24 +1449,12 @@ impl Broker {
                 }),
             tool: call.map(|call| call.tool.clone()),
             arguments_digest: call.map(|call| call.arguments_digest.clone()),
+            max_uses: self
+                .catalog
+                .lease_definition(&lease.scope)
+                .and_then(|definition| definition.max_uses),
         };
         Credential(jwt::sign(key, &claims))
-    }
-}
-
-/// Why introspection found a token inactive, with its claims when they were verified (a genuine
-/// token whose lease has ended); never the claims of a forged or malformed token.
-struct Inactive {
-    reason: &'static str,
-    verified_claims: Option<AccessTokenClaims>,
-}
-
-impl Inactive {
-    fn because(reason: &'static str) -> Self {
-        Inactive {
-            reason,
-            verified_claims: None,
-        }
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::broker::Broker;
+use crate::broker::{ActiveToken, Broker, IntendedUse, Introspection};
 use crate::domain::UnixMillis;
 use crate::error::Error;
 use crate::grpc::access::Rpc;
@@ -106,6 +106,10 @@ struct IntrospectionForm {
     /// The `x5t#S256` of the client certificate the token came with, for certificate-bound
     /// tokens (RFC 8705).
     client_certificate_thumbprint: Option<String>,
+    /// What the caller is about to do with the token, for the broker's `UseToken` policy, and
+    /// on what (as in `Tokens.Introspect`).
+    action: Option<String>,
+    resource: Option<String>,
 }
 
 /// RFC 7662 over HTTP, with the same rules as `Tokens.Introspect`: a resource server's
@@ -138,22 +142,32 @@ async fn introspect(
                 ));
             }
         };
-        let claims = broker
-            .introspect(
-                &caller,
-                &form.token,
-                &audience,
-                form.client_certificate_thumbprint.as_deref(),
-            )
-            .await?;
-        // RFC 7662 names its members after the token's claims, so the claims are the answer.
-        Ok(match claims.map(serde_json::to_value) {
-            Some(Ok(serde_json::Value::Object(mut body))) => {
+        let introspection = Introspection {
+            token: &form.token,
+            audience: &audience,
+            client_certificate_thumbprint: form.client_certificate_thumbprint.as_deref(),
+            intended_use: IntendedUse::parse(
+                form.action.as_deref().unwrap_or_default(),
+                form.resource.as_deref().unwrap_or_default(),
+            )?,
+        };
+        // RFC 7662 names its members after the token's claims, so the claims are the answer;
+        // an inactive answer says only why (an extension member).
+        Ok(match broker.introspect(&caller, &introspection).await? {
+            Ok(ActiveToken { claims, uses }) => {
+                let mut body = match serde_json::to_value(claims) {
+                    Ok(serde_json::Value::Object(body)) => body,
+                    _ => return Err(Error::internal("claims do not serialize to an object")),
+                };
                 body.insert("active".into(), true.into());
                 body.insert("token_type".into(), "Bearer".into());
+                if let Some(uses) = uses {
+                    body.insert("uses".into(), uses.into());
+                }
                 serde_json::Value::Object(body)
             }
-            _ => serde_json::json!({ "active": false }),
+            Err(None) => serde_json::json!({ "active": false }),
+            Err(Some(reason)) => serde_json::json!({ "active": false, "reason": reason }),
         })
     };
     match answer.await {

@@ -128,10 +128,12 @@ pub enum VerifyError {
     /// with, or came without one.
     #[error("token bound to another client certificate")]
     CertificateMismatch,
-    /// A tool call's token, which only the broker's introspection may accept (once): a local
-    /// check cannot know whether it was already used.
-    #[error("a call token is single-use: check it with the broker's Introspect")]
-    CallTokenNeedsIntrospection,
+    /// A token limited in uses (a tool call's token, a scope's `max_uses`), which only the
+    /// broker's introspection may accept: a local check cannot count its uses.
+    #[error(
+        "a token limited in uses (a call token, or max_uses) is checked with the broker's Introspect at each use"
+    )]
+    UseNeedsIntrospection,
     /// Nothing was heard from the revocation feed for longer than the staleness bound, so a
     /// revocation may have been missed; the token itself was otherwise valid.
     #[error(
@@ -321,11 +323,12 @@ impl Verifier {
         if !claims.is_usable_with(client_thumbprint) {
             return Err(VerifyError::CertificateMismatch);
         }
-        if claims
-            .scope
-            .starts_with(crate::domain::tool::CALL_SCOPE_PREFIX)
+        if claims.max_uses.is_some()
+            || claims
+                .scope
+                .starts_with(crate::domain::tool::CALL_SCOPE_PREFIX)
         {
-            return Err(VerifyError::CallTokenNeedsIntrospection);
+            return Err(VerifyError::UseNeedsIntrospection);
         }
         Ok(claims)
     }
@@ -347,6 +350,7 @@ impl Verifier {
                 token: token.to_owned(),
                 audience: self.shared.audience.clone(),
                 client_certificate_thumbprint: client_thumbprint.unwrap_or_default().to_owned(),
+                ..Default::default()
             })
             .await;
         match answer {

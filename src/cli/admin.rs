@@ -14,14 +14,22 @@ pub enum AdminCommand {
     /// Register, list and delete workloads: the registration entries that name an identity.
     #[command(subcommand, visible_alias = "entry")]
     Workload(WorkloadCommand),
-    /// Revoke a lease, or a task with all its leases.
+    /// Revoke a lease, a task with all its leases, every task of a workload, or every lease of
+    /// a scope; each revoked lease is reported on the revocation feed.
+    #[command(group(clap::ArgGroup::new("target").required(true)))]
     Revoke {
         /// Revoke this task and every lease it holds.
-        #[arg(long, conflicts_with = "lease", required_unless_present = "lease")]
+        #[arg(long, group = "target")]
         task: Option<String>,
         /// Revoke only this lease.
-        #[arg(long)]
+        #[arg(long, group = "target")]
         lease: Option<String>,
+        /// Revoke every active task of this workload (its identity stays: see revoke-identity).
+        #[arg(long, group = "target")]
+        workload: Option<String>,
+        /// Revoke every issued lease of this scope (tool:<name> for a tool's call tokens).
+        #[arg(long, group = "target")]
+        scope: Option<String>,
     },
     /// Start signing with a new key; the old one stays published until its tokens expire.
     RotateKey,
@@ -215,11 +223,23 @@ pub async fn run(
                     .collect()
             })?;
         }
-        AdminCommand::Revoke { task, lease } => {
-            let target = match (task, lease) {
-                (Some(task), _) => proto::revoke_request::Target::TaskId(task.clone()),
-                (None, Some(lease)) => proto::revoke_request::Target::LeaseId(lease.clone()),
-                (None, None) => return Err(CommandError::Usage("give --task or --lease".into())),
+        AdminCommand::Revoke {
+            task,
+            lease,
+            workload,
+            scope,
+        } => {
+            use proto::revoke_request::Target;
+            let target = match (task, lease, workload, scope) {
+                (Some(task), ..) => Target::TaskId(task.clone()),
+                (_, Some(lease), ..) => Target::LeaseId(lease.clone()),
+                (_, _, Some(workload), _) => Target::Workload(workload.clone()),
+                (_, _, _, Some(scope)) => Target::Scope(scope.clone()),
+                _ => {
+                    return Err(CommandError::Usage(
+                        "give --task, --lease, --workload or --scope".into(),
+                    ));
+                }
             };
             let response = admin
                 .revoke(proto::RevokeRequest {

@@ -84,7 +84,7 @@ enum Command {
     Approvals(approvals::ApprovalsCommand),
     /// Validate a policy set and try requests against it, offline (as an admin).
     #[command(subcommand)]
-    Policy(policy::PolicyCommand),
+    Policy(Box<policy::PolicyCommand>),
 }
 
 /// Parses the command line and runs the command.

@@ -9,11 +9,14 @@ use serde_json::json;
 
 use super::output::{Format, text};
 use super::{CommandError, key_values};
+use crate::broker::IntendedUse;
 use crate::domain::task::{MAX_RISK, parse_risk, parse_ttl_seconds};
 use crate::domain::{
     Caller, Catalog, Labels, Role, ScopeName, SpiffeId, TaskContext, UnixMillis, WorkloadName,
 };
-use crate::policy::{Decision, GrantQuery, PolicySource, TaskFacts, ToolAction, ToolQuery};
+use crate::policy::{
+    Decision, GrantQuery, PolicySource, TaskFacts, ToolAction, ToolQuery, UseQuery,
+};
 
 #[derive(Subcommand)]
 #[expect(
@@ -64,6 +67,16 @@ pub enum PolicyCommand {
         /// The call's arguments, a JSON object, e.g. '{"order_id":"A-1","amount_cents":500}'.
         #[arg(long = "args", default_value = "{}", requires = "call")]
         arguments: String,
+        /// Decide one use of a --scope token instead of its grant (UseToken): the action the
+        /// resource server names when it introspects, e.g. contacts.delete.
+        #[arg(long = "use", value_name = "ACTION", requires = "scope")]
+        use_action: Option<String>,
+        /// What the use is on, e.g. contact/42 (with --use).
+        #[arg(long = "on", value_name = "RESOURCE", requires = "use_action")]
+        use_resource: Option<String>,
+        /// The resource server asking (with --use).
+        #[arg(long = "checked-by", value_name = "NAME", requires = "use_action")]
+        checked_by: Option<String>,
         #[arg(long, default_value = "policy test")]
         purpose: String,
         /// The lease lifetime asked for, e.g. 5m (default: the scope's).
@@ -148,6 +161,9 @@ pub fn run(command: &PolicyCommand, format: &Format) -> Result<ExitCode, Command
             scope,
             call,
             arguments,
+            use_action,
+            use_resource,
+            checked_by,
             purpose,
             ttl,
             tools,
@@ -221,11 +237,34 @@ pub fn run(command: &PolicyCommand, format: &Format) -> Result<ExitCode, Command
                     let requested_ttl = parse_ttl_seconds("--ttl", ttl_seconds, definition.max_ttl)
                         .map_err(usage)?
                         .unwrap_or(definition.default_ttl);
-                    loaded.decide(&GrantQuery {
-                        caller: &caller,
-                        scope: definition,
-                        facts: facts(requested_ttl),
-                    })
+                    let intended = IntendedUse::parse(
+                        use_action.as_deref().unwrap_or_default(),
+                        use_resource.as_deref().unwrap_or_default(),
+                    )
+                    .map_err(|error| {
+                        // Named as this command spells them.
+                        let message = error.to_string();
+                        let renamed = match message.strip_prefix("action") {
+                            Some(rest) => format!("--use{rest}"),
+                            None => message.replacen("resource", "--on", 1),
+                        };
+                        CommandError::Usage(renamed)
+                    })?;
+                    match intended {
+                        Some(intended) => loaded.decide_use(&UseQuery {
+                            holder: &caller,
+                            scope: definition,
+                            facts: facts(requested_ttl),
+                            action: &intended.action,
+                            resource: &intended.resource,
+                            checked_by: checked_by.as_deref().unwrap_or_default(),
+                        }),
+                        None => loaded.decide(&GrantQuery {
+                            caller: &caller,
+                            scope: definition,
+                            facts: facts(requested_ttl),
+                        }),
+                    }
                 }
                 (None, Some(tool)) => {
                     let definition = catalog.authorize_tool(&caller, tool).map_err(usage)?;

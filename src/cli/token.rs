@@ -27,6 +27,13 @@ pub enum TokenCommand {
         /// is active only with that one.
         #[arg(long)]
         client_cert: Option<PathBuf>,
+        /// What your API is about to do with the token (e.g. invoices.delete): the broker's
+        /// policy then decides whether its holder may (UseToken).
+        #[arg(long)]
+        action: Option<String>,
+        /// What the action is on (e.g. invoice/42); needs --action.
+        #[arg(long, requires = "action")]
+        resource: Option<String>,
     },
     /// Verify a token offline against the broker's JWKS and revocation feed, as the verifier
     /// library does. Exits 0 when valid, 1 when not, 69 when it could not be checked (broker
@@ -58,6 +65,8 @@ pub async fn run(
             access_token,
             audience,
             client_cert,
+            action,
+            resource,
         } => {
             cli.require_identity()?;
             let thumbprint = client_certificate(client_cert.as_deref())?
@@ -67,6 +76,8 @@ pub async fn run(
                 token: read_token(access_token)?,
                 audience: audience.clone(),
                 client_certificate_thumbprint: thumbprint,
+                action: action.clone().unwrap_or_default(),
+                resource: resource.clone().unwrap_or_default(),
             };
             let response = cli
                 .connect()
@@ -82,9 +93,10 @@ pub async fn run(
                     "nbf": response.nbf, "jti": response.jti, "task_id": response.task_id,
                     "token_type": response.token_type, "cnf_x5t_s256": response.cnf_x5t_s256,
                     "tool": response.tool, "arguments_digest": response.arguments_digest,
+                    "uses": response.uses,
                 })
             } else {
-                json!({ "active": false })
+                json!({ "active": false, "reason": response.reason })
             };
             format.print(&value, |value| {
                 if value["active"] == true {
@@ -96,15 +108,22 @@ pub async fn run(
                             text(value, "arguments_digest")
                         ),
                     };
+                    let uses = match value["uses"].as_u64() {
+                        Some(uses) if uses > 0 => format!("  uses   {uses}\n"),
+                        _ => String::new(),
+                    };
                     format!(
-                        "active: true\n  scope  {}\n  sub    {}\n  task   {}\n  jti    {}\n{call}",
+                        "active: true\n  scope  {}\n  sub    {}\n  task   {}\n  jti    {}\n{call}{uses}",
                         text(value, "scope"),
                         text(value, "sub"),
                         text(value, "task_id"),
                         text(value, "jti")
                     )
                 } else {
-                    "active: false\n".into()
+                    match text(value, "reason") {
+                        "" => "active: false\n".to_owned(),
+                        reason => format!("active: false\n  reason {reason}\n"),
+                    }
                 }
             })?;
             Ok(ExitCode::SUCCESS)

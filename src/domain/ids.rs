@@ -83,6 +83,16 @@ impl<K: IdKind> Id<K> {
         &self.0
     }
 
+    /// The id's 32 hex digits, without its prefix.
+    pub fn digits(&self) -> &str {
+        self.0.strip_prefix(K::PREFIX).unwrap_or(&self.0)
+    }
+
+    /// The id whose digits are `digits`, as [`Self::parse`] checks them.
+    pub fn from_digits(field: &str, digits: &str) -> Result<Self, Error> {
+        Self::parse(field, &format!("{}{digits}", K::PREFIX))
+    }
+
     /// The id's 128 bits, for compact in-memory sets; `None` for a malformed stored id.
     pub fn compact(&self) -> Option<u128> {
         Self::compact_text(&self.0)

@@ -52,18 +52,22 @@ impl fmt::Display for ScopeName {
 pub enum CredentialKind {
     /// An RFC 9068 access token signed by the broker.
     Jwt,
+    /// An opaque key ([`crate::issuer::api_key`]), handed out once, checked by introspection.
+    ApiKey,
 }
 
 impl CredentialKind {
     pub fn as_str(self) -> &'static str {
         match self {
             CredentialKind::Jwt => "jwt",
+            CredentialKind::ApiKey => "api_key",
         }
     }
 
     pub fn parse(text: &str) -> Option<Self> {
         match text {
             "jwt" => Some(CredentialKind::Jwt),
+            "api_key" => Some(CredentialKind::ApiKey),
             _ => None,
         }
     }
@@ -93,6 +97,9 @@ pub struct ScopeDefinition {
     pub allowed_workloads: AllowedWorkloads,
     /// What policy reads of it (`labels = { access = "write" }`).
     pub labels: Labels,
+    /// How many times introspection accepts one lease's credential; `None` for no limit. Each
+    /// accepted introspection counts as one use, exactly, across replicas.
+    pub max_uses: Option<u32>,
 }
 
 /// The parsed scope catalog, built once at start and shared.
@@ -135,7 +142,12 @@ struct ScopeEntry {
     workloads: Vec<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    max_uses: Option<i64>,
 }
+
+/// The largest `max_uses` a scope may declare.
+pub const LARGEST_MAX_USES: u32 = 1_000_000;
 
 impl Catalog {
     /// Parses a catalog in TOML (see `deploy/scopes.toml` for an annotated example).
@@ -307,7 +319,10 @@ impl ScopeEntry {
         let kind = CredentialKind::parse(&self.kind).ok_or_else(|| {
             fail(
                 "kind",
-                format!("'{}' is not a credential kind (supported: jwt)", self.kind),
+                format!(
+                    "'{}' is not a credential kind (supported: jwt, api_key)",
+                    self.kind
+                ),
             )
         })?;
         let default_ttl =
@@ -319,6 +334,20 @@ impl ScopeEntry {
         let allowed_workloads = parse_workloads(&field, &self.workloads)?;
         let labels = Labels::parse(&field("labels"), &self.labels)
             .map_err(|error| fail("labels", error_message(error)))?;
+        let max_uses = self
+            .max_uses
+            .map(|uses| {
+                u32::try_from(uses)
+                    .ok()
+                    .filter(|uses| (1..=LARGEST_MAX_USES).contains(uses))
+                    .ok_or_else(|| {
+                        fail(
+                            "max_uses",
+                            format!("must be 1 to {LARGEST_MAX_USES} (leave it out for no limit)"),
+                        )
+                    })
+            })
+            .transpose()?;
         Ok(ScopeDefinition {
             name,
             description: self.description,
@@ -328,6 +357,7 @@ impl ScopeEntry {
             max_ttl,
             allowed_workloads,
             labels,
+            max_uses,
         })
     }
 }

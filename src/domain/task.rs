@@ -400,6 +400,7 @@ mod tests {
             max_ttl: Duration::from_secs(max_secs),
             allowed_workloads: AllowedWorkloads::Any,
             labels: crate::domain::Labels::default(),
+            max_uses: None,
         }
     }
 

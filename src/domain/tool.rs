@@ -373,6 +373,8 @@ impl ToolEntry {
             max_ttl: call_ttl,
             allowed_workloads: allowed_workloads.clone(),
             labels: labels.clone(),
+            // A call token is for its one call.
+            max_uses: Some(1),
         };
         Ok(ToolDefinition {
             name: self.name,

@@ -10,7 +10,9 @@ use super::auth::authorize;
 use super::convert;
 use crate::audit::chain::Problem;
 use crate::broker::{Broker, NewWorkload, RevocationTarget, RevokedIdentity};
-use crate::domain::{Caller, Labels, LeaseId, SpiffeId, TaskId, UnixMillis, WorkloadName};
+use crate::domain::{
+    Caller, Labels, LeaseId, ScopeName, SpiffeId, TaskId, UnixMillis, WorkloadName,
+};
 use crate::error::Error;
 use crate::identity::selectors;
 use crate::proto;
@@ -187,7 +189,17 @@ impl proto::admin_server::Admin for AdminService {
         let target = match &request.get_ref().target {
             Some(Target::LeaseId(id)) => RevocationTarget::Lease(LeaseId::parse("lease_id", id)?),
             Some(Target::TaskId(id)) => RevocationTarget::Task(TaskId::parse("task_id", id)?),
-            None => return Err(Error::invalid("target", "set lease_id or task_id").into()),
+            Some(Target::Workload(name)) => {
+                RevocationTarget::Workload(WorkloadName::parse("workload", name)?)
+            }
+            Some(Target::Scope(scope)) => {
+                RevocationTarget::Scope(ScopeName::parse("scope", scope)?)
+            }
+            None => {
+                return Err(
+                    Error::invalid("target", "set lease_id, task_id, workload or scope").into(),
+                );
+            }
         };
         let revoked = self.broker.revoke(&caller, &target).await?;
         Ok(Response::new(proto::RevokeResponse {

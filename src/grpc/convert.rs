@@ -75,6 +75,7 @@ fn lease_state(state: LeaseState) -> proto::LeaseState {
 fn credential_kind(kind: CredentialKind) -> proto::CredentialKind {
     match kind {
         CredentialKind::Jwt => proto::CredentialKind::Jwt,
+        CredentialKind::ApiKey => proto::CredentialKind::ApiKey,
     }
 }
 

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use super::access::Rpc;
 use super::auth::authorize;
 use super::convert;
-use crate::broker::Broker;
+use crate::broker::{ActiveToken, Broker, IntendedUse, Introspection};
 use crate::domain::{Caller, Role, UnixMillis};
 use crate::error::Error;
 use crate::proto;
@@ -92,18 +92,19 @@ impl proto::tokens_server::Tokens for TokensService {
     ) -> Result<Response<proto::IntrospectResponse>, Status> {
         let caller = authorize(self.broker.credentials(), &request, Rpc::Introspect).await?;
         let message = request.into_inner();
-        let response = match self
-            .broker
-            .introspect(
-                &caller,
-                &message.token,
-                &message.audience,
-                Some(message.client_certificate_thumbprint.as_str()).filter(|t| !t.is_empty()),
-            )
-            .await?
-        {
-            None => proto::IntrospectResponse::default(),
-            Some(claims) => proto::IntrospectResponse {
+        let introspection = Introspection {
+            token: &message.token,
+            audience: &message.audience,
+            client_certificate_thumbprint: Some(message.client_certificate_thumbprint.as_str())
+                .filter(|t| !t.is_empty()),
+            intended_use: IntendedUse::parse(&message.action, &message.resource)?,
+        };
+        let response = match self.broker.introspect(&caller, &introspection).await? {
+            Err(reason) => proto::IntrospectResponse {
+                reason: reason.unwrap_or_default(),
+                ..Default::default()
+            },
+            Ok(ActiveToken { claims, uses }) => proto::IntrospectResponse {
                 active: true,
                 scope: claims.scope,
                 client_id: claims.client_id,
@@ -119,6 +120,8 @@ impl proto::tokens_server::Tokens for TokensService {
                 cnf_x5t_s256: claims.cnf.map(|cnf| cnf.x5t_s256).unwrap_or_default(),
                 tool: claims.tool.unwrap_or_default(),
                 arguments_digest: claims.arguments_digest.unwrap_or_default(),
+                reason: String::new(),
+                uses: uses.unwrap_or(0),
             },
         };
         Ok(Response::new(response))

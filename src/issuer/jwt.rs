@@ -46,6 +46,11 @@ pub struct AccessTokenClaims {
     /// arguments it received.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arguments_digest: Option<String>,
+    /// For a lease limited in uses (a scope's `max_uses`, a call token's one call): how many
+    /// uses the broker's introspection accepts. It tells any verifier that a local check
+    /// cannot count uses, so the token must be introspected at each one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
 }
 
 /// RFC 8705's confirmation claim: the certificate's thumbprint.
@@ -328,6 +333,7 @@ mod tests {
             cnf: None,
             tool: None,
             arguments_digest: None,
+            max_uses: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Everything that makes or checks a secret: the master key that seals private keys at rest,
 //! the signing keys and their rotation, access tokens, and workload bearer credentials.
 
+pub mod api_key;
 pub mod credential;
 pub mod jwt;
 pub mod keyring;

@@ -13,7 +13,7 @@ use cedar_policy::{Authorizer, Entities, PolicySet, Request, Response};
 
 pub use decision::{ApprovalRequirement, Decision};
 pub use load::{LoadedPolicy, PolicyError, PolicySource, PolicySummary};
-pub use request::{GrantQuery, TaskFacts, ToolAction, ToolQuery};
+pub use request::{GrantQuery, TaskFacts, ToolAction, ToolQuery, UseQuery};
 
 /// The policy set in force, replaceable while requests are being decided.
 pub struct PolicyEngine {
@@ -91,6 +91,11 @@ impl LoadedPolicy {
 
     /// Decides a tool call (or whether a tool may be listed), as [`Self::decide`] a grant.
     pub fn decide_tool(&self, query: &ToolQuery<'_>) -> Decision {
+        self.decide_request(query.to_cedar(None))
+    }
+
+    /// Decides one use of a token, as [`Self::decide`] a grant.
+    pub fn decide_use(&self, query: &UseQuery<'_>) -> Decision {
         self.decide_request(query.to_cedar(None))
     }
 
@@ -241,6 +246,7 @@ mod tests {
             max_ttl: Duration::from_secs(600),
             allowed_workloads: AllowedWorkloads::Any,
             labels: labels(scope_labels),
+            max_uses: None,
         };
         policy.decide(&GrantQuery {
             caller: &caller,

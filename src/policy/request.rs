@@ -23,6 +23,7 @@ struct Types {
     request_grant: EntityUid,
     call_tool: EntityUid,
     list_tools: EntityUid,
+    use_token: EntityUid,
 }
 
 static TYPES: LazyLock<Types> = LazyLock::new(|| {
@@ -37,6 +38,7 @@ static TYPES: LazyLock<Types> = LazyLock::new(|| {
         request_grant: action("RequestGrant"),
         call_tool: action("CallTool"),
         list_tools: action("ListTools"),
+        use_token: action("UseToken"),
     }
 });
 
@@ -75,34 +77,71 @@ pub struct ToolQuery<'a> {
     pub facts: TaskFacts<'a>,
 }
 
+/// Everything policy reads about one use of a token: its holder, its scope, the task it was
+/// issued to, and what the resource server is about to do with it.
+pub struct UseQuery<'a> {
+    /// The token's holder (its certificate thumbprint set when the token is bound to one).
+    pub holder: &'a Caller,
+    pub scope: &'a ScopeDefinition,
+    pub facts: TaskFacts<'a>,
+    pub action: &'a str,
+    pub resource: &'a str,
+    /// The resource server asking.
+    pub checked_by: &'a str,
+}
+
 impl GrantQuery<'_> {
     /// The Cedar request and the entities it refers to.
     pub fn to_cedar(&self, schema: Option<&Schema>) -> Result<(Request, Entities), String> {
-        let types = &*TYPES;
-        let resource = EntityUid::from_type_name_and_id(
-            types.scope.clone(),
-            EntityId::new(self.scope.name.as_str()),
-        );
-        let scope = Entity::new(
-            resource.clone(),
-            HashMap::from([
-                ("name".into(), string(self.scope.name.as_str())),
-                ("audience".into(), string(&self.scope.audience)),
-                ("kind".into(), string(self.scope.kind.as_str())),
-                ("max_ttl_secs".into(), seconds(self.scope.max_ttl)),
-                ("labels".into(), strings(self.scope.labels.pairs())),
-            ]),
-            HashSet::new(),
-        )
-        .map_err(|error| error.to_string())?;
         build(
             self.caller,
-            types.request_grant.clone(),
-            scope,
+            TYPES.request_grant.clone(),
+            scope_entity(self.scope)?,
             self.facts.context_pairs(),
             schema,
         )
     }
+}
+
+impl UseQuery<'_> {
+    /// The Cedar request and the entities it refers to.
+    pub fn to_cedar(&self, schema: Option<&Schema>) -> Result<(Request, Entities), String> {
+        let mut context = self.facts.context_pairs();
+        context.extend([
+            ("use_action".to_owned(), string(self.action)),
+            ("use_resource".to_owned(), string(self.resource)),
+            ("checked_by".to_owned(), string(self.checked_by)),
+        ]);
+        build(
+            self.holder,
+            TYPES.use_token.clone(),
+            scope_entity(self.scope)?,
+            context,
+            schema,
+        )
+    }
+}
+
+/// A catalog scope as a Cedar entity.
+fn scope_entity(scope: &ScopeDefinition) -> Result<Entity, String> {
+    let uid =
+        EntityUid::from_type_name_and_id(TYPES.scope.clone(), EntityId::new(scope.name.as_str()));
+    Entity::new(
+        uid,
+        HashMap::from([
+            ("name".into(), string(scope.name.as_str())),
+            ("audience".into(), string(&scope.audience)),
+            ("kind".into(), string(scope.kind.as_str())),
+            ("max_ttl_secs".into(), seconds(scope.max_ttl)),
+            (
+                "max_uses".into(),
+                RestrictedExpression::new_long(i64::from(scope.max_uses.unwrap_or(0))),
+            ),
+            ("labels".into(), strings(scope.labels.pairs())),
+        ]),
+        HashSet::new(),
+    )
+    .map_err(|error| error.to_string())
 }
 
 impl ToolQuery<'_> {
@@ -289,6 +328,7 @@ mod tests {
             max_ttl: Duration::from_secs(60),
             allowed_workloads: AllowedWorkloads::Any,
             labels,
+            max_uses: None,
         };
         let context = TaskContext {
             prompt_digest: Some(format!("sha256:{}", "a".repeat(64))),
@@ -304,6 +344,16 @@ mod tests {
             .to_cedar(Some(&schema))
             .unwrap();
         }
+        UseQuery {
+            holder: &caller,
+            scope: &scope,
+            facts: facts(&context, None),
+            action: "invoices.read",
+            resource: "invoice/42",
+            checked_by: "billing-api",
+        }
+        .to_cedar(Some(&schema))
+        .unwrap();
         let catalog = crate::domain::Catalog::from_toml(
             r#"
             [[tool]]

@@ -41,7 +41,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::audit::AuditEvent;
-use crate::domain::{LeaseId, TaskId, UnixMillis, WorkloadName};
+use crate::domain::{LeaseId, ScopeName, TaskId, UnixMillis, WorkloadName};
 use crate::error::Result;
 use crate::issuer::KeyAlgorithm;
 use crate::issuer::credential::StoredCredential;
@@ -49,8 +49,8 @@ use crate::issuer::credential::StoredCredential;
 pub use changes::{Changes, Topic};
 pub use jobs::{ClaimedJob, JobOutcome, JobRecord, NewJob};
 pub use records::{
-    ApprovalRecord, AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease,
-    ExpiryReport, FeedEvent, FeedPage, FeedRecord, GrantDecision, GrantDecisionOutcome,
+    ApiKeyRecord, ApprovalRecord, AuditFilter, AuditRecord, Checkpoint, CompletionOutcome,
+    EndedLease, ExpiryReport, FeedEvent, FeedPage, FeedRecord, GrantDecision, GrantDecisionOutcome,
     GrantRequestInsertion, GrantRequestRecord, IdentityEnd, JoinTokenRecord, LeaseRecord,
     NewLeaseOutcome, PendingFilter, Renewal, RenewalOutcome, StoredCaKey, StoredJwtSvidKey,
     StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord, WorkloadRecord,
@@ -186,6 +186,22 @@ pub trait Store: Send + Sync + 'static {
         actor: &str,
         events: Vec<AuditEvent>,
     ) -> Result<Option<Vec<EndedLease>>>;
+
+    /// Records the hash of lease `id`'s API key, with `events`, unless the lease already has
+    /// one or is no longer issued: a key is handed out once. Whether it was recorded.
+    async fn set_api_key(
+        &self,
+        id: &LeaseId,
+        secret_sha256: Vec<u8>,
+        events: Vec<AuditEvent>,
+    ) -> Result<bool>;
+
+    /// The lease whose API key was handed out, in whatever state, with its key's hash and holder.
+    async fn find_api_key(&self, id: &LeaseId) -> Result<Option<ApiKeyRecord>>;
+
+    /// Up to `limit` issued leases (any workload's) of `scope`, oldest first.
+    async fn issued_leases_of_scope(&self, scope: &ScopeName, limit: usize)
+    -> Result<Vec<LeaseId>>;
 
     /// Revokes one issued lease (any workload's); `None` when no such issued lease.
     async fn revoke_lease(
@@ -350,6 +366,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<(Vec<u8>, WorkloadRecord)>>;
 
     async fn list_workloads(&self) -> Result<Vec<WorkloadRecord>>;
+
+    /// The workload named `name`, unless its entry was deleted.
+    async fn find_workload(&self, name: &WorkloadName) -> Result<Option<WorkloadRecord>>;
 
     /// Revokes every bearer credential of the workload named `name` at `now` and stores
     /// `replacement` (if any) as its only valid one, with `events`, in one transaction: a

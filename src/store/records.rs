@@ -143,6 +143,17 @@ pub struct LeaseRecord {
     pub ended_at: Option<UnixMillis>,
 }
 
+/// The lease of an API key that was handed out, with what introspection needs of it.
+#[derive(Clone, Debug)]
+pub struct ApiKeyRecord {
+    pub lease: LeaseRecord,
+    /// SHA-256 of the key's secret part.
+    pub secret_sha256: Vec<u8>,
+    /// The holder's name and SPIFFE ID.
+    pub workload_name: String,
+    pub spiffe_id: String,
+}
+
 /// What [`Store::insert_task`](super::Store::insert_task) did.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub enum TaskInsertion {

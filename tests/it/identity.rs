@@ -237,6 +237,7 @@ async fn an_svid_authenticates_over_mtls_and_binds_the_tokens_issued_to_it() {
                     token,
                     audience: CRM.into(),
                     client_certificate_thumbprint: thumbprint,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -594,6 +595,7 @@ async fn the_kill_switch_refuses_the_identity_and_revokes_its_open_tasks() {
             token: task.leases[0].credential.clone(),
             audience: CRM.into(),
             client_certificate_thumbprint: svid.thumbprint.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -28,6 +28,7 @@ macro_rules! backend_tests {
 mod support;
 
 mod access;
+mod api_keys;
 mod approvals;
 mod audit;
 mod auth;
@@ -47,8 +48,10 @@ mod metrics;
 mod policy;
 mod power_loss;
 mod process;
+mod revocation_scopes;
 mod rotation;
 mod tasks;
+mod token_use;
 mod tokens;
 mod tool_calls;
 mod upstream_ca;

@@ -413,6 +413,29 @@ fn the_example_policy_set_validates_and_answers_as_documented() {
     );
     assert_eq!(answer(&billing)["decision"], "deny");
 
+    // Uses of a token, as a resource server names them when it introspects.
+    let read_use = |action: &str| {
+        answer(
+            &[
+                &read[..],
+                &["--hour", "10", "--use", action, "--on", "contact/42"],
+            ]
+            .concat(),
+        )
+    };
+    assert_eq!(read_use("contacts.read")["decision"], "allow");
+    let delete = read_use("contacts.delete");
+    assert_eq!(delete["decision"], "deny");
+    assert_eq!(
+        delete["policies"],
+        serde_json::json!(["read-tokens-only-read"])
+    );
+    assert_eq!(
+        answer(&[&read[..], &["--hour", "23", "--use", "GET /contacts/42"]].concat())["decision"],
+        "allow",
+        "the night rule is for grants and calls, not for each use"
+    );
+
     // Tool calls, decided on their arguments.
     let call = |workload: &[&str], tool: &str, arguments: &str| {
         let call = ["--call", tool, "--args", arguments, "--hour", "10"];

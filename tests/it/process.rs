@@ -618,6 +618,18 @@ async fn readme_tool_call_walkthrough_works_verbatim() {
     assert!(stdout.contains("  tool   payments.refund\n"), "{stdout}");
 }
 
+/// The API-key walk-through, word for word: the key introspects active, then inactive once its
+/// task is completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_api_key_walkthrough_works_verbatim() {
+    let stdout = run_dev_walkthrough("api-key-walkthrough").await;
+    let active = stdout
+        .find("active: true\n  scope  search:query")
+        .expect("the key is active");
+    let ended = stdout.find("active: false").expect("then inactive");
+    assert!(active < ended, "{stdout}");
+}
+
 /// The identity walk-through, word for word, from a directory laid out as the repository is:
 /// a deployed broker on TLS, a workload with no bearer credential attesting with a join token,
 /// calls over mTLS, a bound token, renewal and the kill switch.

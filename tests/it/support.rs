@@ -50,6 +50,32 @@ default_ttl = "1s"
 max_ttl = "3s"
 workloads = ["*"]
 
+[[scope]]
+name = "reports:export"
+audience = "https://reports.test"
+kind = "jwt"
+default_ttl = "5m"
+max_ttl = "10m"
+workloads = ["*"]
+max_uses = 3
+
+[[scope]]
+name = "search:query"
+audience = "https://search.test"
+kind = "api_key"
+default_ttl = "5m"
+max_ttl = "10m"
+workloads = ["*"]
+
+[[scope]]
+name = "payments:key"
+audience = "https://payments.test"
+kind = "api_key"
+default_ttl = "1m"
+max_ttl = "2m"
+workloads = ["*"]
+labels = { domain = "payments" }
+
 [[tool]]
 name = "payments.refund"
 audience = "https://payments.test"

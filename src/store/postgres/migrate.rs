@@ -70,6 +70,16 @@ const MIGRATIONS: &[Migration] = &[
         description: "lease uses",
         sql: include_str!("../../../migrations/postgres/0010_lease_uses.sql"),
     },
+    Migration {
+        version: 11,
+        description: "leases by scope",
+        sql: include_str!("../../../migrations/postgres/0011_leases_by_scope.sql"),
+    },
+    Migration {
+        version: 12,
+        description: "api keys",
+        sql: include_str!("../../../migrations/postgres/0012_api_keys.sql"),
+    },
 ];
 
 /// The advisory lock that makes replicas starting together migrate one at a time.

@@ -49,18 +49,18 @@ use self::committer::{AfterCommit, Committer};
 use self::replicas::Announcer;
 use self::retry::in_transaction;
 use super::records::{
-    AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedEvent,
-    FeedPage, GrantDecision, GrantDecisionOutcome, GrantRequestInsertion, GrantRequestRecord,
-    IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, PendingFilter, Renewal,
-    RenewalOutcome, StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion,
-    TaskRecord, WorkloadRecord, ended_leases,
+    ApiKeyRecord, AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease,
+    ExpiryReport, FeedEvent, FeedPage, GrantDecision, GrantDecisionOutcome, GrantRequestInsertion,
+    GrantRequestRecord, IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, PendingFilter,
+    Renewal, RenewalOutcome, StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord,
+    TaskInsertion, TaskRecord, WorkloadRecord, ended_leases,
 };
 use super::{
     Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
     StoreSettings, Topic,
 };
 use crate::audit::{AuditEvent, REAPER};
-use crate::domain::{LeaseId, TaskId, UnixMillis, WorkloadName};
+use crate::domain::{LeaseId, ScopeName, TaskId, UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
 use crate::issuer::KeyAlgorithm;
 use crate::issuer::credential::StoredCredential;
@@ -214,6 +214,33 @@ impl Store for PostgresStore {
 
     async fn leases_of_task(&self, id: &TaskId) -> Result<Vec<LeaseRecord>> {
         tasks::leases_of_task(&self.pool, id).await
+    }
+
+    async fn set_api_key(
+        &self,
+        id: &LeaseId,
+        secret_sha256: Vec<u8>,
+        events: Vec<AuditEvent>,
+    ) -> Result<bool> {
+        in_transaction(&self.pool, |connection| {
+            let (id, secret_sha256, events) = (id.clone(), secret_sha256.clone(), events.clone());
+            Box::pin(
+                async move { tasks::set_api_key(connection, &id, &secret_sha256, &events).await },
+            )
+        })
+        .await
+    }
+
+    async fn find_api_key(&self, id: &LeaseId) -> Result<Option<ApiKeyRecord>> {
+        tasks::find_api_key(&self.pool, id).await
+    }
+
+    async fn issued_leases_of_scope(
+        &self,
+        scope: &ScopeName,
+        limit: usize,
+    ) -> Result<Vec<LeaseId>> {
+        tasks::issued_leases_of_scope(&self.pool, scope, limit).await
     }
 
     async fn find_lease(&self, id: &LeaseId, workload_id: &str) -> Result<Option<LeaseRecord>> {
@@ -574,6 +601,10 @@ impl Store for PostgresStore {
 
     async fn list_workloads(&self) -> Result<Vec<WorkloadRecord>> {
         workloads::list(&self.pool).await
+    }
+
+    async fn find_workload(&self, name: &WorkloadName) -> Result<Option<WorkloadRecord>> {
+        workloads::find(&self.pool, name).await
     }
 
     async fn replace_workload_credentials(

@@ -7,9 +7,13 @@ use sqlx::{PgConnection, PgPool, Row};
 use super::batch::{end_leases_of_tasks, with_task_event};
 use super::feed;
 use crate::audit::AuditEvent;
-use crate::domain::{LeaseId, LeaseState, RevocationReason, TaskId, TaskState, UnixMillis};
+use crate::domain::{
+    LeaseId, LeaseState, RevocationReason, ScopeName, TaskId, TaskState, UnixMillis,
+};
 use crate::error::Result;
-use crate::store::records::{FeedEvent, LeaseColumns, LeaseRecord, TaskColumns, TaskRecord};
+use crate::store::records::{
+    ApiKeyRecord, FeedEvent, LeaseColumns, LeaseRecord, TaskColumns, TaskRecord,
+};
 
 /// The task columns reads select, in the order [`task_columns`] decodes them.
 macro_rules! task_columns {
@@ -75,6 +79,64 @@ pub async fn leases_of_task(pool: &PgPool, id: &TaskId) -> Result<Vec<LeaseRecor
     .iter()
     .map(|row| lease_columns(row)?.into_record())
     .collect()
+}
+
+pub async fn set_api_key(
+    connection: &mut PgConnection,
+    id: &LeaseId,
+    secret_sha256: &[u8],
+    events: &[AuditEvent],
+) -> Result<bool> {
+    let recorded = sqlx::query(
+        "UPDATE leases SET secret_sha256 = $1 \
+         WHERE id = $2 AND secret_sha256 IS NULL AND state = 'issued'",
+    )
+    .bind(secret_sha256)
+    .bind(id.as_str())
+    .execute(&mut *connection)
+    .await?
+    .rows_affected()
+        == 1;
+    if recorded {
+        super::audit::insert_events(connection, &events.iter().collect::<Vec<_>>()).await?;
+    }
+    Ok(recorded)
+}
+
+pub async fn find_api_key(pool: &PgPool, id: &LeaseId) -> Result<Option<ApiKeyRecord>> {
+    sqlx::query(concat!(
+        "SELECT ",
+        lease_columns!(),
+        ", l.secret_sha256, w.name, w.spiffe_id FROM leases l JOIN tasks t ON t.id = l.task_id \
+         JOIN workloads w ON w.id = t.workload_id WHERE l.id = $1 AND l.secret_sha256 IS NOT NULL"
+    ))
+    .bind(id.as_str())
+    .fetch_optional(pool)
+    .await?
+    .map(|row| {
+        Ok(ApiKeyRecord {
+            lease: lease_columns(&row)?.into_record()?,
+            secret_sha256: row.try_get(11)?,
+            workload_name: row.try_get(12)?,
+            spiffe_id: row.try_get(13)?,
+        })
+    })
+    .transpose()
+}
+
+pub async fn issued_leases_of_scope(
+    pool: &PgPool,
+    scope: &ScopeName,
+    limit: usize,
+) -> Result<Vec<LeaseId>> {
+    sqlx::query("SELECT id FROM leases WHERE scope = $1 AND state = 'issued' ORDER BY id LIMIT $2")
+        .bind(scope.as_str())
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|row| Ok(LeaseId::from_stored(row.try_get(0)?)))
+        .collect()
 }
 
 pub async fn find_lease(

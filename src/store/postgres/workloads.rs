@@ -198,6 +198,19 @@ pub async fn list(pool: &PgPool) -> Result<Vec<WorkloadRecord>> {
     .collect()
 }
 
+pub async fn find(pool: &PgPool, name: &WorkloadName) -> Result<Option<WorkloadRecord>> {
+    sqlx::query(concat!(
+        "SELECT ",
+        workload_columns!(),
+        " FROM workloads w WHERE w.name = $1 AND w.deleted_at IS NULL"
+    ))
+    .bind(name.as_str())
+    .fetch_optional(pool)
+    .await?
+    .map(|row| workload_columns(&row)?.into_record())
+    .transpose()
+}
+
 pub(super) fn workload_columns(row: &PgRow) -> Result<WorkloadColumns> {
     Ok(WorkloadColumns {
         id: row.try_get(0)?,

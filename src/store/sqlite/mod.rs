@@ -32,18 +32,18 @@ use self::connection::{DatabaseFile, Role};
 use self::readers::Readers;
 use self::writer::{AfterCommit, Writer};
 use super::records::{
-    AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease, ExpiryReport, FeedPage,
-    GrantDecision, GrantDecisionOutcome, GrantRequestInsertion, GrantRequestRecord, IdentityEnd,
-    JoinTokenRecord, LeaseRecord, NewLeaseOutcome, PendingFilter, Renewal, RenewalOutcome,
-    StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord, TaskInsertion, TaskRecord,
-    WorkloadRecord,
+    ApiKeyRecord, AuditFilter, AuditRecord, Checkpoint, CompletionOutcome, EndedLease,
+    ExpiryReport, FeedPage, GrantDecision, GrantDecisionOutcome, GrantRequestInsertion,
+    GrantRequestRecord, IdentityEnd, JoinTokenRecord, LeaseRecord, NewLeaseOutcome, PendingFilter,
+    Renewal, RenewalOutcome, StoredCaKey, StoredJwtSvidKey, StoredSigningKey, SvidRecord,
+    TaskInsertion, TaskRecord, WorkloadRecord,
 };
 use super::{
     Changes, ClaimedJob, JobOutcome, JobRecord, NewJob, RevocationState, Store, StoreError,
     StoreSettings,
 };
 use crate::audit::{AuditEvent, REAPER};
-use crate::domain::{LeaseId, TaskId, UnixMillis, WorkloadName};
+use crate::domain::{LeaseId, ScopeName, TaskId, UnixMillis, WorkloadName};
 use crate::error::{Error, Result};
 use crate::issuer::KeyAlgorithm;
 use crate::issuer::credential::StoredCredential;
@@ -188,6 +188,34 @@ impl Store for SqliteStore {
     async fn leases_of_task(&self, id: &TaskId) -> Result<Vec<LeaseRecord>> {
         self.readers
             .read(|connection| tasks::leases_of_task(connection, id))
+            .await
+    }
+
+    async fn set_api_key(
+        &self,
+        id: &LeaseId,
+        secret_sha256: Vec<u8>,
+        events: Vec<AuditEvent>,
+    ) -> Result<bool> {
+        let id = id.clone();
+        self.writer
+            .run(move |write| tasks::set_api_key(write, &id, &secret_sha256, &events))
+            .await
+    }
+
+    async fn find_api_key(&self, id: &LeaseId) -> Result<Option<ApiKeyRecord>> {
+        self.readers
+            .read(|connection| tasks::find_api_key(connection, id))
+            .await
+    }
+
+    async fn issued_leases_of_scope(
+        &self,
+        scope: &ScopeName,
+        limit: usize,
+    ) -> Result<Vec<LeaseId>> {
+        self.readers
+            .read(|connection| tasks::issued_leases_of_scope(connection, scope, limit))
             .await
     }
 
@@ -510,6 +538,12 @@ impl Store for SqliteStore {
 
     async fn list_workloads(&self) -> Result<Vec<WorkloadRecord>> {
         self.readers.read_long(workloads::list).await
+    }
+
+    async fn find_workload(&self, name: &WorkloadName) -> Result<Option<WorkloadRecord>> {
+        self.readers
+            .read(|connection| workloads::find(connection, name))
+            .await
     }
 
     async fn replace_workload_credentials(

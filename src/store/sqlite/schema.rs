@@ -40,6 +40,10 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!(
             "../../../migrations/sqlite/0010_lease_uses.sql"
         )),
+        M::up(include_str!(
+            "../../../migrations/sqlite/0011_leases_by_scope.sql"
+        )),
+        M::up(include_str!("../../../migrations/sqlite/0012_api_keys.sql")),
     ])
 }
 

@@ -9,11 +9,11 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::writer::Write;
 use super::{audit, feed};
 use crate::audit::AuditEvent;
-use crate::domain::{LeaseId, LeaseState, RevocationReason, TaskId, UnixMillis};
+use crate::domain::{LeaseId, LeaseState, RevocationReason, ScopeName, TaskId, UnixMillis};
 use crate::error::Result;
 use crate::store::records::{
-    EndedLease, ExpiryReport, FeedEvent, LeaseColumns, LeaseRecord, NewLeaseOutcome, Renewal,
-    RenewalOutcome, TaskColumns, TaskInsertion, TaskRecord, ended_leases, task_ended,
+    ApiKeyRecord, EndedLease, ExpiryReport, FeedEvent, LeaseColumns, LeaseRecord, NewLeaseOutcome,
+    Renewal, RenewalOutcome, TaskColumns, TaskInsertion, TaskRecord, ended_leases, task_ended,
 };
 
 const TASK_COLUMNS: &str = "id, workload_id, purpose, context_json, state, created_at, deadline, \
@@ -58,6 +58,65 @@ pub fn leases_of_task(connection: &Connection, id: &TaskId) -> Result<Vec<LeaseR
         ))?
         .query_map([id.as_str()], lease_columns)?
         .map(|columns| columns?.into_record())
+        .collect()
+}
+
+pub fn set_api_key(
+    write: &mut Write<'_>,
+    id: &LeaseId,
+    secret_sha256: &[u8],
+    events: &[AuditEvent],
+) -> Result<bool> {
+    let recorded = write.connection.execute(
+        "UPDATE leases SET secret_sha256 = ?1 \
+         WHERE id = ?2 AND secret_sha256 IS NULL AND state = 'issued'",
+        params![secret_sha256, id.as_str()],
+    )? == 1;
+    if recorded {
+        audit::insert_events(write, events)?;
+    }
+    Ok(recorded)
+}
+
+pub fn find_api_key(connection: &Connection, id: &LeaseId) -> Result<Option<ApiKeyRecord>> {
+    connection
+        .prepare_cached(
+            "SELECT l.id, l.task_id, l.scope, l.kind, l.audience, l.state, l.kid, l.issued_at, \
+             l.expires_at, l.renewable_until, l.ended_at, l.secret_sha256, w.name, w.spiffe_id \
+             FROM leases l JOIN tasks t ON t.id = l.task_id JOIN workloads w ON w.id = t.workload_id \
+             WHERE l.id = ?1 AND l.secret_sha256 IS NOT NULL",
+        )?
+        .query_row([id.as_str()], |row| {
+            Ok((
+                lease_columns(row)?,
+                row.get::<_, Vec<u8>>(11)?,
+                row.get::<_, String>(12)?,
+                row.get::<_, String>(13)?,
+            ))
+        })
+        .optional()?
+        .map(|(columns, secret_sha256, workload_name, spiffe_id)| {
+            Ok(ApiKeyRecord {
+                lease: columns.into_record()?,
+                secret_sha256,
+                workload_name,
+                spiffe_id,
+            })
+        })
+        .transpose()
+}
+
+pub fn issued_leases_of_scope(
+    connection: &Connection,
+    scope: &ScopeName,
+    limit: usize,
+) -> Result<Vec<LeaseId>> {
+    connection
+        .prepare_cached(
+            "SELECT id FROM leases WHERE scope = ?1 AND state = 'issued' ORDER BY id LIMIT ?2",
+        )?
+        .query_map(params![scope.as_str(), limit as i64], |row| row.get(0))?
+        .map(|id| Ok(LeaseId::from_stored(id?)))
         .collect()
 }
 

@@ -188,6 +188,17 @@ pub fn list(connection: &Connection) -> Result<Vec<WorkloadRecord>> {
         .collect()
 }
 
+pub fn find(connection: &Connection, name: &WorkloadName) -> Result<Option<WorkloadRecord>> {
+    connection
+        .prepare_cached(&format!(
+            "SELECT {WORKLOAD_COLUMNS} FROM workloads w WHERE w.name = ?1 AND w.deleted_at IS NULL"
+        ))?
+        .query_row([name.as_str()], workload_columns)
+        .optional()?
+        .map(WorkloadColumns::into_record)
+        .transpose()
+}
+
 pub(super) fn workload_columns(row: &Row<'_>) -> rusqlite::Result<WorkloadColumns> {
     Ok(WorkloadColumns {
         id: row.get(0)?,
