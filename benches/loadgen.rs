@@ -1679,7 +1679,7 @@ async fn broker_scenarios(
             drive(16, duration, issuance_of(&agents, "search:query"))
                 .await
                 .row(
-                    "BeginTask, 1 api_key scope (key hash stored after the lease)",
+                    "BeginTask, 1 api_key scope (key hash stored with the lease)",
                     backend,
                     16,
                     Some(("JWT issuance", jwt_rate)),

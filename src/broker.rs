@@ -191,6 +191,7 @@ fn issued_lease_record(
         kid: Some(key.kid().to_owned()),
         window: LeaseWindow::new(now, scope, ttl, task.deadline),
         ended_at: None,
+        secret_sha256: None,
     }
 }
 
@@ -457,7 +458,7 @@ impl Broker {
                 ),
         );
         let key = self.keyring.current();
-        let mut leases: Vec<IssuedLease> = definitions
+        let leases: Vec<IssuedLease> = definitions
             .into_iter()
             .map(|definition| self.issue(caller, &task, definition, None, now, &key))
             .collect();
@@ -494,7 +495,6 @@ impl Broker {
                 return self.replay(caller, existing, &request).await;
             }
         }
-        self.hand_out_keys(caller, &mut leases).await?;
         leases.iter().for_each(|lease| self.count_issued(lease));
         tracing::debug!(task_id = %task.id, workload = %caller.name, leases = leases.len(), "task opened");
         // Each after the task, which it needs. A request refused here (the workload's cap)
@@ -565,7 +565,7 @@ impl Broker {
                 return self.refuse(scope, refused.error, vec![event]).await;
             }
         };
-        let mut lease = self.issue(caller, &task, definition, ttl, now, &self.keyring.current());
+        let lease = self.issue(caller, &task, definition, ttl, now, &self.keyring.current());
         let events = vec![
             decision_event,
             self.issuance_event(caller, "lease.issued", &lease)
@@ -580,8 +580,6 @@ impl Broker {
             .await?
         {
             NewLeaseOutcome::Added => {
-                self.hand_out_keys(caller, std::slice::from_mut(&mut lease))
-                    .await?;
                 self.count_issued(&lease);
                 tracing::debug!(task_id = %task.id, lease_id = %lease.record.id, %scope, "lease issued");
                 Ok(GrantAnswer::Issued(lease))
@@ -1284,8 +1282,8 @@ impl Broker {
                 .map(|lease| self.issuance_event(caller, "lease.reissued", lease)),
         );
         self.store.record_events(events).await?;
-        // An API key the first call handed out is not shown again; one it did not reach
-        // (the call failed after storing the task) is handed out now.
+        // An API key the first call handed out is not shown again; one an approval issued
+        // since, and not yet delivered, is handed out now.
         self.hand_out_keys(caller, &mut leases).await?;
         // The requests the first call made to wait, as they stand: still waiting ones only
         // (an approved one is among the leases).
@@ -1389,8 +1387,9 @@ impl Broker {
         Ok(Ok(claims))
     }
 
-    /// The credential an answer carrying `lease` hands its owner `caller`: a JWT signed now;
-    /// `None` for an API key, which [`Self::hand_out_keys`] makes once the lease is stored.
+    /// The credential an answer carrying the stored `lease` hands its owner `caller`: a JWT
+    /// signed now; `None` for an API key, which is handed out once (with its new lease, or by
+    /// [`Self::hand_out_keys`]).
     fn fresh_credential(
         &self,
         caller: &Caller,
@@ -1403,8 +1402,8 @@ impl Broker {
         }
     }
 
-    /// A new issued lease of `task` for `scope` (not yet stored) with its credential (a JWT;
-    /// an API key comes once the lease is stored).
+    /// A new issued lease of `task` for `scope` (not yet stored) with its credential: a JWT,
+    /// or an API key whose hash the lease carries.
     fn issue(
         &self,
         caller: &Caller,
@@ -1414,10 +1413,19 @@ impl Broker {
         now: UnixMillis,
         key: &SigningKey,
     ) -> IssuedLease {
-        let record = issued_lease_record(LeaseId::generate(now), task, scope, ttl, now, key);
+        let mut record = issued_lease_record(LeaseId::generate(now), task, scope, ttl, now, key);
+        let credential = match record.kind {
+            CredentialKind::Jwt => self.mint(caller, &record, key, None),
+            // Stored with the lease, so the key is handed out in the same transaction.
+            CredentialKind::ApiKey => {
+                let (api_key, secret_sha256) = crate::issuer::api_key::generate(&record.id);
+                record.secret_sha256 = Some(secret_sha256);
+                Credential(api_key)
+            }
+        };
         IssuedLease {
-            credential: self.fresh_credential(caller, &record, key),
             record,
+            credential: Some(credential),
         }
     }
 
@@ -1431,16 +1439,6 @@ impl Broker {
         call: Option<&CallBinding>,
     ) -> Credential {
         let claims = AccessTokenClaims {
-            iss: self.settings.issuer.clone(),
-            sub: caller.spiffe_id.as_str().to_owned(),
-            aud: lease.audience.clone(),
-            exp: lease.window.expires_at.as_seconds(),
-            iat: lease.window.issued_at.as_seconds(),
-            nbf: lease.window.issued_at.as_seconds(),
-            jti: lease.id.as_str().to_owned(),
-            scope: lease.scope.as_str().to_owned(),
-            client_id: caller.name.as_str().to_owned(),
-            task_id: lease.task_id.as_str().to_owned(),
             cnf: caller
                 .certificate_thumbprint
                 .as_ref()
@@ -1449,12 +1447,33 @@ impl Broker {
                 }),
             tool: call.map(|call| call.tool.clone()),
             arguments_digest: call.map(|call| call.arguments_digest.clone()),
+            ..self.lease_claims(lease, caller.spiffe_id.as_str(), caller.name.as_str())
+        };
+        Credential(jwt::sign(key, &claims))
+    }
+
+    /// What a credential of `lease` held by workload `name` (SPIFFE ID `sub`) says: the claims
+    /// every kind shares, with no certificate binding and no tool call.
+    fn lease_claims(&self, lease: &LeaseRecord, sub: &str, name: &str) -> AccessTokenClaims {
+        AccessTokenClaims {
+            iss: self.settings.issuer.clone(),
+            sub: sub.to_owned(),
+            aud: lease.audience.clone(),
+            exp: lease.window.expires_at.as_seconds(),
+            iat: lease.window.issued_at.as_seconds(),
+            nbf: lease.window.issued_at.as_seconds(),
+            jti: lease.id.as_str().to_owned(),
+            scope: lease.scope.as_str().to_owned(),
+            client_id: name.to_owned(),
+            task_id: lease.task_id.as_str().to_owned(),
+            cnf: None,
+            tool: None,
+            arguments_digest: None,
             max_uses: self
                 .catalog
                 .lease_definition(&lease.scope)
                 .and_then(|definition| definition.max_uses),
-        };
-        Credential(jwt::sign(key, &claims))
+        }
     }
 }
 

@@ -1,6 +1,7 @@
-//! API-key leases: a key is made and its hash recorded in the answer that first carries its
-//! lease (after the lease itself is stored), and never again, since only the hash is kept; and
-//! introspection accepts a key as it accepts a JWT, by its lease.
+//! API-key leases: a key is handed out by the answer that first carries its lease, and never
+//! again, since only its hash is kept. A lease issued at once stores the hash with itself; one
+//! issued by operators' approval gets it at its first delivery. Introspection accepts a key as
+//! it accepts a JWT, by its lease.
 
 use super::token_use::Inactive;
 use super::{Broker, Credential, IssuedLease, is_live};
@@ -12,7 +13,8 @@ use crate::issuer::credential::digests_match;
 use crate::issuer::jwt::AccessTokenClaims;
 
 impl Broker {
-    /// Hands out the key of each API-key lease among `leases` that is live and has none yet:
+    /// Hands out the key of each API-key lease among `leases` that is live and has no key yet
+    /// (one an approval issued):
     /// the key's hash is stored (with its audit event) before the key is returned, and only by
     /// the first answer to get there, so a key is shown once even to concurrent retries.
     pub(super) async fn hand_out_keys(
@@ -23,6 +25,7 @@ impl Broker {
         let now = UnixMillis::now();
         for lease in leases.iter_mut().filter(|lease| {
             lease.record.kind == CredentialKind::ApiKey
+                && lease.record.secret_sha256.is_none()
                 && lease.credential.is_none()
                 && is_live(&lease.record, now)
         }) {
@@ -59,30 +62,17 @@ impl Broker {
             return Ok(Err(Inactive::because("malformed")));
         };
         let found = self.store.find_api_key(&lease_id).await?;
-        let Some(found) = found.filter(|found| digests_match(&found.secret_sha256, &presented))
-        else {
+        let Some(found) = found.filter(|found| {
+            found
+                .lease
+                .secret_sha256
+                .as_deref()
+                .is_some_and(|stored| digests_match(stored, &presented))
+        }) else {
             return Ok(Err(Inactive::because("unknown key")));
         };
         let lease = &found.lease;
-        let claims = AccessTokenClaims {
-            iss: self.settings.issuer.clone(),
-            sub: found.spiffe_id.clone(),
-            aud: lease.audience.clone(),
-            exp: lease.window.expires_at.as_seconds(),
-            iat: lease.window.issued_at.as_seconds(),
-            nbf: lease.window.issued_at.as_seconds(),
-            jti: lease.id.as_str().to_owned(),
-            scope: lease.scope.as_str().to_owned(),
-            client_id: found.workload_name.clone(),
-            task_id: lease.task_id.as_str().to_owned(),
-            cnf: None,
-            tool: None,
-            arguments_digest: None,
-            max_uses: self
-                .catalog
-                .lease_definition(&lease.scope)
-                .and_then(|definition| definition.max_uses),
-        };
+        let claims = self.lease_claims(lease, &found.spiffe_id, &found.workload_name);
         let now = UnixMillis::now();
         if lease.audience != audience {
             return Ok(Err(Inactive::of(claims, "wrong audience")));

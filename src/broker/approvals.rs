@@ -36,7 +36,7 @@ pub enum GrantStatus {
     /// Still waiting (or ended: denied, expired, cancelled).
     Request(GrantRequestRecord),
     /// Issued: the lease, with a fresh credential while it lives.
-    Issued(GrantRequestRecord, IssuedLease),
+    Issued(GrantRequestRecord, Box<IssuedLease>),
 }
 
 /// A stepped-up request to hold.
@@ -399,7 +399,7 @@ impl Broker {
             let event = self.issuance_event(caller, "lease.delivered", &lease);
             self.store.record_events(vec![event]).await?;
         }
-        Ok(GrantStatus::Issued(request, lease))
+        Ok(GrantStatus::Issued(request, Box::new(lease)))
     }
 }
 

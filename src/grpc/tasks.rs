@@ -240,7 +240,9 @@ fn grant_message(status: GrantStatus) -> (proto::GrantStatus, bool) {
             let is_final = request.state != GrantRequestState::Pending;
             (convert::grant_status(&request, None), is_final)
         }
-        GrantStatus::Issued(request, lease) => (convert::grant_status(&request, Some(lease)), true),
+        GrantStatus::Issued(request, lease) => {
+            (convert::grant_status(&request, Some(*lease)), true)
+        }
     }
 }
 

@@ -141,14 +141,15 @@ pub struct LeaseRecord {
     pub kid: Option<String>,
     pub window: LeaseWindow,
     pub ended_at: Option<UnixMillis>,
+    /// For an API-key lease: the SHA-256 of its key's secret part, once the key was handed out.
+    pub secret_sha256: Option<Vec<u8>>,
 }
 
 /// The lease of an API key that was handed out, with what introspection needs of it.
 #[derive(Clone, Debug)]
 pub struct ApiKeyRecord {
+    /// Its `secret_sha256` is set.
     pub lease: LeaseRecord,
-    /// SHA-256 of the key's secret part.
-    pub secret_sha256: Vec<u8>,
     /// The holder's name and SPIFFE ID.
     pub workload_name: String,
     pub spiffe_id: String,
@@ -454,6 +455,7 @@ pub struct LeaseColumns {
     pub expires_at: i64,
     pub renewable_until: i64,
     pub ended_at: Option<i64>,
+    pub secret_sha256: Option<Vec<u8>>,
 }
 
 impl LeaseColumns {
@@ -473,6 +475,7 @@ impl LeaseColumns {
                 renewable_until: UnixMillis(self.renewable_until),
             },
             ended_at: self.ended_at.map(UnixMillis),
+            secret_sha256: self.secret_sha256,
         })
     }
 }

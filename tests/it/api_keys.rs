@@ -135,10 +135,14 @@ async fn an_api_key_is_handed_out_once_and_dies_with_its_task(backend: Backend) 
         .unwrap()
         .into_inner()
         .events;
+    let issued = events
+        .iter()
+        .find(|event| event.r#type == "lease.issued" && event.lease_id == lease.lease_id)
+        .expect("the issuance is audited");
     assert!(
-        events
-            .iter()
-            .any(|event| event.r#type == "lease.key_handed_out")
+        issued.detail_json.contains("credential_hmac"),
+        "{}",
+        issued.detail_json
     );
     let secret = key.rsplit('_').next().unwrap();
     assert!(
@@ -226,5 +230,8 @@ async fn an_approved_api_key_is_delivered_once() {
             .await
             .active
     );
+    let handed_out = audit_events_of_type(&app.admin().await, "lease.key_handed_out").await;
+    assert_eq!(handed_out.len(), 1, "the one delivery is audited");
+    assert_eq!(handed_out[0].lease_id, pending.lease_id);
     app.stop().await;
 }

@@ -170,6 +170,7 @@ fn lease(task: &TaskRecord, ttl: Duration) -> LeaseRecord {
             renewable_until: now.plus(ttl * 10),
         },
         ended_at: None,
+        secret_sha256: None,
     }
 }
 

@@ -350,9 +350,9 @@ pub async fn insert_leases(connection: &mut PgConnection, leases: &[&LeaseRecord
     }
     sqlx::query(
         "INSERT INTO leases (id, task_id, scope, kind, audience, state, kid, issued_at, expires_at, \
-         renewable_until, ended_at) \
+         renewable_until, ended_at, secret_sha256) \
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-         $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])",
+         $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bytea[])",
     )
     .bind(leases.iter().map(|lease| lease.id.as_str()).collect::<Vec<_>>())
     .bind(leases.iter().map(|lease| lease.task_id.as_str()).collect::<Vec<_>>())
@@ -365,6 +365,12 @@ pub async fn insert_leases(connection: &mut PgConnection, leases: &[&LeaseRecord
     .bind(leases.iter().map(|lease| lease.window.expires_at.0).collect::<Vec<_>>())
     .bind(leases.iter().map(|lease| lease.window.renewable_until.0).collect::<Vec<_>>())
     .bind(leases.iter().map(|lease| lease.ended_at.map(|at| at.0)).collect::<Vec<_>>())
+    .bind(
+        leases
+            .iter()
+            .map(|lease| lease.secret_sha256.as_deref())
+            .collect::<Vec<_>>(),
+    )
     .execute(connection)
     .await?;
     Ok(())

@@ -27,7 +27,7 @@ macro_rules! task_columns {
 macro_rules! lease_columns {
     () => {
         "l.id, l.task_id, l.scope, l.kind, l.audience, l.state, l.kid, l.issued_at, l.expires_at, \
-         l.renewable_until, l.ended_at"
+         l.renewable_until, l.ended_at, l.secret_sha256"
     };
 }
 
@@ -107,7 +107,7 @@ pub async fn find_api_key(pool: &PgPool, id: &LeaseId) -> Result<Option<ApiKeyRe
     sqlx::query(concat!(
         "SELECT ",
         lease_columns!(),
-        ", l.secret_sha256, w.name, w.spiffe_id FROM leases l JOIN tasks t ON t.id = l.task_id \
+        ", w.name, w.spiffe_id FROM leases l JOIN tasks t ON t.id = l.task_id \
          JOIN workloads w ON w.id = t.workload_id WHERE l.id = $1 AND l.secret_sha256 IS NOT NULL"
     ))
     .bind(id.as_str())
@@ -116,7 +116,6 @@ pub async fn find_api_key(pool: &PgPool, id: &LeaseId) -> Result<Option<ApiKeyRe
     .map(|row| {
         Ok(ApiKeyRecord {
             lease: lease_columns(&row)?.into_record()?,
-            secret_sha256: row.try_get(11)?,
             workload_name: row.try_get(12)?,
             spiffe_id: row.try_get(13)?,
         })
@@ -350,5 +349,6 @@ fn lease_columns(row: &PgRow) -> Result<LeaseColumns> {
         expires_at: row.try_get(8)?,
         renewable_until: row.try_get(9)?,
         ended_at: row.try_get(10)?,
+        secret_sha256: row.try_get(11)?,
     })
 }

@@ -19,7 +19,7 @@ use crate::store::records::{
 const TASK_COLUMNS: &str = "id, workload_id, purpose, context_json, state, created_at, deadline, \
      ended_at, idempotency_key, request_digest";
 const LEASE_COLUMNS: &str = "id, task_id, scope, kind, audience, state, kid, issued_at, expires_at, \
-     renewable_until, ended_at";
+     renewable_until, ended_at, secret_sha256";
 
 pub fn find_task(
     connection: &Connection,
@@ -89,16 +89,14 @@ pub fn find_api_key(connection: &Connection, id: &LeaseId) -> Result<Option<ApiK
         .query_row([id.as_str()], |row| {
             Ok((
                 lease_columns(row)?,
-                row.get::<_, Vec<u8>>(11)?,
                 row.get::<_, String>(12)?,
                 row.get::<_, String>(13)?,
             ))
         })
         .optional()?
-        .map(|(columns, secret_sha256, workload_name, spiffe_id)| {
+        .map(|(columns, workload_name, spiffe_id)| {
             Ok(ApiKeyRecord {
                 lease: columns.into_record()?,
-                secret_sha256,
                 workload_name,
                 spiffe_id,
             })
@@ -128,7 +126,8 @@ pub fn find_lease(
     connection
         .prepare_cached(
             "SELECT l.id, l.task_id, l.scope, l.kind, l.audience, l.state, l.kid, l.issued_at, \
-             l.expires_at, l.renewable_until, l.ended_at FROM leases l JOIN tasks t ON t.id = l.task_id \
+             l.expires_at, l.renewable_until, l.ended_at, l.secret_sha256 \
+             FROM leases l JOIN tasks t ON t.id = l.task_id \
              WHERE l.id = ?1 AND t.workload_id = ?2",
         )?
         .query_row(params![id.as_str(), workload_id], lease_columns)
@@ -217,7 +216,8 @@ pub fn is_task_open(
 
 pub fn insert_leases(connection: &Connection, leases: &[LeaseRecord]) -> Result<()> {
     let mut insert = connection.prepare_cached(&format!(
-        "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+        "INSERT INTO leases ({LEASE_COLUMNS}) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
     ))?;
     for lease in leases {
         insert.execute(params![
@@ -232,6 +232,7 @@ pub fn insert_leases(connection: &Connection, leases: &[LeaseRecord]) -> Result<
             lease.window.expires_at.0,
             lease.window.renewable_until.0,
             lease.ended_at.map(|at| at.0),
+            lease.secret_sha256,
         ])?;
     }
     Ok(())
@@ -454,5 +455,6 @@ fn lease_columns(row: &Row<'_>) -> rusqlite::Result<LeaseColumns> {
         expires_at: row.get(8)?,
         renewable_until: row.get(9)?,
         ended_at: row.get(10)?,
+        secret_sha256: row.get(11)?,
     })
 }
