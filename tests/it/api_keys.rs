@@ -9,23 +9,6 @@ use crate::support::*;
 
 const SEARCH: &str = "https://search.test";
 
-async fn introspect(
-    server: &warrant::client::Connection,
-    key: &str,
-    audience: &str,
-) -> proto::IntrospectResponse {
-    server
-        .tokens()
-        .introspect(proto::IntrospectRequest {
-            token: key.into(),
-            audience: audience.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 async fn an_api_key_is_handed_out_once_and_dies_with_its_task(backend: Backend) {
     let data = TestData::new(backend).await;
     let app = TestApp::spawn(&data).await;
@@ -52,7 +35,7 @@ async fn an_api_key_is_handed_out_once_and_dies_with_its_task(backend: Backend) 
     let key = lease.credential.clone();
     assert!(key.starts_with("wak_"), "a recognisable prefix: {key}");
 
-    let answer = introspect(&server, &key, SEARCH).await;
+    let answer = introspect_as(&server, &key, SEARCH).await;
     assert!(answer.active);
     assert_eq!(
         (
@@ -73,11 +56,11 @@ async fn an_api_key_is_handed_out_once_and_dies_with_its_task(backend: Backend) 
     let mut altered = key.clone();
     let last = altered.pop().unwrap();
     altered.push(if last == 'A' { 'B' } else { 'A' });
-    assert!(!introspect(&server, &altered, SEARCH).await.active);
+    assert!(!introspect_as(&server, &altered, SEARCH).await.active);
     let (forged, _) = warrant::issuer::api_key::generate(
         &warrant::domain::LeaseId::parse("lease_id", &lease.lease_id).unwrap(),
     );
-    assert!(!introspect(&server, &forged, SEARCH).await.active);
+    assert!(!introspect_as(&server, &forged, SEARCH).await.active);
 
     // A retry answers the same lease without its key (it cannot be shown again); the JWT is
     // signed afresh.
@@ -114,7 +97,7 @@ async fn an_api_key_is_handed_out_once_and_dies_with_its_task(backend: Backend) 
         .lease
         .unwrap();
     assert_eq!(renewed.credential, "");
-    let later = introspect(&server, &key, SEARCH).await;
+    let later = introspect_as(&server, &key, SEARCH).await;
     assert!(
         later.active && later.exp > answer.exp,
         "{} > {}",
@@ -157,7 +140,7 @@ async fn an_api_key_is_handed_out_once_and_dies_with_its_task(backend: Backend) 
         .await
         .unwrap();
     assert!(
-        !introspect(&server, &key, SEARCH).await.active,
+        !introspect_as(&server, &key, SEARCH).await.active,
         "it dies with its task"
     );
     app.stop().await;
@@ -226,7 +209,7 @@ async fn an_approved_api_key_is_delivered_once() {
         ))
         .await;
     assert!(
-        introspect(&server, &first.credential, "https://payments.test")
+        introspect_as(&server, &first.credential, "https://payments.test")
             .await
             .active
     );

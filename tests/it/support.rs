@@ -292,17 +292,8 @@ impl TestApp {
 
     /// Whether the broker's introspection says `token` is active for `audience`.
     pub async fn is_active(&self, token: &str, audience: &str) -> bool {
-        self.admin()
+        introspect_as(&self.admin().await, token, audience)
             .await
-            .tokens()
-            .introspect(proto::IntrospectRequest {
-                token: token.into(),
-                audience: audience.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("introspect")
-            .into_inner()
             .active
     }
 
@@ -692,6 +683,36 @@ pub async fn postgres_replicas() -> (TestData, TestApp, TestApp) {
     let mut second = TestApp::spawn_with(config).await;
     second.admin_token = first.admin_token.clone();
     (data, first, second)
+}
+
+/// What the broker's introspection answers `server` for `token` and `audience`.
+pub async fn introspect_as(
+    server: &Connection,
+    token: &str,
+    audience: &str,
+) -> proto::IntrospectResponse {
+    introspect_with(
+        server,
+        proto::IntrospectRequest {
+            token: token.into(),
+            audience: audience.into(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// What the broker's introspection answers `server` for `request`.
+pub async fn introspect_with(
+    server: &Connection,
+    request: proto::IntrospectRequest,
+) -> proto::IntrospectResponse {
+    server
+        .tokens()
+        .introspect(request)
+        .await
+        .expect("introspect")
+        .into_inner()
 }
 
 /// The audit events of `event_type` (up to 100), as `admin` queries them.

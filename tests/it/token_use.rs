@@ -33,12 +33,7 @@ async fn introspect(
     audience: &str,
     action: &str,
 ) -> proto::IntrospectResponse {
-    server
-        .tokens()
-        .introspect(introspection(token, audience, action))
-        .await
-        .unwrap()
-        .into_inner()
+    introspect_with(server, introspection(token, audience, action)).await
 }
 
 async fn a_lease_is_accepted_max_uses_times(backend: Backend) {
@@ -117,14 +112,7 @@ async fn postgres_two_replicas_accept_exactly_max_uses() {
         let token = task.leases[0].credential.clone();
         let attempts = (0..12).map(|index| {
             let (server, token) = (servers[index % 2].clone(), token.clone());
-            async move {
-                server
-                    .tokens()
-                    .introspect(introspection(&token, REPORTS, ""))
-                    .await
-                    .unwrap()
-                    .into_inner()
-            }
+            async move { introspect_with(&server, introspection(&token, REPORTS, "")).await }
         });
         let answers = futures_util::future::join_all(attempts).await;
         let mut uses: Vec<u32> = answers
