@@ -383,21 +383,22 @@ impl Broker {
             .find_lease(id, &caller.workload_id)
             .await?
             .ok_or_else(|| Error::internal("an issued grant request has no lease"))?;
-        let credential: Option<Credential> = match call_binding(&request) {
-            // A call token is signed for the call it was approved for.
-            Some(call) => is_live(&record, now)
-                .then(|| self.mint(caller, &record, &self.keyring.current(), Some(&call))),
-            None => is_live(&record, now)
-                .then(|| self.fresh_credential(caller, &record, &self.keyring.current()))
-                .flatten(),
-        };
+        let key = self.keyring.current();
+        // A call token is signed for the call it was approved for.
+        let credential: Option<Credential> = is_live(&record, now)
+            .then(|| match call_binding(&request) {
+                Some(call) => Some(self.mint(caller, &record, &key, Some(&call))),
+                None => self.fresh_credential(caller, &record, &key),
+            })
+            .flatten();
         let mut lease = IssuedLease { record, credential };
-        // An API key is handed out by the first delivery only.
-        self.hand_out_keys(caller, std::slice::from_mut(&mut lease))
-            .await?;
         if lease.credential.is_some() {
             let event = self.issuance_event(caller, "lease.delivered", &lease);
             self.store.record_events(vec![event]).await?;
+        } else {
+            // An API key: handed out (and audited) by the first delivery only.
+            self.hand_out_keys(caller, std::slice::from_mut(&mut lease))
+                .await?;
         }
         Ok(GrantStatus::Issued(request, Box::new(lease)))
     }

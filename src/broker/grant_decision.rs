@@ -84,6 +84,16 @@ impl Broker {
         )
     }
 
+    /// Counts one policy decision, whatever the action, by its outcome.
+    pub(super) fn count_decision(&self, decision: &Decision) {
+        self.metrics
+            .policy_decisions
+            .get_or_create(&DecisionLabels {
+                outcome: decision.outcome(),
+            })
+            .inc();
+    }
+
     /// Counts `decision` and completes its audit `event` (the deciding policies, the set's
     /// version, the risk signal when sent, the reason): the answer, or the refusal whose
     /// message `denial` writes from the policy's reason.
@@ -95,12 +105,7 @@ impl Broker {
         risk: Option<u32>,
         denial: impl FnOnce(&str) -> String,
     ) -> std::result::Result<PolicyAnswer, Box<Refused>> {
-        self.metrics
-            .policy_decisions
-            .get_or_create(&DecisionLabels {
-                outcome: decision.outcome(),
-            })
-            .inc();
+        self.count_decision(&decision);
         let mut event = event
             .with("policies", decision.policies())
             .with("policy_version", policy.version());

@@ -13,8 +13,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::issuer::jwt::AccessTokenClaims;
-use crate::metrics::DecisionLabels;
-use crate::policy::{Decision, TaskFacts, UseQuery};
+use crate::policy::{Decision, LoadedPolicy, TaskFacts, UseQuery};
 
 /// The longest `action` a resource server may name.
 pub const MAX_USE_ACTION_BYTES: usize = 256;
@@ -102,11 +101,19 @@ impl Inactive {
     }
 }
 
+/// What the audit trail keeps of a `UseToken` decision, as of a grant's.
+pub(super) struct UseDecision {
+    pub outcome: &'static str,
+    pub policies: Vec<String>,
+    /// The version of the policy set that decided.
+    pub version: String,
+}
+
 /// What the audit event of an introspection records of the use checks.
 #[derive(Default)]
 pub(super) struct UseNotes {
-    /// The `UseToken` decision's outcome and policies, when policy was asked.
-    pub policy: Option<(&'static str, Vec<String>)>,
+    /// The `UseToken` decision, when policy was asked.
+    pub policy: Option<UseDecision>,
     /// The uses counted so far, this one included, for a limited lease.
     pub uses: Option<u32>,
 }
@@ -119,10 +126,11 @@ impl UseNotes {
                 .with("use_action", intended.action.as_str())
                 .with("use_resource", intended.resource.as_str());
         }
-        if let Some((outcome, policies)) = &self.policy {
+        if let Some(decision) = &self.policy {
             event = event
-                .with("use_decision", *outcome)
-                .with("policies", policies.clone());
+                .with("use_decision", decision.outcome)
+                .with("policies", decision.policies.clone())
+                .with("policy_version", decision.version.as_str());
         }
         if let Some(uses) = self.uses {
             event = event.with("uses", uses);
@@ -164,19 +172,16 @@ impl Broker {
             ));
         }
         if let Some(intended) = intended.filter(|_| !is_call_token) {
+            let policy = self.policy.current();
             let decision = self
-                .decide_use(checked_by, &claims, definition, intended)
+                .decide_use(checked_by, &claims, definition, intended, &policy)
                 .await?;
-            self.metrics
-                .policy_decisions
-                .get_or_create(&DecisionLabels {
-                    outcome: decision.outcome(),
-                })
-                .inc();
-            notes.policy = Some((
-                decision.outcome(),
-                decision.policies().into_iter().map(str::to_owned).collect(),
-            ));
+            self.count_decision(&decision);
+            notes.policy = Some(UseDecision {
+                outcome: decision.outcome(),
+                policies: decision.policies().into_iter().map(str::to_owned).collect(),
+                version: policy.summary.version().to_owned(),
+            });
             let refusal = match decision {
                 Decision::Allow { .. } => None,
                 Decision::Deny { reason, .. } => Some(format!("policy denies this use: {reason}")),
@@ -232,6 +237,7 @@ impl Broker {
         claims: &AccessTokenClaims,
         definition: &ScopeDefinition,
         intended: &IntendedUse,
+        policy: &LoadedPolicy,
     ) -> Result<Decision> {
         let deny = |reason: &str| Decision::Deny {
             policies: Vec::new(),
@@ -251,15 +257,7 @@ impl Broker {
         let Some(task) = task else {
             return Ok(deny("the token's task is not its holder's"));
         };
-        let holder = Caller {
-            workload_id: holder.id,
-            name: holder.name,
-            spiffe_id: holder.spiffe_id,
-            roles: holder.roles,
-            audiences: holder.audiences,
-            certificate_thumbprint: claims.cnf.as_ref().map(|cnf| cnf.x5t_s256.clone()),
-            labels: holder.labels,
-        };
+        let holder = holder.into_caller(claims.cnf.as_ref().map(|cnf| cnf.x5t_s256.clone()));
         let lifetime = u64::try_from(claims.exp.saturating_sub(claims.iat)).unwrap_or(0);
         let query = UseQuery {
             holder: &holder,
@@ -276,7 +274,7 @@ impl Broker {
             resource: &intended.resource,
             checked_by: checked_by.name.as_str(),
         };
-        Ok(self.policy.current().decide_use(&query))
+        Ok(policy.decide_use(&query))
     }
 }
 

@@ -230,17 +230,16 @@ pub async fn run(
             scope,
         } => {
             use proto::revoke_request::Target;
-            let target = match (task, lease, workload, scope) {
-                (Some(task), ..) => Target::TaskId(task.clone()),
-                (_, Some(lease), ..) => Target::LeaseId(lease.clone()),
-                (_, _, Some(workload), _) => Target::Workload(workload.clone()),
-                (_, _, _, Some(scope)) => Target::Scope(scope.clone()),
-                _ => {
-                    return Err(CommandError::Usage(
-                        "give --task, --lease, --workload or --scope".into(),
-                    ));
-                }
-            };
+            // clap makes exactly one of them present.
+            let target = task
+                .clone()
+                .map(Target::TaskId)
+                .or_else(|| lease.clone().map(Target::LeaseId))
+                .or_else(|| workload.clone().map(Target::Workload))
+                .or_else(|| scope.clone().map(Target::Scope))
+                .ok_or_else(|| {
+                    CommandError::Usage("give --task, --lease, --workload or --scope".into())
+                })?;
             let response = admin
                 .revoke(proto::RevokeRequest {
                     target: Some(target),

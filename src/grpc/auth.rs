@@ -149,15 +149,7 @@ pub(super) async fn authenticate_certificate(
 
 fn caller(workload: WorkloadRecord, certificate_thumbprint: Option<String>) -> Caller {
     tracing::Span::current().record("caller", workload.name.as_str());
-    Caller {
-        workload_id: workload.id,
-        name: workload.name,
-        spiffe_id: workload.spiffe_id,
-        roles: workload.roles,
-        audiences: workload.audiences,
-        certificate_thumbprint,
-        labels: workload.labels,
-    }
+    workload.into_caller(certificate_thumbprint)
 }
 
 /// The credential after the `Bearer` scheme, which RFC 7235 makes case-insensitive.

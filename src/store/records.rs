@@ -5,8 +5,8 @@ use crate::audit::AuditEvent;
 use crate::audit::chain::SealedEvent;
 use crate::domain::task::{GrantRequestState, LeaseWindow, Verdict};
 use crate::domain::{
-    CredentialKind, Labels, LeaseId, LeaseState, RevocationReason, Role, ScopeName, SpiffeId,
-    TaskContext, TaskId, TaskState, UnixMillis, WorkloadName,
+    Caller, CredentialKind, Labels, LeaseId, LeaseState, RevocationReason, Role, ScopeName,
+    SpiffeId, TaskContext, TaskId, TaskState, UnixMillis, WorkloadName,
 };
 use crate::error::Error;
 use crate::issuer::KeyAlgorithm;
@@ -30,6 +30,22 @@ pub struct WorkloadRecord {
     /// When its entry was deleted (its identity revoked, its selectors released); a deleted
     /// entry is not listed and takes no admin operation.
     pub deleted_at: Option<UnixMillis>,
+}
+
+impl WorkloadRecord {
+    /// The workload as the caller of a request (or the holder of a token), authenticated by
+    /// the X.509-SVID of `certificate_thumbprint` or, with `None`, a bearer credential.
+    pub fn into_caller(self, certificate_thumbprint: Option<String>) -> Caller {
+        Caller {
+            workload_id: self.id,
+            name: self.name,
+            spiffe_id: self.spiffe_id,
+            roles: self.roles,
+            audiences: self.audiences,
+            certificate_thumbprint,
+            labels: self.labels,
+        }
+    }
 }
 
 /// How the kill switch ends an identity.

@@ -146,7 +146,27 @@ async fn an_api_key_is_handed_out_once_and_dies_with_its_task(backend: Backend) 
     app.stop().await;
 }
 
-backend_tests!(an_api_key_is_handed_out_once_and_dies_with_its_task);
+backend_tests!(
+    an_api_key_is_handed_out_once_and_dies_with_its_task,
+    an_api_key_expires_with_its_lease,
+);
+
+async fn an_api_key_expires_with_its_lease(backend: Backend) {
+    let data = TestData::new(backend).await;
+    let app = TestApp::spawn(&data).await;
+    let server = app
+        .connect(Some(&app.resource_server("search-api", &[SEARCH]).await))
+        .await;
+    let task = app.begin_as("search-agent", &["flash:key"]).await;
+    let key = &task.leases[0].credential;
+    assert!(introspect_as(&server, key, SEARCH).await.active);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert!(
+        !introspect_as(&server, key, SEARCH).await.active,
+        "a key past its lease's expiry is refused, reaper or not"
+    );
+    app.stop().await;
+}
 
 /// A key that waited for an operator comes with the first delivery on the agent's stream, and
 /// a second watch of the same grant does not show it again.

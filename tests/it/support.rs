@@ -68,6 +68,14 @@ max_ttl = "10m"
 workloads = ["*"]
 
 [[scope]]
+name = "flash:key"
+audience = "https://search.test"
+kind = "api_key"
+default_ttl = "1s"
+max_ttl = "3s"
+workloads = ["*"]
+
+[[scope]]
 name = "payments:key"
 audience = "https://payments.test"
 kind = "api_key"
